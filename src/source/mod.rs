@@ -1,0 +1,106 @@
+//! Remote sources: where target bytes come from.
+//!
+//! Every source sits behind [`RemoteSource`]: a pinned, read-only image of a fixed size that
+//! can be read at any byte range. The engine never learns whether the bytes came from an
+//! HTTP server, a local file or a chunk store; each source verifies what it returns
+//! (pinned validators, exact ranges, chunk hashes) before handing it over.
+
+use std::fmt;
+
+
+/// What pins a remote image: a migration refuses to continue when this changes.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SourceIdentity {
+    /// Kind of source: "http", "file" or "store".
+    pub kind: String,
+    /// Exact size of the image in bytes.
+    pub size: u64,
+    /// Strong validator of the content: an HTTP ETag, a file's mtime+inode, an index hash.
+    pub validator: String,
+}
+
+/// Errors a source reports. `is_transient` tells the engine whether a retry can help.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{url}: server answered HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url}: server does not support byte-range requests")]
+    NoRangeSupport { url: String },
+    #[error("{url}: the image changed on the server (was {expected}, now {found}); stopping")]
+    Changed {
+        url: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{url}: bad response: {reason}")]
+    BadResponse { url: String, reason: String },
+    #[error("{url}: timed out after {secs} s")]
+    Timeout { url: String, secs: u64 },
+    #[error("read {offset}+{len} is outside the image ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("verification failed for {what}: {reason}")]
+    Verify { what: String, reason: String },
+    #[error("invalid source {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl SourceError {
+    /// True when retrying the same request later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Unreachable { .. }
+            | SourceError::Timeout { .. }
+            | SourceError::BadResponse { .. }
+            | SourceError::Verify { .. } => true,
+            SourceError::Status { status, .. } => {
+                matches!(*status, 408 | 429 | 500 | 502 | 503 | 504)
+            }
+            SourceError::Io(_) => true,
+            SourceError::NoRangeSupport { .. }
+            | SourceError::Changed { .. }
+            | SourceError::OutOfRange { .. }
+            | SourceError::Invalid(_) => false,
+        }
+    }
+}
+
+/// A pinned, read-only remote image.
+pub trait RemoteSource: Send + Sync + fmt::Debug {
+    /// Identity pinned when the source was opened.
+    fn identity(&self) -> &SourceIdentity;
+
+    /// Size of the image in bytes.
+    fn size(&self) -> u64 {
+        self.identity().size
+    }
+
+    /// Fills `buf` with the image bytes at `[offset, offset + buf.len())`, which must lie
+    /// inside the image. Returns only verified bytes of the pinned image. Blocking; may
+    /// be called from many threads at once (the source keeps several requests in flight).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// Tells whether `[offset, offset+len)` is known to be all zeros without fetching it
+    /// (a chunk store's index knows; a raw HTTP image does not: `None`).
+    fn known_zero(&self, _offset: u64, _len: u64) -> Option<bool> {
+        None
+    }
+
+    /// A short human-readable name for logs (URL or path).
+    fn name(&self) -> String;
+}
+
+/// Checks that `[offset, offset+len)` lies inside an image of `size` bytes.
+pub fn check_range(offset: u64, len: usize, size: u64) -> Result<(), SourceError> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(SourceError::OutOfRange {
+            offset,
+            len: len as u64,
+            size,
+        }),
+    }
+}

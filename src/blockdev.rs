@@ -8,7 +8,11 @@ use std::io;
 pub enum BlockError {
     /// The request reaches outside the device.
     #[error("request {offset}+{len} is outside the device ({capacity} bytes)")]
-    OutOfRange { offset: u64, len: u64, capacity: u64 },
+    OutOfRange {
+        offset: u64,
+        len: u64,
+        capacity: u64,
+    },
     /// The device is read-only.
     #[error("device is read-only")]
     ReadOnly,

@@ -1,5 +1,20 @@
 //! The boot relocator and streamboot's on-disk format.
+//!
+//! - [`storage`]: positional disk I/O (file or block device) behind a trait.
+//! - [`format`]: byte layout of superblocks and map pages (format v1).
+//! - [`meta`]: the metadata store and its durability protocol.
+//! - [`partition`]: which disk ranges a partition table says are in use.
+//! - [`relocate`]: prepare (relocate boot chunks), rollback, removal of the area.
 
+pub mod error;
+pub mod format;
+pub mod meta;
+pub mod partition;
+pub mod relocate;
 pub mod storage;
 
+pub use error::{RelocError, Result};
+pub use format::{Entry, Layout, Location, PreparePhase, State, Superblock, TargetRecord};
+pub use meta::{MetaStore, PageBatch};
+pub use relocate::{plan, prepare, remove_area, resume_prepare, rollback, Plan, PrepareSpec};
 pub use storage::{FileStorage, Storage};

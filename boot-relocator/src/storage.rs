@@ -138,9 +138,8 @@ impl Storage for FileStorage {
             // without spending space; fall back to writing zeros where unsupported.
             let flags = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             // SAFETY: plain syscall on an fd we own; no memory is passed.
-            let rc = unsafe {
-                libc::fallocate(self.file.as_raw_fd(), flags, offset as i64, len as i64)
-            };
+            let rc =
+                unsafe { libc::fallocate(self.file.as_raw_fd(), flags, offset as i64, len as i64) };
             if rc == 0 {
                 return Ok(());
             }

@@ -7,7 +7,6 @@
 
 use std::fmt;
 
-
 /// What pins a remote image: a migration refuses to continue when this changes.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct SourceIdentity {

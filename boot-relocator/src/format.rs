@@ -1,0 +1,665 @@
+//! On-disk format v1 of the released area: superblocks and map pages.
+//!
+//! Byte layout is documented in `docs/format.md`; this module is its single source of
+//! truth in code. Every structure is a 4 KiB block with a magic, a CRC32C over the whole
+//! block (with the CRC field zeroed), a generation number and the migration's UUID, so
+//! that torn writes, stale blocks of an earlier migration and random bytes are rejected.
+
+use std::fmt;
+
+/// Size of every metadata block.
+pub const BLOCK: usize = 4096;
+/// Superblock magic.
+pub const SB_MAGIC: [u8; 8] = *b"SBOOT-SB";
+/// Map page magic.
+pub const PAGE_MAGIC: [u8; 4] = *b"SBMP";
+/// Format version written by this code.
+pub const VERSION: u32 = 1;
+/// Smallest and largest chunk size (log2).
+pub const MIN_CHUNK_SHIFT: u8 = 12;
+/// Largest chunk size (log2): 4 MiB.
+pub const MAX_CHUNK_SHIFT: u8 = 22;
+/// Bytes of map page header.
+pub const PAGE_HEADER: usize = 64;
+/// Bytes of one map entry.
+pub const ENTRY_SIZE: usize = 16;
+/// Map entries per 4 KiB page.
+pub const ENTRIES_PER_PAGE: usize = (BLOCK - PAGE_HEADER) / ENTRY_SIZE;
+/// Most bytes of validator string stored.
+pub const MAX_VALIDATOR: usize = 768;
+/// Most bytes of the NUL-separated URL list stored.
+pub const MAX_URLS: usize = BLOCK - URLS_AT;
+
+const VALIDATOR_AT: usize = 256;
+const URLS_AT: usize = 1024;
+
+/// Migration state recorded in the superblock (an A/B updater's boot status code, plus
+/// the intent records of multi-step operations).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum State {
+    /// `prepare` is running or was interrupted; `phase` says how far it got.
+    Preparing,
+    /// Boot chunks are in place; the target has not been started yet.
+    Prepared,
+    /// The target has been started `start_counter` times without a confirm.
+    Trial,
+    /// The target was confirmed good.
+    Confirmed,
+    /// Commit is moving target chunks home; the source is abandoned.
+    Committing,
+    /// Every target chunk is home; only the released area remains to be removed.
+    Committed,
+    /// Rollback is copying saved source chunks home.
+    RollingBack,
+    /// The source is home again; only the released area remains to be removed.
+    RolledBack,
+}
+
+impl State {
+    fn to_u8(self) -> u8 {
+        match self {
+            State::Preparing => 1,
+            State::Prepared => 2,
+            State::Trial => 3,
+            State::Confirmed => 4,
+            State::Committing => 5,
+            State::Committed => 6,
+            State::RollingBack => 7,
+            State::RolledBack => 8,
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => State::Preparing,
+            2 => State::Prepared,
+            3 => State::Trial,
+            4 => State::Confirmed,
+            5 => State::Committing,
+            6 => State::Committed,
+            7 => State::RollingBack,
+            8 => State::RolledBack,
+            _ => return None,
+        })
+    }
+
+    /// Name used by the CLI and the control API.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Preparing => "preparing",
+            State::Prepared => "prepared",
+            State::Trial => "trial",
+            State::Confirmed => "confirmed",
+            State::Committing => "committing",
+            State::Committed => "committed",
+            State::RollingBack => "rolling-back",
+            State::RolledBack => "rolled-back",
+        }
+    }
+
+    /// True while the source is still recoverable by rollback.
+    pub fn source_recoverable(self) -> bool {
+        matches!(
+            self,
+            State::Preparing
+                | State::Prepared
+                | State::Trial
+                | State::Confirmed
+                | State::RollingBack
+        )
+    }
+
+    /// True in states where the target image is presented.
+    pub fn serves_target(self) -> bool {
+        matches!(
+            self,
+            State::Prepared | State::Trial | State::Confirmed | State::Committing
+        )
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How `prepare` has progressed while in [`State::Preparing`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreparePhase {
+    /// Superblock written; map pages not yet initialized.
+    Reserved,
+    /// Map pages initialized; boot chunks are being saved and written (progress is in
+    /// the map entries themselves).
+    MapReady,
+}
+
+/// Where the released area's parts are on the disk. All offsets are absolute disk bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// log2 of the chunk size.
+    pub chunk_shift: u8,
+    /// Length of the disk while the migration runs (file length or device size).
+    pub disk_len: u64,
+    /// Bytes of the source image at the start of the disk.
+    pub source_size: u64,
+    /// Bytes of the target image.
+    pub target_size: u64,
+    /// First byte of the released area.
+    pub area_offset: u64,
+    /// First byte of the map (pages, two copies each, interleaved).
+    pub map_offset: u64,
+    /// Number of map pages.
+    pub map_pages: u64,
+    /// First byte of slot 0.
+    pub slot_offset: u64,
+    /// Number of slots.
+    pub slot_count: u64,
+}
+
+impl Layout {
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        1 << self.chunk_shift
+    }
+    /// Number of target chunks (the last one may be partial).
+    pub fn chunk_count(&self) -> u64 {
+        self.target_size.div_ceil(self.chunk_size())
+    }
+    /// Disk offset of slot `s`.
+    pub fn slot_addr(&self, s: u32) -> u64 {
+        self.slot_offset + ((s as u64) << self.chunk_shift)
+    }
+    /// Disk offset of map page `i`, copy `k`.
+    pub fn page_addr(&self, i: u64, k: u8) -> u64 {
+        self.map_offset + (2 * i + k as u64) * BLOCK as u64
+    }
+    /// Disk offset of superblock copy `k` (the last two blocks of the disk).
+    pub fn sb_addr(disk_len: u64, k: u8) -> u64 {
+        disk_len - 2 * BLOCK as u64 + k as u64 * BLOCK as u64
+    }
+    /// Bytes of target chunk `c` that lie inside the target image.
+    pub fn target_len(&self, c: u64) -> usize {
+        let start = c << self.chunk_shift;
+        (self.target_size.saturating_sub(start)).min(self.chunk_size()) as usize
+    }
+    /// Bytes of the source image inside home chunk `c` (0 when `c` lies past the source).
+    pub fn source_len(&self, c: u64) -> usize {
+        let start = c << self.chunk_shift;
+        (self.source_size.saturating_sub(start)).min(self.chunk_size()) as usize
+    }
+
+    /// Checks the layout's internal consistency (used on every load).
+    pub fn validate(&self) -> Result<(), String> {
+        if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&self.chunk_shift) {
+            return Err(format!("chunk shift {} out of range", self.chunk_shift));
+        }
+        let c = self.chunk_size();
+        let pages = self.chunk_count().div_ceil(ENTRIES_PER_PAGE as u64);
+        let checks = [
+            (self.target_size > 0, "target size is zero"),
+            (
+                self.area_offset >= self.source_size.max(self.target_size),
+                "area overlaps an image",
+            ),
+            (self.map_offset >= self.area_offset, "map before area"),
+            (
+                self.map_pages == pages,
+                "map page count does not match target",
+            ),
+            (
+                self.slot_offset >= self.map_offset + self.map_pages * 2 * BLOCK as u64,
+                "slots overlap map",
+            ),
+            (self.slot_offset % BLOCK as u64 == 0, "slots misaligned"),
+            (self.slot_count <= u32::MAX as u64, "too many slots"),
+        ];
+        for (ok, what) in checks {
+            if !ok {
+                return Err(what.to_string());
+            }
+        }
+        let slots_end = self
+            .slot_count
+            .checked_mul(c)
+            .and_then(|b| b.checked_add(self.slot_offset))
+            .ok_or("slot region overflows")?;
+        if slots_end > self.disk_len.saturating_sub(2 * BLOCK as u64) {
+            return Err("slots overlap superblocks".into());
+        }
+        Ok(())
+    }
+}
+
+/// Identity of the pinned target, as the source reported it when prepared.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct TargetRecord {
+    /// "http", "file" or "store".
+    pub kind: String,
+    /// Validator (ETag, index hash, ...).
+    pub validator: String,
+    /// Where it was fetched from (mirrors in order).
+    pub urls: Vec<String>,
+}
+
+/// The decoded superblock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    /// Monotonic update counter; the valid copy with the highest one wins.
+    pub generation: u64,
+    /// Identifies this migration; stamped into every map page.
+    pub uuid: [u8; 16],
+    /// Lifecycle state.
+    pub state: State,
+    /// Progress of prepare (meaningful in [`State::Preparing`]).
+    pub phase: PreparePhase,
+    /// Starts of the target while in trial.
+    pub start_counter: u8,
+    /// Trial starts allowed before automatic fallback.
+    pub max_trial_starts: u8,
+    /// Disk geometry of the migration.
+    pub layout: Layout,
+    /// The pinned target.
+    pub target: TargetRecord,
+    /// Seconds since the epoch when prepare began.
+    pub created_unix: u64,
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn get_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// CRC32C of a block with its 4-byte CRC field (at `crc_at`) taken as zero.
+fn block_crc(b: &[u8], crc_at: usize) -> u32 {
+    let c = crc32c::crc32c(&b[..crc_at]);
+    let c = crc32c::crc32c_append(c, &[0; 4]);
+    crc32c::crc32c_append(c, &b[crc_at + 4..])
+}
+
+/// Why a superblock copy was not accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SbDecodeError {
+    /// No magic: this block never held a superblock.
+    NoMagic,
+    /// Magic present but the block is damaged or from another format version.
+    Damaged(String),
+}
+
+impl Superblock {
+    /// Encodes into a 4 KiB block.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; BLOCK];
+        b[0..8].copy_from_slice(&SB_MAGIC);
+        put_u32(&mut b, 8, VERSION);
+        put_u64(&mut b, 16, self.generation);
+        b[24..40].copy_from_slice(&self.uuid);
+        b[40] = self.state.to_u8();
+        b[41] = self.layout.chunk_shift;
+        b[42] = self.start_counter;
+        b[43] = self.max_trial_starts;
+        b[44] = match self.phase {
+            PreparePhase::Reserved => 0,
+            PreparePhase::MapReady => 1,
+        };
+        let l = &self.layout;
+        for (i, v) in [
+            l.disk_len,
+            l.source_size,
+            l.target_size,
+            l.area_offset,
+            l.map_offset,
+            l.map_pages,
+            l.slot_offset,
+            l.slot_count,
+            self.created_unix,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            put_u64(&mut b, 48 + 8 * i, v);
+        }
+        let kind = self.target.kind.as_bytes();
+        let kind_len = kind.len().min(16);
+        b[128..128 + kind_len].copy_from_slice(&kind[..kind_len]);
+        let v = self.target.validator.as_bytes();
+        let v_len = v.len().min(MAX_VALIDATOR);
+        b[144..146].copy_from_slice(&(v_len as u16).to_le_bytes());
+        b[VALIDATOR_AT..VALIDATOR_AT + v_len].copy_from_slice(&v[..v_len]);
+        let urls = encode_urls(&self.target.urls);
+        b[146..148].copy_from_slice(&(urls.len() as u16).to_le_bytes());
+        b[URLS_AT..URLS_AT + urls.len()].copy_from_slice(&urls);
+        let crc = block_crc(&b, 12);
+        put_u32(&mut b, 12, crc);
+        b
+    }
+
+    /// Decodes and verifies a 4 KiB block.
+    pub fn decode(b: &[u8]) -> Result<Self, SbDecodeError> {
+        if b.len() != BLOCK || b[0..8] != SB_MAGIC {
+            return Err(SbDecodeError::NoMagic);
+        }
+        let bad = |m: &str| SbDecodeError::Damaged(m.to_string());
+        if get_u32(b, 12) != block_crc(b, 12) {
+            return Err(bad("checksum mismatch"));
+        }
+        let version = get_u32(b, 8);
+        if version != VERSION {
+            return Err(SbDecodeError::Damaged(format!(
+                "format version {version} not supported (this build reads {VERSION})"
+            )));
+        }
+        let state = State::from_u8(b[40]).ok_or_else(|| bad("unknown state"))?;
+        let phase = match b[44] {
+            0 => PreparePhase::Reserved,
+            1 => PreparePhase::MapReady,
+            _ => return Err(bad("unknown prepare phase")),
+        };
+        let f = |i: usize| get_u64(b, 48 + 8 * i);
+        let layout = Layout {
+            chunk_shift: b[41],
+            disk_len: f(0),
+            source_size: f(1),
+            target_size: f(2),
+            area_offset: f(3),
+            map_offset: f(4),
+            map_pages: f(5),
+            slot_offset: f(6),
+            slot_count: f(7),
+        };
+        layout
+            .validate()
+            .map_err(|e| SbDecodeError::Damaged(format!("layout: {e}")))?;
+        let kind_end = b[128..144].iter().position(|&x| x == 0).unwrap_or(16);
+        let kind = std::str::from_utf8(&b[128..128 + kind_end])
+            .map_err(|_| bad("kind not UTF-8"))?
+            .to_string();
+        let v_len = u16::from_le_bytes([b[144], b[145]]) as usize;
+        let u_len = u16::from_le_bytes([b[146], b[147]]) as usize;
+        if v_len > MAX_VALIDATOR || u_len > MAX_URLS {
+            return Err(bad("string length out of range"));
+        }
+        let validator = std::str::from_utf8(&b[VALIDATOR_AT..VALIDATOR_AT + v_len])
+            .map_err(|_| bad("validator not UTF-8"))?
+            .to_string();
+        let urls = decode_urls(&b[URLS_AT..URLS_AT + u_len]).ok_or_else(|| bad("urls"))?;
+        Ok(Superblock {
+            generation: get_u64(b, 16),
+            uuid: b[24..40].try_into().expect("16 bytes"),
+            state,
+            phase,
+            start_counter: b[42],
+            max_trial_starts: b[43],
+            layout,
+            target: TargetRecord {
+                kind,
+                validator,
+                urls,
+            },
+            created_unix: f(8),
+        })
+    }
+}
+
+fn encode_urls(urls: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for u in urls {
+        if out.len() + u.len() + 1 > MAX_URLS {
+            break;
+        }
+        out.extend_from_slice(u.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+fn decode_urls(b: &[u8]) -> Option<Vec<String>> {
+    if b.is_empty() {
+        return Some(Vec::new());
+    }
+    if *b.last()? != 0 {
+        return None;
+    }
+    b[..b.len() - 1]
+        .split(|&x| x == 0)
+        .map(|s| std::str::from_utf8(s).ok().map(str::to_string))
+        .collect()
+}
+
+/// What the target image's chunk `c` currently is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Location {
+    /// Not local: fetch from the remote source.
+    Missing,
+    /// Known to be all zeros; nothing stored.
+    Zero,
+    /// At its home address on the disk.
+    Home,
+    /// In slot `n` of the released area.
+    Slot(u32),
+}
+
+/// One map entry: where target chunk `c` is, and where the source chunk saved from its
+/// home address is (for boot chunks that were relocated).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Entry {
+    /// Where the target chunk lives.
+    pub loc: Location,
+    /// The chunk holds guest writes (never evicted; only in a slot or home).
+    pub dirty: bool,
+    /// Slot holding the source chunk saved from this chunk's home address.
+    pub saved: Option<u32>,
+    /// The chunk belongs to the boot set relocated by `prepare`.
+    pub boot: bool,
+}
+
+impl Entry {
+    /// A chunk nobody has touched.
+    pub const MISSING: Entry = Entry {
+        loc: Location::Missing,
+        dirty: false,
+        saved: None,
+        boot: false,
+    };
+
+    fn encode(&self, b: &mut [u8]) {
+        b.fill(0);
+        let (kind, slot) = match self.loc {
+            Location::Missing => (0, 0),
+            Location::Zero => (1, 0),
+            Location::Home => (2, 0),
+            Location::Slot(s) => (3, s),
+        };
+        b[0] = kind;
+        b[1] = (self.dirty as u8) | ((self.saved.is_some() as u8) << 1) | ((self.boot as u8) << 2);
+        put_u32(b, 4, slot);
+        put_u32(b, 8, self.saved.unwrap_or(0));
+    }
+
+    fn decode(b: &[u8], slot_count: u64) -> Result<Self, String> {
+        let slot = get_u32(b, 4);
+        let loc = match b[0] {
+            0 => Location::Missing,
+            1 => Location::Zero,
+            2 => Location::Home,
+            3 => Location::Slot(slot),
+            k => return Err(format!("unknown entry kind {k}")),
+        };
+        if b[1] & !7 != 0 || b[2..4] != [0, 0] || b[12..16] != [0; 4] {
+            return Err("reserved entry bits set".into());
+        }
+        let saved = (b[1] & 2 != 0).then(|| get_u32(b, 8));
+        for s in [matches!(loc, Location::Slot(_)).then_some(slot), saved]
+            .into_iter()
+            .flatten()
+        {
+            if s as u64 >= slot_count {
+                return Err(format!("slot {s} out of range"));
+            }
+        }
+        Ok(Entry {
+            loc,
+            dirty: b[1] & 1 != 0,
+            saved,
+            boot: b[1] & 4 != 0,
+        })
+    }
+}
+
+/// Encodes map page `index` with `entries` (at most [`ENTRIES_PER_PAGE`]; the rest of the
+/// page is zero).
+pub fn encode_page(index: u64, generation: u64, uuid: &[u8; 16], entries: &[Entry]) -> Vec<u8> {
+    assert!(entries.len() <= ENTRIES_PER_PAGE);
+    let mut b = vec![0u8; BLOCK];
+    b[0..4].copy_from_slice(&PAGE_MAGIC);
+    put_u64(&mut b, 8, generation);
+    put_u64(&mut b, 16, index);
+    b[24..40].copy_from_slice(uuid);
+    put_u32(&mut b, 40, entries.len() as u32);
+    for (i, e) in entries.iter().enumerate() {
+        let at = PAGE_HEADER + i * ENTRY_SIZE;
+        e.encode(&mut b[at..at + ENTRY_SIZE]);
+    }
+    let crc = block_crc(&b, 4);
+    put_u32(&mut b, 4, crc);
+    b
+}
+
+/// A decoded, verified map page.
+#[derive(Debug)]
+pub struct DecodedPage {
+    /// Generation of this copy.
+    pub generation: u64,
+    /// Entries in order.
+    pub entries: Vec<Entry>,
+}
+
+/// Decodes a map page copy, checking magic, CRC, page index, UUID and entry count.
+pub fn decode_page(
+    b: &[u8],
+    index: u64,
+    uuid: &[u8; 16],
+    expected_entries: usize,
+    slot_count: u64,
+) -> Result<DecodedPage, String> {
+    if b.len() != BLOCK || b[0..4] != PAGE_MAGIC {
+        return Err("no page magic".into());
+    }
+    if get_u32(b, 4) != block_crc(b, 4) {
+        return Err("checksum mismatch".into());
+    }
+    if get_u64(b, 16) != index || b[24..40] != uuid[..] {
+        return Err("page of another index or migration".into());
+    }
+    if get_u32(b, 40) as usize != expected_entries {
+        return Err("entry count mismatch".into());
+    }
+    let entries = (0..expected_entries)
+        .map(|i| {
+            let at = PAGE_HEADER + i * ENTRY_SIZE;
+            Entry::decode(&b[at..at + ENTRY_SIZE], slot_count)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DecodedPage {
+        generation: get_u64(b, 8),
+        entries,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout {
+            chunk_shift: 16,
+            disk_len: 1 << 30,
+            source_size: 100 << 20,
+            target_size: (120 << 20) + 5,
+            area_offset: 121 << 20,
+            map_offset: 121 << 20,
+            map_pages: ((120u64 << 20) + 5)
+                .div_ceil(1 << 16)
+                .div_ceil(ENTRIES_PER_PAGE as u64),
+            slot_offset: 122 << 20,
+            slot_count: 1000,
+        }
+    }
+
+    fn sb() -> Superblock {
+        Superblock {
+            generation: 7,
+            uuid: [9; 16],
+            state: State::Trial,
+            phase: PreparePhase::MapReady,
+            start_counter: 2,
+            max_trial_starts: 3,
+            layout: layout(),
+            target: TargetRecord {
+                kind: "http".into(),
+                validator: "\"abc-123\"".into(),
+                urls: vec!["http://127.0.0.1:1/a.img".into(), "http://m/b".into()],
+            },
+            created_unix: 1_700_000_000,
+        }
+    }
+
+    #[test]
+    fn superblock_round_trips() {
+        let s = sb();
+        assert_eq!(Superblock::decode(&s.encode()).unwrap(), s);
+    }
+
+    #[test]
+    fn superblock_rejects_every_single_bit_flip() {
+        let b = sb().encode();
+        for byte in (0..BLOCK).step_by(7) {
+            let mut c = b.clone();
+            c[byte] ^= 0x10;
+            assert!(Superblock::decode(&c).is_err(), "flip at {byte} accepted");
+        }
+    }
+
+    #[test]
+    fn superblock_without_magic_is_not_damaged() {
+        assert_eq!(
+            Superblock::decode(&[0u8; BLOCK]),
+            Err(SbDecodeError::NoMagic)
+        );
+    }
+
+    #[test]
+    fn page_round_trips_and_checks_identity() {
+        let entries: Vec<Entry> = (0..ENTRIES_PER_PAGE as u32)
+            .map(|i| Entry {
+                loc: match i % 4 {
+                    0 => Location::Missing,
+                    1 => Location::Zero,
+                    2 => Location::Home,
+                    _ => Location::Slot(i),
+                },
+                dirty: i % 3 == 0 && i % 4 >= 2,
+                saved: (i % 5 == 0).then_some(i + 1),
+                boot: i % 7 == 0,
+            })
+            .collect();
+        let p = encode_page(3, 42, &[1; 16], &entries);
+        let d = decode_page(&p, 3, &[1; 16], entries.len(), 1000).unwrap();
+        assert_eq!(d.generation, 42);
+        assert_eq!(d.entries, entries);
+        assert!(decode_page(&p, 4, &[1; 16], entries.len(), 1000).is_err());
+        assert!(decode_page(&p, 3, &[2; 16], entries.len(), 1000).is_err());
+        assert!(decode_page(&p, 3, &[1; 16], entries.len(), 10).is_err());
+        let mut torn = p.clone();
+        torn[2000] ^= 1;
+        assert!(decode_page(&torn, 3, &[1; 16], entries.len(), 1000).is_err());
+    }
+}

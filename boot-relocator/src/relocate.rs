@@ -1,0 +1,428 @@
+//! The boot relocator: reserve the released area, save the source chunks at the target's
+//! boot locations, write the target's boot chunks home; and the way back (rollback) and
+//! the final removal of the area.
+//!
+//! Every step is idempotent and its completion is recorded in the map before the next
+//! one starts, so a crash at any point resumes (or undoes) cleanly:
+//! 1. superblock (state `preparing`, phase `reserved`): nothing on the source touched;
+//!    undo = remove the area.
+//! 2. map initialized (phase `map-ready`), boot chunks flagged.
+//! 3. per boot chunk: source copied into a slot, synced, `saved` recorded.
+//! 4. per boot chunk: target written home, synced, `home` recorded.
+//! 5. state `prepared`.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::error::{IoContext, RelocError, Result};
+use crate::format::{
+    Entry, Layout, Location, PreparePhase, State, Superblock, TargetRecord, BLOCK,
+    ENTRIES_PER_PAGE, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT,
+};
+use crate::meta::MetaStore;
+use crate::partition::{used_ranges, UsedRange};
+use crate::storage::Storage;
+
+/// Alignment of the released area's start.
+const AREA_ALIGN: u64 = 1 << 20;
+/// Free slots required beyond the saved boot chunks, so that serving can make progress.
+pub const MIN_WORKING_SLOTS: u64 = 16;
+/// Boot partitions larger than this are not staged whole.
+const MAX_BOOT_PARTITION: u64 = 1 << 30;
+/// Most bytes moved per I/O while relocating.
+const IO_BATCH: u64 = 8 << 20;
+
+/// What the caller asks `prepare` to do.
+#[derive(Clone, Debug)]
+pub struct PrepareSpec {
+    /// Chunk size in bytes (power of two, 4 KiB..4 MiB).
+    pub chunk_size: u64,
+    /// Size of the pinned target image.
+    pub target_size: u64,
+    /// Identity of the pinned target.
+    pub target: TargetRecord,
+    /// Target byte ranges to place home (the boot set before partition-table additions).
+    pub boot_ranges: Vec<Range<u64>>,
+    /// Cap on the released area's size (default: enough for the whole target on a file,
+    /// all free space on a block device).
+    pub area_size: Option<u64>,
+    /// Bytes of the source in use (default: file length; on a block device the end of
+    /// the last partition).
+    pub source_size: Option<u64>,
+    /// Trial starts before automatic fallback.
+    pub max_trial_starts: u8,
+}
+
+/// The outcome of planning: where everything goes. Nothing is written yet.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Geometry of the migration.
+    pub layout: Layout,
+    /// Boot-set chunks in ascending order.
+    pub boot_chunks: Vec<u64>,
+    /// Human-readable remarks (boot partitions added or skipped, ...).
+    pub notes: Vec<String>,
+}
+
+/// Progress callback: (step name, done, total) in chunks.
+pub type Progress<'a> = &'a mut dyn FnMut(&str, u64, u64);
+
+/// Reads bytes of the target image: `(offset, buf)`.
+pub type TargetRead<'a> = &'a mut dyn FnMut(u64, &mut [u8]) -> std::result::Result<(), String>;
+
+fn chunk_shift(chunk_size: u64) -> Result<u8> {
+    if !chunk_size.is_power_of_two() {
+        return Err(RelocError::InvalidChunkSize(chunk_size));
+    }
+    let shift = chunk_size.trailing_zeros() as u8;
+    if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&shift) {
+        return Err(RelocError::InvalidChunkSize(chunk_size));
+    }
+    Ok(shift)
+}
+
+fn read_head(storage: &dyn Storage, len: u64) -> Result<(Vec<u8>, Vec<UsedRange>)> {
+    let mut head = vec![0u8; (1u64 << 20).min(len) as usize];
+    storage
+        .read_at(0, &mut head)
+        .ctx(|| "reading partition table".into())?;
+    let ranges = used_ranges(&head, &mut |off, buf| storage.read_at(off, buf))
+        .ctx(|| "reading partition table".into())?;
+    Ok((head, ranges))
+}
+
+/// Plans a migration of `storage` to a target whose first bytes are `target_head` (at
+/// least its first MiB, or all of it when smaller). Refuses, writing nothing, when the
+/// disk is prepared already, too small, or the area would overlap data in use.
+pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Result<Plan> {
+    if let Some(sb) = MetaStore::probe(storage)? {
+        return Err(RelocError::AlreadyPrepared(sb.state));
+    }
+    let shift = chunk_shift(spec.chunk_size)?;
+    let c = spec.chunk_size;
+    if spec.target_size == 0 {
+        return Err(RelocError::Invalid("target image is empty".into()));
+    }
+    if spec.max_trial_starts == 0 {
+        return Err(RelocError::Invalid(
+            "--max-trial-starts must be at least 1".into(),
+        ));
+    }
+    let dev_len = storage.len().ctx(|| "reading disk size".into())?;
+    let (_, used) = read_head(storage, dev_len)?;
+    let used_end = used.iter().map(|u| u.end).max().unwrap_or(0);
+    let source_size =
+        match (spec.source_size, storage.is_block_device()) {
+            (Some(s), _) => s,
+            (None, false) => dev_len,
+            (None, true) if used.is_empty() => return Err(RelocError::Invalid(
+                "block device has no partition table: pass --source-size to say how much of it \
+                 the source image uses"
+                    .into(),
+            )),
+            (None, true) => used_end,
+        };
+    if source_size > dev_len && storage.is_block_device() {
+        return Err(RelocError::Invalid(format!(
+            "--source-size {source_size} is larger than the device ({dev_len} bytes)"
+        )));
+    }
+    if let Some(u) = used.iter().find(|u| u.end > source_size) {
+        return Err(RelocError::Overlap(format!(
+            "{} ends at byte {}, past the source's {} bytes: the released area would overwrite it",
+            u.what, u.end, source_size
+        )));
+    }
+    let target_size = spec.target_size;
+    let chunks = target_size.div_ceil(c);
+    let mut notes = Vec::new();
+
+    // Boot set: requested ranges plus the target's boot partitions.
+    let mut boot = vec![false; chunks as usize];
+    let mut mark = |r: &Range<u64>| {
+        let end = r.end.min(target_size);
+        if r.start < end {
+            for ch in r.start / c..end.div_ceil(c) {
+                boot[ch as usize] = true;
+            }
+        }
+    };
+    for r in &spec.boot_ranges {
+        mark(r);
+    }
+    let target_parts = used_ranges(target_head, &mut |_, _| {
+        Err(std::io::Error::other(
+            "target partition table extends past its first MiB",
+        ))
+    })
+    .unwrap_or_default();
+    for p in target_parts.iter().filter(|p| p.boot) {
+        if p.end - p.start > MAX_BOOT_PARTITION {
+            notes.push(format!("{} is larger than 1 GiB: not staged whole", p.what));
+        } else {
+            notes.push(format!("boot set includes {} (holds the kernel)", p.what));
+            mark(&(p.start..p.end));
+        }
+    }
+    let boot_chunks: Vec<u64> = (0..chunks).filter(|&i| boot[i as usize]).collect();
+    let saved = boot_chunks.iter().filter(|&&b| b * c < source_size).count() as u64;
+
+    let area_offset = source_size.max(target_size).next_multiple_of(AREA_ALIGN);
+    let map_pages = chunks.div_ceil(ENTRIES_PER_PAGE as u64);
+    let map_bytes = map_pages * 2 * BLOCK as u64;
+    let slot_offset = (area_offset + map_bytes).next_multiple_of(c.clamp(BLOCK as u64, AREA_ALIGN));
+    let tail = 2 * BLOCK as u64;
+    let min_slots = saved + MIN_WORKING_SLOTS;
+    let (disk_len, slot_count) = if storage.is_block_device() {
+        let room = dev_len.saturating_sub(slot_offset + tail) / c;
+        let slots = match spec.area_size {
+            Some(a) => room.min(a.saturating_sub(slot_offset - area_offset + tail) / c),
+            None => room,
+        };
+        (dev_len, slots)
+    } else {
+        let slots = match spec.area_size {
+            Some(a) => a.saturating_sub(slot_offset - area_offset + tail) / c,
+            None => chunks + saved,
+        };
+        (slot_offset + slots * c + tail, slots)
+    };
+    if slot_count < min_slots || slot_count > u32::MAX as u64 {
+        return Err(RelocError::TooSmall(format!(
+            "the released area holds {slot_count} chunk slots of {c} bytes; at least {min_slots} are \
+             needed ({saved} saved boot chunks + {MIN_WORKING_SLOTS} working slots); the area needs \
+             at least {} bytes after byte {area_offset}",
+            slot_offset - area_offset + min_slots * c + tail
+        )));
+    }
+    let layout = Layout {
+        chunk_shift: shift,
+        disk_len,
+        source_size,
+        target_size,
+        area_offset,
+        map_offset: area_offset,
+        map_pages,
+        slot_offset,
+        slot_count,
+    };
+    layout.validate().map_err(RelocError::Invalid)?;
+    Ok(Plan {
+        layout,
+        boot_chunks,
+        notes,
+    })
+}
+
+/// Runs `prepare` from a plan: reserves the area, saves the source boot chunks and
+/// writes the target's boot chunks home. Returns the opened metadata in state
+/// `prepared`.
+pub fn prepare(
+    storage: Arc<dyn Storage>,
+    spec: &PrepareSpec,
+    plan: &Plan,
+    uuid: [u8; 16],
+    now_unix: u64,
+    read_target: TargetRead<'_>,
+    progress: Progress<'_>,
+) -> Result<MetaStore> {
+    let sb = Superblock {
+        generation: 1,
+        uuid,
+        state: State::Preparing,
+        phase: PreparePhase::Reserved,
+        start_counter: 0,
+        max_trial_starts: spec.max_trial_starts,
+        layout: plan.layout,
+        target: spec.target.clone(),
+        created_unix: now_unix,
+    };
+    let mut meta = MetaStore::create(storage, sb, &plan.boot_chunks)?;
+    meta.init_map()?;
+    resume_prepare(&mut meta, read_target, progress)?;
+    Ok(meta)
+}
+
+/// Continues an interrupted `prepare` (state `preparing`, phase `map-ready`).
+pub fn resume_prepare(
+    meta: &mut MetaStore,
+    read_target: TargetRead<'_>,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let sb = meta.superblock().clone();
+    if sb.state != State::Preparing || sb.phase != PreparePhase::MapReady {
+        return Err(RelocError::BadState {
+            op: "resume prepare",
+            state: sb.state,
+        });
+    }
+    let l = sb.layout;
+    let c = l.chunk_size();
+    let storage = meta.storage().clone();
+    let boot: Vec<u64> = (0..l.chunk_count())
+        .filter(|&i| meta.entry(i).boot)
+        .collect();
+
+    // Step 3: save the source chunks at the boot locations.
+    let to_save: Vec<u64> = boot
+        .iter()
+        .copied()
+        .filter(|&b| l.source_len(b) > 0 && meta.entry(b).saved.is_none())
+        .collect();
+    let mut buf = vec![0u8; c as usize];
+    let per_commit = (IO_BATCH / c).max(1) as usize;
+    for (n, group) in to_save.chunks(per_commit).enumerate() {
+        let mut done = Vec::with_capacity(group.len());
+        for &b in group {
+            let slot = meta
+                .alloc_slot()
+                .ok_or_else(|| RelocError::TooSmall("no free slot to save a boot chunk".into()))?;
+            let len = l.source_len(b);
+            buf.fill(0);
+            storage
+                .read_at(b * c, &mut buf[..len])
+                .ctx(|| format!("reading source chunk {b}"))?;
+            storage
+                .write_at(l.slot_addr(slot), &buf)
+                .ctx(|| format!("saving source chunk {b}"))?;
+            done.push((b, slot));
+        }
+        for (b, slot) in done {
+            let e = meta.entry(b);
+            meta.set_entry(
+                b,
+                Entry {
+                    saved: Some(slot),
+                    ..e
+                },
+            );
+        }
+        meta.commit()?;
+        progress(
+            "saving source boot chunks",
+            ((n * per_commit + group.len()) as u64).min(to_save.len() as u64),
+            to_save.len() as u64,
+        );
+    }
+
+    // Step 4: write the target's boot chunks home, coalescing neighbours.
+    let to_place: Vec<u64> = boot
+        .iter()
+        .copied()
+        .filter(|&b| meta.entry(b).loc != Location::Home)
+        .collect();
+    let mut placed = 0u64;
+    let mut i = 0;
+    let mut big = Vec::new();
+    while i < to_place.len() {
+        let first = to_place[i];
+        let mut n = 1;
+        while i + n < to_place.len()
+            && to_place[i + n] == first + n as u64
+            && (n as u64 + 1) * c <= IO_BATCH
+        {
+            n += 1;
+        }
+        let start = first * c;
+        let end = ((first + n as u64) * c).min(l.target_size);
+        big.resize((end - start) as usize, 0);
+        read_target(start, &mut big).map_err(|reason| RelocError::Fetch {
+            chunk: first,
+            reason,
+        })?;
+        storage
+            .write_at(start, &big)
+            .ctx(|| format!("writing target boot chunk {first} home"))?;
+        for b in first..first + n as u64 {
+            let e = meta.entry(b);
+            meta.set_entry(
+                b,
+                Entry {
+                    loc: Location::Home,
+                    ..e
+                },
+            );
+        }
+        meta.commit()?;
+        placed += n as u64;
+        i += n;
+        progress("writing target boot chunks", placed, to_place.len() as u64);
+    }
+    meta.set_state(State::Prepared)
+}
+
+/// Restores the source: copies every saved chunk home, then removes the area. Valid in
+/// any state before `committing`. Guest writes to the target are discarded.
+pub fn rollback(meta: &mut MetaStore, progress: Progress<'_>) -> Result<()> {
+    let state = meta.state();
+    if !state.source_recoverable() && state != State::RolledBack {
+        return Err(RelocError::BadState {
+            op: "roll back",
+            state,
+        });
+    }
+    if state == State::Preparing && meta.superblock().phase == PreparePhase::Reserved {
+        return remove_area(meta);
+    }
+    if state != State::RolledBack {
+        if state != State::RollingBack {
+            meta.set_state(State::RollingBack)?;
+        }
+        let l = *meta.layout();
+        let c = l.chunk_size();
+        let storage = meta.storage().clone();
+        let saved: Vec<(u64, u32)> = meta
+            .entries()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.saved.map(|s| (i as u64, s)))
+            .collect();
+        let mut buf = vec![0u8; c as usize];
+        for (n, &(b, s)) in saved.iter().enumerate() {
+            let len = l.source_len(b);
+            storage
+                .read_at(l.slot_addr(s), &mut buf[..len])
+                .ctx(|| format!("reading saved chunk {b}"))?;
+            storage
+                .write_at(b * c, &buf[..len])
+                .ctx(|| format!("restoring source chunk {b}"))?;
+            if n % 64 == 63 || n + 1 == saved.len() {
+                progress("restoring source chunks", n as u64 + 1, saved.len() as u64);
+            }
+        }
+        storage.sync().ctx(|| "syncing restored chunks".into())?;
+        meta.set_state(State::RolledBack)?;
+    }
+    remove_area(meta)
+}
+
+/// Removes the released area once the disk holds a whole image: in state `committed`
+/// (the target) or `rolled-back` / `preparing`-`reserved` (the source). A regular file
+/// is truncated to the image's size; on a block device both superblocks are zeroed.
+pub fn remove_area(meta: &mut MetaStore) -> Result<()> {
+    let sb = meta.superblock();
+    let l = sb.layout;
+    let final_len = match sb.state {
+        State::Committed => l.target_size,
+        State::RolledBack => l.source_size,
+        State::Preparing if sb.phase == PreparePhase::Reserved => l.source_size,
+        state => {
+            return Err(RelocError::BadState {
+                op: "remove the released area",
+                state,
+            })
+        }
+    };
+    let storage = meta.storage().clone();
+    if storage.is_block_device() {
+        storage
+            .write_at(Layout::sb_addr(l.disk_len, 0), &vec![0u8; 2 * BLOCK])
+            .ctx(|| "wiping superblocks".into())?;
+        storage.sync().ctx(|| "syncing".into())?;
+    } else {
+        storage
+            .set_len(final_len)
+            .ctx(|| "truncating disk file".into())?;
+    }
+    Ok(())
+}

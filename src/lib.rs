@@ -8,6 +8,9 @@
 //! - [`blockdev`]: the block-device seam that front ends (vhost-user-blk, NBD) talk to.
 
 pub mod blockdev;
+pub mod cli;
+pub mod engine;
 pub mod source;
+pub mod target;
 
 pub use boot_relocator;

@@ -1,3 +1,5 @@
+//! The `streamboot` binary: see `streamboot --help`.
+
 fn main() {
-    println!("streamboot");
+    std::process::exit(streamboot::cli::main());
 }

@@ -1,0 +1,334 @@
+//! prepare / status / hydrate / confirm / commit / rollback, acting on the disk directly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use boot_relocator::{relocate, FileStorage, MetaStore, PreparePhase, PrepareSpec, State, Storage};
+use clap::Args;
+use serde_json::json;
+
+use super::progress::Bars;
+use super::size::{human, parse_range, parse_size};
+use super::{Cli, Command, NetArgs};
+use crate::engine::{offline_status, Engine, EngineOptions, HydrateOptions, Hydrator, Status};
+use crate::source::RemoteSource;
+use crate::target::{open_source, pinned_identity, target_record};
+
+/// Seconds an offline command keeps retrying a failing fetch unless told otherwise.
+const OFFLINE_DEADLINE_SECS: u64 = 300;
+
+/// Arguments of `prepare`.
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// Disk holding the source image (raw file or block device).
+    pub disk: PathBuf,
+    /// Target image: http(s) URL (repeat for mirrors), file:// URL or path.
+    #[arg(long = "target", required = true)]
+    pub targets: Vec<String>,
+    /// Chunk size (power of two, 4K..4M).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// Target byte range to place home before the first boot (repeatable; default 0..1M:
+    /// partition table and boot loader). Boot partitions (ESP, XBOOTLDR) are added.
+    #[arg(long = "boot-range", value_parser = parse_range)]
+    pub boot_ranges: Vec<std::ops::Range<u64>>,
+    /// Largest size of the released area (default: room for the whole target on a file,
+    /// all free space on a block device).
+    #[arg(long, value_parser = parse_size)]
+    pub area_size: Option<u64>,
+    /// Bytes of a block device the source uses (default: end of its last partition).
+    #[arg(long, value_parser = parse_size)]
+    pub source_size: Option<u64>,
+    /// Trial starts of the target before automatic fallback to the source.
+    #[arg(long, default_value_t = 3)]
+    pub max_trial_starts: u8,
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// Arguments of `hydrate`.
+#[derive(Debug, Args)]
+pub struct HydrateArgs {
+    /// Prepared disk.
+    pub disk: PathBuf,
+    /// Fetch from these URLs instead of the recorded ones (must be the same image).
+    #[arg(long = "target")]
+    pub targets: Vec<String>,
+    /// Limit in bytes per second (0 = unlimited).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub rate: u64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// Arguments of `commit`.
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// Prepared disk.
+    pub disk: PathBuf,
+    /// Commit even though the target was not confirmed.
+    #[arg(long)]
+    pub force: bool,
+    /// Fetch from these URLs instead of the recorded ones (must be the same image).
+    #[arg(long = "target")]
+    pub targets: Vec<String>,
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: &Cli) -> Result<()> {
+    match &cli.command {
+        Command::Prepare(a) => prepare(cli, a),
+        Command::Status { disk } => status(cli, disk),
+        Command::Hydrate(a) => hydrate(cli, a),
+        Command::Confirm { disk } => confirm(cli, disk),
+        Command::Commit(a) => commit(cli, a),
+        Command::Rollback { disk } => rollback(cli, disk),
+    }
+}
+
+fn open_disk(path: &Path) -> Result<Arc<dyn Storage>> {
+    let s = FileStorage::open(path, true).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Arc::new(s))
+}
+
+fn open_meta(path: &Path) -> Result<MetaStore> {
+    let storage = open_disk(path)?;
+    MetaStore::open(storage)
+        .with_context(|| format!("reading {}", path.display()))?
+        .ok_or_else(|| anyhow::anyhow!("{} is not a prepared disk (no streamboot superblock)", path.display()))
+}
+
+fn net_with_default(net: &NetArgs) -> NetArgs {
+    let mut n = net.clone();
+    n.fetch_deadline.get_or_insert(OFFLINE_DEADLINE_SECS);
+    n
+}
+
+/// Opens the pinned source of a prepared disk (recorded URLs unless overridden).
+fn open_pinned(meta: &MetaStore, targets: &[String], net: &NetArgs) -> Result<Arc<dyn RemoteSource>> {
+    let sb = meta.superblock();
+    let urls = if targets.is_empty() { sb.target.urls.clone() } else { targets.to_vec() };
+    let expected = pinned_identity(sb);
+    open_source(&urls, Some(&expected), &net_with_default(net).http_options())
+        .with_context(|| format!("opening target {}", urls.join(", ")))
+}
+
+fn emit(cli: &Cli, value: serde_json::Value, text: impl FnOnce() -> String) {
+    if cli.json {
+        println!("{value}");
+    } else {
+        println!("{}", text());
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
+    let started = Instant::now();
+    let storage = open_disk(&a.disk)?;
+    let net = net_with_default(&a.net);
+    let source = open_source(&a.targets, None, &net.http_options())
+        .with_context(|| format!("opening target {}", a.targets.join(", ")))?;
+    let bars = Bars::new(cli.json, false);
+    let mut read_target = |off: u64, buf: &mut [u8]| source.read_at(off, buf).map_err(|e| e.to_string());
+
+    // An interrupted prepare resumes (same target) or is undone and started afresh.
+    if let Some(mut meta) = MetaStore::open(storage.clone()).context("reading disk metadata")? {
+        let sb = meta.superblock().clone();
+        if sb.state != State::Preparing {
+            bail!("{} is already prepared (state {}); use status, commit or rollback", a.disk.display(), sb.state);
+        }
+        if sb.phase == PreparePhase::MapReady {
+            let id = source.identity();
+            if id.validator != sb.target.validator || id.size != sb.layout.target_size {
+                bail!("an interrupted prepare for another target image is on this disk: roll it back first");
+            }
+            relocate::resume_prepare(&mut meta, &mut read_target, &mut |s, d, t| bars.update(s, d, t))
+                .context("resuming prepare")?;
+            bars.finish();
+            return report_prepared(cli, &meta, true, started);
+        }
+        relocate::remove_area(&mut meta).context("undoing the interrupted prepare")?;
+    }
+
+    let id = source.identity().clone();
+    let spec = PrepareSpec {
+        chunk_size: a.chunk_size,
+        target_size: id.size,
+        target: target_record(source.as_ref(), &a.targets),
+        boot_ranges: if a.boot_ranges.is_empty() { vec![0..1 << 20] } else { a.boot_ranges.clone() },
+        area_size: a.area_size,
+        source_size: a.source_size,
+        max_trial_starts: a.max_trial_starts,
+    };
+    let mut head = vec![0u8; (1u64 << 20).min(id.size) as usize];
+    source.read_at(0, &mut head).context("reading the target's partition table")?;
+    let plan = relocate::plan(storage.as_ref(), &spec, &head).with_context(|| format!("planning {}", a.disk.display()))?;
+    for n in &plan.notes {
+        tracing::info!("{n}");
+    }
+    let uuid = *uuid::Uuid::new_v4().as_bytes();
+    let meta = relocate::prepare(storage, &spec, &plan, uuid, now_unix(), &mut read_target, &mut |s, d, t| {
+        bars.update(s, d, t)
+    })
+    .context("prepare failed (run prepare again to resume, or rollback)")?;
+    bars.finish();
+    report_prepared(cli, &meta, false, started)
+}
+
+fn report_prepared(cli: &Cli, meta: &MetaStore, resumed: bool, started: Instant) -> Result<()> {
+    let s = offline_status(meta);
+    let l = meta.layout();
+    emit(
+        cli,
+        json!({"ok": true, "resumed": resumed, "status": s, "area_offset": l.area_offset,
+               "disk_len": l.disk_len, "secs": started.elapsed().as_secs_f64()}),
+        || {
+            format!(
+                "prepared: {} boot chunks home ({} of source saved), released area of {} at byte {}, \
+                 {} slots of {}; state {}",
+                s.chunks_home,
+                human(s.bytes_saved_source),
+                human(l.disk_len - l.area_offset),
+                l.area_offset,
+                l.slot_count,
+                human(l.chunk_size()),
+                s.state
+            )
+        },
+    );
+    Ok(())
+}
+
+fn status_text(s: &Status) -> String {
+    format!(
+        "state:        {}\ntarget:       {} ({}, {})\nchunks:       {} of {}: {} home, {} in slots, {} zero, {} \
+         missing ({:.1}% local)\ndirty chunks: {}\nsaved source: {} chunks ({})\nslots:        {} free of {}\n\
+         trial starts: {} of {}",
+        s.state,
+        s.target_urls.join(", "),
+        human(s.target_size),
+        s.target_kind,
+        s.chunks_total,
+        human(s.chunk_size),
+        s.chunks_home,
+        s.chunks_slotted,
+        s.chunks_zero,
+        s.chunks_missing,
+        s.local_fraction() * 100.0,
+        s.chunks_dirty,
+        s.chunks_saved_source,
+        human(s.bytes_saved_source),
+        s.slots_free,
+        s.slots_total,
+        s.start_counter,
+        s.max_trial_starts
+    )
+}
+
+fn status(cli: &Cli, disk: &Path) -> Result<()> {
+    let storage = open_disk(disk)?;
+    match MetaStore::open(storage).with_context(|| format!("reading {}", disk.display()))? {
+        None => emit(cli, json!({"ok": true, "prepared": false}), || {
+            format!("{}: plain disk (not prepared)", disk.display())
+        }),
+        Some(meta) => {
+            let s = offline_status(&meta);
+            emit(cli, json!({"ok": true, "prepared": true, "status": s}), || status_text(&s));
+        }
+    }
+    Ok(())
+}
+
+fn open_engine(meta: MetaStore, targets: &[String], net: &NetArgs) -> Result<Engine> {
+    let state = meta.state();
+    if state == State::Preparing {
+        bail!("prepare was interrupted: run prepare again to resume it, or rollback");
+    }
+    let source = open_pinned(&meta, targets, net)?;
+    Ok(Engine::new(meta, source, EngineOptions::default())?)
+}
+
+fn hydrate(cli: &Cli, a: &HydrateArgs) -> Result<()> {
+    let meta = open_meta(&a.disk)?;
+    let engine = open_engine(meta, &a.targets, &a.net)?;
+    let bars = Bars::new(cli.json, true);
+    let h = Hydrator::new(HydrateOptions { threads: a.threads, ..HydrateOptions::default() }, a.rate);
+    let r = h.run(&engine, &|d, t| bars.update("hydrating", d, t)).context("hydration failed")?;
+    bars.finish();
+    engine.flush().context("flushing")?;
+    emit(cli, json!({"ok": true, "report": r, "status": engine.status()}), || {
+        let mut t = format!(
+            "hydrated {} in {:.1} s ({}/s), {} requests; {} chunks still missing",
+            human(r.bytes),
+            r.secs,
+            human((r.bytes as f64 / r.secs.max(1e-9)) as u64),
+            r.requests,
+            r.missing
+        );
+        if r.area_full {
+            t.push_str("\nthe released area is full: commit fetches the rest straight to its home addresses");
+        }
+        t
+    });
+    Ok(())
+}
+
+fn confirm(cli: &Cli, disk: &Path) -> Result<()> {
+    let mut meta = open_meta(disk)?;
+    match meta.state() {
+        State::Prepared | State::Trial => meta.set_state(State::Confirmed)?,
+        State::Confirmed => {}
+        s => bail!("cannot confirm in state {s}"),
+    }
+    emit(cli, json!({"ok": true, "state": "confirmed"}), || "target confirmed".into());
+    Ok(())
+}
+
+fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
+    let started = Instant::now();
+    let meta = open_meta(&a.disk)?;
+    let engine = open_engine(meta, &a.targets, &a.net)?;
+    let bars = Bars::new(cli.json, false);
+    engine
+        .commit(a.force, HydrateOptions::default(), &|s, d, t| bars.update(s, d, t))
+        .context("commit failed (run commit again to resume)")?;
+    bars.finish();
+    let s = engine.status();
+    emit(cli, json!({"ok": true, "state": "committed", "status": s, "secs": started.elapsed().as_secs_f64()}), || {
+        format!(
+            "committed: {} now holds the target ({}); fetched {} during commit",
+            a.disk.display(),
+            human(s.target_size),
+            human(s.bytes_fetched_background + s.bytes_fetched_demand)
+        )
+    });
+    Ok(())
+}
+
+fn rollback(cli: &Cli, disk: &Path) -> Result<()> {
+    let mut meta = open_meta(disk)?;
+    let before = offline_status(&meta);
+    let state = meta.state();
+    let bars = Bars::new(cli.json, false);
+    relocate::rollback(&mut meta, &mut |s, d, t| bars.update(s, d, t)).context("rollback failed (run rollback again to resume)")?;
+    bars.finish();
+    let discarded = matches!(state, State::Trial | State::Confirmed) || before.chunks_dirty > 0;
+    emit(cli, json!({"ok": true, "state": "rolled-back", "guest_writes_discarded": discarded}), || {
+        let mut t = format!("rolled back: {} holds the source again", disk.display());
+        if discarded {
+            t.push_str(" (writes made while the target ran were discarded)");
+        }
+        t
+    });
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The `streamboot` command line.
+
+mod lifecycle;
+mod progress;
+pub mod size;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::source::HttpOptions;
+
+/// Boot a VM on a remote disk image while it streams.
+#[derive(Debug, Parser)]
+#[command(name = "streamboot", version, about)]
+pub struct Cli {
+    /// Machine-readable JSON on stdout instead of text and progress bars.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options for reaching the remote source.
+#[derive(Debug, Clone, Args)]
+pub struct NetArgs {
+    /// Seconds to wait for a connection.
+    #[arg(long, default_value_t = 10)]
+    pub connect_timeout: u64,
+    /// Seconds a request may stall before it is retried.
+    #[arg(long, default_value_t = 30)]
+    pub request_timeout: u64,
+    /// Give up on a fetch after this many seconds of transient failures (default: keep
+    /// retrying while the request waits).
+    #[arg(long)]
+    pub fetch_deadline: Option<u64>,
+}
+
+impl NetArgs {
+    /// HTTP options for these arguments.
+    pub fn http_options(&self) -> HttpOptions {
+        HttpOptions {
+            connect_timeout: Duration::from_secs(self.connect_timeout),
+            request_timeout: Duration::from_secs(self.request_timeout),
+            deadline: self.fetch_deadline.map(Duration::from_secs),
+            ..HttpOptions::default()
+        }
+    }
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Relocate the target's boot chunks onto DISK (reversible; resumes if interrupted).
+    Prepare(lifecycle::PrepareArgs),
+    /// Show the migration state of DISK.
+    Status {
+        /// Disk (raw file or block device).
+        disk: PathBuf,
+    },
+    /// Download every missing target chunk into the released area.
+    Hydrate(lifecycle::HydrateArgs),
+    /// Mark the target good (ends the trial).
+    Confirm {
+        /// Disk (raw file or block device).
+        disk: PathBuf,
+    },
+    /// Move every target chunk home and remove the released area: DISK becomes a plain
+    /// copy of the target (plus guest writes).
+    Commit(lifecycle::CommitArgs),
+    /// Restore the source bit for bit and remove the released area. Guest writes to the
+    /// target are discarded.
+    Rollback {
+        /// Disk (raw file or block device).
+        disk: PathBuf,
+    },
+}
+
+/// Parses the command line and runs it. Returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STREAMBOOT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match lifecycle::run(&cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            if cli.json {
+                println!("{}", serde_json::json!({ "ok": false, "error": msg }));
+            }
+            eprintln!("streamboot: error: {msg}");
+            1
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Single-flight fetches: one network request per missing chunk, however many readers
+//! and writers want it at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+/// What a finished fetch left behind for its waiters.
+#[derive(Clone, Debug)]
+pub enum FlightResult {
+    /// The chunks are now mapped; read them through the map.
+    Mapped,
+    /// The chunks could not be stored (area full of dirty chunks): here are the bytes of
+    /// chunks `first..` for the waiters to copy from.
+    Uncached { first: u64, bytes: Arc<Vec<u8>> },
+    /// The fetch failed with this message.
+    Failed(String),
+}
+
+/// One fetch in progress.
+#[derive(Debug, Default)]
+pub struct Flight {
+    done: Mutex<Option<FlightResult>>,
+    cv: Condvar,
+}
+
+impl Flight {
+    /// Blocks until the fetch finishes.
+    pub fn wait(&self) -> FlightResult {
+        let mut g = self.done.lock();
+        while g.is_none() {
+            self.cv.wait(&mut g);
+        }
+        g.clone().expect("set")
+    }
+
+    fn complete(&self, r: FlightResult) {
+        *self.done.lock() = Some(r);
+        self.cv.notify_all();
+    }
+}
+
+/// Table of chunks being fetched.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    table: Mutex<HashMap<u64, Arc<Flight>>>,
+}
+
+/// Outcome of trying to claim chunks for fetching.
+pub enum Claim {
+    /// Someone else is fetching the chunk: wait on this.
+    Wait(Arc<Flight>),
+    /// We own chunks `first..first+count`.
+    Owned {
+        first: u64,
+        count: u64,
+        flight: Arc<Flight>,
+    },
+    /// Nothing to fetch (the chunk is no longer missing).
+    NotNeeded,
+}
+
+impl InFlight {
+    /// Claims chunk `c` and up to `max - 1` following chunks for which `missing` holds
+    /// and nobody else is fetching. `missing` is evaluated under the table lock.
+    pub fn claim(&self, c: u64, max: u64, mut missing: impl FnMut(u64) -> bool) -> Claim {
+        let mut t = self.table.lock();
+        if let Some(f) = t.get(&c) {
+            return Claim::Wait(f.clone());
+        }
+        if !missing(c) {
+            return Claim::NotNeeded;
+        }
+        let mut count = 1;
+        while count < max && !t.contains_key(&(c + count)) && missing(c + count) {
+            count += 1;
+        }
+        let flight = Arc::new(Flight::default());
+        for i in c..c + count {
+            t.insert(i, flight.clone());
+        }
+        Claim::Owned {
+            first: c,
+            count,
+            flight,
+        }
+    }
+
+    /// Releases chunks claimed by `claim` and wakes the waiters.
+    pub fn finish(&self, first: u64, count: u64, flight: &Flight, r: FlightResult) {
+        {
+            let mut t = self.table.lock();
+            for i in first..first + count {
+                t.remove(&i);
+            }
+        }
+        flight.complete(r);
+    }
+}

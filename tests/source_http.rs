@@ -141,6 +141,18 @@ fn eight_threads_read_concurrently_over_pooled_connections() {
     );
 }
 
+/// A caller that is itself a tokio task on a multi-thread runtime must not make the
+/// blocking API panic (it steps out of the async context), nor must dropping the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_api_works_from_inside_a_multi_thread_runtime() {
+    let nginx = Nginx::start();
+    let data = random_bytes(20, 300_000);
+    nginx.put("disk.img", &data);
+    let src = open(&nginx.url("disk.img"));
+    assert!(read(&src, 1000, 5000).unwrap() == data[1000..6000]);
+    drop(src);
+}
+
 #[test]
 fn missing_image_is_a_clear_status_error() {
     let nginx = Nginx::start();
@@ -622,5 +634,82 @@ fn stalled_server_times_out() {
         start.elapsed() < Duration::from_secs(3),
         "{:?}",
         start.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Throughput against curl (manual: `cargo test --release --test source_http -- --ignored
+// --nocapture throughput`). The project's goal is hydration at >= 0.9x curl.
+// SB_BENCH_THREADS (default 4) and SB_BENCH_RANGE_MIB (default 8) change the read pattern.
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(default)
+}
+
+#[test]
+#[ignore = "benchmark: 512 MiB over loopback, run by hand"]
+fn throughput_vs_curl() {
+    const SIZE: usize = 512 * MIB;
+    let range = env_usize("SB_BENCH_RANGE_MIB", 8) * MIB;
+    let threads = env_usize("SB_BENCH_THREADS", 4);
+    assert_eq!(SIZE % range, 0, "range size must divide 512 MiB");
+    let nginx = Nginx::start();
+    let data = random_bytes(42, SIZE);
+    nginx.put("big.img", &data);
+    let url = nginx.url("big.img");
+    let gib_s = |secs: f64| SIZE as f64 / secs / (1u64 << 30) as f64;
+
+    let mut curl_best = f64::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let status = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", &url])
+            .status()
+            .expect("run curl");
+        assert!(status.success());
+        curl_best = curl_best.min(start.elapsed().as_secs_f64());
+    }
+
+    let src = Arc::new(HttpSource::open(std::slice::from_ref(&url), None, quick()).unwrap());
+    let mut ours_best = f64::MAX;
+    for round in 0..3 {
+        let next = Arc::new(AtomicUsize::new(0));
+        let start = Instant::now();
+        let readers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (src, next) = (Arc::clone(&src), Arc::clone(&next));
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; range];
+                    let mut sum = 0u64;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i * range >= SIZE {
+                            return sum;
+                        }
+                        src.read_at((i * range) as u64, &mut buf).unwrap();
+                        sum = sum.wrapping_add(u64::from(buf[0]) + u64::from(buf[range - 1]));
+                    }
+                })
+            })
+            .collect();
+        let sum: u64 = readers.into_iter().map(|t| t.join().unwrap()).sum();
+        let secs = start.elapsed().as_secs_f64();
+        ours_best = ours_best.min(secs);
+        let expect: u64 = (0..SIZE / range)
+            .map(|i| u64::from(data[i * range]) + u64::from(data[i * range + range - 1]))
+            .sum();
+        assert_eq!(sum, expect, "round {round}: wrong bytes");
+    }
+    println!(
+        "512 MiB over loopback nginx: curl {:.2} GiB/s ({curl_best:.3} s), HttpSource \
+         {threads} threads x {} MiB ranges {:.2} GiB/s ({ours_best:.3} s), ratio {:.2}",
+        gib_s(curl_best),
+        range / MIB,
+        gib_s(ours_best),
+        curl_best / ours_best
     );
 }

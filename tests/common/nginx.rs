@@ -65,7 +65,7 @@ impl Nginx {
         assert!(
             Path::new(NGINX_BIN).exists(),
             "nginx not installed: run the test command from README ({NGINX_BIN} is missing; \
-             on Debian/Ubuntu: apt-get install -y nginx-light)"
+             on Debian/Ubuntu: apt-get install -y nginx)"
         );
         let prefix = TempDir::new().expect("create nginx prefix dir");
         let mut nginx = Nginx {

@@ -489,11 +489,21 @@ async fn probe(client: &Client, opts: &HttpOptions, mirror: &Mirror) -> Result<P
         .map_err(|e| request_error(opts, mirror, e))?
     {
         body_len += piece.len();
+        if body_len > 1 {
+            break;
+        }
     }
     if body_len != 1 {
         return Err(SourceError::BadResponse {
             url: mirror.shown.clone(),
-            reason: format!("probe for 1 byte returned {body_len} bytes"),
+            reason: format!(
+                "probe for 1 byte returned {}",
+                if body_len == 0 {
+                    "no byte"
+                } else {
+                    "more than 1 byte"
+                }
+            ),
         });
     }
     Ok(Probe { size, pin })
@@ -517,6 +527,10 @@ impl Inner {
                 Err(e) if !e.is_transient() => return Err(e),
                 Err(e) => e,
             };
+            if done == buf.len() {
+                // Every byte arrived and was checked; only the end of the exchange failed.
+                return Ok(());
+            }
             if done > before {
                 failures = 0;
             }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use boot_relocator::{Superblock, TargetRecord};
 
-use crate::source::{FileSource, HttpOptions, HttpSource, RemoteSource, SourceError, SourceIdentity};
+use crate::source::{
+    FileSource, HttpOptions, HttpSource, RemoteSource, SourceError, SourceIdentity,
+};
 
 /// Opens the target at `urls` (mirrors of one image: all `http(s)://`, or a single local
 /// path / `file://` URL). With `expected`, refuses an image other than the pinned one.

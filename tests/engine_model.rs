@@ -21,7 +21,14 @@ fn seed() -> u64 {
 
 /// One model run: `chunk` size, target/source sizes, an area that holds `area_chunks`
 /// slots (small areas force eviction).
-fn run(seed: u64, chunk: u64, source_len: usize, target_len: usize, area_chunks: Option<u64>, ops: usize) {
+fn run(
+    seed: u64,
+    chunk: u64,
+    source_len: usize,
+    target_len: usize,
+    area_chunks: Option<u64>,
+    ops: usize,
+) {
     println!("engine model: seed {seed} chunk {chunk} source {source_len} target {target_len} area {area_chunks:?}");
     let mut rng = common::test_rng(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -30,7 +37,9 @@ fn run(seed: u64, chunk: u64, source_len: usize, target_len: usize, area_chunks:
     // Zero runs, so the engine's zero detection is exercised.
     for _ in 0..4 {
         let at = rng.random_range(0..target_len);
-        let n = rng.random_range(0..(3 * chunk as usize)).min(target_len - at);
+        let n = rng
+            .random_range(0..(3 * chunk as usize))
+            .min(target_len - at);
         target[at..at + n].fill(0);
     }
     std::fs::write(&target_path, &target).unwrap();
@@ -49,14 +58,21 @@ fn run(seed: u64, chunk: u64, source_len: usize, target_len: usize, area_chunks:
         match rng.random_range(0..100) {
             0..=39 => {
                 let off = rng.random_range(0..target_len);
-                let len = rng.random_range(1..=(3 * chunk as usize)).min(target_len - off);
+                let len = rng
+                    .random_range(1..=(3 * chunk as usize))
+                    .min(target_len - off);
                 let mut buf = vec![0u8; len];
                 engine.read(off as u64, &mut buf).unwrap();
-                assert!(buf == model[off..off + len], "seed {seed} op {op}: read {off}+{len} differs");
+                assert!(
+                    buf == model[off..off + len],
+                    "seed {seed} op {op}: read {off}+{len} differs"
+                );
             }
             40..=64 => {
                 let off = rng.random_range(0..write_limit);
-                let len = rng.random_range(1..=(2 * chunk as usize)).min(write_limit - off);
+                let len = rng
+                    .random_range(1..=(2 * chunk as usize))
+                    .min(write_limit - off);
                 let mut data = vec![0u8; len];
                 rng.fill_bytes(&mut data);
                 engine.write(off as u64, &data).unwrap();
@@ -90,7 +106,9 @@ fn run(seed: u64, chunk: u64, source_len: usize, target_len: usize, area_chunks:
                     HydrateOptions {
                         threads: 2,
                         request_bytes: 4 * chunk,
-                        profile: (0..8).map(|_| rng.random_range(0..target_len as u64 / chunk)).collect(),
+                        profile: (0..8)
+                            .map(|_| rng.random_range(0..target_len as u64 / chunk))
+                            .collect(),
                     },
                     0,
                 );
@@ -111,11 +129,20 @@ fn run(seed: u64, chunk: u64, source_len: usize, target_len: usize, area_chunks:
         }
     }
     // Commit, then the disk file itself must be the model.
-    engine.commit(true, HydrateOptions::default(), &|_, _, _| {}).unwrap();
+    engine
+        .commit(true, HydrateOptions::default(), &|_, _, _| {})
+        .unwrap();
     drop(engine);
     let committed = std::fs::read(&disk_path).unwrap();
-    assert_eq!(committed.len(), target_len, "seed {seed}: committed disk has the wrong size");
-    assert!(committed == model, "seed {seed}: committed disk differs from the model");
+    assert_eq!(
+        committed.len(),
+        target_len,
+        "seed {seed}: committed disk has the wrong size"
+    );
+    assert!(
+        committed == model,
+        "seed {seed}: committed disk differs from the model"
+    );
 }
 
 trait DropMeta {

@@ -102,7 +102,12 @@ fn open_meta(path: &Path) -> Result<MetaStore> {
     let storage = open_disk(path)?;
     MetaStore::open(storage)
         .with_context(|| format!("reading {}", path.display()))?
-        .ok_or_else(|| anyhow::anyhow!("{} is not a prepared disk (no streamboot superblock)", path.display()))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is not a prepared disk (no streamboot superblock)",
+                path.display()
+            )
+        })
 }
 
 fn net_with_default(net: &NetArgs) -> NetArgs {
@@ -112,12 +117,24 @@ fn net_with_default(net: &NetArgs) -> NetArgs {
 }
 
 /// Opens the pinned source of a prepared disk (recorded URLs unless overridden).
-fn open_pinned(meta: &MetaStore, targets: &[String], net: &NetArgs) -> Result<Arc<dyn RemoteSource>> {
+fn open_pinned(
+    meta: &MetaStore,
+    targets: &[String],
+    net: &NetArgs,
+) -> Result<Arc<dyn RemoteSource>> {
     let sb = meta.superblock();
-    let urls = if targets.is_empty() { sb.target.urls.clone() } else { targets.to_vec() };
+    let urls = if targets.is_empty() {
+        sb.target.urls.clone()
+    } else {
+        targets.to_vec()
+    };
     let expected = pinned_identity(sb);
-    open_source(&urls, Some(&expected), &net_with_default(net).http_options())
-        .with_context(|| format!("opening target {}", urls.join(", ")))
+    open_source(
+        &urls,
+        Some(&expected),
+        &net_with_default(net).http_options(),
+    )
+    .with_context(|| format!("opening target {}", urls.join(", ")))
 }
 
 fn emit(cli: &Cli, value: serde_json::Value, text: impl FnOnce() -> String) {
@@ -129,7 +146,10 @@ fn emit(cli: &Cli, value: serde_json::Value, text: impl FnOnce() -> String) {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
@@ -139,21 +159,28 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
     let source = open_source(&a.targets, None, &net.http_options())
         .with_context(|| format!("opening target {}", a.targets.join(", ")))?;
     let bars = Bars::new(cli.json, false);
-    let mut read_target = |off: u64, buf: &mut [u8]| source.read_at(off, buf).map_err(|e| e.to_string());
+    let mut read_target =
+        |off: u64, buf: &mut [u8]| source.read_at(off, buf).map_err(|e| e.to_string());
 
     // An interrupted prepare resumes (same target) or is undone and started afresh.
     if let Some(mut meta) = MetaStore::open(storage.clone()).context("reading disk metadata")? {
         let sb = meta.superblock().clone();
         if sb.state != State::Preparing {
-            bail!("{} is already prepared (state {}); use status, commit or rollback", a.disk.display(), sb.state);
+            bail!(
+                "{} is already prepared (state {}); use status, commit or rollback",
+                a.disk.display(),
+                sb.state
+            );
         }
         if sb.phase == PreparePhase::MapReady {
             let id = source.identity();
             if id.validator != sb.target.validator || id.size != sb.layout.target_size {
                 bail!("an interrupted prepare for another target image is on this disk: roll it back first");
             }
-            relocate::resume_prepare(&mut meta, &mut read_target, &mut |s, d, t| bars.update(s, d, t))
-                .context("resuming prepare")?;
+            relocate::resume_prepare(&mut meta, &mut read_target, &mut |s, d, t| {
+                bars.update(s, d, t)
+            })
+            .context("resuming prepare")?;
             bars.finish();
             return report_prepared(cli, &meta, true, started);
         }
@@ -165,21 +192,34 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
         chunk_size: a.chunk_size,
         target_size: id.size,
         target: target_record(source.as_ref(), &a.targets),
-        boot_ranges: if a.boot_ranges.is_empty() { vec![0..1 << 20] } else { a.boot_ranges.clone() },
+        boot_ranges: if a.boot_ranges.is_empty() {
+            vec![0..1 << 20]
+        } else {
+            a.boot_ranges.clone()
+        },
         area_size: a.area_size,
         source_size: a.source_size,
         max_trial_starts: a.max_trial_starts,
     };
     let mut head = vec![0u8; (1u64 << 20).min(id.size) as usize];
-    source.read_at(0, &mut head).context("reading the target's partition table")?;
-    let plan = relocate::plan(storage.as_ref(), &spec, &head).with_context(|| format!("planning {}", a.disk.display()))?;
+    source
+        .read_at(0, &mut head)
+        .context("reading the target's partition table")?;
+    let plan = relocate::plan(storage.as_ref(), &spec, &head)
+        .with_context(|| format!("planning {}", a.disk.display()))?;
     for n in &plan.notes {
         tracing::info!("{n}");
     }
     let uuid = *uuid::Uuid::new_v4().as_bytes();
-    let meta = relocate::prepare(storage, &spec, &plan, uuid, now_unix(), &mut read_target, &mut |s, d, t| {
-        bars.update(s, d, t)
-    })
+    let meta = relocate::prepare(
+        storage,
+        &spec,
+        &plan,
+        uuid,
+        now_unix(),
+        &mut read_target,
+        &mut |s, d, t| bars.update(s, d, t),
+    )
     .context("prepare failed (run prepare again to resume, or rollback)")?;
     bars.finish();
     report_prepared(cli, &meta, false, started)
@@ -243,7 +283,11 @@ fn status(cli: &Cli, disk: &Path) -> Result<()> {
         }),
         Some(meta) => {
             let s = offline_status(&meta);
-            emit(cli, json!({"ok": true, "prepared": true, "status": s}), || status_text(&s));
+            emit(
+                cli,
+                json!({"ok": true, "prepared": true, "status": s}),
+                || status_text(&s),
+            );
         }
     }
     Ok(())
@@ -262,24 +306,36 @@ fn hydrate(cli: &Cli, a: &HydrateArgs) -> Result<()> {
     let meta = open_meta(&a.disk)?;
     let engine = open_engine(meta, &a.targets, &a.net)?;
     let bars = Bars::new(cli.json, true);
-    let h = Hydrator::new(HydrateOptions { threads: a.threads, ..HydrateOptions::default() }, a.rate);
-    let r = h.run(&engine, &|d, t| bars.update("hydrating", d, t)).context("hydration failed")?;
+    let h = Hydrator::new(
+        HydrateOptions {
+            threads: a.threads,
+            ..HydrateOptions::default()
+        },
+        a.rate,
+    );
+    let r = h
+        .run(&engine, &|d, t| bars.update("hydrating", d, t))
+        .context("hydration failed")?;
     bars.finish();
     engine.flush().context("flushing")?;
-    emit(cli, json!({"ok": true, "report": r, "status": engine.status()}), || {
-        let mut t = format!(
-            "hydrated {} in {:.1} s ({}/s), {} requests; {} chunks still missing",
-            human(r.bytes),
-            r.secs,
-            human((r.bytes as f64 / r.secs.max(1e-9)) as u64),
-            r.requests,
-            r.missing
-        );
-        if r.area_full {
-            t.push_str("\nthe released area is full: commit fetches the rest straight to its home addresses");
-        }
-        t
-    });
+    emit(
+        cli,
+        json!({"ok": true, "report": r, "status": engine.status()}),
+        || {
+            let mut t = format!(
+                "hydrated {} in {:.1} s ({}/s), {} requests; {} chunks still missing",
+                human(r.bytes),
+                r.secs,
+                human((r.bytes as f64 / r.secs.max(1e-9)) as u64),
+                r.requests,
+                r.missing
+            );
+            if r.area_full {
+                t.push_str("\nthe released area is full: commit fetches the rest straight to its home addresses");
+            }
+            t
+        },
+    );
     Ok(())
 }
 
@@ -290,7 +346,9 @@ fn confirm(cli: &Cli, disk: &Path) -> Result<()> {
         State::Confirmed => {}
         s => bail!("cannot confirm in state {s}"),
     }
-    emit(cli, json!({"ok": true, "state": "confirmed"}), || "target confirmed".into());
+    emit(cli, json!({"ok": true, "state": "confirmed"}), || {
+        "target confirmed".into()
+    });
     Ok(())
 }
 
@@ -300,18 +358,24 @@ fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
     let engine = open_engine(meta, &a.targets, &a.net)?;
     let bars = Bars::new(cli.json, false);
     engine
-        .commit(a.force, HydrateOptions::default(), &|s, d, t| bars.update(s, d, t))
+        .commit(a.force, HydrateOptions::default(), &|s, d, t| {
+            bars.update(s, d, t)
+        })
         .context("commit failed (run commit again to resume)")?;
     bars.finish();
     let s = engine.status();
-    emit(cli, json!({"ok": true, "state": "committed", "status": s, "secs": started.elapsed().as_secs_f64()}), || {
-        format!(
-            "committed: {} now holds the target ({}); fetched {} during commit",
-            a.disk.display(),
-            human(s.target_size),
-            human(s.bytes_fetched_background + s.bytes_fetched_demand)
-        )
-    });
+    emit(
+        cli,
+        json!({"ok": true, "state": "committed", "status": s, "secs": started.elapsed().as_secs_f64()}),
+        || {
+            format!(
+                "committed: {} now holds the target ({}); fetched {} during commit",
+                a.disk.display(),
+                human(s.target_size),
+                human(s.bytes_fetched_background + s.bytes_fetched_demand)
+            )
+        },
+    );
     Ok(())
 }
 
@@ -320,15 +384,20 @@ fn rollback(cli: &Cli, disk: &Path) -> Result<()> {
     let before = offline_status(&meta);
     let state = meta.state();
     let bars = Bars::new(cli.json, false);
-    relocate::rollback(&mut meta, &mut |s, d, t| bars.update(s, d, t)).context("rollback failed (run rollback again to resume)")?;
+    relocate::rollback(&mut meta, &mut |s, d, t| bars.update(s, d, t))
+        .context("rollback failed (run rollback again to resume)")?;
     bars.finish();
     let discarded = matches!(state, State::Trial | State::Confirmed) || before.chunks_dirty > 0;
-    emit(cli, json!({"ok": true, "state": "rolled-back", "guest_writes_discarded": discarded}), || {
-        let mut t = format!("rolled back: {} holds the source again", disk.display());
-        if discarded {
-            t.push_str(" (writes made while the target ran were discarded)");
-        }
-        t
-    });
+    emit(
+        cli,
+        json!({"ok": true, "state": "rolled-back", "guest_writes_discarded": discarded}),
+        || {
+            let mut t = format!("rolled back: {} holds the source again", disk.display());
+            if discarded {
+                t.push_str(" (writes made while the target ran were discarded)");
+            }
+            t
+        },
+    );
     Ok(())
 }

@@ -36,7 +36,11 @@ impl Bars {
             } else {
                 "{msg:32} [{bar:30}] {pos}/{len} eta {eta}"
             };
-            b.set_style(ProgressStyle::with_template(tpl).expect("valid template").progress_chars("=> "));
+            b.set_style(
+                ProgressStyle::with_template(tpl)
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
             b.set_message(step.to_string());
             *g = Some((step.to_string(), b));
         }

@@ -7,6 +7,13 @@
 
 use std::fmt;
 
+pub mod file;
+pub mod http;
+pub mod retry;
+
+pub use file::FileSource;
+pub use http::{HttpOptions, HttpSource};
+
 /// What pins a remote image: a migration refuses to continue when this changes.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct SourceIdentity {
@@ -18,31 +25,62 @@ pub struct SourceIdentity {
     pub validator: String,
 }
 
+impl fmt::Display for SourceIdentity {
+    /// `kind size=N validator`: short enough for a log line or an error message.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} size={} {}", self.kind, self.size, self.validator)
+    }
+}
+
 /// Errors a source reports. `is_transient` tells the engine whether a retry can help.
+///
+/// Every variant names the URL or path involved so that an operator can act on the message
+/// alone. On any error, the caller's buffer holds unspecified bytes and must not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// The server could not be reached at all (DNS failure, connection refused or reset
+    /// before a response). Transient: the network or the server may come back.
     #[error("cannot reach {url}: {reason}")]
     Unreachable { url: String, reason: String },
+    /// The server answered with an unexpected HTTP status. Transient only for the statuses
+    /// that mean "try again later" (408, 429, 5xx gateway/availability errors).
     #[error("{url}: server answered HTTP {status}")]
     Status { url: String, status: u16 },
+    /// The server ignores `Range` (answers 200 with the whole file). Permanent: streaming
+    /// needs random access.
     #[error("{url}: server does not support byte-range requests")]
     NoRangeSupport { url: String },
+    /// The pinned image is no longer what the source serves (validator, size or content
+    /// changed). Permanent: continuing would mix bytes of two images.
     #[error("{url}: the image changed on the server (was {expected}, now {found}); stopping")]
     Changed {
         url: String,
         expected: String,
         found: String,
     },
+    /// A response that breaks the protocol contract (wrong `Content-Range`, wrong length,
+    /// encoded body). Treated as transient: another attempt or mirror may answer properly,
+    /// and the bad bytes are never handed over.
     #[error("{url}: bad response: {reason}")]
     BadResponse { url: String, reason: String },
+    /// A transfer broke off after the response started (connection reset, truncated body).
+    /// Transient; bytes received before the break are kept and the rest is requested again.
+    #[error("{url}: transfer failed: {reason}")]
+    Transfer { url: String, reason: String },
+    /// No progress within the configured time (connect, response headers or body stall).
     #[error("{url}: timed out after {secs} s")]
     Timeout { url: String, secs: u64 },
+    /// The caller asked for bytes outside the image. A bug in the caller, never retried.
     #[error("read {offset}+{len} is outside the image ({size} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
+    /// Fetched bytes did not match their expected hash (chunk stores).
     #[error("verification failed for {what}: {reason}")]
     Verify { what: String, reason: String },
+    /// The source description itself is unusable (bad URL, unpinnable image, mirrors that
+    /// disagree, a path that is not a regular file). Permanent.
     #[error("invalid source {0}")]
     Invalid(String),
+    /// Local I/O failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -54,6 +92,7 @@ impl SourceError {
             SourceError::Unreachable { .. }
             | SourceError::Timeout { .. }
             | SourceError::BadResponse { .. }
+            | SourceError::Transfer { .. }
             | SourceError::Verify { .. } => true,
             SourceError::Status { status, .. } => {
                 matches!(*status, 408 | 429 | 500 | 502 | 503 | 504)

@@ -61,7 +61,9 @@ pub fn prepare(
 
 /// Opens the engine over a prepared disk.
 pub fn engine(disk: &Path, source: &Arc<dyn RemoteSource>) -> Engine {
-    let meta = MetaStore::open(storage(disk)).expect("open meta").expect("prepared");
+    let meta = MetaStore::open(storage(disk))
+        .expect("open meta")
+        .expect("prepared");
     Engine::new(meta, source.clone(), EngineOptions::default()).expect("engine")
 }
 
@@ -89,9 +91,15 @@ pub fn cli_ok(args: &[&str]) -> String {
 pub fn cli_err(args: &[&str]) -> String {
     let out = cli(args);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "streamboot {args:?} unexpectedly succeeded");
+    assert!(
+        !out.status.success(),
+        "streamboot {args:?} unexpectedly succeeded"
+    );
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "error is not one line: {err}");
-    assert!(lines[0].starts_with("streamboot: error: "), "unexpected error: {err}");
+    assert!(
+        lines[0].starts_with("streamboot: error: "),
+        "unexpected error: {err}"
+    );
     err
 }

@@ -83,9 +83,11 @@ pub enum Command {
 /// Parses the command line and runs it. Returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    // Offline commands report failures in their one-line error; logs are opt-in.
     let level = match cli.verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "off",
+        1 => "warn",
+        2 => "info",
         _ => "debug",
     };
     tracing_subscriber::fmt()

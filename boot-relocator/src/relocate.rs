@@ -183,7 +183,7 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
     } else {
         let slots = match spec.area_size {
             Some(a) => a.saturating_sub(slot_offset - area_offset + tail) / c,
-            None => chunks + saved,
+            None => (chunks + saved).max(min_slots),
         };
         (slot_offset + slots * c + tail, slots)
     };

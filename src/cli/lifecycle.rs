@@ -354,7 +354,15 @@ fn confirm(cli: &Cli, disk: &Path) -> Result<()> {
 
 fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
     let started = Instant::now();
-    let meta = open_meta(&a.disk)?;
+    let mut meta = open_meta(&a.disk)?;
+    if meta.state() == State::Committed {
+        // Interrupted after every chunk was home: only the area removal is left.
+        relocate::remove_area(&mut meta).context("removing the released area")?;
+        emit(cli, json!({"ok": true, "state": "committed", "resumed": true}), || {
+            format!("committed: {} now holds the target", a.disk.display())
+        });
+        return Ok(());
+    }
     let engine = open_engine(meta, &a.targets, &a.net)?;
     let bars = Bars::new(cli.json, false);
     engine

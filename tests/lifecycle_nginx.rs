@@ -39,12 +39,23 @@ fn prepare_hydrate_commit_gives_target() {
             let d = dir.path().join("disk.img");
             std::fs::write(&d, &source).unwrap();
             let dp = d.to_str().unwrap();
-            cli_ok(&["prepare", dp, "--target", &nginx.url(&name), "--chunk-size", cname]);
+            cli_ok(&[
+                "prepare",
+                dp,
+                "--target",
+                &nginx.url(&name),
+                "--chunk-size",
+                cname,
+            ]);
             cli_ok(&["status", dp]);
             cli_ok(&["hydrate", dp]);
             cli_ok(&["confirm", dp]);
             cli_ok(&["commit", dp]);
-            assert_eq!(sha256_file(&d), sha256(&target), "chunk {cname} sizes {s}/{t}: committed disk != target");
+            assert_eq!(
+                sha256_file(&d),
+                sha256(&target),
+                "chunk {cname} sizes {s}/{t}: committed disk != target"
+            );
             let st = cli_ok(&["--json", "status", dp]);
             assert!(st.contains("\"prepared\":false"), "area not removed: {st}");
         }
@@ -64,20 +75,31 @@ fn partial_hydrate_then_rollback_gives_source() {
             let d = dir.path().join("disk.img");
             std::fs::write(&d, &source).unwrap();
             let dp = d.to_str().unwrap();
-            cli_ok(&["prepare", dp, "--target", &nginx.url(&name), "--chunk-size", cname]);
+            cli_ok(&[
+                "prepare",
+                dp,
+                "--target",
+                &nginx.url(&name),
+                "--chunk-size",
+                cname,
+            ]);
             assert_ne!(sha256_file(&d), sha256(&source), "prepare changed nothing?");
             {
                 // Partial hydration by a "guest": reads fetch chunks, writes dirty them,
                 // including writes to the boot chunks that sit at their home addresses.
-                let src: Arc<dyn RemoteSource> =
-                    Arc::new(HttpSource::open(&[nginx.url(&name)], None, HttpOptions::default()).unwrap());
+                let src: Arc<dyn RemoteSource> = Arc::new(
+                    HttpSource::open(&[nginx.url(&name)], None, HttpOptions::default()).unwrap(),
+                );
                 let engine = disk::engine(&d, &src);
                 let mut model = target.clone();
                 for _ in 0..20 {
                     let off = rng.random_range(0..t - 10_000);
                     let mut buf = vec![0u8; 10_000];
                     engine.read(off as u64, &mut buf).unwrap();
-                    assert!(buf[..] == model[off..off + 10_000], "read differs from target");
+                    assert!(
+                        buf[..] == model[off..off + 10_000],
+                        "read differs from target"
+                    );
                     let w = rng.random_range(0..t - 5000);
                     engine.write(w as u64, &[0xA5; 5000]).unwrap();
                     model[w..w + 5000].fill(0xA5);
@@ -86,8 +108,15 @@ fn partial_hydrate_then_rollback_gives_source() {
                 engine.flush().unwrap();
             }
             let out = cli_ok(&["rollback", dp]);
-            assert!(out.contains("discarded") || out.contains("rolled back"), "{out}");
-            assert_eq!(sha256_file(&d), sha256(&source), "chunk {cname} sizes {s}/{t}: rollback != source");
+            assert!(
+                out.contains("discarded") || out.contains("rolled back"),
+                "{out}"
+            );
+            assert_eq!(
+                sha256_file(&d),
+                sha256(&source),
+                "chunk {cname} sizes {s}/{t}: rollback != source"
+            );
         }
     }
 }

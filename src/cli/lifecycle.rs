@@ -358,9 +358,11 @@ fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
     if meta.state() == State::Committed {
         // Interrupted after every chunk was home: only the area removal is left.
         relocate::remove_area(&mut meta).context("removing the released area")?;
-        emit(cli, json!({"ok": true, "state": "committed", "resumed": true}), || {
-            format!("committed: {} now holds the target", a.disk.display())
-        });
+        emit(
+            cli,
+            json!({"ok": true, "state": "committed", "resumed": true}),
+            || format!("committed: {} now holds the target", a.disk.display()),
+        );
         return Ok(());
     }
     let engine = open_engine(meta, &a.targets, &a.net)?;

@@ -101,11 +101,12 @@ detect_accel() {
 		local log=$SB_WORK/accel-probe.log args=()
 		sb_machine_args args || return 1
 		rm -f "$log"
-		timeout -k 2 20 "$SB_QEMU" -accel kvm -cpu host -smp 1 -m "${SB_MEM_MB}M" \
+		# In a subshell: a QEMU abort (seen with a paravirtual KVM) is reported quietly.
+		(timeout -k 2 10 "$SB_QEMU" -accel kvm -cpu host -smp 1 -m "${SB_MEM_MB}M" \
 			-nodefaults -no-user-config -display none -no-reboot "${args[@]}" \
 			-kernel "$KERNEL" -initrd "$INITRD" -append "$(sb_cmdline sbinit.probe=1)" \
 			-chardev "file,id=ser0,path=$log" -serial chardev:ser0 \
-			</dev/null >/dev/null 2>&1 || true
+			</dev/null >"$log.qemu" 2>&1 || true) 2>/dev/null
 		if grep -aq STREAMBOOT-PROBE-OK "$log" 2>/dev/null; then accel=kvm; fi
 	fi
 	mkdir -p "$SB_WORK"

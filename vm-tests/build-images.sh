@@ -212,8 +212,11 @@ populate "$tmp/v2" 2
 manifest "$tmp/v2"
 mkimage "$tmp/v2" "$tmp/v2.img" "$v2_mib" 02
 
-# v2-bad: the v2 tree with a failing init (manifest regenerated to match).
+# v2-bad: the v2 tree with a failing init (manifest regenerated to match). The init is
+# padded with a comment to the good one's size, so that file layout stays that of v2.
 install -m 0755 "$here/guest/image-init-bad" "$tmp/v2/sbin/init"
+pad=$(($(stat -c %s "$here/guest/image-init") - $(stat -c %s "$tmp/v2/sbin/init") - 2))
+((pad < 0)) || printf '#%*s\n' "$pad" '' >>"$tmp/v2/sbin/init"
 manifest "$tmp/v2"
 mkimage "$tmp/v2" "$tmp/v2-bad.img" "$v2_mib" 03
 

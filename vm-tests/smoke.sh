@@ -8,6 +8,7 @@
 #   3. the same v2 disk booted plain, sbtest.readall=1 → written=smoke-vhost:ok, readall-ok
 #   4. v2-bad booted plain                             → v2 init-FAILED
 #   5. v1 through qemu-nbd (boot_nbd)                  → v1 files-ok
+#   6. v1 with one byte of a library flipped            → v1 files-BAD <that file>
 # plus: the image build is reproducible (a second build gives the same sha256s).
 # Boots work on copies in work/smoke/, never on the built images.
 # Prints PASS/FAIL lines, a timing table and "N passed, M failed"; exit 1 on any failure.
@@ -26,6 +27,7 @@ run=$SB_WORK/smoke
 rm -rf "$run"
 mkdir -p "$run"
 img=$SB_WORK/images
+part_offset=$(sed -n 's/^PART_OFFSET=//p' "$img/images.env")
 for i in v1 v2 v2-bad; do cp --sparse=always "$img/$i.img" "$run/$i.img"; done
 
 cleanup() {
@@ -110,6 +112,22 @@ if url=$(start_nbd "$run/v1.img" "$run/nbd.sock"); then
 	expect "v1 NBD boot" "$run/5-v1-nbd.verdicts" "STREAMBOOT-VERDICT v1 files-ok"
 else
 	fail "v1 NBD boot: qemu-nbd did not start"
+fi
+
+# 6. Corruption is detected: one byte of a shared library flipped on a copy of v1.
+# The byte's disk address comes from the file's block map (debugfs on the partition).
+cp --sparse=always "$img/v1.img" "$run/v1-corrupt.img"
+blk=$(debugfs -R "bmap /usr/lib/sb/lib03.so 1" "$run/v1-corrupt.img?offset=$part_offset" 2>/dev/null)
+if [[ $blk =~ ^[0-9]+$ ]]; then
+	off=$((part_offset + blk * 4096 + 123))
+	old=$(od -An -tu1 -j "$off" -N1 "$run/v1-corrupt.img" | tr -d ' ')
+	printf '%b' "\\0$(printf %03o $(((old + 1) % 256)))" |
+		dd of="$run/v1-corrupt.img" bs=1 seek="$off" conv=notrunc status=none
+	boot 6-v1-corrupt boot_plain "$run/v1-corrupt.img"
+	expect "corrupted v1 is detected" "$run/6-v1-corrupt.verdicts" \
+		"STREAMBOOT-VERDICT v1 files-BAD usr/lib/sb/lib03.so"
+else
+	fail "corruption test: no block map for lib03.so ($blk)"
 fi
 
 # Reproducible images: a fresh build in another directory gives the same bytes.

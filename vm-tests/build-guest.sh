@@ -7,7 +7,8 @@
 # OUTDIR/initramfs.cpio.gz busybox + virtio/ext4 modules + guest/initramfs-init as /init;
 # OUTDIR/guest.env        KVER, KERNEL (absolute path), KERNEL_KIND, INITRD for lib.sh.
 #
-# Env: KVER (default: newest /boot/vmlinuz-*), SB_NO_VMLINUX=1 forces the bzImage.
+# Env: KVER (default: the kernel linux-image-amd64 depends on, else the newest one);
+# SB_NO_VMLINUX=1 forces the bzImage.
 # Cached: nothing is rebuilt while the inputs' fingerprint (OUTDIR/.stamp) is unchanged.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -24,10 +25,14 @@ die() {
 }
 
 if [[ -z ${KVER:-} ]]; then
-	# Newest installed kernel by version sort.
-	newest=$(find /boot -maxdepth 1 -name 'vmlinuz-*' -printf '%f\n' | sort -V | tail -n1)
-	[[ -n $newest ]] || die "no /boot/vmlinuz-* (install linux-image-amd64: run setup.sh)"
-	KVER=${newest#vmlinuz-}
+	# The kernel linux-image-amd64 points at; else the newest installed one.
+	KVER=$(dpkg-query -W -f='${Depends}' linux-image-amd64 2>/dev/null |
+		sed -n 's/^linux-image-\([^ ,]*\).*/\1/p')
+	if [[ -z $KVER || ! -r /boot/vmlinuz-$KVER ]]; then
+		newest=$(find /boot -maxdepth 1 -name 'vmlinuz-*' -printf '%f\n' | sort -V | tail -n1)
+		[[ -n $newest ]] || die "no /boot/vmlinuz-* (install linux-image-amd64: run setup.sh)"
+		KVER=${newest#vmlinuz-}
+	fi
 fi
 vmlinuz=/boot/vmlinuz-$KVER
 moddir=/lib/modules/$KVER
@@ -43,9 +48,23 @@ fi
 # Fingerprint of every input; equal fingerprint + outputs present = nothing to do.
 stamp=$({
 	echo "v1 $KVER ${SB_NO_VMLINUX:-0}"
-	sha256sum "$vmlinuz" "$busybox" "$0" "$here/guest/initramfs-init" "$moddir/modules.dep"
+	sha256sum "$vmlinuz" "$busybox" "$here/build-guest.sh" "$here/guest/initramfs-init" \
+		"$moddir/modules.dep" | cut -c1-64 # contents only: the same whatever the paths
 } | sha256sum | cut -d' ' -f1)
-if [[ -f $out/.stamp && $(cat "$out/.stamp") == "$stamp" && -f $out/guest.env ]]; then
+# guest.env for lib.sh; rewritten even when up to date, in case OUTDIR was moved.
+write_env() {
+	local kind=vmlinux
+	[[ -f $out/vmlinux ]] || kind=bzImage
+	cat >"$out/guest.env" <<-EOF
+		KVER=$KVER
+		KERNEL=$out/$kind
+		KERNEL_KIND=$kind
+		INITRD=$out/initramfs.cpio.gz
+	EOF
+}
+if [[ -f $out/.stamp && $(cat "$out/.stamp") == "$stamp" && -f $out/initramfs.cpio.gz ]] &&
+	[[ -f $out/vmlinux || -f $out/bzImage ]]; then
+	write_env
 	log "up to date ($out)"
 	exit 0
 fi
@@ -71,11 +90,12 @@ extract_vmlinux() {
 rm -f "$out/vmlinux" "$out/bzImage"
 if [[ ${SB_NO_VMLINUX:-0} != 1 ]] && command -v xz >/dev/null && extract_vmlinux; then
 	mv "$tmp/vmlinux" "$out/vmlinux"
-	kernel=$out/vmlinux kind=vmlinux
+	kind=vmlinux
 else
-	log "using the compressed bzImage (no PVH vmlinux could be extracted)"
+	[[ ${SB_NO_VMLINUX:-0} == 1 ]] && why="SB_NO_VMLINUX=1" || why="no PVH vmlinux could be extracted"
+	log "using the compressed bzImage ($why)"
 	cp "$vmlinuz" "$out/bzImage"
-	kernel=$out/bzImage kind=bzImage
+	kind=bzImage
 fi
 
 # --- modules ------------------------------------------------------------------------
@@ -175,12 +195,7 @@ find "$root" -exec touch -h -d @0 {} +
 	cpio --quiet -o -0 -H newc -R 0:0 --reproducible) | gzip -9 -n >"$tmp/initramfs.cpio.gz"
 mv "$tmp/initramfs.cpio.gz" "$out/initramfs.cpio.gz"
 
-cat >"$out/guest.env" <<EOF
-KVER=$KVER
-KERNEL=$kernel
-KERNEL_KIND=$kind
-INITRD=$out/initramfs.cpio.gz
-EOF
+write_env
 echo "$stamp" >"$out/.stamp"
 log "kernel $KVER ($kind), initramfs $(stat -c %s "$out/initramfs.cpio.gz") bytes, modules:" \
 	"$(sed 's|.*/||; s|\.ko$||' "$root/lib/modules/load.list" | tr '\n' ' ')"

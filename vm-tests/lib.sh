@@ -13,6 +13,10 @@
 #   SB_TIMEOUT   hard limit per boot, s (default 120)     SB_QUEUES virtqueues (default 1)
 #   SB_ACCEL     kvm | tcg: skip detection                SB_QEMU   qemu-system binary
 #   SB_VERBOSE=1 full kernel log on the console (default: quiet)
+#   SB_VM_LOCK   lock file that serialises VMs machine-wide, so that tests of several
+#                worktrees sharing the 2 cores never run two VMs at once
+#                (default /tmp/streamboot-vm.lock; empty: no lock, e.g. for a test that
+#                needs two VMs at the same time)
 # After each boot: SB_LAST_RC (QEMU/timeout exit code, 124 = timed out), SB_LAST_WALL
 # (seconds from QEMU start to exit) when the boot function ran in the current shell.
 
@@ -24,6 +28,7 @@ SB_VMT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 : "${SB_TIMEOUT:=120}"
 : "${SB_QUEUES:=1}"
 : "${SB_QEMU:=qemu-system-x86_64}"
+: "${SB_VM_LOCK=/tmp/streamboot-vm.lock}"
 SB_LAST_RC=0
 SB_LAST_WALL=0
 
@@ -137,8 +142,21 @@ sb_run_vm() {
 	mkdir -p "$(dirname "$log")"
 	printf '%q ' "$SB_QEMU" "${args[@]}" >"$log.cmd"
 	echo >>"$log.cmd"
+	local lockfd=''
+	if [[ -n $SB_VM_LOCK ]]; then
+		exec {lockfd}>>"$SB_VM_LOCK"
+		if ! flock -n "$lockfd"; then
+			sb_log "$(basename "$log"): waiting for the VM running elsewhere ($SB_VM_LOCK)"
+			flock -w 900 "$lockfd" || {
+				exec {lockfd}>&-
+				sb_log "gave up waiting for $SB_VM_LOCK"
+				return 1
+			}
+		fi
+	fi
 	t0=$EPOCHREALTIME
 	timeout -k 5 "$SB_TIMEOUT" "$SB_QEMU" "${args[@]}" </dev/null >"$log.qemu" 2>&1 || rc=$?
+	[[ -z $lockfd ]] || exec {lockfd}>&-
 	SB_LAST_WALL=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }')
 	# shellcheck disable=SC2034 # read by callers
 	SB_LAST_RC=$rc

@@ -64,8 +64,11 @@ missing_packages() {
 # The qemu-utils version to pair with qemu-system-x86: the same version string.
 qemu_utils_version() {
 	local want
-	want=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
-	[[ -n $want ]] || want=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ { print $2 }')
+	if installed qemu-system-x86; then
+		want=$(dpkg-query -W -f='${Version}' qemu-system-x86)
+	else
+		want=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ { print $2 }')
+	fi
 	[[ -n $want && $want != "(none)" ]] || return 1
 	if apt-cache madison qemu-utils | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF "$want"; then
 		echo "$want"

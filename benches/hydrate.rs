@@ -25,7 +25,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn curl_secs(url: &str) -> f64 {
     let t = Instant::now();
-    let st = Command::new("curl").args(["-s", "-f", "-o", "/dev/null", url]).status().expect("run curl");
+    let st = Command::new("curl")
+        .args(["-s", "-f", "-o", "/dev/null", url])
+        .status()
+        .expect("run curl");
     assert!(st.success(), "curl failed");
     t.elapsed().as_secs_f64()
 }
@@ -34,7 +37,8 @@ fn hydrate_secs(dir: &std::path::Path, url: &str, threads: usize) -> f64 {
     let disk = dir.join("bench-disk.img");
     std::fs::write(&disk, vec![0x11u8; 16 << 20]).unwrap();
     let st: Arc<dyn Storage> = Arc::new(FileStorage::open(&disk, true).unwrap());
-    let src: Arc<dyn RemoteSource> = Arc::new(HttpSource::open(&[url.to_string()], None, HttpOptions::default()).unwrap());
+    let src: Arc<dyn RemoteSource> =
+        Arc::new(HttpSource::open(&[url.to_string()], None, HttpOptions::default()).unwrap());
     let spec = PrepareSpec {
         chunk_size: 64 << 10,
         target_size: src.size(),
@@ -47,16 +51,40 @@ fn hydrate_secs(dir: &std::path::Path, url: &str, threads: usize) -> f64 {
     let mut head = vec![0u8; 1 << 20];
     src.read_at(0, &mut head).unwrap();
     let plan = relocate::plan(st.as_ref(), &spec, &head).unwrap();
-    let meta = relocate::prepare(st, &spec, &plan, [1; 16], 0, &mut |o, b| src.read_at(o, b).map_err(|e| e.to_string()), &mut |_, _, _| {})
-        .unwrap();
+    let meta = relocate::prepare(
+        st,
+        &spec,
+        &plan,
+        [1; 16],
+        0,
+        &mut |o, b| src.read_at(o, b).map_err(|e| e.to_string()),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     drop(meta);
     let st: Arc<dyn Storage> = Arc::new(FileStorage::open(&disk, true).unwrap());
-    let engine = Engine::new(MetaStore::open(st).unwrap().unwrap(), src, EngineOptions::default()).unwrap();
-    let h = Hydrator::new(HydrateOptions { threads, ..HydrateOptions::default() }, 0);
+    let engine = Engine::new(
+        MetaStore::open(st).unwrap().unwrap(),
+        src,
+        EngineOptions::default(),
+    )
+    .unwrap();
+    let h = Hydrator::new(
+        HydrateOptions {
+            threads,
+            ..HydrateOptions::default()
+        },
+        0,
+    );
     let t = Instant::now();
     let r = h.run(&engine, &|_, _| {}).unwrap();
+    let fetched = t.elapsed().as_secs_f64();
     engine.flush().unwrap();
     let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "  (run: fetch+store {fetched:.3} s, final flush {:.3} s)",
+        secs - fetched
+    );
     assert_eq!(r.missing, 0);
     std::fs::remove_file(&disk).unwrap();
     secs
@@ -66,7 +94,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let mib: usize = std::env::var("STREAMBOOT_BENCH_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let mib: usize = std::env::var("STREAMBOOT_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024);
     let bytes = (mib as u64) << 20;
     let server = nginx::Nginx::start();
     let mut data = vec![0u8; bytes as usize];
@@ -74,7 +105,9 @@ fn main() {
     server.put("bench.img", &data);
     drop(data);
     let url = server.url("bench.img");
-    let dir = std::env::var("STREAMBOOT_BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+    let dir = std::env::var("STREAMBOOT_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir());
     let tmp = tempfile::tempdir_in(&dir).unwrap();
     curl_secs(&url); // warm the page cache
     let mut curl = Vec::new();
@@ -85,8 +118,15 @@ fn main() {
     }
     let (c, h) = (median(curl), median(hyd));
     let gib = bytes as f64 / (1u64 << 30) as f64;
-    println!("hydrate bench: {mib} MiB image, loopback nginx, disk in {}", dir.display());
-    println!("  curl -o /dev/null     : {:.3} s  {:.2} GiB/s (median of 3)", c, gib / c);
+    println!(
+        "hydrate bench: {mib} MiB image, loopback nginx, disk in {}",
+        dir.display()
+    );
+    println!(
+        "  curl -o /dev/null     : {:.3} s  {:.2} GiB/s (median of 3)",
+        c,
+        gib / c
+    );
     println!("  streamboot hydrate    : {:.3} s  {:.2} GiB/s (median of 3; 4 requests in flight, 64 KiB chunks, incl. final flush)", h, gib / h);
     println!("  ratio hydrate/curl    : {:.2} (goal >= 0.90)", c / h);
 }

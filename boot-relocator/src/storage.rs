@@ -17,6 +17,9 @@ pub trait Storage: Send + Sync {
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync / flush of the device cache).
     fn sync(&self) -> io::Result<()>;
+    /// Hints that `[offset, offset+len)` was written in bulk and will be synced soon:
+    /// start writing it back now so the later sync has little left to do. No guarantee.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
     /// True when the length is zero.
@@ -104,6 +107,19 @@ impl Storage for FileStorage {
 
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // SAFETY: plain syscall on an fd we own; no memory is passed. Failure only means
+        // the later fdatasync does all the work, so the result is ignored.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as i64,
+                len as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
     }
 
     fn len(&self) -> io::Result<u64> {

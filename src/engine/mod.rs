@@ -59,15 +59,17 @@ pub struct EngineOptions {
     /// Most bytes fetched in one on-demand request (neighbouring missing chunks are
     /// coalesced up to this).
     pub demand_fetch_bytes: u64,
-    /// Commit the map after this many chunks were published without a flush.
-    pub commit_every_chunks: u64,
+    /// Commit the map after this many bytes of fetched chunks were published without a
+    /// flush. Clean fetched chunks lost in a crash are only fetched again, so this bounds
+    /// re-download work, not data safety.
+    pub commit_every_bytes: u64,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         Self {
             demand_fetch_bytes: 512 << 10,
-            commit_every_chunks: 256,
+            commit_every_bytes: 256 << 20,
         }
     }
 }
@@ -499,6 +501,7 @@ impl Engine {
 
     /// Stores fetched chunks and maps them. Returns false when some chunk could not be
     /// stored for lack of space (its bytes are then only handed to the waiters).
+    /// Chunks that land in consecutive slots are written with one I/O.
     pub(crate) fn publish_fetched(
         &self,
         first: u64,
@@ -506,19 +509,21 @@ impl Engine {
         may_evict: bool,
     ) -> Result<bool, BlockError> {
         let cs = self.chunk_size() as usize;
+        let to_home = self.to_home.load(Ordering::Acquire);
         let mut all_stored = true;
+        // (chunk, slot) of the chunks to store in slots, in order.
+        let mut slotted: Vec<(u64, u32)> = Vec::new();
         for (i, chunk) in bytes.chunks(cs).enumerate() {
             let c = first + i as u64;
-            let len = self.layout.target_len(c);
-            let chunk = &chunk[..len];
+            let chunk = &chunk[..self.layout.target_len(c)];
             let zero = chunk.iter().all(|&b| b == 0);
-            if self.to_home.load(Ordering::Acquire) {
+            if to_home {
                 let _g = self.stripe(c).write();
                 let e = self.meta.lock().store.entry(c);
                 if e.loc == Location::Missing {
                     let home = self.addr(c, Location::Home);
                     if zero {
-                        self.storage.write_zeroes(home, len as u64)?;
+                        self.storage.write_zeroes(home, chunk.len() as u64)?;
                     } else {
                         self.storage.write_at(home, chunk)?;
                     }
@@ -530,9 +535,7 @@ impl Engine {
                         },
                     );
                 }
-                continue;
-            }
-            if zero {
+            } else if zero {
                 let _g = self.stripe(c).write();
                 let mut m = self.meta.lock();
                 let e = m.store.entry(c);
@@ -545,17 +548,43 @@ impl Engine {
                         },
                     );
                 }
-                continue;
-            }
-            let s = match self.get_slot(may_evict) {
-                Ok(s) => s,
-                Err(BlockError::NoSpace) => {
-                    all_stored = false;
-                    continue;
+            } else {
+                match self.get_slot(may_evict) {
+                    Ok(s) => slotted.push((c, s)),
+                    Err(BlockError::NoSpace) => all_stored = false,
+                    Err(e) => {
+                        self.with_meta(|m| {
+                            slotted.iter().for_each(|&(_, s)| m.free_unpublished(s))
+                        });
+                        return Err(e);
+                    }
                 }
-                Err(e) => return Err(e),
-            };
-            self.storage.write_at(self.layout.slot_addr(s), chunk)?;
+            }
+        }
+        // Write runs of consecutive chunks in consecutive slots with one I/O each.
+        let mut i = 0;
+        while i < slotted.len() {
+            let mut j = i + 1;
+            while j < slotted.len()
+                && slotted[j].0 == slotted[j - 1].0 + 1
+                && slotted[j].1 == slotted[j - 1].1 + 1
+            {
+                j += 1;
+            }
+            let from = (slotted[i].0 - first) as usize * cs;
+            let to = ((slotted[j - 1].0 - first) as usize * cs + cs).min(bytes.len());
+            let at = self.layout.slot_addr(slotted[i].1);
+            if let Err(e) = self.storage.write_at(at, &bytes[from..to]) {
+                self.with_meta(|m| slotted.iter().for_each(|&(_, s)| m.free_unpublished(s)));
+                return Err(e.into());
+            }
+            if !may_evict {
+                // Background bulk data: let writeback overlap the download.
+                self.storage.start_writeback(at, (to - from) as u64);
+            }
+            i = j;
+        }
+        for (c, s) in slotted {
             let _g = self.stripe(c).write();
             let mut m = self.meta.lock();
             let e = m.store.entry(c);
@@ -578,7 +607,7 @@ impl Engine {
         let n = self
             .unflushed
             .fetch_add(bytes.len().div_ceil(cs) as u64, Ordering::Relaxed);
-        if n >= self.opts.commit_every_chunks {
+        if n * self.chunk_size() >= self.opts.commit_every_bytes {
             self.commit_map()
                 .map_err(|e| BlockError::Io(std::io::Error::other(e.to_string())))?;
         }

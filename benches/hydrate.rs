@@ -43,7 +43,7 @@ fn hydrate_secs(dir: &std::path::Path, url: &str, threads: usize) -> f64 {
         chunk_size: 64 << 10,
         target_size: src.size(),
         target: target_record(src.as_ref(), &[url.to_string()]),
-        boot_ranges: vec![0..1 << 20],
+        boot_ranges: std::iter::once(0..1 << 20).collect(),
         area_size: None,
         source_size: None,
         max_trial_starts: 3,

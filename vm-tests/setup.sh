@@ -35,6 +35,8 @@ requirements=(
 	"xz xz-utils"
 	"perl perl-base"
 	"timeout coreutils"
+	"curl curl"
+	"losetup mount"
 	"/boot/vmlinuz-* linux-image-amd64"
 )
 

@@ -133,7 +133,7 @@ impl Mirror {
                 url.scheme()
             )));
         }
-        if !url.host_str().is_some_and(|h| !h.is_empty()) {
+        if url.host_str().is_none_or(|h| h.is_empty()) {
             return Err(SourceError::Invalid(format!("{raw:?}: URL has no host")));
         }
         let mut shown = url.clone();

@@ -30,7 +30,7 @@ pub fn prepare(
     disk: &Path,
     source: &Arc<dyn RemoteSource>,
     chunk_size: u64,
-    boot: Vec<std::ops::Range<u64>>,
+    boot: std::ops::Range<u64>,
     area_size: Option<u64>,
 ) -> MetaStore {
     let st = storage(disk);
@@ -39,7 +39,7 @@ pub fn prepare(
         chunk_size,
         target_size: id.size,
         target: target_record(source.as_ref(), &[source.name()]),
-        boot_ranges: boot,
+        boot_ranges: std::iter::once(boot).collect(),
         area_size,
         source_size: None,
         max_trial_starts: 3,

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine (Debian, Rust toolchain, root):
+# installs what the tests need (qemu, nginx, a guest kernel, busybox, ...) when missing,
+# then runs the format and lint checks, every Rust test (unit, integration against a real
+# nginx, crash tests) and the VM tests. Exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing what the tests need (only what is missing)"
+bash vm-tests/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (workspace)"
+cargo test --workspace --locked
+
+step "VM tests"
+bash vm-tests/smoke.sh

@@ -167,6 +167,7 @@ impl BlkBackend {
                     rejected.complete(&*mem)
                 }
                 Ok(req) if req.is_local(self.inner.disk.as_ref()) => {
+                    tracing::trace!(queue = q, head = req.head_index(), kind = ?req.kind(), "virtio-blk request");
                     let mut scratch = ctx.scratch.lock();
                     virtio::execute(
                         &req,
@@ -177,6 +178,7 @@ impl BlkBackend {
                     )
                 }
                 Ok(req) => {
+                    tracing::trace!(queue = q, head = req.head_index(), kind = ?req.kind(), "deferred virtio-blk request");
                     self.defer(q, req);
                     continue;
                 }

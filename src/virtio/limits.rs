@@ -8,10 +8,17 @@ use crate::blockdev::BlockBackend;
 
 use super::SECTOR_SIZE;
 
-/// Largest single data segment a driver may use (`size_max`), in bytes.
-pub const DEFAULT_SIZE_MAX: u32 = 1 << 20;
-/// Largest number of data segments in one request (`seg_max`).
-pub const DEFAULT_SEG_MAX: u32 = 128;
+/// Largest single data segment a driver should use (`size_max`), in bytes.
+///
+/// Together with [`DEFAULT_SEG_MAX`] this bounds a request to just under 32 MiB. The
+/// product must stay below 32 MiB (65536 sectors): SeaBIOS computes the sectors per
+/// request as `(u16)(size_max * seg_max / blk_size)` and, when that truncates to 0, loops
+/// forever issuing zero-length reads (seen with 1 MiB * 128: the guest hangs at
+/// "Probing EDD" during boot).
+pub const DEFAULT_SIZE_MAX: u32 = 128 << 10;
+/// Largest number of data segments in one request (`seg_max`): the usual queue size of
+/// 256 minus the header and status descriptors, as QEMU does.
+pub const DEFAULT_SEG_MAX: u32 = 254;
 /// Largest discard or write-zeroes range, in sectors (1 GiB).
 pub const DEFAULT_MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Largest number of ranges in one discard or write-zeroes request.
@@ -27,7 +34,9 @@ pub struct Limits {
     /// Logical block size in bytes (a power of two, at least 512): discard and
     /// write-zeroes ranges must be aligned to it.
     pub logical_block_size: u32,
-    /// Largest single data segment, in bytes.
+    /// Largest single data segment a driver should use, in bytes. Advertised, not
+    /// enforced per segment (libblkio, for one, does not split buffers); the total of a
+    /// request is held to `size_max * seg_max`.
     pub size_max: u32,
     /// Largest number of data segments.
     pub seg_max: u32,
@@ -73,8 +82,24 @@ impl Limits {
         u64::from(self.size_max) * u64::from(self.seg_max)
     }
 
+    /// Largest data transfer of one request, in 512-byte sectors.
+    pub fn max_transfer_sectors(&self) -> u64 {
+        self.max_transfer() / SECTOR_SIZE
+    }
+
     /// Logical block size in sectors.
     pub fn block_sectors(&self) -> u64 {
         u64::from(self.logical_block_size) / SECTOR_SIZE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_transfer_limit_fits_seabios_u16_sector_count() {
+        let sectors = u64::from(DEFAULT_SIZE_MAX) * u64::from(DEFAULT_SEG_MAX) / SECTOR_SIZE;
+        assert!(sectors > 0 && sectors < 65536, "{sectors}");
     }
 }

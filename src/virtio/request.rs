@@ -83,9 +83,9 @@ pub enum RequestError {
     /// More data segments than `seg_max`.
     #[error("{0} data segments, more than seg_max")]
     TooManySegments(usize),
-    /// A data segment larger than `size_max`.
-    #[error("data segment of {0} bytes, more than size_max")]
-    SegmentTooLarge(u64),
+    /// More data than `size_max * seg_max`.
+    #[error("request of {0} bytes, more than size_max * seg_max")]
+    TooLarge(u64),
     /// Discard / write-zeroes payload is empty or not a whole number of ranges.
     #[error("discard/write-zeroes payload of {0} bytes")]
     BadRangePayload(u64),
@@ -456,13 +456,9 @@ fn check_data(
     if segments.len() > limits.seg_max as usize {
         return Err(RequestError::TooManySegments(segments.len()));
     }
-    // Both checks together bound a request by size_max * seg_max.
-    let mut total = 0u64;
-    for s in segments {
-        if s.len > limits.size_max {
-            return Err(RequestError::SegmentTooLarge(u64::from(s.len)));
-        }
-        total += u64::from(s.len);
+    let total: u64 = segments.iter().map(|s| u64::from(s.len)).sum();
+    if total > limits.max_transfer() {
+        return Err(RequestError::TooLarge(total));
     }
     if total % SECTOR_SIZE != 0 {
         return Err(RequestError::UnalignedLength(total));

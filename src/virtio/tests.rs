@@ -554,13 +554,33 @@ fn oversize_requests_fail() {
     assert_eq!(out.error(), RequestError::TooManySegments(3));
     assert_eq!(status(&mem), 1);
 
-    // One segment too large.
+    // A single segment larger than size_max is accepted (size_max is advisory)...
     let chain = vq
         .build_desc_chain(&[rd(HDR, 16), wr(DATA, 8192), wr(STATUS, 1)])
         .unwrap();
     let out = run_chain(&mem, chain, &disk, &lim, ExecOptions::default());
-    assert_eq!(out.error(), RequestError::SegmentTooLarge(8192));
+    assert_eq!(out.completion.status, Status::Ok);
+
+    // ...but not more than size_max * seg_max in total, whatever the segments.
+    let chain = vq
+        .build_desc_chain(&[rd(HDR, 16), wr(DATA, 8704), wr(STATUS, 1)])
+        .unwrap();
+    let out = run_chain(&mem, chain, &disk, &lim, ExecOptions::default());
+    assert_eq!(out.error(), RequestError::TooLarge(8704));
     assert_eq!(status(&mem), 1);
+    header(&mem, VIRTIO_BLK_T_OUT, 0);
+    let chain = vq
+        .build_desc_chain(&[
+            rd(HDR, 16),
+            rd(DATA, 4096),
+            rd(DATA + 4096, 4608),
+            wr(STATUS, 1),
+        ])
+        .unwrap();
+    let out = run_chain(&mem, chain, &disk, &lim, ExecOptions::default());
+    assert_eq!(out.error(), RequestError::TooLarge(8704));
+    assert!(disk.log().is_empty());
+    header(&mem, VIRTIO_BLK_T_IN, 0);
 
     // More descriptors than any request needs (header/status allowance included).
     let mut descs = vec![rd(HDR, 16)];
@@ -718,7 +738,7 @@ fn large_read_goes_through_the_bounce_buffer_in_pieces() {
     let disk = MemDisk::new();
     header(&mem, VIRTIO_BLK_T_IN, 0);
     // 1.5 MiB read in 3 segments of 512 KiB: more than one bounce piece.
-    let seg = 512 * 1024;
+    let seg: u32 = 512 * 1024;
     let out = run(
         &mem,
         &[

@@ -266,6 +266,12 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn reset_device(&self) {
+        // A deferred request must not land in a ring the driver has reset: wait for
+        // them first (the rings are already disabled, so no new ones are taken).
+        for ctx in &self.inner.queues {
+            drop(ctx.processing.lock());
+            ctx.wait_idle();
+        }
         self.inner.writeback.store(true, Ordering::Release);
     }
 
@@ -381,5 +387,82 @@ impl VhostUserBackend for BlkBackend {
             tracing::warn!(queue = q, error = %e, "virtqueue processing failed");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plain::PlainDisk;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO;
+
+    fn backend(read_only: bool) -> BlkBackend {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(8 << 20).unwrap();
+        let disk = PlainDisk::open(file.path(), read_only)
+            .unwrap()
+            .with_optimal_io_size(1 << 20);
+        BlkBackend::new(
+            Arc::new(disk),
+            DeviceParams {
+                num_queues: 3,
+                queue_size: 256,
+            },
+            Arc::new(IoPool::new(1).unwrap()),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn config_reads_are_sliced_and_padded() {
+        let b = backend(false);
+        let full = b.get_config(0, CONFIG_SIZE as u32);
+        assert_eq!(full.len(), CONFIG_SIZE);
+        assert_eq!(u64::from_le_bytes(full[0..8].try_into().unwrap()), 16384);
+        assert_eq!(u32::from_le_bytes(full[28..32].try_into().unwrap()), 2048);
+        assert_eq!(u16::from_le_bytes(full[34..36].try_into().unwrap()), 3);
+        // A frontend built against a newer virtio_blk_config asks for more: zeros.
+        let more = b.get_config(0, 96);
+        assert_eq!(&more[..CONFIG_SIZE], &full[..]);
+        assert!(more[CONFIG_SIZE..].iter().all(|&x| x == 0));
+        assert_eq!(b.get_config(34, 2), vec![3, 0]);
+        // Nonsense ranges get an empty answer (the vhost crate turns it into an error).
+        assert!(b.get_config(u32::MAX, 2).is_empty());
+        assert!(b.get_config(0, 4096).is_empty());
+    }
+
+    #[test]
+    fn only_the_writeback_byte_is_writable_and_only_with_config_wce() {
+        let b = backend(false);
+        assert!(b.set_config(WRITEBACK_OFFSET as u32, &[0]).is_err());
+        b.acked_features(b.features());
+        assert!(b.exec_options().writeback);
+        b.set_config(WRITEBACK_OFFSET as u32, &[0]).unwrap();
+        assert!(!b.exec_options().writeback);
+        assert_eq!(b.get_config(WRITEBACK_OFFSET as u32, 1), vec![0]);
+        assert!(b.set_config(WRITEBACK_OFFSET as u32, &[2]).is_err());
+        assert!(b.set_config(0, &[0; 8]).is_err());
+        b.reset_device();
+        assert!(b.exec_options().writeback);
+        // Without FLUSH negotiated, writes are write-through whatever the config says.
+        b.acked_features(b.features() & !(1 << VIRTIO_BLK_F_FLUSH));
+        assert!(!b.exec_options().writeback);
+    }
+
+    #[test]
+    fn features_and_worker_map() {
+        assert!(config::has_feature(
+            backend(true).features(),
+            VIRTIO_BLK_F_RO
+        ));
+        let b = backend(false);
+        assert_eq!(b.queues_per_thread(), vec![1, 2, 4]);
+        assert_eq!(b.num_queues(), 3);
+        assert_eq!(b.max_queue_size(), 256);
+        assert_eq!(b.completion_token(), 4);
+        assert_eq!(b.inflight(), 0);
+        b.stop_vring(1).unwrap();
+        b.stop_vring(99).unwrap();
     }
 }

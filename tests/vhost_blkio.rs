@@ -87,12 +87,12 @@ fn single_queue_write_read_flush() {
     let mut c = Client::connect(&server.path, 1, 1 << 20).unwrap();
     assert_eq!(c.capacity, DISK_SIZE);
     let data = random(1, 256 * 1024);
-    c.buf()[..data.len()].copy_from_slice(&data);
+    c.buf(0..data.len()).copy_from_slice(&data);
     assert_eq!(c.write(1 << 20, 0, data.len()), 0);
     assert_eq!(c.flush(), 0);
-    c.buf().fill(0);
+    c.buf(0..data.len()).fill(0);
     assert_eq!(c.read(1 << 20, 0, data.len()), 0);
-    assert_eq!(&c.buf()[..data.len()], &data[..]);
+    assert_eq!(c.buf(0..data.len()), &data[..]);
 
     // The bytes are in the file, where the guest put them.
     let mut on_disk = vec![0u8; data.len()];
@@ -116,7 +116,7 @@ fn four_queues_with_many_requests_in_flight() {
     assert_eq!(c.queues.len(), 4);
 
     let pattern = random(2, 4 * PER_QUEUE * LEN);
-    c.buf()[..pattern.len()].copy_from_slice(&pattern);
+    c.buf(0..pattern.len()).copy_from_slice(&pattern);
     // Queue all writes on all queues, then collect them.
     for q in 0..4 {
         for i in 0..PER_QUEUE {
@@ -144,7 +144,7 @@ fn four_queues_with_many_requests_in_flight() {
         let done = c.wait(q, PER_QUEUE).unwrap();
         assert!(done.iter().all(|d| d.ret == 0), "{done:?}");
     }
-    assert_eq!(&c.buf()[base..base + pattern.len()], &pattern[..]);
+    assert_eq!(c.buf(base..base + pattern.len()), &pattern[..]);
     drop(c);
     server.stop();
 }
@@ -157,13 +157,13 @@ fn reconnecting_client_sees_the_data_of_the_previous_one() {
     let data = random(3, 64 * 1024);
     {
         let mut c = Client::connect(&server.path, 2, 1 << 20).unwrap();
-        c.buf()[..data.len()].copy_from_slice(&data);
+        c.buf(0..data.len()).copy_from_slice(&data);
         assert_eq!(c.write(DISK_SIZE - data.len() as u64, 0, data.len()), 0);
     }
     for _ in 0..3 {
         let mut c = Client::connect(&server.path, 1, 1 << 20).unwrap();
         assert_eq!(c.read(DISK_SIZE - data.len() as u64, 0, data.len()), 0);
-        assert_eq!(&c.buf()[..data.len()], &data[..]);
+        assert_eq!(c.buf(0..data.len()), &data[..]);
     }
     assert_eq!(server.stop().connections, 4);
 }
@@ -184,8 +184,8 @@ fn read_only_device_refuses_writes() {
     let mut c = Client::connect_with(&server.path, 1, 8192, true).unwrap();
     assert!(c.read_only);
     assert_eq!(c.read(4096, 0, 4096), 0);
-    assert_eq!(&c.buf()[..12], b"source bytes");
-    c.buf()[..12].copy_from_slice(b"guest writes");
+    assert_eq!(c.buf(0..12), b"source bytes");
+    c.buf(0..12).copy_from_slice(b"guest writes");
     assert_ne!(c.write(4096, 0, 4096), 0);
     assert_eq!(c.flush(), 0);
     drop(c);
@@ -206,11 +206,11 @@ fn out_of_range_request_fails_and_the_server_keeps_serving() {
     assert_ne!(c.write(DISK_SIZE, 0, 512), 0);
     assert_ne!(c.read(1 << 50, 0, 512), 0);
     // The same connection still works.
-    c.buf()[..512].fill(0x5a);
+    c.buf(0..512).fill(0x5a);
     assert_eq!(c.write(DISK_SIZE - 512, 0, 512), 0);
-    c.buf()[..512].fill(0);
+    c.buf(0..512).fill(0);
     assert_eq!(c.read(DISK_SIZE - 512, 0, 512), 0);
-    assert!(c.buf()[..512].iter().all(|&b| b == 0x5a));
+    assert!(c.buf(0..512).iter().all(|&b| b == 0x5a));
     drop(c);
     // And so does a new one.
     let mut c = Client::connect(&server.path, 1, 4096).unwrap();
@@ -225,14 +225,14 @@ fn write_zeroes_and_discard() {
     let disk = Arc::new(PlainDisk::open(file.path(), false).unwrap());
     let server = Running::start(disk, 1);
     let mut c = Client::connect(&server.path, 1, 1 << 20).unwrap();
-    c.buf()[..65536].fill(0xee);
+    c.buf(0..65536).fill(0xee);
     assert_eq!(c.write(0, 0, 65536), 0);
     c.queues[0].write_zeroes(4096, 8192, 1, blkio::ReqFlags::empty());
     c.queues[0].discard(32768, 16384, 2, blkio::ReqFlags::empty());
     let done = c.wait(0, 2).unwrap();
     assert!(done.iter().all(|d| d.ret == 0), "{done:?}");
     assert_eq!(c.read(0, 0, 65536), 0);
-    let b = &c.buf()[..65536];
+    let b = c.buf(0..65536);
     assert!(b[..4096].iter().all(|&x| x == 0xee));
     assert!(b[4096..12288].iter().all(|&x| x == 0));
     assert!(b[12288..32768].iter().all(|&x| x == 0xee));
@@ -346,7 +346,7 @@ fn local_read_completes_while_a_remote_one_waits() {
     assert_eq!(done.len(), 1, "{done:?}");
     assert_eq!(done[0].user_data, 2);
     assert_eq!(done[0].ret, 0);
-    assert_eq!(&c.buf()[4096..8192], &local[..]);
+    assert_eq!(c.buf(4096..8192), &local[..]);
     // So does a local write.
     c.submit_write(0, 4096, 4096, 4096, 3);
     let done = c.wait(0, 1).unwrap();
@@ -356,7 +356,7 @@ fn local_read_completes_while_a_remote_one_waits() {
     disk.release();
     let done = c.wait(0, 1).unwrap();
     assert_eq!((done[0].user_data, done[0].ret), (1, 0));
-    assert_eq!(&c.buf()[..4096], &remote[..]);
+    assert_eq!(c.buf(0..4096), &remote[..]);
     drop(c);
     server.stop();
 }

@@ -64,13 +64,16 @@ impl Client {
         })
     }
 
-    /// The mapped buffer.
-    pub fn buf(&mut self) -> &mut [u8] {
+    /// Bytes `range` of the mapped buffer. Only look at bytes no request in flight uses.
+    pub fn buf(&mut self, range: std::ops::Range<usize>) -> &mut [u8] {
+        assert!(range.start <= range.end && range.end <= self.region.len);
         // SAFETY: the region is a live shared mapping of `region.len` bytes owned by
-        // `self.blkio`, which outlives the returned borrow of `self`; the device only
-        // touches it while a request is in flight, and callers look at it only between
-        // submitting requests and after their completion.
-        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+        // `self.blkio`, which outlives the returned borrow of `self`, and `range` lies
+        // inside it. Callers only ask for bytes that no in-flight request targets, so the
+        // device does not write them while the slice is alive.
+        unsafe {
+            std::slice::from_raw_parts_mut((self.region.addr + range.start) as *mut u8, range.len())
+        }
     }
 
     fn ptr(&self, buf_off: usize, len: usize) -> *mut u8 {

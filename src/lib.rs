@@ -6,11 +6,17 @@
 //! - [`source`]: remote images behind one trait (HTTP ranges, local files, chunk store).
 //! - [`engine`]: the map/fetch/cache/hydrate engine that presents the target image.
 //! - [`blockdev`]: the block-device seam that front ends (vhost-user-blk, NBD) talk to.
+//! - [`virtio`]: the virtio-blk request layer (descriptor chains to block requests).
+//! - [`vhost`]: the vhost-user-blk backend serving a block device over a unix socket.
+//! - [`plain`]: a block device serving a disk as it is (after commit or rollback).
 
 pub mod blockdev;
 pub mod cli;
 pub mod engine;
+pub mod plain;
 pub mod source;
 pub mod target;
+pub mod vhost;
+pub mod virtio;
 
 pub use boot_relocator;

@@ -3,6 +3,7 @@
 //! Not every test file uses every helper, hence the module-wide `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod blkio_client;
 pub mod disk;
 pub mod nginx;
 

@@ -1,0 +1,468 @@
+//! The [`VhostUserBackend`] implementation: one worker thread per queue, requests for
+//! local data run inline on the worker, the others go to the I/O pool and complete out of
+//! order through the queue's eventfd.
+//!
+//! One [`BlkBackend`] serves one frontend connection; the block device and the I/O pool
+//! behind it are shared by all connections.
+
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::blockdev::BlockBackend;
+use crate::virtio::{self, Completion, ExecOptions, Limits, Request};
+
+use super::config::{self, CONFIG_SIZE, WRITEBACK_OFFSET};
+use super::pool::IoPool;
+use super::queue::QueueCtx;
+
+/// Guest memory as the vhost-user-backend crate hands it over.
+pub(crate) type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// The vring type used by the backend.
+pub(crate) type Vring = VringRwLock<GuestMem>;
+
+/// Largest config space a vhost-user frontend may ask for.
+const VHOST_USER_CONFIG_MAX: u32 = 256;
+
+/// Static parameters of a device.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DeviceParams {
+    pub(crate) num_queues: u16,
+    pub(crate) queue_size: u16,
+}
+
+struct Inner {
+    disk: Arc<dyn BlockBackend>,
+    limits: Limits,
+    params: DeviceParams,
+    optimal_io_size: u32,
+    mem: GuestMem,
+    event_idx: AtomicBool,
+    acked_features: AtomicU64,
+    /// The `writeback` config byte (CONFIG_WCE); write-back until the driver says otherwise.
+    writeback: AtomicBool,
+    queues: Vec<Arc<QueueCtx>>,
+    pool: Arc<IoPool>,
+    /// Exit eventfds handed to the epoll handlers, which keep them open forever; closed
+    /// by [`BlkBackend::close_exit_events`] once the workers are gone.
+    exit_fds: Mutex<Vec<RawFd>>,
+}
+
+/// The vhost-user-blk device for one frontend connection.
+#[derive(Clone)]
+pub(crate) struct BlkBackend {
+    inner: Arc<Inner>,
+}
+
+impl BlkBackend {
+    pub(crate) fn new(
+        disk: Arc<dyn BlockBackend>,
+        params: DeviceParams,
+        pool: Arc<IoPool>,
+        mem: GuestMem,
+    ) -> io::Result<Self> {
+        let queues = (0..params.num_queues)
+            .map(|_| QueueCtx::new().map(Arc::new))
+            .collect::<io::Result<Vec<_>>>()?;
+        let limits = Limits::for_backend(disk.as_ref());
+        let optimal_io_size = disk.optimal_io_size();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                disk,
+                limits,
+                params,
+                optimal_io_size,
+                mem,
+                event_idx: AtomicBool::new(false),
+                acked_features: AtomicU64::new(0),
+                writeback: AtomicBool::new(true),
+                queues,
+                pool,
+                exit_fds: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The epoll token of the completion eventfd in every worker's epoll set (the crate
+    /// reserves `0..=num_queues` for the rings and its exit event).
+    pub(crate) fn completion_token(&self) -> u64 {
+        u64::from(self.inner.params.num_queues) + 1
+    }
+
+    /// The completion eventfd of queue `q`.
+    pub(crate) fn completion_fd(&self, q: usize) -> RawFd {
+        self.inner.queues[q].event_fd()
+    }
+
+    /// Closes the exit eventfds the epoll handlers leaked. Call only after the daemon and
+    /// its worker threads are gone.
+    pub(crate) fn close_exit_events(&self) {
+        for fd in self.inner.exit_fds.lock().drain(..) {
+            // SAFETY: `fd` came from `EventConsumer::into_raw_fd` inside the crate's epoll
+            // handler, which never closes it; its workers have exited and the handler is
+            // dropped, so nothing else uses or owns this descriptor.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    /// Deferred requests of this connection not yet returned to the guest.
+    pub(crate) fn inflight(&self) -> usize {
+        self.inner.queues.iter().map(|q| q.inflight()).sum()
+    }
+
+    fn exec_options(&self) -> ExecOptions {
+        let acked = self.inner.acked_features.load(Ordering::Acquire);
+        // Without FLUSH the driver cannot order writes: run write-through.
+        let writeback = config::has_feature(acked, VIRTIO_BLK_F_FLUSH)
+            && self.inner.writeback.load(Ordering::Acquire);
+        ExecOptions { writeback }
+    }
+
+    /// Takes every available request off queue `q`'s ring.
+    fn process_queue(&self, q: usize, vring: &Vring) -> io::Result<()> {
+        let ctx = &self.inner.queues[q];
+        let _processing = ctx.processing.lock();
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
+        let event_idx = self.inner.event_idx.load(Ordering::Acquire);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            self.drain_available(q, vring)?;
+            // With EVENT_IDX, re-enabling notifications tells whether the driver added
+            // requests meanwhile; without it, one pass per kick is enough.
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn drain_available(&self, q: usize, vring: &Vring) -> io::Result<()> {
+        let ctx = &self.inner.queues[q];
+        let mem = self.inner.mem.memory();
+        let mut completed = 0usize;
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let completion = match virtio::parse(chain, &self.inner.limits) {
+                Err(rejected) => {
+                    tracing::debug!(queue = q, error = %rejected.error, "rejected virtio-blk request");
+                    rejected.complete(&*mem)
+                }
+                Ok(req) if req.is_local(self.inner.disk.as_ref()) => {
+                    tracing::trace!(queue = q, head = req.head_index(), kind = ?req.kind(), "virtio-blk request");
+                    let mut scratch = ctx.scratch.lock();
+                    virtio::execute(
+                        &req,
+                        &*mem,
+                        self.inner.disk.as_ref(),
+                        self.exec_options(),
+                        &mut scratch,
+                    )
+                }
+                Ok(req) => {
+                    tracing::trace!(queue = q, head = req.head_index(), kind = ?req.kind(), "deferred virtio-blk request");
+                    self.defer(q, req);
+                    continue;
+                }
+            };
+            self.add_used(vring, completion)?;
+            completed += 1;
+        }
+        if completed > 0 {
+            signal(vring)?;
+        }
+        Ok(())
+    }
+
+    /// Hands a request that may wait on the network to the I/O pool.
+    fn defer(&self, q: usize, req: Request) {
+        let ctx = self.inner.queues[q].clone();
+        let mem = self.inner.mem.memory();
+        let disk = self.inner.disk.clone();
+        let opts = self.exec_options();
+        ctx.begin();
+        let job = Box::new(move |scratch: &mut Vec<u8>| {
+            let completion = virtio::execute(&req, &*mem, disk.as_ref(), opts, scratch);
+            ctx.complete(completion);
+        });
+        if let Err(job) = self.inner.pool.submit(job) {
+            // The pool is shutting down: finish the request here rather than drop it.
+            job(&mut self.inner.queues[q].scratch.lock());
+        }
+    }
+
+    /// Returns the completions of deferred requests of queue `q` to the guest.
+    fn process_completions(&self, q: usize, vring: &Vring) -> io::Result<()> {
+        let ctx = &self.inner.queues[q];
+        let done = ctx.take();
+        let mut result = Ok(());
+        for c in &done {
+            if let Err(e) = self.add_used(vring, *c) {
+                result = Err(e);
+            }
+        }
+        if !done.is_empty() && result.is_ok() {
+            result = signal(vring);
+        }
+        ctx.finish(done.len());
+        result
+    }
+
+    fn add_used(&self, vring: &Vring, c: Completion) -> io::Result<()> {
+        vring
+            .add_used(c.head_index, c.used_len)
+            .map_err(io::Error::other)
+    }
+}
+
+/// Interrupts the guest if it asked to be (respects EVENT_IDX and NO_INTERRUPT).
+fn signal(vring: &Vring) -> io::Result<()> {
+    if vring.needs_notification().map_err(io::Error::other)? {
+        vring.signal_used_queue()?;
+    }
+    Ok(())
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.inner.params.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.inner.params.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        config::virtio_features(self.inner.limits.read_only)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.inner.acked_features.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        config::protocol_features()
+    }
+
+    fn reset_device(&self) {
+        // A deferred request must not land in a ring the driver has reset: wait for
+        // them first (the rings are already disabled, so no new ones are taken).
+        for ctx in &self.inner.queues {
+            drop(ctx.processing.lock());
+            ctx.wait_idle();
+        }
+        self.inner.writeback.store(true, Ordering::Release);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = config::config_space(
+            &self.inner.limits,
+            self.inner.optimal_io_size,
+            self.inner.params.num_queues,
+            self.inner.writeback.load(Ordering::Acquire),
+        );
+        let Some(end) = offset.checked_add(size) else {
+            return Vec::new();
+        };
+        if end > VHOST_USER_CONFIG_MAX {
+            return Vec::new();
+        }
+        // Fields past what we implement read as zero.
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(CONFIG_SIZE);
+        let stop = (end as usize).min(CONFIG_SIZE);
+        out[..stop - start].copy_from_slice(&cfg[start..stop]);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let acked = self.inner.acked_features.load(Ordering::Acquire);
+        if offset as usize == WRITEBACK_OFFSET
+            && buf.len() == 1
+            && buf[0] <= 1
+            && config::has_feature(acked, VIRTIO_BLK_F_CONFIG_WCE)
+        {
+            self.inner.writeback.store(buf[0] == 1, Ordering::Release);
+            tracing::info!(
+                writeback = buf[0] == 1,
+                "guest changed the write cache mode"
+            );
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("config write of {} bytes at {offset} refused", buf.len()),
+        ))
+    }
+
+    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
+        // The crate updates the GuestMemoryAtomic it was created with, which is the one
+        // this backend holds a clone of: nothing to do.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.params.num_queues)
+            .map(|q| 1u64 << q)
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok((consumer, notifier)) => {
+                self.inner.exit_fds.lock().push(consumer.as_raw_fd());
+                Some((consumer, notifier))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a worker exit event");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let Some(ctx) = self.inner.queues.get(queue_index as usize) else {
+            return Ok(());
+        };
+        // The ring is marked not ready before this is called: once a pass in progress
+        // ends, no new request is taken; then wait for deferred ones to be returned.
+        drop(ctx.processing.lock());
+        if ctx.inflight() > 0 {
+            tracing::info!(
+                queue = queue_index,
+                inflight = ctx.inflight(),
+                "waiting for in-flight requests before stopping the ring"
+            );
+        }
+        ctx.wait_idle();
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // One queue per worker: the thread index is the queue index and the worker's
+        // only vring is at index 0.
+        let q = thread_id;
+        let (Some(vring), true) = (vrings.first(), q < self.inner.queues.len()) else {
+            return Ok(());
+        };
+        let result = match u64::from(device_event) {
+            0 => self.process_queue(q, vring),
+            t if t == self.completion_token() => self.process_completions(q, vring),
+            other => Err(io::Error::other(format!("unknown device event {other}"))),
+        };
+        // An error here comes from a ring the guest set up badly. Returning it would end
+        // the worker thread for good; log it and keep serving instead.
+        if let Err(e) = result {
+            tracing::warn!(queue = q, error = %e, "virtqueue processing failed");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plain::PlainDisk;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO;
+
+    fn backend(read_only: bool) -> BlkBackend {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(8 << 20).unwrap();
+        let disk = PlainDisk::open(file.path(), read_only)
+            .unwrap()
+            .with_optimal_io_size(1 << 20);
+        BlkBackend::new(
+            Arc::new(disk),
+            DeviceParams {
+                num_queues: 3,
+                queue_size: 256,
+            },
+            Arc::new(IoPool::new(1).unwrap()),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn config_reads_are_sliced_and_padded() {
+        let b = backend(false);
+        let full = b.get_config(0, CONFIG_SIZE as u32);
+        assert_eq!(full.len(), CONFIG_SIZE);
+        assert_eq!(u64::from_le_bytes(full[0..8].try_into().unwrap()), 16384);
+        assert_eq!(u32::from_le_bytes(full[28..32].try_into().unwrap()), 2048);
+        assert_eq!(u16::from_le_bytes(full[34..36].try_into().unwrap()), 3);
+        // A frontend built against a newer virtio_blk_config asks for more: zeros.
+        let more = b.get_config(0, 96);
+        assert_eq!(&more[..CONFIG_SIZE], &full[..]);
+        assert!(more[CONFIG_SIZE..].iter().all(|&x| x == 0));
+        assert_eq!(b.get_config(34, 2), vec![3, 0]);
+        // Nonsense ranges get an empty answer (the vhost crate turns it into an error).
+        assert!(b.get_config(u32::MAX, 2).is_empty());
+        assert!(b.get_config(0, 4096).is_empty());
+    }
+
+    #[test]
+    fn only_the_writeback_byte_is_writable_and_only_with_config_wce() {
+        let b = backend(false);
+        assert!(b.set_config(WRITEBACK_OFFSET as u32, &[0]).is_err());
+        b.acked_features(b.features());
+        assert!(b.exec_options().writeback);
+        b.set_config(WRITEBACK_OFFSET as u32, &[0]).unwrap();
+        assert!(!b.exec_options().writeback);
+        assert_eq!(b.get_config(WRITEBACK_OFFSET as u32, 1), vec![0]);
+        assert!(b.set_config(WRITEBACK_OFFSET as u32, &[2]).is_err());
+        assert!(b.set_config(0, &[0; 8]).is_err());
+        b.reset_device();
+        assert!(b.exec_options().writeback);
+        // Without FLUSH negotiated, writes are write-through whatever the config says.
+        b.acked_features(b.features() & !(1 << VIRTIO_BLK_F_FLUSH));
+        assert!(!b.exec_options().writeback);
+    }
+
+    #[test]
+    fn features_and_worker_map() {
+        assert!(config::has_feature(
+            backend(true).features(),
+            VIRTIO_BLK_F_RO
+        ));
+        let b = backend(false);
+        assert_eq!(b.queues_per_thread(), vec![1, 2, 4]);
+        assert_eq!(b.num_queues(), 3);
+        assert_eq!(b.max_queue_size(), 256);
+        assert_eq!(b.completion_token(), 4);
+        assert_eq!(b.inflight(), 0);
+        b.stop_vring(1).unwrap();
+        b.stop_vring(99).unwrap();
+    }
+}

@@ -183,7 +183,10 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
     } else {
         let slots = match spec.area_size {
             Some(a) => a.saturating_sub(slot_offset - area_offset + tail) / c,
-            None => chunks + saved,
+            // Room for the whole target and the saved chunks, and never less than the
+            // minimum (a small target has fewer chunks than the working slots; slots that
+            // are never written stay holes in the file).
+            None => (chunks + saved).max(min_slots),
         };
         (slot_offset + slots * c + tail, slots)
     };

@@ -48,7 +48,14 @@ fn run(
     let source: Arc<dyn RemoteSource> = Arc::new(FileSource::open(&target_path, None).unwrap());
     let boot_end = rng.random_range(1..4 * chunk);
     let area = area_chunks.map(|n| n * chunk + (64 << 10) + (1 << 20));
-    disk::prepare(&disk_path, &source, chunk, vec![0..boot_end], area).into_storage_drop();
+    disk::prepare(
+        &disk_path,
+        &source,
+        chunk,
+        std::iter::once(0..boot_end).collect(),
+        area,
+    )
+    .into_storage_drop();
 
     // Writes stay inside the first half so dirty chunks cannot fill a small area.
     let write_limit = target_len / 2;

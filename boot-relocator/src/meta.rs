@@ -99,7 +99,7 @@ fn read_superblocks(storage: &dyn Storage, disk_len: u64) -> Result<Option<(Supe
             Ok(sb) => {
                 if found
                     .as_ref()
-                    .is_none_or(|(f, _)| sb.generation > f.generation)
+                    .map_or(true, |(f, _)| sb.generation > f.generation)
                 {
                     found = Some((sb, k));
                 }
@@ -236,7 +236,7 @@ impl MetaStore {
                         Ok(d) => {
                             if best
                                 .as_ref()
-                                .is_none_or(|(b, _)| d.generation > b.generation)
+                                .map_or(true, |(b, _)| d.generation > b.generation)
                             {
                                 best = Some((d, k));
                             }

@@ -19,6 +19,9 @@ use crate::target::{open_source, pinned_identity, target_record};
 /// Seconds an offline command keeps retrying a failing fetch unless told otherwise.
 const OFFLINE_DEADLINE_SECS: u64 = 300;
 
+/// Boot set when no `--boot-range` is given: partition table and boot loader.
+const DEFAULT_BOOT_RANGE: std::ops::Range<u64> = 0..1 << 20;
+
 /// Arguments of `prepare`.
 #[derive(Debug, Args)]
 pub struct PrepareArgs {
@@ -193,7 +196,7 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
         target_size: id.size,
         target: target_record(source.as_ref(), &a.targets),
         boot_ranges: if a.boot_ranges.is_empty() {
-            vec![0..1 << 20]
+            vec![DEFAULT_BOOT_RANGE]
         } else {
             a.boot_ranges.clone()
         },

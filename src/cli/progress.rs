@@ -26,7 +26,7 @@ impl Bars {
             return;
         }
         let mut g = self.bar.lock();
-        if g.as_ref().is_none_or(|(s, _)| s != step) {
+        if g.as_ref().map_or(true, |(s, _)| s != step) {
             if let Some((_, b)) = g.take() {
                 b.finish();
             }

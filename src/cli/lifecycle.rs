@@ -357,7 +357,38 @@ fn confirm(cli: &Cli, disk: &Path) -> Result<()> {
 
 fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
     let started = Instant::now();
-    let meta = open_meta(&a.disk)?;
+    let mut meta = open_meta(&a.disk)?;
+    // State errors first: they must not depend on the server being reachable, and they
+    // are not failures that running commit again would resume.
+    match meta.state() {
+        s @ (State::Prepared | State::Trial) if !a.force => {
+            bail!("the target is in state {s}, not confirmed: confirm it first, or commit --force")
+        }
+        s @ (State::RollingBack | State::RolledBack) => {
+            bail!("cannot commit in state {s}: a rollback was started; run rollback to finish it")
+        }
+        State::Committed => {
+            // Every target chunk is home already (a commit was interrupted while removing
+            // the released area): finish without the engine, which no longer serves it.
+            relocate::remove_area(&mut meta)
+                .context("commit failed (run commit again to resume)")?;
+            let target_size = meta.layout().target_size;
+            emit(
+                cli,
+                json!({"ok": true, "state": "committed", "resumed": true,
+                       "secs": started.elapsed().as_secs_f64()}),
+                || {
+                    format!(
+                        "committed: {} now holds the target ({}); finished an interrupted commit",
+                        a.disk.display(),
+                        human(target_size)
+                    )
+                },
+            );
+            return Ok(());
+        }
+        _ => {}
+    }
     let engine = open_engine(meta, &a.targets, &a.net)?;
     let bars = Bars::new(cli.json, false);
     engine

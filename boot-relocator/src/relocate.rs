@@ -123,8 +123,20 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
             (None, true) => used_end,
         };
     if source_size > dev_len && storage.is_block_device() {
-        return Err(RelocError::Invalid(format!(
-            "--source-size {source_size} is larger than the device ({dev_len} bytes)"
+        if spec.source_size.is_some() {
+            return Err(RelocError::Invalid(format!(
+                "--source-size {source_size} is larger than the device ({dev_len} bytes)"
+            )));
+        }
+        // The size came from the partition table: name the entry that does not fit.
+        let u = used
+            .iter()
+            .max_by_key(|u| u.end)
+            .expect("a partition table gave the source size");
+        return Err(RelocError::Overlap(format!(
+            "{} ends at byte {}, past the end of the device ({dev_len} bytes): the partition \
+             table does not fit this device",
+            u.what, u.end
         )));
     }
     if let Some(u) = used.iter().find(|u| u.end > source_size) {
@@ -183,16 +195,27 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
     } else {
         let slots = match spec.area_size {
             Some(a) => a.saturating_sub(slot_offset - area_offset + tail) / c,
+            // Room for the whole target and the saved chunks, and never less than the
+            // minimum (a small target has fewer chunks than the working slots; slots that
+            // are never written stay holes in the file).
             None => (chunks + saved).max(min_slots),
         };
         (slot_offset + slots * c + tail, slots)
     };
     if slot_count < min_slots || slot_count > u32::MAX as u64 {
+        let need = slot_offset - area_offset + min_slots * c + tail;
+        let device = if storage.is_block_device() {
+            format!(
+                "; the device has {dev_len} bytes, {} are needed",
+                area_offset + need
+            )
+        } else {
+            String::new()
+        };
         return Err(RelocError::TooSmall(format!(
             "the released area holds {slot_count} chunk slots of {c} bytes; at least {min_slots} are \
              needed ({saved} saved boot chunks + {MIN_WORKING_SLOTS} working slots); the area needs \
-             at least {} bytes after byte {area_offset}",
-            slot_offset - area_offset + min_slots * c + tail
+             at least {need} bytes after byte {area_offset}{device}"
         )));
     }
     let layout = Layout {

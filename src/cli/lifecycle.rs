@@ -19,7 +19,7 @@ use crate::target::{open_source, pinned_identity, target_record};
 /// Seconds an offline command keeps retrying a failing fetch unless told otherwise.
 const OFFLINE_DEADLINE_SECS: u64 = 300;
 
-/// Boot set when none is given: partition table and boot loader.
+/// Boot set when no `--boot-range` is given: partition table and boot loader.
 const DEFAULT_BOOT_RANGE: std::ops::Range<u64> = 0..1 << 20;
 
 /// Arguments of `prepare`.
@@ -358,15 +358,36 @@ fn confirm(cli: &Cli, disk: &Path) -> Result<()> {
 fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
     let started = Instant::now();
     let mut meta = open_meta(&a.disk)?;
-    if meta.state() == State::Committed {
-        // Interrupted after every chunk was home: only the area removal is left.
-        relocate::remove_area(&mut meta).context("removing the released area")?;
-        emit(
-            cli,
-            json!({"ok": true, "state": "committed", "resumed": true}),
-            || format!("committed: {} now holds the target", a.disk.display()),
-        );
-        return Ok(());
+    // State errors first: they must not depend on the server being reachable, and they
+    // are not failures that running commit again would resume.
+    match meta.state() {
+        s @ (State::Prepared | State::Trial) if !a.force => {
+            bail!("the target is in state {s}, not confirmed: confirm it first, or commit --force")
+        }
+        s @ (State::RollingBack | State::RolledBack) => {
+            bail!("cannot commit in state {s}: a rollback was started; run rollback to finish it")
+        }
+        State::Committed => {
+            // Every target chunk is home already (a commit was interrupted while removing
+            // the released area): finish without the engine, which no longer serves it.
+            relocate::remove_area(&mut meta)
+                .context("commit failed (run commit again to resume)")?;
+            let target_size = meta.layout().target_size;
+            emit(
+                cli,
+                json!({"ok": true, "state": "committed", "resumed": true,
+                       "secs": started.elapsed().as_secs_f64()}),
+                || {
+                    format!(
+                        "committed: {} now holds the target ({}); finished an interrupted commit",
+                        a.disk.display(),
+                        human(target_size)
+                    )
+                },
+            );
+            return Ok(());
+        }
+        _ => {}
     }
     let engine = open_engine(meta, &a.targets, &a.net)?;
     let bars = Bars::new(cli.json, false);

@@ -7,6 +7,7 @@ pub mod size;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
 use crate::source::HttpOptions;
@@ -80,9 +81,55 @@ pub enum Command {
     },
 }
 
+/// Reports a command-line parsing error like every other error: one line
+/// `streamboot: error: ...` (help and version output are printed as clap prints them).
+fn usage_error(e: &clap::Error) -> i32 {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return e.exit_code();
+    }
+    let msg = one_line_usage_error(&e.render().to_string());
+    if std::env::args().any(|a| a == "--json") {
+        println!("{}", serde_json::json!({ "ok": false, "error": msg }));
+    }
+    eprintln!("streamboot: error: {msg}");
+    e.exit_code()
+}
+
+/// Folds clap's multi-line error text into one line: the message, the items listed under
+/// it, and the usage line, without the `error:` prefix and the `--help` hint.
+fn one_line_usage_error(rendered: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for line in rendered.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("For more information") {
+            continue;
+        }
+        if let Some(usage) = line.strip_prefix("Usage:") {
+            parts.push(format!("(usage: {})", usage.trim()));
+        } else {
+            parts.push(
+                line.strip_prefix("error:")
+                    .unwrap_or(line)
+                    .trim()
+                    .to_string(),
+            );
+        }
+    }
+    parts.push("(see --help)".into());
+    parts.join(" ")
+}
+
 /// Parses the command line and runs it. Returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     // Offline commands report failures in their one-line error; logs are opt-in.
     let level = match cli.verbose {
         0 => "off",

@@ -14,6 +14,7 @@ pub mod blockdev;
 pub mod cli;
 pub mod engine;
 pub mod plain;
+pub mod service;
 pub mod source;
 pub mod target;
 pub mod vhost;

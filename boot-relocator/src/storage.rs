@@ -65,6 +65,22 @@ impl FileStorage {
         })
     }
 
+    /// Takes an exclusive advisory lock on the disk (flock), so two streamboot
+    /// processes never change one disk at once. Returns false when another holds it.
+    pub fn try_lock(&self) -> io::Result<bool> {
+        // SAFETY: plain syscall on an fd we own; no memory is passed.
+        let rc = unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(false)
+        } else {
+            Err(e)
+        }
+    }
+
     /// The path this storage was opened from.
     pub fn path(&self) -> &Path {
         &self.path

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use boot_relocator::{relocate, FileStorage, MetaStore, PreparePhase, PrepareSpec, State, Storage};
+use boot_relocator::{relocate, MetaStore, PreparePhase, PrepareSpec, State, Storage};
 use clap::Args;
 use serde_json::json;
 
@@ -93,12 +93,12 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Confirm { disk } => confirm(cli, disk),
         Command::Commit(a) => commit(cli, a),
         Command::Rollback { disk } => rollback(cli, disk),
+        Command::Serve(a) => super::serve::run(a, cli.json),
     }
 }
 
 fn open_disk(path: &Path) -> Result<Arc<dyn Storage>> {
-    let s = FileStorage::open(path, true).with_context(|| format!("opening {}", path.display()))?;
-    Ok(Arc::new(s))
+    crate::service::open_locked(path, true).with_context(|| format!("opening {}", path.display()))
 }
 
 fn open_meta(path: &Path) -> Result<MetaStore> {

@@ -2,6 +2,7 @@
 
 mod lifecycle;
 mod progress;
+mod serve;
 pub mod size;
 
 use std::path::PathBuf;
@@ -73,6 +74,9 @@ pub enum Command {
     /// Move every target chunk home and remove the released area: DISK becomes a plain
     /// copy of the target (plus guest writes).
     Commit(lifecycle::CommitArgs),
+    /// Serve DISK to a VM as a vhost-user-blk device: the target while it streams (or a
+    /// plain disk). Runs until SIGTERM/SIGINT.
+    Serve(serve::ServeArgs),
     /// Restore the source bit for bit and remove the released area. Guest writes to the
     /// target are discarded.
     Rollback {
@@ -130,8 +134,11 @@ pub fn main() -> i32 {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
-    // Offline commands report failures in their one-line error; logs are opt-in.
+    // Offline commands report failures in their one-line error, so their logs are
+    // opt-in; a long-running serve logs what it does.
+    let serving = matches!(cli.command, Command::Serve(_));
     let level = match cli.verbose {
+        0 if serving => "info",
         0 => "off",
         1 => "warn",
         2 => "info",

@@ -19,7 +19,9 @@ pub mod socket;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use server::{serve, ServeOptions, ServeSummary, ShutdownHandle, VhostBlkServer};
+pub use server::{
+    serve, ConnectionEvents, ServeOptions, ServeSummary, ShutdownHandle, VhostBlkServer,
+};
 
 use crate::blockdev::BlockError;
 

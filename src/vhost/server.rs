@@ -29,8 +29,18 @@ use super::VhostError;
 /// Largest number of queues (the worker map is a 64-bit mask).
 pub const MAX_QUEUES: u16 = 64;
 
+/// Called by the server around each frontend connection (a VM boot), from the server
+/// thread: no request of that connection runs before `connected` returns, and none is
+/// left when `disconnected` runs, so a callback may switch what the block device serves.
+pub trait ConnectionEvents: Send + Sync {
+    /// A frontend connected.
+    fn connected(&self) {}
+    /// The frontend disconnected and its requests are done.
+    fn disconnected(&self) {}
+}
+
 /// How to serve.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// Path of the listening unix socket.
     pub socket_path: PathBuf,
@@ -45,6 +55,20 @@ pub struct ServeOptions {
     /// Shutdown handle to obey; a new one is made when `None`
     /// (see [`VhostBlkServer::shutdown_handle`]).
     pub shutdown: Option<ShutdownHandle>,
+    /// Hooks around each connection.
+    pub events: Option<Arc<dyn ConnectionEvents>>,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("socket_path", &self.socket_path)
+            .field("num_queues", &self.num_queues)
+            .field("queue_size", &self.queue_size)
+            .field("io_threads", &self.io_threads)
+            .field("socket_group", &self.socket_group)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServeOptions {
@@ -57,6 +81,7 @@ impl ServeOptions {
             io_threads: 4,
             socket_group: None,
             shutdown: None,
+            events: None,
         }
     }
 
@@ -132,6 +157,11 @@ impl ShutdownHandle {
     /// True once [`Self::shutdown`] was called.
     pub fn is_requested(&self) -> bool {
         self.inner.requested.load(Ordering::SeqCst)
+    }
+
+    /// True while a frontend is connected.
+    pub fn is_connected(&self) -> bool {
+        self.inner.connection.lock().is_some()
     }
 
     fn set_connection(&self, conn: Option<vhost_user_backend::ShutdownHandle>) {
@@ -258,6 +288,9 @@ impl VhostBlkServer {
             );
         }
         self.pool.wait_idle();
+        if let Some(ev) = &self.opts.events {
+            ev.disconnected();
+        }
         result
     }
 
@@ -279,6 +312,9 @@ impl VhostBlkServer {
             .start(&mut self.listener)
             .map_err(|e| VhostError::Daemon(e.to_string()))?;
         tracing::info!("vhost-user frontend connected");
+        if let Some(ev) = &self.opts.events {
+            ev.connected();
+        }
         self.shutdown.set_connection(daemon.shutdown_handle());
         let result = daemon.wait();
         self.shutdown.set_connection(None);

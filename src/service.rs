@@ -1,0 +1,520 @@
+//! What `streamboot serve` runs behind the vhost-user socket: decides at start whether
+//! the disk presents the target (engine) or a plain image (after commit, rollback or
+//! fallback), runs the trial-boot state machine, background hydration, commit and
+//! rollback. Independent of the transports (vhost-user, control API) that drive it.
+//!
+//! Trial boots are counted per VM connection: each frontend connection while the target
+//! is in trial is one start. When a trial boot ends (disconnect) with the counter at the
+//! limit and no confirm, the service falls back: rollback, then the source is served to
+//! the next connection. A serve start finding the counter at the limit falls back too.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use boot_relocator::{relocate, FileStorage, MetaStore, State, Storage};
+use parking_lot::{Mutex, RwLock};
+
+use crate::blockdev::{BlockBackend, BlockError};
+use crate::engine::{Engine, EngineError, EngineOptions, HydrateOptions, Hydrator, Status};
+use crate::plain::PlainDisk;
+use crate::source::HttpOptions;
+use crate::target::{open_source, pinned_identity};
+use crate::vhost::{ConnectionEvents, ShutdownHandle};
+
+/// Errors of the service.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request conflicts with the current state (wrong state, VM connected, busy).
+    #[error("{0}")]
+    Conflict(String),
+    /// Disk, metadata or engine failure.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Metadata failure.
+    #[error(transparent)]
+    Reloc(#[from] boot_relocator::RelocError),
+    /// Opening the target failed.
+    #[error("opening the target: {0}")]
+    Source(#[from] crate::source::SourceError),
+    /// I/O failure.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Block device failure.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+}
+
+/// How to serve.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// The disk.
+    pub disk: PathBuf,
+    /// Refuse guest writes.
+    pub read_only: bool,
+    /// Trial starts before fallback (None: as recorded by prepare).
+    pub max_trial_starts: Option<u8>,
+    /// Fetch from these URLs instead of the recorded ones (same pinned image).
+    pub targets: Vec<String>,
+    /// HTTP options for the source.
+    pub http: HttpOptions,
+    /// Hydrate in the background.
+    pub hydrate: bool,
+    /// Hydration rate limit in bytes per second (0 = unlimited).
+    pub hydrate_rate: u64,
+}
+
+/// What the disk presents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The target image, streaming.
+    Target,
+    /// A plain disk (committed target, or no migration).
+    Plain,
+    /// The source again, after a rollback or fallback.
+    Source,
+}
+
+/// A block device whose backing can be replaced between VM connections. Requests hold
+/// a shared lock for their whole run, so a switch waits for requests in flight.
+pub struct SwitchDisk {
+    inner: RwLock<Arc<dyn BlockBackend>>,
+}
+
+impl SwitchDisk {
+    fn new(b: Arc<dyn BlockBackend>) -> Self {
+        Self {
+            inner: RwLock::new(b),
+        }
+    }
+}
+
+impl BlockBackend for SwitchDisk {
+    fn capacity(&self) -> u64 {
+        self.inner.read().capacity()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read().read_only()
+    }
+    fn logical_block_size(&self) -> u32 {
+        self.inner.read().logical_block_size()
+    }
+    fn optimal_io_size(&self) -> u32 {
+        self.inner.read().optimal_io_size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.inner.read().read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        self.inner.read().write_at(offset, buf)
+    }
+    fn flush(&self) -> Result<(), BlockError> {
+        self.inner.read().flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.inner.read().discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.inner.read().write_zeroes(offset, len)
+    }
+    fn device_id(&self) -> Vec<u8> {
+        self.inner.read().device_id()
+    }
+    fn is_local(&self, offset: u64, len: u64) -> bool {
+        self.inner.read().is_local(offset, len)
+    }
+}
+
+/// A listener for `(event, message)` state events.
+type EventListener = Box<dyn Fn(&str, &str) + Send + Sync>;
+
+struct Background {
+    hydrator: Option<(Arc<Hydrator>, JoinHandle<()>)>,
+    commit: Option<JoinHandle<()>>,
+}
+
+/// The running service.
+pub struct Service {
+    cfg: ServiceConfig,
+    storage: Arc<dyn Storage>,
+    disk: Arc<SwitchDisk>,
+    engine: Mutex<Option<Arc<Engine>>>,
+    mode: Mutex<Mode>,
+    max_trial: u8,
+    bg: Mutex<Background>,
+    last_error: Arc<Mutex<Option<String>>>,
+    connection: Mutex<Option<ShutdownHandle>>,
+    events: Mutex<Vec<EventListener>>,
+}
+
+fn plain(
+    storage: &Arc<dyn Storage>,
+    read_only: bool,
+    capacity: u64,
+) -> Result<Arc<dyn BlockBackend>, ServiceError> {
+    Ok(Arc::new(
+        PlainDisk::new(storage.clone(), read_only)?.with_capacity(capacity),
+    ))
+}
+
+/// Opens the disk for serving (or an offline command) and takes its exclusive lock.
+pub fn open_locked(path: &Path, writable: bool) -> Result<Arc<dyn Storage>, ServiceError> {
+    let st = FileStorage::open(path, writable)?;
+    if !st.try_lock()? {
+        return Err(ServiceError::Conflict(format!(
+            "{} is in use by another streamboot process (a running serve?); use its control socket",
+            path.display()
+        )));
+    }
+    Ok(Arc::new(st))
+}
+
+impl Service {
+    /// Opens the disk and decides what to serve: see the module documentation.
+    pub fn start(cfg: ServiceConfig) -> Result<Arc<Self>, ServiceError> {
+        let storage = open_locked(&cfg.disk, !cfg.read_only)?;
+        let mut fell_back = false;
+        let (mode, engine, max_trial) =
+            match MetaStore::open(storage.clone())? {
+                None => (Mode::Plain, None, 0),
+                Some(mut meta) => {
+                    let sb = meta.superblock().clone();
+                    let max = cfg.max_trial_starts.unwrap_or(sb.max_trial_starts).max(1);
+                    match sb.state {
+                        State::Preparing => return Err(ServiceError::Conflict(
+                            "prepare was interrupted: run prepare again to resume it, or rollback"
+                                .into(),
+                        )),
+                        State::Committed => {
+                            relocate::remove_area(&mut meta)?;
+                            (Mode::Plain, None, max)
+                        }
+                        State::RollingBack | State::RolledBack => {
+                            relocate::rollback(&mut meta, &mut |_, _, _| {})?;
+                            (Mode::Source, None, max)
+                        }
+                        State::Trial if sb.start_counter >= max => {
+                            tracing::warn!(
+                            starts = sb.start_counter,
+                            "trial start limit reached without confirm: falling back to the source"
+                        );
+                            relocate::rollback(&mut meta, &mut |_, _, _| {})?;
+                            fell_back = true;
+                            (Mode::Source, None, max)
+                        }
+                        _ => {
+                            let urls = if cfg.targets.is_empty() {
+                                sb.target.urls.clone()
+                            } else {
+                                cfg.targets.clone()
+                            };
+                            let src = open_source(&urls, Some(&pinned_identity(&sb)), &cfg.http)?;
+                            let mut e = Engine::new(meta, src, EngineOptions::default())?;
+                            e.set_read_only(cfg.read_only);
+                            (Mode::Target, Some(Arc::new(e)), max)
+                        }
+                    }
+                }
+            };
+        let backend: Arc<dyn BlockBackend> = match &engine {
+            Some(e) => e.clone(),
+            None => {
+                let len = storage.len()?;
+                plain(&storage, cfg.read_only, len)?
+            }
+        };
+        let svc = Arc::new(Self {
+            disk: Arc::new(SwitchDisk::new(backend)),
+            storage,
+            engine: Mutex::new(engine),
+            mode: Mutex::new(mode),
+            max_trial,
+            bg: Mutex::new(Background {
+                hydrator: None,
+                commit: None,
+            }),
+            last_error: Arc::new(Mutex::new(None)),
+            connection: Mutex::new(None),
+            events: Mutex::new(Vec::new()),
+            cfg,
+        });
+        if fell_back {
+            *svc.last_error.lock() =
+                Some("trial start limit reached without confirm: fell back to the source".into());
+        }
+        if mode == Mode::Target {
+            let committing = svc.engine().is_some_and(|e| e.state() == State::Committing);
+            if committing {
+                svc.commit_in_background(true)?;
+            } else if svc.cfg.hydrate {
+                svc.start_hydration();
+            }
+        }
+        Ok(svc)
+    }
+
+    /// The block device to hand to a front end.
+    pub fn block_device(&self) -> Arc<SwitchDisk> {
+        self.disk.clone()
+    }
+
+    /// Registers a listener for state events `(event, message)` (e.g. `--notify`).
+    pub fn on_event(&self, f: impl Fn(&str, &str) + Send + Sync + 'static) {
+        self.events.lock().push(Box::new(f));
+    }
+
+    fn emit(&self, event: &str, msg: &str) {
+        tracing::info!(event, "{msg}");
+        for f in self.events.lock().iter() {
+            f(event, msg);
+        }
+    }
+
+    /// Lets the service know the vhost server's handle (to tell if a VM is connected).
+    pub fn set_server(&self, h: ShutdownHandle) {
+        *self.connection.lock() = Some(h);
+    }
+
+    /// True while a VM is connected.
+    pub fn vm_connected(&self) -> bool {
+        self.connection
+            .lock()
+            .as_ref()
+            .is_some_and(|h| h.is_connected())
+    }
+
+    /// The engine, while the target is served.
+    pub fn engine(&self) -> Option<Arc<Engine>> {
+        self.engine.lock().clone()
+    }
+
+    /// What is served.
+    pub fn mode(&self) -> Mode {
+        *self.mode.lock()
+    }
+
+    /// The hydrator, while one runs.
+    pub fn hydrator(&self) -> Option<Arc<Hydrator>> {
+        self.bg.lock().hydrator.as_ref().map(|(h, _)| h.clone())
+    }
+
+    /// The last error worth reporting (failed fetch, failed commit, fallback).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().clone()
+    }
+
+    /// Engine status, or a minimal one for a plain disk.
+    pub fn status(&self) -> Status {
+        match self.engine() {
+            Some(e) => e.status(),
+            None => Status {
+                state: match self.mode() {
+                    Mode::Source => "rolled-back".into(),
+                    _ => "plain".into(),
+                },
+                target_size: self.disk.capacity(),
+                ..Status::default()
+            },
+        }
+    }
+
+    /// Trial starts allowed.
+    pub fn max_trial_starts(&self) -> u8 {
+        self.max_trial
+    }
+
+    fn start_hydration(&self) {
+        let Some(engine) = self.engine() else { return };
+        let mut bg = self.bg.lock();
+        if bg.hydrator.is_some() {
+            return;
+        }
+        let h = Arc::new(Hydrator::new(
+            HydrateOptions::default(),
+            self.cfg.hydrate_rate,
+        ));
+        let (h2, err) = (h.clone(), self.last_error.clone());
+        let t = std::thread::Builder::new()
+            .name("hydrator".into())
+            .spawn(move || match h2.run(&engine, &|_, _| {}) {
+                Ok(r) if r.area_full => {
+                    tracing::info!("released area full: hydration waits for commit")
+                }
+                Ok(r) => tracing::info!(bytes = r.bytes, secs = r.secs, "hydration finished"),
+                Err(e) => {
+                    tracing::error!("hydration stopped: {e}");
+                    *err.lock() = Some(format!("hydration stopped: {e}"));
+                }
+            })
+            .expect("spawn hydrator thread");
+        bg.hydrator = Some((h, t));
+    }
+
+    fn stop_hydration(&self) {
+        let taken = self.bg.lock().hydrator.take();
+        if let Some((h, t)) = taken {
+            h.stop();
+            let _ = t.join();
+        }
+    }
+
+    /// Confirms the target (ends the trial).
+    pub fn confirm(&self) -> Result<String, ServiceError> {
+        let e = self.engine().ok_or_else(|| {
+            ServiceError::Conflict(format!("nothing to confirm: serving {:?}", self.mode()))
+        })?;
+        match e.state() {
+            State::Prepared | State::Trial => {
+                e.update_superblock(|sb| sb.state = State::Confirmed)?;
+                self.emit("confirmed", "target confirmed");
+                Ok("target confirmed".into())
+            }
+            State::Confirmed => Ok("target already confirmed".into()),
+            s => Err(ServiceError::Conflict(format!(
+                "cannot confirm in state {s}"
+            ))),
+        }
+    }
+
+    /// Starts commit in the background (from `confirmed`, or resuming `committing`).
+    pub fn commit(self: &Arc<Self>) -> Result<String, ServiceError> {
+        self.commit_in_background(false)?;
+        Ok("commit started".into())
+    }
+
+    fn commit_in_background(self: &Arc<Self>, resume: bool) -> Result<(), ServiceError> {
+        let e = self.engine().ok_or_else(|| {
+            ServiceError::Conflict(format!("nothing to commit: serving {:?}", self.mode()))
+        })?;
+        let state = e.state();
+        if !resume && state != State::Confirmed {
+            return Err(ServiceError::Conflict(match state {
+                State::Committing => "commit is already running".into(),
+                s => format!("cannot commit in state {s}: confirm the target first"),
+            }));
+        }
+        let mut bg = self.bg.lock();
+        if bg.commit.as_ref().is_some_and(|t| !t.is_finished()) {
+            return Err(ServiceError::Conflict("commit is already running".into()));
+        }
+        let svc = self.clone();
+        bg.commit = Some(
+            std::thread::Builder::new()
+                .name("commit".into())
+                .spawn(move || {
+                    svc.emit("committing", "commit started");
+                    svc.stop_hydration();
+                    match e.commit(false, HydrateOptions::default(), &|_, _, _| {}) {
+                        Ok(()) => {
+                            svc.emit("committed", "commit finished: the disk holds the target")
+                        }
+                        Err(err) => {
+                            tracing::error!("commit failed: {err}");
+                            *svc.last_error.lock() = Some(format!("commit failed: {err}"));
+                            svc.emit("commit-failed", &err.to_string());
+                        }
+                    }
+                })
+                .expect("spawn commit thread"),
+        );
+        Ok(())
+    }
+
+    /// Rolls back to the source and serves it from now on. Only with no VM connected.
+    pub fn rollback(&self) -> Result<String, ServiceError> {
+        if self.vm_connected() {
+            return Err(ServiceError::Conflict(
+                "a VM is connected: stop it before rolling back".into(),
+            ));
+        }
+        self.do_rollback("rolled back")
+    }
+
+    fn do_rollback(&self, why: &str) -> Result<String, ServiceError> {
+        let Some(e) = self.engine() else {
+            return Err(ServiceError::Conflict(format!(
+                "nothing to roll back: serving {:?}",
+                self.mode()
+            )));
+        };
+        if !e.state().source_recoverable() {
+            return Err(ServiceError::Conflict(format!(
+                "cannot roll back in state {}",
+                e.state()
+            )));
+        }
+        self.stop_hydration();
+        let mut slot = self.disk.inner.write();
+        e.flush()?;
+        let source_size = e.layout().source_size;
+        e.with_meta(|m| relocate::rollback(m, &mut |_, _, _| {}))?;
+        *slot = plain(&self.storage, self.cfg.read_only, source_size)?;
+        *self.engine.lock() = None;
+        *self.mode.lock() = Mode::Source;
+        drop(slot);
+        let msg = format!(
+            "{why}: the disk holds the source again; writes made to the target were discarded"
+        );
+        self.emit("rolled-back", &msg);
+        Ok(msg)
+    }
+
+    /// Stops background work and makes everything durable (on shutdown).
+    pub fn shutdown(&self) -> Result<(), ServiceError> {
+        self.stop_hydration();
+        let commit = self.bg.lock().commit.take();
+        if let Some(t) = commit {
+            // A commit in progress is resumable: stop waiting for it only if it is done.
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::info!("commit still running at shutdown; it resumes at the next start");
+            }
+        }
+        self.disk.flush()?;
+        Ok(())
+    }
+}
+
+impl ConnectionEvents for Service {
+    fn connected(&self) {
+        let Some(e) = self.engine() else { return };
+        let state = e.state();
+        if matches!(state, State::Prepared | State::Trial) {
+            let r = e.update_superblock(|sb| {
+                sb.state = State::Trial;
+                sb.start_counter = sb.start_counter.saturating_add(1);
+            });
+            match r {
+                Ok(()) => {
+                    let n = e.with_meta(|m| m.superblock().start_counter);
+                    self.emit(
+                        "trial-start",
+                        &format!("trial start {n} of {}", self.max_trial),
+                    );
+                }
+                Err(err) => tracing::error!("recording the trial start failed: {err}"),
+            }
+        }
+    }
+
+    fn disconnected(&self) {
+        let Some(e) = self.engine() else { return };
+        let (state, n) = e.with_meta(|m| (m.state(), m.superblock().start_counter));
+        if state == State::Trial && n >= self.max_trial {
+            tracing::warn!(
+                starts = n,
+                "trial start limit reached without confirm: falling back to the source"
+            );
+            if let Err(err) = self.do_rollback("fell back") {
+                tracing::error!("fallback failed: {err}");
+                *self.last_error.lock() = Some(format!("fallback failed: {err}"));
+            } else {
+                *self.last_error.lock() = Some(
+                    "trial start limit reached without confirm: fell back to the source".into(),
+                );
+            }
+        }
+    }
+}

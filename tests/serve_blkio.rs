@@ -1,0 +1,282 @@
+//! `streamboot serve` end to end: the real binary streams a target from a real nginx,
+//! and libblkio (an independent vhost-user-blk client) reads and writes it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use common::blkio_client::Client;
+use common::disk::{cli_ok, sha256, sha256_file};
+use common::nginx::Nginx;
+
+/// A running `streamboot serve`; SIGTERM on drop.
+struct Served {
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+impl Served {
+    fn start(disk: &Path, socket: &Path, extra: &[&str]) -> Served {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
+            .arg("serve")
+            .arg(disk)
+            .arg("--socket")
+            .arg(socket)
+            .args(extra)
+            .env("STREAMBOOT_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start serve");
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "serve did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Served {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// Stops with SIGTERM and checks the clean exit.
+    fn stop(mut self) {
+        let mut c = self.child.take().unwrap();
+        // SAFETY: sending a signal to our own child process by pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let st = c.wait().unwrap();
+        assert!(
+            st.success(),
+            "serve did not exit cleanly on SIGTERM: {st:?}"
+        );
+        assert!(!self.socket.exists(), "socket left behind");
+    }
+
+    /// Simulates a crash of the backend.
+    fn kill9(mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads the whole device with `queues` queues and `depth` requests in flight each.
+fn read_all(sock: &Path, queues: usize, depth: usize, req: usize) -> Vec<u8> {
+    let mut c = Client::connect(sock, queues as i32, queues * depth * req).unwrap();
+    let cap = c.capacity as usize;
+    let mut out = vec![0u8; cap];
+    let mut next = 0usize;
+    let mut inflight: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); queues]; // (tag=slot, offset, len)
+    loop {
+        for q in 0..queues {
+            while inflight[q].len() < depth && next < cap {
+                let len = req.min(cap - next);
+                let slot = (0..depth)
+                    .find(|s| !inflight[q].iter().any(|x| x.0 == *s))
+                    .unwrap();
+                c.submit_read(q, next as u64, (q * depth + slot) * req, len, slot);
+                inflight[q].push((slot, next, len));
+                next += len;
+            }
+        }
+        if inflight.iter().all(|v| v.is_empty()) {
+            break;
+        }
+        for q in 0..queues {
+            if inflight[q].is_empty() {
+                continue;
+            }
+            for d in c.wait(q, 1).unwrap() {
+                assert_eq!(d.ret, 0, "read failed");
+                let i = inflight[q].iter().position(|x| x.0 == d.user_data).unwrap();
+                let (slot, off, len) = inflight[q].remove(i);
+                let from = (q * depth + slot) * req;
+                out[off..off + len].copy_from_slice(&c.buf(from..from + len).to_vec());
+            }
+        }
+    }
+    out
+}
+
+/// Images are sector multiples (virtio capacity counts 512-byte sectors) but not chunk
+/// multiples.
+fn setup(
+    nginx: &Nginx,
+    name: &str,
+    s: usize,
+    t: usize,
+    seed: u64,
+    prepare_args: &[&str],
+) -> (tempfile::TempDir, PathBuf, Vec<u8>, Vec<u8>) {
+    let source = common::random_bytes(seed, s);
+    let mut target = common::random_bytes(seed + 1, t);
+    target[t / 2..t / 2 + 500_000].fill(0);
+    nginx.put(name, &target);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("disk.img");
+    std::fs::write(&d, &source).unwrap();
+    let url = nginx.url(name);
+    let mut args = vec!["prepare", d.to_str().unwrap(), "--target", &url];
+    args.extend_from_slice(prepare_args);
+    cli_ok(&args);
+    (dir, d, source, target)
+}
+
+#[test]
+fn whole_device_streams_equal_to_target() {
+    let nginx = Nginx::start();
+    for (i, (queues, hydrate)) in [(1usize, false), (4, false), (4, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let (dir, d, _, target) = setup(
+            &nginx,
+            &format!("s{i}.img"),
+            6_000_000,
+            9_437_184 + 512 * i,
+            10 + i as u64,
+            &[],
+        );
+        let sock = dir.path().join("vu.sock");
+        let q = queues.to_string();
+        let mut extra = vec!["--queues", q.as_str()];
+        if !hydrate {
+            extra.push("--no-hydrate");
+        }
+        let srv = Served::start(&d, &sock, &extra);
+        let all = read_all(&sock, queues, 8, 128 << 10);
+        assert_eq!(all.len(), target.len(), "capacity != target size");
+        assert_eq!(
+            sha256(&all),
+            sha256(&target),
+            "queues {queues} hydrate {hydrate}: device != target"
+        );
+        srv.stop();
+    }
+}
+
+#[test]
+fn flushed_writes_survive_backend_crash_restart_and_reconnect() {
+    let nginx = Nginx::start();
+    let (dir, d, _, target) = setup(
+        &nginx,
+        "w.img",
+        3_000_000,
+        4_000_256,
+        30,
+        &["--chunk-size", "16K"],
+    );
+    // Confirmed: the many connections below are not trial boots.
+    cli_ok(&["confirm", d.to_str().unwrap()]);
+    let sock = dir.path().join("vu.sock");
+    let mut model = target.clone();
+    let mut rng = common::test_rng(31);
+    let srv = Served::start(&d, &sock, &["--no-hydrate"]);
+    {
+        let mut c = Client::connect(&sock, 1, 1 << 20).unwrap();
+        for _ in 0..50 {
+            let off = rng.random_range(0..(target.len() - 70_000) / 512) * 512;
+            let len = rng.random_range(1..128) * 512;
+            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            c.buf(0..len).copy_from_slice(&data);
+            assert_eq!(c.write(off as u64, 0, len), 0);
+            model[off..off + len].copy_from_slice(&data);
+        }
+        assert_eq!(c.flush(), 0);
+    }
+    // A crash (no shutdown flush) after the flush: everything flushed is there.
+    srv.kill9();
+    let srv = Served::start(&d, &sock, &["--no-hydrate", "--queues", "2"]);
+    assert!(
+        read_all(&sock, 2, 4, 64 << 10) == model,
+        "flushed writes lost across a backend crash"
+    );
+    // A client reconnect to the same backend sees them too; then a clean restart.
+    assert!(
+        read_all(&sock, 1, 2, 256 << 10) == model,
+        "reconnect lost data"
+    );
+    srv.stop();
+    let srv = Served::start(&d, &sock, &["--queues", "4"]);
+    let all = read_all(&sock, 4, 8, 128 << 10);
+    if all != model {
+        let bad: Vec<usize> = (0..model.len())
+            .step_by(512)
+            .filter(|&i| all[i..i + 512] != model[i..i + 512])
+            .collect();
+        let tgt: usize = bad
+            .iter()
+            .filter(|&&i| all[i..i + 512] == target[i..i + 512])
+            .count();
+        panic!("after restart with hydration: {} sectors differ (first {:?}), {tgt} of them hold the unwritten target", bad.len(), &bad[..bad.len().min(8)]);
+    }
+    srv.stop();
+    // Commit offline; the disk file is target + writes.
+    cli_ok(&["commit", d.to_str().unwrap(), "--force"]);
+    assert_eq!(sha256_file(&d), sha256(&model));
+}
+
+#[test]
+fn trial_start_limit_falls_back_to_source() {
+    let nginx = Nginx::start();
+    let (dir, d, source, target) = setup(
+        &nginx,
+        "f.img",
+        2_000_384,
+        2_500_096,
+        40,
+        &["--max-trial-starts", "2"],
+    );
+    let sock = dir.path().join("vu.sock");
+    let srv = Served::start(&d, &sock, &["--no-hydrate"]);
+    for boot in 1..=2 {
+        let all = read_all(&sock, 1, 4, 64 << 10);
+        assert!(all == target, "trial boot {boot} did not see the target");
+    }
+    // Two unconfirmed trial boots ended: the next connection sees the source.
+    let all = read_all(&sock, 1, 4, 64 << 10);
+    assert_eq!(
+        all.len(),
+        source.len(),
+        "fallback did not switch to the source's size"
+    );
+    assert!(all == source, "fallback did not serve the source");
+    srv.stop();
+    assert_eq!(
+        sha256_file(&d),
+        sha256(&source),
+        "disk is not the source after fallback"
+    );
+}
+
+#[test]
+fn confirm_offline_is_refused_while_serving() {
+    let nginx = Nginx::start();
+    let (dir, d, _, _) = setup(&nginx, "c.img", 1_000_000, 1_200_000, 50, &[]);
+    let sock = dir.path().join("vu.sock");
+    let srv = Served::start(&d, &sock, &["--no-hydrate"]);
+    let err = common::disk::cli_err(&["confirm", d.to_str().unwrap()]);
+    assert!(
+        err.contains("in use by another streamboot process"),
+        "{err}"
+    );
+    srv.stop();
+    cli_ok(&["confirm", d.to_str().unwrap()]);
+}

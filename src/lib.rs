@@ -9,5 +9,6 @@
 
 pub mod blockdev;
 pub mod source;
+pub mod store;
 
 pub use boot_relocator;

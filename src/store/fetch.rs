@@ -260,19 +260,21 @@ async fn get_once(
             status,
         });
     }
-    if let Some(n) = resp.content_length() {
+    // Read it now: reqwest's value is a size hint of what is left to read.
+    let declared = resp.content_length();
+    if let Some(n) = declared {
         if n > max_len {
             return Err(too_large(url, n, max_len));
         }
     }
-    let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0).min(max_len) as usize);
+    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(max_len) as usize);
     while let Some(part) = resp.chunk().await.map_err(map)? {
         if (body.len() + part.len()) as u64 > max_len {
             return Err(too_large(url, (body.len() + part.len()) as u64, max_len));
         }
         body.extend_from_slice(&part);
     }
-    if let Some(n) = resp.content_length() {
+    if let Some(n) = declared {
         if n != body.len() as u64 {
             return Err(SourceError::BadResponse {
                 url: url.to_owned(),

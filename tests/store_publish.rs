@@ -436,3 +436,71 @@ fn publish_rejects_bad_arguments() {
     let r = publish(&empty, &st, "empty", 4096, None, false).unwrap();
     assert_eq!(r.chunks_total, 0);
 }
+
+/// Publish throughput on a 256 MiB image (ignored by default; run in release):
+/// `cargo test --release --test store_publish -- --ignored --nocapture publish_throughput`.
+/// The image is half random data, a quarter compressible text and a quarter zeros; it is
+/// published into a fresh store without and with compression, then again (all reused).
+/// `STORE_BENCH_DIR=/dev/shm` runs it on tmpfs, leaving only the CPU work.
+#[test]
+#[ignore]
+fn publish_throughput_256mib() {
+    // STORE_BENCH_DIR picks the file system (e.g. /dev/shm to take the disk out).
+    let tmp = match std::env::var_os("STORE_BENCH_DIR") {
+        Some(d) => tempfile::tempdir_in(d).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
+    let mut img = random_bytes(42, 256 * MIB);
+    let mut text = Vec::with_capacity(64 * MIB);
+    let mut i = 0u64;
+    while text.len() < 64 * MIB {
+        text.extend_from_slice(format!("{i:08} some log line of a root file system\n").as_bytes());
+        i += 1;
+    }
+    img[128 * MIB..192 * MIB].copy_from_slice(&text[..64 * MIB]);
+    img[192 * MIB..].fill(0);
+    let p = write_image(tmp.path(), "big.img", &img);
+    // CPU cost of the parts, single thread, for comparison with the wall-clock figures.
+    let t = std::time::Instant::now();
+    for c in img.chunks(MIB) {
+        std::hint::black_box(blake3::hash(c));
+    }
+    let hash_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    for c in img[..192 * MIB].chunks(MIB) {
+        std::hint::black_box(zstd::bulk::compress(c, 3).unwrap());
+    }
+    let zstd_s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "one core: BLAKE3 {:.0} MiB/s, zstd-3 on the non-zero part {:.0} MiB/s",
+        256.0 / hash_s,
+        192.0 / zstd_s
+    );
+    drop(img);
+    let key = key(1);
+    for (store, cs, compress) in [
+        ("s1", MIB, false),
+        ("s2", MIB, true),
+        ("s3", 64 * 1024, false),
+    ] {
+        let st = tmp.path().join(store);
+        for run in ["fresh", "again"] {
+            let mut o = PublishOptions::new(cs as u64);
+            o.key = Some(&key);
+            o.compress = compress;
+            o.threads = std::env::var("STORE_BENCH_THREADS").map_or(0, |t| t.parse().unwrap());
+            let r = store::publish_with(&p, &st, "big", &o).unwrap();
+            eprintln!(
+                "publish 256 MiB, {} KiB chunks, compress={compress}, {run}: {:.0} MiB/s \
+                 ({:.2} s; new {} reused {} zero {}; stored {} bytes)",
+                cs / 1024,
+                r.throughput_mib_s,
+                r.elapsed_secs,
+                r.chunks_new,
+                r.chunks_reused,
+                r.chunks_zero,
+                r.bytes_stored
+            );
+        }
+    }
+}

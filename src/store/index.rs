@@ -223,8 +223,8 @@ fn check_shift(shift: u8) -> Result<(), IndexError> {
     }
 }
 
-/// Checks that the profile lists distinct chunk numbers below `chunks`.
-fn check_profile(profile: &[u32], chunks: u64) -> Result<(), IndexError> {
+/// Checks that a boot profile lists distinct chunk numbers below `chunks`.
+pub fn check_profile(profile: &[u32], chunks: u64) -> Result<(), IndexError> {
     // One bit per chunk; `chunks` was already bounded by the input length or by the
     // caller's own entry vector, so this allocation is bounded too.
     let mut seen = bitvec::vec::BitVec::<u64>::repeat(false, chunks as usize);

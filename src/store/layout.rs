@@ -191,9 +191,19 @@ impl StoreDir {
 
     /// Writes `data` to `dest` atomically: a unique temporary file in `tmp/` is written
     /// and fsynced, then renamed over `dest`. The caller syncs `dest`'s directory (see
-    /// [`sync_dir`]) before it relies on the rename being durable; that lets publish sync
-    /// each chunk directory once instead of once per chunk.
+    /// [`sync_dir`]) before it relies on the rename being durable.
     pub fn write_atomic(&self, dest: &Path, data: &[u8]) -> Result<(), StoreError> {
+        let tmp = self.write_temp(data, true)?;
+        fs::rename(&tmp, dest).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            StoreError::io(dest, e)
+        })
+    }
+
+    /// Writes `data` to a new uniquely named file in `tmp/` and returns its path; fsyncs it
+    /// when `sync` is set. Publish writes objects unsynced and makes them all durable with
+    /// one [`sync_fs`] before renaming them into place: one flush instead of one per chunk.
+    pub fn write_temp(&self, data: &[u8], sync: bool) -> Result<PathBuf, StoreError> {
         let tmp = self.tmp_dir().join(format!(
             "{}-{}.tmp",
             std::process::id(),
@@ -206,15 +216,26 @@ impl StoreDir {
                 .open(&tmp)
                 .map_err(|e| StoreError::io(&tmp, e))?;
             f.write_all(data).map_err(|e| StoreError::io(&tmp, e))?;
-            f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
-            drop(f);
-            fs::rename(&tmp, dest).map_err(|e| StoreError::io(dest, e))
+            if sync {
+                f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
+            }
+            Ok(())
         })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+        match result {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
         }
-        result
     }
+}
+
+/// Flushes every file of the file system holding `path` (`syncfs(2)`), reporting
+/// write-back errors.
+pub fn sync_fs(path: &Path) -> Result<(), StoreError> {
+    let f = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    rustix::fs::syncfs(&f).map_err(|e| StoreError::io(path, e.into()))
 }
 
 /// Held store lock; released when dropped (the kernel also releases it if the process

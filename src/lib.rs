@@ -9,6 +9,8 @@
 //! - [`virtio`]: the virtio-blk request layer (descriptor chains to block requests).
 //! - [`vhost`]: the vhost-user-blk backend serving a block device over a unix socket.
 //! - [`plain`]: a block device serving a disk as it is (after commit or rollback).
+//! - [`service`]: what `serve` runs: trial boots, fallback, hydration, commit, rollback.
+//! - [`store`]: the deduplicated, signed chunk store (publish, stats, gc).
 
 pub mod blockdev;
 pub mod cli;
@@ -16,6 +18,7 @@ pub mod engine;
 pub mod plain;
 pub mod service;
 pub mod source;
+pub mod store;
 pub mod target;
 pub mod vhost;
 pub mod virtio;

@@ -99,16 +99,16 @@ fn read_all(sock: &Path, queues: usize, depth: usize, req: usize) -> Vec<u8> {
         if inflight.iter().all(|v| v.is_empty()) {
             break;
         }
-        for q in 0..queues {
-            if inflight[q].is_empty() {
+        for (q, fl) in inflight.iter_mut().enumerate() {
+            if fl.is_empty() {
                 continue;
             }
             for d in c.wait(q, 1).unwrap() {
                 assert_eq!(d.ret, 0, "read failed");
-                let i = inflight[q].iter().position(|x| x.0 == d.user_data).unwrap();
-                let (slot, off, len) = inflight[q].remove(i);
+                let i = fl.iter().position(|x| x.0 == d.user_data).unwrap();
+                let (slot, off, len) = fl.remove(i);
                 let from = (q * depth + slot) * req;
-                out[off..off + len].copy_from_slice(&c.buf(from..from + len).to_vec());
+                out[off..off + len].copy_from_slice(c.buf(from..from + len));
             }
         }
     }

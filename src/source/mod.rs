@@ -5,6 +5,8 @@
 //! HTTP server, a local file or a chunk store; each source verifies what it returns
 //! (pinned validators, exact ranges, chunk hashes) before handing it over.
 
+pub mod store;
+
 use std::fmt;
 
 pub mod file;

@@ -1,0 +1,352 @@
+//! [`StoreSource`]: a target image read out of a chunk store (local directory or HTTP).
+//!
+//! Opening fetches the image's index and checks it against the trusted key(s) (or, only if
+//! the caller opted out explicitly, not at all). The index hash becomes the source's
+//! identity validator, so a migration pins one exact image. Reads fetch the chunk objects
+//! covering the range, decompress and check each against its BLAKE3 hash before a single
+//! byte is copied out; zero chunks are filled without fetching. A small LRU of verified
+//! chunks (keyed by hash) serves reads smaller than a chunk without fetching it again.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use ed25519_dalek::VerifyingKey;
+use parking_lot::Mutex;
+
+use super::{check_range, RemoteSource, SourceError, SourceIdentity};
+use crate::store::fetch::{FetchOptions, Fetcher, StoreLocation};
+use crate::store::index::{ChunkEntry, ChunkHash, Index, IndexHash, Trust, MAX_INDEX_LEN};
+use crate::store::layout::{chunk_rel, index_rel, validate_name, INDEXES_DIR, INDEX_SUFFIX};
+use crate::store::{decode_object, max_object_len, KeyId};
+
+/// Whose signature the index must carry.
+#[derive(Clone, Debug)]
+pub enum IndexTrust {
+    /// Any of these keys (at least one).
+    Keys(Vec<VerifyingKey>),
+    /// Do not check the signature. The chunks are still verified against the index, but
+    /// nothing proves the index is the publisher's: only for tests and explicit opt-out.
+    InsecureUnverified,
+}
+
+/// How to open a [`StoreSource`]. There is no default trust: the caller names a key or
+/// opts out explicitly.
+#[derive(Clone, Debug)]
+pub struct StoreSourceOptions {
+    /// Trusted signing keys, or the explicit opt-out.
+    pub trust: IndexTrust,
+    /// Retries and timeouts for HTTP.
+    pub fetch: FetchOptions,
+    /// Verified chunks kept in memory (0 disables the cache).
+    pub cache_chunks: usize,
+}
+
+impl StoreSourceOptions {
+    /// Options that require the index to be signed by `key`.
+    pub fn trusted(key: VerifyingKey) -> Self {
+        Self::with_trust(IndexTrust::Keys(vec![key]))
+    }
+
+    /// Options that skip the index signature check (explicit opt-out).
+    pub fn insecure_unverified() -> Self {
+        Self::with_trust(IndexTrust::InsecureUnverified)
+    }
+
+    fn with_trust(trust: IndexTrust) -> Self {
+        StoreSourceOptions {
+            trust,
+            fetch: FetchOptions::default(),
+            cache_chunks: 16,
+        }
+    }
+}
+
+/// An image in a chunk store, as a [`RemoteSource`].
+pub struct StoreSource {
+    fetcher: Fetcher,
+    name: String,
+    index: Index,
+    index_hash: IndexHash,
+    signer: Option<KeyId>,
+    identity: SourceIdentity,
+    zero_hash_full: ChunkHash,
+    cache: Option<Mutex<lru::LruCache<ChunkHash, Arc<Vec<u8>>>>>,
+}
+
+impl std::fmt::Debug for StoreSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSource")
+            .field("location", self.fetcher.location())
+            .field("name", &self.name)
+            .field("index_hash", &self.index_hash)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreSource {
+    /// Opens image `name` of the store at `location`: a directory path, or an `http://` /
+    /// `https://` base URL (the directory that holds `chunks/` and `indexes/`).
+    pub fn open(location: &str, name: &str, opts: StoreSourceOptions) -> Result<Self, SourceError> {
+        validate_name(name).map_err(|e| SourceError::Invalid(e.to_string()))?;
+        let location = StoreLocation::parse(location);
+        let fetcher = Fetcher::new(location, opts.fetch)?;
+        let rel = index_rel(name);
+        let what = fetcher.location().describe(&rel);
+        let bytes = fetcher.get(&rel, MAX_INDEX_LEN)?;
+        let trust = match &opts.trust {
+            IndexTrust::Keys(keys) => Trust::AnyOf(keys),
+            IndexTrust::InsecureUnverified => Trust::Unverified,
+        };
+        let parsed = Index::parse(&bytes, trust).map_err(|e| SourceError::Verify {
+            what: what.clone(),
+            reason: e.to_string(),
+        })?;
+        if !parsed.verified {
+            tracing::warn!("{what}: index signature NOT checked (explicit opt-out)");
+        }
+        let index = parsed.index;
+        let identity = SourceIdentity {
+            kind: "store".into(),
+            size: index.image_size(),
+            validator: parsed.hash.to_hex(),
+        };
+        let zero_hash_full = ChunkHash::of(&vec![0u8; index.chunk_size() as usize]);
+        let cache = NonZeroUsize::new(opts.cache_chunks).map(|n| Mutex::new(lru::LruCache::new(n)));
+        Ok(StoreSource {
+            fetcher,
+            name: what,
+            index,
+            index_hash: parsed.hash,
+            signer: parsed.signer,
+            identity,
+            zero_hash_full,
+            cache,
+        })
+    }
+
+    /// Opens from the location of an index file itself:
+    /// `<store>/indexes/<name>.idx` (path or URL).
+    pub fn open_index(index_location: &str, opts: StoreSourceOptions) -> Result<Self, SourceError> {
+        let bad = || {
+            SourceError::Invalid(format!(
+                "{index_location}: expected <store>/{INDEXES_DIR}/<name>{INDEX_SUFFIX}"
+            ))
+        };
+        let trimmed = index_location.trim_end_matches('/');
+        let (dir, file) = trimmed.rsplit_once('/').ok_or_else(bad)?;
+        let name = file.strip_suffix(INDEX_SUFFIX).ok_or_else(bad)?;
+        let base = dir
+            .strip_suffix(INDEXES_DIR)
+            .filter(|b| b.is_empty() || b.ends_with('/'))
+            .ok_or_else(bad)?;
+        let base = match base.trim_end_matches('/') {
+            "" if base.starts_with('/') => "/",
+            "" => ".",
+            b => b,
+        };
+        Self::open(base, name, opts)
+    }
+
+    /// The parsed, verified index.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Hash of the index (what the identity validator is the hex of).
+    pub fn index_hash(&self) -> IndexHash {
+        self.index_hash
+    }
+
+    /// Key id that signed the index, `None` if unsigned.
+    pub fn signer(&self) -> Option<KeyId> {
+        self.signer
+    }
+
+    /// Chunk size of the store image.
+    pub fn chunk_size(&self) -> u64 {
+        self.index.chunk_size()
+    }
+
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u64 {
+        self.index.chunk_count()
+    }
+
+    /// BLAKE3 hash of chunk `c`'s bytes, `None` for a zero chunk or past the end. For
+    /// seeding: a local chunk with this hash can be used instead of fetching.
+    pub fn chunk_hash(&self, c: u64) -> Option<ChunkHash> {
+        self.index.entry(c).and_then(|e| e.hash())
+    }
+
+    /// True when chunk `c` is all zeros per the index.
+    pub fn is_zero_chunk(&self, c: u64) -> bool {
+        matches!(self.index.entry(c), Some(ChunkEntry::Zero))
+    }
+
+    /// The recorded boot profile: chunk numbers in the order a boot reads them.
+    pub fn boot_profile(&self) -> &[u32] {
+        self.index.boot_profile()
+    }
+
+    /// Reads and verifies one whole chunk (the last may be short).
+    pub fn read_chunk(&self, c: u64) -> Result<Vec<u8>, SourceError> {
+        let len = self.index.chunk_len(c);
+        let mut buf = vec![0u8; len as usize];
+        self.read_at(self.index.chunk_offset(c), &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Verified bytes of the given non-zero chunks, from the cache or fetched.
+    fn load(&self, chunks: &[u64]) -> Result<HashMap<ChunkHash, Arc<Vec<u8>>>, SourceError> {
+        let mut have: HashMap<ChunkHash, Arc<Vec<u8>>> = HashMap::new();
+        let mut want: Vec<(ChunkHash, bool, u64)> = Vec::new();
+        for &c in chunks {
+            let Some(ChunkEntry::Stored { hash, compressed }) = self.index.entry(c).copied() else {
+                continue;
+            };
+            if have.contains_key(&hash) || want.iter().any(|w| w.0 == hash) {
+                continue;
+            }
+            if let Some(data) = self
+                .cache
+                .as_ref()
+                .and_then(|m| m.lock().get(&hash).cloned())
+            {
+                have.insert(hash, data);
+            } else {
+                want.push((hash, compressed, self.index.chunk_len(c)));
+            }
+        }
+        if want.is_empty() {
+            return Ok(have);
+        }
+        let reqs: Vec<(String, u64)> = want
+            .iter()
+            .map(|(h, z, len)| (chunk_rel(h, *z), max_object_len(*len, *z)))
+            .collect();
+        let results = self.fetcher.get_many(&reqs);
+        for ((hash, compressed, len), (rel, result)) in
+            want.into_iter().zip(reqs.iter().zip(results))
+        {
+            let data = decode_object(result?, &hash, compressed, len).map_err(|e| {
+                SourceError::Verify {
+                    what: self.fetcher.location().describe(&rel.0),
+                    reason: e.to_string(),
+                }
+            })?;
+            let data = Arc::new(data);
+            if let Some(m) = &self.cache {
+                m.lock().put(hash, data.clone());
+            }
+            have.insert(hash, data);
+        }
+        Ok(have)
+    }
+
+    /// True when chunk `c` is all zeros: flagged, or (for an index written by another tool)
+    /// stored under the hash of a zero chunk.
+    fn chunk_is_zero(&self, c: u64) -> bool {
+        match self.index.entry(c) {
+            Some(ChunkEntry::Zero) => true,
+            Some(ChunkEntry::Stored { hash, .. }) => {
+                let len = self.index.chunk_len(c);
+                if len == self.index.chunk_size() {
+                    *hash == self.zero_hash_full
+                } else {
+                    *hash == ChunkHash::of(&vec![0u8; len as usize])
+                }
+            }
+            None => false,
+        }
+    }
+}
+
+impl RemoteSource for StoreSource {
+    fn identity(&self) -> &SourceIdentity {
+        &self.identity
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        check_range(offset, buf.len(), self.index.image_size())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let shift = self.index.chunk_shift();
+        let end = offset + buf.len() as u64;
+        let first = offset >> shift;
+        let last = (end - 1) >> shift;
+        // Batches bound the memory one large read holds to a few dozen chunks.
+        let all: Vec<u64> = (first..=last).collect();
+        for batch in all.chunks(READ_BATCH) {
+            self.copy_batch(batch, offset, buf)?;
+        }
+        Ok(())
+    }
+
+    fn known_zero(&self, offset: u64, len: u64) -> Option<bool> {
+        self.known_zero_range(offset, len)
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// Chunks fetched per batch by one `read_at`.
+const READ_BATCH: usize = 32;
+
+impl StoreSource {
+    /// Copies the parts of `batch`'s chunks that overlap `[offset, offset + buf.len())`.
+    fn copy_batch(&self, batch: &[u64], offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let shift = self.index.chunk_shift();
+        let end = offset + buf.len() as u64;
+        let data = self.load(batch)?;
+        for &c in batch {
+            let c_start = c << shift;
+            let from = offset.max(c_start);
+            let to = end.min(c_start + self.index.chunk_size());
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            match self.index.entry(c) {
+                Some(ChunkEntry::Stored { hash, .. }) => {
+                    let src = &data[hash];
+                    dst.copy_from_slice(&src[(from - c_start) as usize..(to - c_start) as usize]);
+                }
+                _ => dst.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// See [`RemoteSource::known_zero`]: `Some(true)` when every chunk touched is zero,
+    /// `Some(false)` when the range covers a whole non-zero chunk, else `None`.
+    fn known_zero_range(&self, offset: u64, len: u64) -> Option<bool> {
+        let end = offset.checked_add(len)?;
+        if end > self.index.image_size() {
+            return None;
+        }
+        if len == 0 {
+            return Some(true);
+        }
+        let shift = self.index.chunk_shift();
+        let mut all_zero = true;
+        for c in (offset >> shift)..=((end - 1) >> shift) {
+            if self.chunk_is_zero(c) {
+                continue;
+            }
+            all_zero = false;
+            let c_start = c << shift;
+            let c_end = c_start + self.index.chunk_len(c);
+            // A non-zero chunk has a non-zero byte somewhere; only a range covering it
+            // whole is known to contain that byte.
+            if offset <= c_start && end >= c_end {
+                return Some(false);
+            }
+        }
+        if all_zero {
+            Some(true)
+        } else {
+            None
+        }
+    }
+}

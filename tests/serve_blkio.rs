@@ -85,14 +85,12 @@ fn read_all(sock: &Path, queues: usize, depth: usize, req: usize) -> Vec<u8> {
     let mut next = 0usize;
     let mut inflight: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); queues]; // (tag=slot, offset, len)
     loop {
-        for q in 0..queues {
-            while inflight[q].len() < depth && next < cap {
+        for (q, fl) in inflight.iter_mut().enumerate() {
+            while fl.len() < depth && next < cap {
                 let len = req.min(cap - next);
-                let slot = (0..depth)
-                    .find(|s| !inflight[q].iter().any(|x| x.0 == *s))
-                    .unwrap();
+                let slot = (0..depth).find(|s| !fl.iter().any(|x| x.0 == *s)).unwrap();
                 c.submit_read(q, next as u64, (q * depth + slot) * req, len, slot);
-                inflight[q].push((slot, next, len));
+                fl.push((slot, next, len));
                 next += len;
             }
         }

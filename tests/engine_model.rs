@@ -120,6 +120,22 @@ fn run(
                     h.run(&engine, &|_, _| {}).unwrap();
                 });
             }
+            90..=92 => {
+                // The lock-free presence bitmap agrees with the map, chunk by chunk.
+                let missing: Vec<bool> = engine.with_meta(|m| {
+                    m.entries()
+                        .iter()
+                        .map(|e| e.loc == boot_relocator::Location::Missing)
+                        .collect()
+                });
+                for (c, &miss) in missing.iter().enumerate() {
+                    let local = engine.is_local(c as u64 * chunk, 1);
+                    assert_eq!(
+                        local, !miss,
+                        "seed {seed} op {op}: is_local({c}) disagrees with the map"
+                    );
+                }
+            }
             _ => {
                 // Full device sweep.
                 let mut all = vec![0u8; target_len];

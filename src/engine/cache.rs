@@ -51,7 +51,8 @@ impl Engine {
             };
             let e = store.entry(c);
             if let (Location::Slot(_), false) = (e.loc, e.dirty) {
-                store.set_entry(
+                self.set_entry(
+                    store,
                     c,
                     Entry {
                         loc: Location::Missing,

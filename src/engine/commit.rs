@@ -94,7 +94,8 @@ impl Engine {
                     if let Some(l) = m.lru.as_mut() {
                         l.pop(&c);
                     }
-                    m.store.set_entry(
+                    self.set_entry(
+                        &mut m.store,
                         c,
                         Entry {
                             loc: Location::Home,

@@ -21,6 +21,7 @@ mod stats;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bitvec::prelude::{BitVec, Lsb0};
 use boot_relocator::{Entry, Layout, Location, MetaStore, RelocError, State, Storage};
 use parking_lot::{Mutex, RwLock};
 
@@ -87,6 +88,9 @@ pub struct Engine {
     layout: Layout,
     source: Arc<dyn RemoteSource>,
     pub(crate) meta: Mutex<Meta>,
+    /// One bit per chunk: not missing. Mirrors the map for lock-free `is_local` checks
+    /// on the request path (a hint for scheduling; the map stays the truth).
+    local: BitVec<AtomicU64, Lsb0>,
     stripes: Box<[RwLock<()>]>,
     inflight: InFlight,
     commit_lock: Mutex<()>,
@@ -145,7 +149,13 @@ impl Engine {
             }
             l
         });
+        let local = meta
+            .entries()
+            .iter()
+            .map(|e| e.loc != Location::Missing)
+            .collect();
         Ok(Self {
+            local,
             storage: meta.storage().clone(),
             layout,
             source,
@@ -187,6 +197,13 @@ impl Engine {
     /// True once commit removed the released area.
     pub fn is_finished(&self) -> bool {
         self.finished.load(Ordering::Acquire)
+    }
+
+    /// Changes chunk `c`'s entry (in memory) and keeps the presence bitmap in step.
+    pub(crate) fn set_entry(&self, store: &mut MetaStore, c: u64, e: Entry) {
+        store.set_entry(c, e);
+        self.local
+            .set_aliased(c as usize, e.loc != Location::Missing);
     }
 
     pub(crate) fn stripe(&self, c: u64) -> &RwLock<()> {
@@ -333,7 +350,7 @@ impl Engine {
                 match e.loc {
                     Location::Home | Location::Slot(_) => {
                         if matches!(e.loc, Location::Slot(_)) && !e.dirty {
-                            m.store.set_entry(c, Entry { dirty: true, ..e });
+                            self.set_entry(&mut m.store, c, Entry { dirty: true, ..e });
                             if let Some(l) = m.lru.as_mut() {
                                 l.pop(&c);
                             }
@@ -392,7 +409,8 @@ impl Engine {
         let e = m.store.entry(c);
         match (e.loc, slot) {
             (Location::Missing | Location::Zero, Some(s)) => {
-                m.store.set_entry(
+                self.set_entry(
+                    &mut m.store,
                     c,
                     Entry {
                         loc: Location::Slot(s),
@@ -405,7 +423,8 @@ impl Engine {
                 drop(m);
                 self.storage.write_at(self.addr(c, Location::Home), bytes)?;
                 let mut m = self.meta.lock();
-                m.store.set_entry(
+                self.set_entry(
+                    &mut m.store,
                     c,
                     Entry {
                         loc: Location::Home,
@@ -420,7 +439,7 @@ impl Engine {
                     m.store.free_unpublished(s);
                 }
                 if let Location::Slot(_) = loc {
-                    m.store.set_entry(c, Entry { dirty: true, ..e });
+                    self.set_entry(&mut m.store, c, Entry { dirty: true, ..e });
                     if let Some(l) = m.lru.as_mut() {
                         l.pop(&c);
                     }
@@ -527,7 +546,8 @@ impl Engine {
                     } else {
                         self.storage.write_at(home, chunk)?;
                     }
-                    self.meta.lock().store.set_entry(
+                    self.set_entry(
+                        &mut self.meta.lock().store,
                         c,
                         Entry {
                             loc: Location::Home,
@@ -540,7 +560,8 @@ impl Engine {
                 let mut m = self.meta.lock();
                 let e = m.store.entry(c);
                 if e.loc == Location::Missing {
-                    m.store.set_entry(
+                    self.set_entry(
+                        &mut m.store,
                         c,
                         Entry {
                             loc: Location::Zero,
@@ -589,7 +610,8 @@ impl Engine {
             let mut m = self.meta.lock();
             let e = m.store.entry(c);
             if e.loc == Location::Missing {
-                m.store.set_entry(
+                self.set_entry(
+                    &mut m.store,
                     c,
                     Entry {
                         loc: Location::Slot(s),
@@ -658,8 +680,7 @@ impl Engine {
         }
         let cs = self.chunk_size();
         let last = (offset + len - 1).min(self.layout.target_size - 1) / cs;
-        let m = self.meta.lock();
-        (offset / cs..=last).all(|c| m.store.entry(c).loc != Location::Missing)
+        self.local[(offset / cs) as usize..=last as usize].all()
     }
 
     /// Makes `[offset, offset+len)` read as zeros; whole chunks become `zero` entries
@@ -685,7 +706,8 @@ impl Engine {
                 if let Some(l) = m.lru.as_mut() {
                     l.pop(&c);
                 }
-                m.store.set_entry(
+                self.set_entry(
+                    &mut m.store,
                     c,
                     Entry {
                         loc: Location::Zero,

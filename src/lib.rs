@@ -9,9 +9,12 @@
 //! - [`virtio`]: the virtio-blk request layer (descriptor chains to block requests).
 //! - [`vhost`]: the vhost-user-blk backend serving a block device over a unix socket.
 //! - [`plain`]: a block device serving a disk as it is (after commit or rollback).
+//! - [`control`]: the control API of `serve` (HTTP/JSON over a unix socket), its client,
+//!   Prometheus metrics and webhook notifications.
 
 pub mod blockdev;
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod plain;
 pub mod source;

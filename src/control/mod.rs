@@ -17,11 +17,13 @@
 
 pub mod metrics;
 mod rates;
+pub mod server;
 
 use serde::Serialize;
 
 use crate::engine::Status;
 
+pub use server::{BindError, ControlHandle, ControlServer};
 
 /// What `serve` is presenting to the VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

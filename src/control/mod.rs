@@ -15,6 +15,7 @@
 //!
 //! The wire format is documented in `docs/control-api.md`.
 
+pub mod client;
 pub mod metrics;
 mod rates;
 pub mod server;
@@ -23,6 +24,7 @@ use serde::Serialize;
 
 use crate::engine::Status;
 
+pub use client::ClientError;
 pub use server::{BindError, ControlHandle, ControlServer};
 
 /// What `serve` is presenting to the VM.

@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod metrics;
+pub mod notify;
 mod rates;
 pub mod server;
 
@@ -25,6 +26,7 @@ use serde::Serialize;
 use crate::engine::Status;
 
 pub use client::ClientError;
+pub use notify::{Notifier, NotifyError, NotifyOptions};
 pub use server::{BindError, ControlHandle, ControlServer};
 
 /// What `serve` is presenting to the VM.

@@ -663,6 +663,18 @@ mod tests {
     }
 
     #[test]
+    fn unknown_field_message() {
+        // Quoted in docs/control-api.md.
+        let err = parse_hydration(br#"{"paused":true,"speed":3}"#).unwrap_err();
+        assert_eq!(
+            err,
+            "invalid body: unknown field `speed`, expected one of `paused`, `rate`, \
+             `rate_bytes_per_sec` at line 1 column 22; expected a JSON object \
+             {\"paused\": true|false, \"rate\": BYTES_PER_SECOND (0 = unlimited)}"
+        );
+    }
+
+    #[test]
     fn actions_take_no_params() {
         parse_no_params(b"").unwrap();
         parse_no_params(b" \n").unwrap();

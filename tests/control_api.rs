@@ -549,14 +549,14 @@ fn keep_alive_serves_several_requests_on_one_connection() {
 #[test]
 fn slow_operations_do_not_block_status_and_finish_at_shutdown() {
     let mut r = start();
-    r.ops.confirm_delay_ms.store(800, Ordering::SeqCst);
+    r.ops.confirm_delay_ms.store(1500, Ordering::SeqCst);
     let path = r.path.clone();
     let confirm = std::thread::spawn(move || client::confirm(&path));
     std::thread::sleep(Duration::from_millis(150));
     let t = Instant::now();
     assert_eq!(client::get_status(&r.path).unwrap()["state"], "trial");
     assert!(
-        t.elapsed() < Duration::from_millis(500),
+        t.elapsed() < Duration::from_millis(1000),
         "{:?}",
         t.elapsed()
     );
@@ -620,10 +620,13 @@ fn socket_is_private_and_safely_created() {
     // With a group: 0660 and that group (our own group, which we may always set).
     let gid = std::fs::metadata(dir.path()).unwrap().gid();
     let gpath = dir.path().join("g.sock");
-    let _g = ControlServer::bind(&gpath, ops, Some(gid)).unwrap();
+    let g = ControlServer::bind(&gpath, ops, Some(gid)).unwrap();
     let meta = std::fs::symlink_metadata(&gpath).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), gid);
+    // A server dropped without serving removes its socket.
+    drop(g);
+    assert!(!gpath.exists());
 }
 
 /// One parsed sample line.
@@ -1028,7 +1031,7 @@ fn notify_survives_a_webhook_that_is_down_and_retries() {
         n.notify("progress", json!({"i": i}));
     }
     assert!(
-        t.elapsed() < Duration::from_millis(100),
+        t.elapsed() < Duration::from_millis(500),
         "notify blocked for {:?}",
         t.elapsed()
     );

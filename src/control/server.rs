@@ -87,9 +87,10 @@ pub enum BindError {
     Runtime(#[source] io::Error),
 }
 
-/// A bound control socket, not yet serving.
+/// A bound control socket, not yet serving. Dropping it unused removes the socket.
 pub struct ControlServer {
-    listener: std::os::unix::net::UnixListener,
+    /// `None` once [`serve`](Self::serve) took it.
+    listener: Option<std::os::unix::net::UnixListener>,
     path: PathBuf,
     /// `(dev, ino)` of the socket file we created, so shutdown removes only our own.
     ident: (u64, u64),
@@ -130,7 +131,7 @@ impl ControlServer {
         let meta = std::fs::symlink_metadata(&path).map_err(socket_err)?;
         listener.set_nonblocking(true).map_err(socket_err)?;
         Ok(Self {
-            listener,
+            listener: Some(listener),
             ident: (meta.dev(), meta.ino()),
             path,
             ops,
@@ -176,16 +177,19 @@ impl ControlServer {
 
     /// Serves in the calling tokio runtime until `shutdown` completes, then lets open
     /// requests finish (briefly) and removes the socket file.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), BindError> {
-        let Self {
-            listener,
-            path,
-            ident,
-            ops,
-        } = self;
-        let result = run(listener, &path, ops, shutdown).await;
-        remove_own_socket(&path, ident);
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> Result<(), BindError> {
+        let listener = self.listener.take().expect("a ControlServer serves once");
+        let result = run(listener, &self.path, self.ops.clone(), shutdown).await;
+        remove_own_socket(&self.path, self.ident);
         result
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        if self.listener.take().is_some() {
+            remove_own_socket(&self.path, self.ident);
+        }
     }
 }
 

@@ -11,9 +11,12 @@
 //! - [`plain`]: a block device serving a disk as it is (after commit or rollback).
 //! - [`service`]: what `serve` runs: trial boots, fallback, hydration, commit, rollback.
 //! - [`store`]: the deduplicated, signed chunk store (publish, stats, gc).
+//! - [`control`]: the control API of `serve` (HTTP/JSON over a unix socket), its client,
+//!   Prometheus metrics and webhook notifications.
 
 pub mod blockdev;
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod plain;
 pub mod service;

@@ -64,17 +64,8 @@ pub struct ServiceConfig {
     pub hydrate_rate: u64,
 }
 
-/// What the disk presents.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// The target image, streaming.
-    Target,
-    /// A plain disk (committed target, or no migration).
-    Plain,
-    /// The source again, after a rollback or fallback.
-    Source,
-}
+/// What the disk presents (the control API's type).
+pub use crate::control::ServeMode as Mode;
 
 /// A block device whose backing can be replaced between VM connections. Requests hold
 /// a shared lock for their whole run, so a switch waits for requests in flight.
@@ -126,6 +117,9 @@ impl BlockBackend for SwitchDisk {
     }
 }
 
+/// How long stopping hydration waits for a fetch in flight.
+const HYDRATOR_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A listener for `(event, message)` state events.
 type EventListener = Box<dyn Fn(&str, &str) + Send + Sync>;
 
@@ -145,6 +139,8 @@ pub struct Service {
     bg: Mutex<Background>,
     last_error: Arc<Mutex<Option<String>>>,
     connection: Mutex<Option<ShutdownHandle>>,
+    /// A weak handle to ourselves, for operations that spawn threads holding the service.
+    me: Mutex<std::sync::Weak<Service>>,
     events: Mutex<Vec<EventListener>>,
 }
 
@@ -236,9 +232,11 @@ impl Service {
             }),
             last_error: Arc::new(Mutex::new(None)),
             connection: Mutex::new(None),
+            me: Mutex::new(std::sync::Weak::new()),
             events: Mutex::new(Vec::new()),
             cfg,
         });
+        *svc.me.lock() = Arc::downgrade(&svc);
         if fell_back {
             *svc.last_error.lock() =
                 Some("trial start limit reached without confirm: fell back to the source".into());
@@ -341,6 +339,9 @@ impl Service {
                 Ok(r) if r.area_full => {
                     tracing::info!("released area full: hydration waits for commit")
                 }
+                Ok(r) if r.stopped => {
+                    tracing::info!(bytes = r.bytes, missing = r.missing, "hydration stopped")
+                }
                 Ok(r) => tracing::info!(bytes = r.bytes, secs = r.secs, "hydration finished"),
                 Err(e) => {
                     tracing::error!("hydration stopped: {e}");
@@ -351,11 +352,24 @@ impl Service {
         bg.hydrator = Some((h, t));
     }
 
+    /// Stops the hydrator and waits (bounded) for its threads. A fetch stuck retrying an
+    /// unreachable server is not waited for: what it would publish is a clean chunk, safe
+    /// to lose, and the metadata it needs is committed by whoever flushes next.
     fn stop_hydration(&self) {
         let taken = self.bg.lock().hydrator.take();
         if let Some((h, t)) = taken {
             h.stop();
-            let _ = t.join();
+            let deadline = std::time::Instant::now() + HYDRATOR_STOP_WAIT;
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!(
+                    "a hydration fetch is still waiting on the network; not waiting for it"
+                );
+            }
         }
     }
 
@@ -516,5 +530,87 @@ impl ConnectionEvents for Service {
                 );
             }
         }
+    }
+}
+
+/// The control API's view of the service.
+impl crate::control::ControlOps for Service {
+    fn status(&self) -> crate::control::ServeStatus {
+        let engine = Service::status(self);
+        let hydration = match self.hydrator() {
+            Some(h) => crate::control::HydrationStatus {
+                paused: h.is_paused(),
+                rate_bytes_per_sec: h.rate.get(),
+                done: engine.chunks_missing == 0,
+            },
+            None => crate::control::HydrationStatus {
+                done: engine.chunks_missing == 0,
+                ..Default::default()
+            },
+        };
+        crate::control::ServeStatus {
+            engine,
+            mode: self.mode(),
+            vm_connected: self.vm_connected(),
+            hydration,
+            last_error: self.last_error(),
+        }
+    }
+
+    fn fetched_bytes(&self) -> crate::control::FetchedBytes {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.engine() {
+            Some(e) => crate::control::FetchedBytes {
+                demand: e.counters().fetched_demand.load(Relaxed),
+                background: e.counters().fetched_background.load(Relaxed),
+            },
+            None => crate::control::FetchedBytes::default(),
+        }
+    }
+
+    fn confirm(&self) -> Result<String, crate::control::ControlError> {
+        Service::confirm(self).map_err(control_error)
+    }
+
+    fn commit(&self) -> Result<String, crate::control::ControlError> {
+        let me = self.me.lock().upgrade().ok_or_else(|| {
+            crate::control::ControlError::Internal("service is shutting down".into())
+        })?;
+        Service::commit(&me).map_err(control_error)
+    }
+
+    fn rollback(&self) -> Result<String, crate::control::ControlError> {
+        Service::rollback(self).map_err(control_error)
+    }
+
+    fn set_hydration(
+        &self,
+        paused: Option<bool>,
+        rate: Option<u64>,
+    ) -> Result<String, crate::control::ControlError> {
+        let h = self.hydrator().ok_or_else(|| {
+            crate::control::ControlError::Conflict("no hydration is running".into())
+        })?;
+        if let Some(p) = paused {
+            h.set_paused(p);
+        }
+        if let Some(r) = rate {
+            h.rate.set(r);
+        }
+        Ok(format!(
+            "hydration {}, rate {}",
+            if h.is_paused() { "paused" } else { "running" },
+            match h.rate.get() {
+                0 => "unlimited".to_string(),
+                r => format!("{r} bytes/s"),
+            }
+        ))
+    }
+}
+
+fn control_error(e: ServiceError) -> crate::control::ControlError {
+    match e {
+        ServiceError::Conflict(m) => crate::control::ControlError::Conflict(m),
+        other => crate::control::ControlError::Internal(other.to_string()),
     }
 }

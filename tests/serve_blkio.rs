@@ -278,3 +278,166 @@ fn confirm_offline_is_refused_while_serving() {
     srv.stop();
     cli_ok(&["confirm", d.to_str().unwrap()]);
 }
+
+fn control_state(ctl: &Path) -> String {
+    let v = streamboot::control::client::get_status(ctl).expect("status");
+    v["state"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn commit_through_control_while_client_reads_and_writes() {
+    let nginx = Nginx::start();
+    let (dir, d, _, target) = setup(
+        &nginx,
+        "k.img",
+        4_000_256,
+        12_582_912,
+        60,
+        &["--chunk-size", "64K"],
+    );
+    let sock = dir.path().join("vu.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let srv = Served::start(
+        &d,
+        &sock,
+        &[
+            "--no-hydrate",
+            "--control",
+            ctl.to_str().unwrap(),
+            "--queues",
+            "2",
+        ],
+    );
+    assert_eq!(control_state(&ctl), "prepared");
+    let msg = streamboot::control::client::confirm(&ctl).unwrap();
+    assert!(msg.contains("confirmed"), "{msg}");
+    let metrics = streamboot::control::client::get_metrics(&ctl).unwrap();
+    assert!(
+        metrics.contains("streamboot_state{state=\"confirmed\"} 1"),
+        "{metrics}"
+    );
+
+    let mut model = target.clone();
+    let mut rng = common::test_rng(61);
+    let mut c = Client::connect(&sock, 2, 4 << 20).unwrap();
+    let mut committed_at = None;
+    for i in 0..4000 {
+        if i == 20 {
+            let m = streamboot::control::client::commit(&ctl).unwrap();
+            assert!(m.contains("commit"), "{m}");
+        }
+        let off = rng.random_range(0..(model.len() - (1 << 20)) / 512) * 512;
+        let len = rng.random_range(1..=2048) * 512;
+        if rng.random_bool(0.4) {
+            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            c.buf(0..len).copy_from_slice(&data);
+            assert_eq!(c.write(off as u64, 0, len), 0);
+            model[off..off + len].copy_from_slice(&data);
+        } else {
+            assert_eq!(c.read(off as u64, 0, len), 0);
+            assert!(
+                c.buf(0..len) == &model[off..off + len],
+                "read during commit differs at {off}+{len}"
+            );
+        }
+        if i > 20 && i % 50 == 0 && control_state(&ctl) == "committed" {
+            committed_at = Some(i);
+            if i > 200 {
+                break;
+            }
+        }
+    }
+    assert!(
+        committed_at.is_some(),
+        "commit did not finish while the client ran"
+    );
+    assert_eq!(c.flush(), 0);
+    drop(c);
+    srv.stop();
+    let disk = std::fs::read(&d).unwrap();
+    assert_eq!(disk.len(), model.len(), "area not removed");
+    assert!(disk == model, "committed disk != target + writes");
+}
+
+#[test]
+fn rollback_through_control_only_without_vm() {
+    let nginx = Nginx::start();
+    let (dir, d, source, _) = setup(&nginx, "r.img", 3_000_320, 2_000_384, 70, &[]);
+    let sock = dir.path().join("vu.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let srv = Served::start(&d, &sock, &["--control", ctl.to_str().unwrap()]);
+    {
+        let _c = Client::connect(&sock, 1, 1 << 20).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let e = streamboot::control::client::rollback(&ctl).unwrap_err();
+        assert!(e.is_conflict(), "rollback with a VM connected: {e}");
+    }
+    let t = Instant::now();
+    loop {
+        match streamboot::control::client::rollback(&ctl) {
+            Ok(m) => {
+                assert!(m.contains("source"), "{m}");
+                break;
+            }
+            Err(e) if e.is_conflict() && t.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("rollback: {e}"),
+        }
+    }
+    // The next VM gets the source.
+    let all = read_all(&sock, 1, 4, 64 << 10);
+    assert!(
+        all[..] == source[..],
+        "after rollback the device is not the source"
+    );
+    srv.stop();
+    assert_eq!(sha256_file(&d), sha256(&source));
+    // The CLI falls back to acting on the disk when nothing listens on --control.
+    let out = cli_ok(&[
+        "--json",
+        "status",
+        d.to_str().unwrap(),
+        "--control",
+        ctl.to_str().unwrap(),
+    ]);
+    assert!(out.contains("\"prepared\":false"), "{out}");
+}
+
+/// SIGTERM ends serve promptly even while rate-limited hydration runs, and even when the
+/// server went away with a hydration fetch retrying in flight (regressions: the hydrator
+/// slept in the rate limiter ignoring stop; shutdown joined a fetch that retries forever).
+#[test]
+fn sigterm_is_prompt_with_throttled_hydration_and_dead_server() {
+    for kill_server in [false, true] {
+        let mut nginx = Nginx::start();
+        let (dir, d, _, _) = setup(&nginx, "h.img", 2_000_384, 16_777_216, 80, &[]);
+        let sock = dir.path().join("vu.sock");
+        let mut srv = Served::start(&d, &sock, &["--rate", "1M"]);
+        std::thread::sleep(Duration::from_millis(1500));
+        if kill_server {
+            nginx.stop();
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        let mut c = srv.child.take().unwrap();
+        // SAFETY: sending a signal to our own child process by pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        let st = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            if t.elapsed() > Duration::from_secs(20) {
+                let _ = c.kill();
+                panic!("serve ignored SIGTERM for 20 s (server down: {kill_server})");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            st.success(),
+            "serve exit status {st:?} (server down: {kill_server})"
+        );
+        // Whatever was hydrated is consistent: status reads the disk cleanly.
+        cli_ok(&["status", d.to_str().unwrap()]);
+    }
+}

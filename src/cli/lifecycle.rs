@@ -77,6 +77,10 @@ pub struct CommitArgs {
     /// Commit even though the target was not confirmed.
     #[arg(long)]
     pub force: bool,
+    /// Control socket of a running `serve` on DISK: commit through it, in the background
+    /// while the VM runs (falls back to acting on the disk when nothing listens there).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
     /// Fetch from these URLs instead of the recorded ones (must be the same image).
     #[arg(long = "target")]
     pub targets: Vec<String>,
@@ -88,12 +92,57 @@ pub struct CommitArgs {
 pub fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Prepare(a) => prepare(cli, a),
-        Command::Status { disk } => status(cli, disk),
+        Command::Status { disk, control } => match online(cli, control, "status")? {
+            true => Ok(()),
+            false => status(cli, disk),
+        },
         Command::Hydrate(a) => hydrate(cli, a),
-        Command::Confirm { disk } => confirm(cli, disk),
-        Command::Commit(a) => commit(cli, a),
-        Command::Rollback { disk } => rollback(cli, disk),
+        Command::Confirm { disk, control } => match online(cli, control, "confirm")? {
+            true => Ok(()),
+            false => confirm(cli, disk),
+        },
+        Command::Commit(a) => match online(cli, &a.control, "commit")? {
+            true => Ok(()),
+            false => commit(cli, a),
+        },
+        Command::Rollback { disk, control } => match online(cli, control, "rollback")? {
+            true => Ok(()),
+            false => rollback(cli, disk),
+        },
         Command::Serve(a) => super::serve::run(a, cli.json),
+    }
+}
+
+/// Runs `op` through a running serve's control socket. Ok(false): nothing listens there
+/// (the caller acts on the disk itself).
+fn online(cli: &Cli, control: &Option<PathBuf>, op: &str) -> Result<bool> {
+    use crate::control::client;
+    let Some(sock) = control else {
+        return Ok(false);
+    };
+    let r = match op {
+        "status" => client::get_status(sock),
+        other => client::post(sock, other, &json!({})),
+    };
+    match r {
+        Ok(v) => {
+            if cli.json {
+                println!("{v}");
+            } else if op == "status" {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                println!(
+                    "{}",
+                    v.get("message").and_then(|m| m.as_str()).unwrap_or("done")
+                );
+            }
+            Ok(true)
+        }
+        Err(e) if e.is_not_listening() => {
+            tracing::warn!("no serve listens on {}: acting on the disk", sock.display());
+            Ok(false)
+        }
+        Err(e) => Err(anyhow::anyhow!("{op} through {}: {e}", sock.display())),
     }
 }
 

@@ -63,6 +63,10 @@ pub enum Command {
     Status {
         /// Disk (raw file or block device).
         disk: PathBuf,
+        /// Control socket of a running `serve` on DISK: act through it (falls back to
+        /// acting on the disk when nothing listens there).
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
     /// Download every missing target chunk into the released area.
     Hydrate(lifecycle::HydrateArgs),
@@ -70,6 +74,10 @@ pub enum Command {
     Confirm {
         /// Disk (raw file or block device).
         disk: PathBuf,
+        /// Control socket of a running `serve` on DISK: act through it (falls back to
+        /// acting on the disk when nothing listens there).
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
     /// Move every target chunk home and remove the released area: DISK becomes a plain
     /// copy of the target (plus guest writes).
@@ -82,6 +90,10 @@ pub enum Command {
     Rollback {
         /// Disk (raw file or block device).
         disk: PathBuf,
+        /// Control socket of a running `serve` on DISK: act through it (falls back to
+        /// acting on the disk when nothing listens there).
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
 }
 

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -42,6 +43,12 @@ pub struct ServeArgs {
     /// Background hydration limit in bytes per second (0 = unlimited).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub rate: u64,
+    /// Control socket (HTTP/JSON: status, confirm, commit, rollback, hydration, metrics).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// URL to POST each state change and the final success or failure to (JSON).
+    #[arg(long)]
+    pub notify: Option<String>,
     #[command(flatten)]
     pub net: NetArgs,
 }
@@ -67,6 +74,31 @@ pub fn run(a: &ServeArgs, json: bool) -> Result<()> {
     let server =
         VhostBlkServer::bind(svc.block_device(), opts).context("creating the vhost-user socket")?;
     svc.set_server(server.shutdown_handle());
+    let notifier = Arc::new(crate::control::Notifier::new(a.notify.clone()).context("--notify")?);
+    {
+        let n = notifier.clone();
+        let disk = a.disk.display().to_string();
+        svc.on_event(move |ev, msg| {
+            n.notify(ev, serde_json::json!({"disk": disk, "message": msg}))
+        });
+    }
+    let control = match &a.control {
+        Some(path) => {
+            let gid = a
+                .socket_group
+                .as_deref()
+                .map(crate::vhost::socket::resolve_group)
+                .transpose()?;
+            let ops: Arc<dyn crate::control::ControlOps> = svc.clone();
+            Some(
+                crate::control::ControlServer::bind(path, ops, gid)
+                    .context("creating the control socket")?
+                    .spawn()
+                    .context("starting the control API")?,
+            )
+        }
+        None => None,
+    };
     spawn_signal_thread(shutdown)?;
 
     let st = svc.status();
@@ -90,6 +122,20 @@ pub fn run(a: &ServeArgs, json: bool) -> Result<()> {
 
     let summary = server.run().context("vhost-user server failed");
     let stopped = svc.shutdown().context("flushing at shutdown");
+    if let Some(c) = control {
+        c.shutdown();
+    }
+    let st = svc.status();
+    notifier.notify(
+        if summary.is_ok() && stopped.is_ok() {
+            "stopped"
+        } else {
+            "failed"
+        },
+        serde_json::json!({"disk": a.disk.display().to_string(), "state": st.state,
+                           "last_error": svc.last_error()}),
+    );
+    notifier.close(std::time::Duration::from_secs(5));
     let summary = summary?;
     stopped?;
     tracing::info!(connections = summary.connections, "stopped");

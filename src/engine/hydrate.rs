@@ -37,10 +37,25 @@ impl RateLimit {
     }
     /// Blocks until `n` bytes may be sent.
     pub fn acquire(&self, n: u64) {
+        self.acquire_unless(n, &AtomicBool::new(false));
+    }
+
+    /// Gives back `n` bytes taken but not sent.
+    pub fn refund(&self, n: u64) {
+        if n > 0 && self.get() > 0 {
+            self.bucket.lock().0 += n as f64;
+        }
+    }
+
+    /// Like [`Self::acquire`], but gives up (returning false) as soon as `stop` is set.
+    pub fn acquire_unless(&self, n: u64, stop: &AtomicBool) -> bool {
         loop {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
             let rate = self.get();
             if rate == 0 {
-                return;
+                return true;
             }
             let wait = {
                 let mut b = self.bucket.lock();
@@ -51,7 +66,7 @@ impl RateLimit {
                 b.1 = now;
                 if b.0 >= n as f64 || b.0 >= rate as f64 / 4.0 {
                     b.0 -= n as f64;
-                    return;
+                    return true;
                 }
                 (n as f64 - b.0) / rate as f64
             };
@@ -212,10 +227,17 @@ impl Hydrator {
                         }));
                         continue;
                     }
+                    // Wait for the rate limit before claiming anything, so a stop (or a
+                    // guest waiting on a claimed chunk) never waits on the limiter.
+                    let budget = self.opts.request_bytes.max(engine.chunk_size());
+                    if !self.rate.acquire_unless(budget, &self.stop) {
+                        return;
+                    }
                     let Some((first, count, flight)) = self.next_claim(engine, &cur) else {
                         return;
                     };
-                    self.rate.acquire(count * engine.chunk_size());
+                    self.rate
+                        .refund(budget.saturating_sub(count * engine.chunk_size()));
                     let r = engine.fetch_run(first, count, false);
                     match &r {
                         FlightResult::Mapped => {

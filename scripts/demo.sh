@@ -13,7 +13,7 @@
 # Background hydration is off during the boot, so every byte fetched before the verdict is
 # one the VM asked for; commit fetches the rest. The streamed boot mounts its root
 # read-only: a read-write mount rewrites the ext4 superblock, and the final disk could not
-# be compared with v2.img. About a minute once installed and built (TCG, 1 vCPU).
+# be compared with v2.img. About 20 s once installed and built (TCG, 1 vCPU).
 # Work dir and logs: vm-tests/work/demo/. Env: vm-tests/lib.sh's SB_* settings.
 set -euo pipefail
 
@@ -53,6 +53,7 @@ demo=$SB_WORK/demo
 rm -rf "$demo"
 mkdir -p "$demo"
 trap sb_cleanup EXIT
+trap 'echo "demo: interrupted" >&2; exit 130' INT TERM
 accel=$(detect_accel)
 info "VM: QEMU $SB_MACHINE, $accel, 1 vCPU, ${SB_MEM_MB} MiB"
 
@@ -124,7 +125,7 @@ fi
 stop_nginx
 
 say "8. the committed disk boots plain (virtio-blk, no streamboot, no network)"
-boot_plain "$demo/disk.img" "$demo/boot-plain.log" sbtest.write=hello >/dev/null ||
+sb_boot boot_plain "$demo/disk.img" "$demo/boot-plain.log" sbtest.write=hello >/dev/null ||
 	die "plain boot failed (log $demo/boot-plain.log)"
 sb_verdicts "$demo/boot-plain.log" | grep -E 'VERDICT|WROTE' | sed 's/^/    guest: /'
 sb_verdicts "$demo/boot-plain.log" | grep -q 'VERDICT v2 files-ok' || die "plain boot: no v2 files-ok"

@@ -14,13 +14,14 @@
 #             while the guest re-reads and verifies every file (sbtest.readall=1) →
 #             stop → confirm → commit → disk == v2.img bit for bit
 # Default: all four, in that order. Prints each step, PASS/FAIL per scenario, a wall time
-# table and "N passed, M failed"; exits 1 if any failed. Work dirs and logs (console
+# table and "N passed, M failed"; exits 1 if any failed (INT/TERM: the running scenario
+# is stopped and cleaned up, exit 130). Work dirs and logs (console
 # logs, serve logs, nginx access logs, streamboot outputs) stay in
 # vm-tests/work/scenarios/<name>/ for inspection.
 #
 # Boots that must leave the disk byte-identical to an image (fallback's v1 boot, load's
 # boot) mount the root read-only (`ro` on the kernel command line): a read-write ext4
-# mount alone rewrites the superblock (mount count and times).
+# mount alone rewrites the superblock and journal (≈5 KB differ after a plain boot).
 #
 # Needs: vm-tests/setup.sh done, a built streamboot (cargo build --release; or set
 # SB_STREAMBOOT), root. Env: lib.sh's SB_* settings (SB_TIMEOUT default 90 here),
@@ -68,7 +69,7 @@ sb() {
 boot() {
 	local step=$1 fn=$2 arg=$3 rc=0
 	shift 3
-	"$fn" "$arg" "$dir/$step.log" "$@" >"$dir/$step.verdicts" 2>>"$dir/vm.err" || rc=$?
+	sb_boot "$fn" "$arg" "$dir/$step.log" "$@" >"$dir/$step.verdicts" 2>>"$dir/vm.err" || rc=$?
 	if ((rc != 0)); then
 		bad "$step: QEMU exit $rc$( ((rc == 124)) && echo " (timed out after ${SB_TIMEOUT}s)") ($(tr '\n' '|' <"$dir/$step.verdicts") log $dir/$step.log)"
 	fi
@@ -291,31 +292,53 @@ mkdir -p "$run"
 accel=$(detect_accel) || exit 1
 echo "scenarios: ${selected[*]} — $SB machine $SB_MACHINE/$accel, work $run"
 
+# INT/TERM: the running scenario is told to stop (TERM: its EXIT trap ends its VM, serve
+# and nginx), then the run ends with what it has.
+scen_pid='' interrupted=0
+on_signal() {
+	interrupted=1
+	echo "scenarios.sh: interrupted: stopping the running scenario" >&2
+	[[ -z $scen_pid ]] || kill -TERM "$scen_pid" 2>/dev/null || true
+}
+trap on_signal INT TERM
+
 passed=0 failed=0 summary=() t_all=$EPOCHREALTIME
 for s in "${selected[@]}"; do
 	echo "== $s"
 	t0=$EPOCHREALTIME
 	# A subshell per scenario: `bad` ends just that scenario, and its EXIT trap stops the
-	# serve, nginx and any VM it started (by PID).
+	# serve, nginx and any VM it started (by PID). In the background and waited for, so
+	# that a signal reaches this shell's trap at once.
 	(
 		times=()
 		dir=$run/$s
+		trap 'exit 143' TERM
 		trap 'sb_cleanup 2>>"$dir/vm.err"; printf "%s\n" "${times[@]}" >"$dir/boot-times"' EXIT
 		"scenario_$s"
-	)
-	rc=$?
+	) &
+	scen_pid=$!
+	rc=0
+	wait "$scen_pid" || rc=$?
+	# A signal ends the wait early: wait again, for the scenario's cleanup.
+	while kill -0 "$scen_pid" 2>/dev/null; do
+		rc=0
+		wait "$scen_pid" || rc=$?
+	done
+	scen_pid=''
 	wall=$(sb_since "$t0")
 	if ((rc == 0)); then
 		echo "PASS $s (${wall}s)"
 		passed=$((passed + 1))
 	else
-		echo "FAIL $s (${wall}s; logs in $run/$s)"
+		echo "FAIL $s (${wall}s; $( ((interrupted)) && echo "interrupted; ")logs in $run/$s)"
 		failed=$((failed + 1))
 	fi
 	summary+=("$(printf '%-10s %-4s %7.2fs  boots:%s' "$s" "$( ((rc == 0)) && echo PASS || echo FAIL)" "$wall" \
 		"$(awk '{ printf " %s", $2 }' "$run/$s/boot-times" 2>/dev/null)")")
+	((interrupted == 0)) || break
 done
 echo "wall times (total $(sb_since "$t_all")s):"
 printf '  %s\n' "${summary[@]}"
-echo "$passed passed, $failed failed"
+echo "$passed passed, $failed failed$( ((interrupted)) && echo ", interrupted")"
+((interrupted == 0)) || exit 130
 ((failed == 0))

@@ -13,6 +13,8 @@
 #                                  background; returns when the socket listens. Log in
 #                                  SOCK.log; sets SB_SERVE_PID.
 #   stop_serve                     SIGTERM, wait; fails unless serve exited 0
+#   sb_boot FUNC ARG LOG [EXTRAS]  a lib.sh boot function (boot_vhost, boot_plain...), but
+#                                  interruptible: a trapped INT/TERM is handled at once
 #   sb_bg_boot FUNC ARGS...        run a lib.sh boot function in the background (SB_BG_PID)
 #   sb_kill_tree PID               PID and its descendants (found by parent PID), KILL
 #   sb_cleanup                     stop what the helpers above started (for EXIT traps)
@@ -215,6 +217,30 @@ stop_serve() {
 		sb_log "serve pid $pid exited with status $rc: $(tail -n5 "$SB_SERVE_LOG")"
 		return 1
 	fi
+}
+
+# sb_boot FUNC ARG LOG [EXTRAS...] — the same as `FUNC ARG LOG EXTRAS...` (prints the
+# verdict lines, returns QEMU's status, sets SB_LAST_RC and SB_LAST_WALL), but the VM runs
+# in the background while this shell waits for it. QEMU runs under `timeout`, in a process
+# group of its own: a Ctrl-C does not reach it, and a shell running the VM in the
+# foreground would handle INT/TERM only after the VM has finished. `wait` returns at once
+# when a trapped signal arrives, and the trap can end the VM (sb_cleanup).
+sb_boot() {
+	local fn=$1 arg=$2 log=$3 rc=0
+	shift 3
+	rm -f "$log.wall"
+	(
+		r=0
+		"$fn" "$arg" "$log" "$@" || r=$?
+		echo "$SB_LAST_WALL" >"$log.wall"
+		exit "$r"
+	) &
+	SB_BG_PID=$!
+	wait "$SB_BG_PID" || rc=$?
+	SB_BG_PID=''
+	# shellcheck disable=SC2034 # lib.sh's globals, read by callers
+	SB_LAST_RC=$rc SB_LAST_WALL=$(cat "$log.wall" 2>/dev/null || echo 0)
+	return "$rc"
 }
 
 # sb_bg_boot FUNC ARGS... — run a lib.sh boot function (boot_vhost, boot_plain, ...) in

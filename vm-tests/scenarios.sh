@@ -333,8 +333,11 @@ for s in "${selected[@]}"; do
 		echo "FAIL $s (${wall}s; $( ((interrupted)) && echo "interrupted; ")logs in $run/$s)"
 		failed=$((failed + 1))
 	fi
-	summary+=("$(printf '%-10s %-4s %7.2fs  boots:%s' "$s" "$( ((rc == 0)) && echo PASS || echo FAIL)" "$wall" \
-		"$(awk '{ printf " %s", $2 }' "$run/$s/boot-times" 2>/dev/null)")")
+	# Wall times include waits for VMs of other worktrees (the machine-wide VM lock).
+	waits=$(grep -c 'waiting for the VM running elsewhere' "$run/$s/vm.err" 2>/dev/null)
+	summary+=("$(printf '%-10s %-4s %7.2fs  boots:%s%s' "$s" "$( ((rc == 0)) && echo PASS || echo FAIL)" "$wall" \
+		"$(awk '{ printf " %s", $2 }' "$run/$s/boot-times" 2>/dev/null)" \
+		"$( ((${waits:-0} > 0)) && echo "  (waited for the VM lock ${waits}×)")")")
 	((interrupted == 0)) || break
 done
 echo "wall times (total $(sb_since "$t_all")s):"

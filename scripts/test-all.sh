@@ -20,5 +20,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (workspace)"
 cargo test --workspace --locked
 
-step "VM tests"
+step "VM tests: harness smoke test (reference backend)"
 bash vm-tests/smoke.sh
+
+step "VM tests: migrations through streamboot serve"
+# The binary cargo test just built (never a stale release build).
+SB_STREAMBOOT="${CARGO_TARGET_DIR:-$PWD/target}/debug/streamboot" bash vm-tests/scenarios.sh

@@ -63,7 +63,7 @@ pub struct HydrateArgs {
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub rate: u64,
     /// Requests in flight.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     pub threads: usize,
     #[command(flatten)]
     pub net: NetArgs,

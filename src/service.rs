@@ -38,7 +38,7 @@ pub enum ServiceError {
     #[error("opening the target: {0}")]
     Source(#[from] crate::source::SourceError),
     /// I/O failure.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// Block device failure.
     #[error(transparent)]

@@ -70,7 +70,8 @@ pub type Progress<'a> = &'a mut dyn FnMut(&str, u64, u64);
 /// Reads bytes of the target image: `(offset, buf)`.
 pub type TargetRead<'a> = &'a mut dyn FnMut(u64, &mut [u8]) -> std::result::Result<(), String>;
 
-fn chunk_shift(chunk_size: u64) -> Result<u8> {
+/// log2 of a valid chunk size (a power of two, 4 KiB..4 MiB).
+pub fn chunk_shift(chunk_size: u64) -> Result<u8> {
     if !chunk_size.is_power_of_two() {
         return Err(RelocError::InvalidChunkSize(chunk_size));
     }

@@ -206,6 +206,8 @@ fn now_unix() -> u64 {
 
 fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
     let started = Instant::now();
+    // Bad arguments are reported before anything is opened or fetched.
+    relocate::chunk_shift(a.chunk_size)?;
     let storage = open_disk(&a.disk)?;
     let net = net_with_default(&a.net);
     let source = open_source(&a.targets, None, &net.http_options())

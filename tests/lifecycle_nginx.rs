@@ -27,26 +27,42 @@ fn images(seed: u64, s: usize, t: usize) -> (Vec<u8>, Vec<u8>) {
     (source, target)
 }
 
+/// Serves a fresh target as `name`, writes the source to a new disk file and prepares it
+/// with the CLI. Returns (temp dir, disk path, source, target).
+fn prepared(
+    nginx: &Nginx,
+    name: &str,
+    seed: u64,
+    s: usize,
+    t: usize,
+    chunk: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>, Vec<u8>) {
+    let (source, target) = images(seed, s, t);
+    nginx.put(name, &target);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("disk.img");
+    std::fs::write(&d, &source).unwrap();
+    let url = nginx.url(name);
+    cli_ok(&[
+        "prepare",
+        d.to_str().unwrap(),
+        "--target",
+        &url,
+        "--chunk-size",
+        chunk,
+    ]);
+    (dir, d, source, target)
+}
+
 #[test]
 fn prepare_hydrate_commit_gives_target() {
     let nginx = Nginx::start();
     for (ci, (cname, _)) in CHUNKS.iter().enumerate() {
         for (si, &(s, t)) in SIZES.iter().enumerate() {
-            let (source, target) = images(100 + (ci * 10 + si) as u64, s, t);
-            let name = format!("t-{cname}-{si}.img");
-            nginx.put(&name, &target);
-            let dir = tempfile::tempdir().unwrap();
-            let d = dir.path().join("disk.img");
-            std::fs::write(&d, &source).unwrap();
+            let seed = 100 + (ci * 10 + si) as u64;
+            let (_dir, d, _source, target) =
+                prepared(&nginx, &format!("t-{cname}-{si}.img"), seed, s, t, cname);
             let dp = d.to_str().unwrap();
-            cli_ok(&[
-                "prepare",
-                dp,
-                "--target",
-                &nginx.url(&name),
-                "--chunk-size",
-                cname,
-            ]);
             cli_ok(&["status", dp]);
             cli_ok(&["hydrate", dp]);
             cli_ok(&["confirm", dp]);
@@ -68,21 +84,10 @@ fn partial_hydrate_then_rollback_gives_source() {
     let mut rng = common::test_rng(7);
     for (ci, (cname, chunk)) in CHUNKS.iter().enumerate() {
         for (si, &(s, t)) in SIZES.iter().enumerate() {
-            let (source, target) = images(200 + (ci * 10 + si) as u64, s, t);
+            let seed = 200 + (ci * 10 + si) as u64;
             let name = format!("r-{cname}-{si}.img");
-            nginx.put(&name, &target);
-            let dir = tempfile::tempdir().unwrap();
-            let d = dir.path().join("disk.img");
-            std::fs::write(&d, &source).unwrap();
+            let (_dir, d, source, target) = prepared(&nginx, &name, seed, s, t, cname);
             let dp = d.to_str().unwrap();
-            cli_ok(&[
-                "prepare",
-                dp,
-                "--target",
-                &nginx.url(&name),
-                "--chunk-size",
-                cname,
-            ]);
             assert_ne!(sha256_file(&d), sha256(&source), "prepare changed nothing?");
             {
                 // Partial hydration by a "guest": reads fetch chunks, writes dirty them,

@@ -584,19 +584,7 @@ impl Engine {
                     );
                 }
             } else if zero {
-                let _g = self.stripe(c).write();
-                let mut m = self.meta.lock();
-                let e = m.store.entry(c);
-                if e.loc == Location::Missing {
-                    self.set_entry(
-                        &mut m.store,
-                        c,
-                        Entry {
-                            loc: Location::Zero,
-                            ..e
-                        },
-                    );
-                }
+                self.publish_if_missing(c, Location::Zero);
             } else {
                 match self.get_slot(may_evict) {
                     Ok(s) => slotted.push((c, s)),
@@ -634,24 +622,8 @@ impl Engine {
             i = j;
         }
         for (c, s) in slotted {
-            let _g = self.stripe(c).write();
-            let mut m = self.meta.lock();
-            let e = m.store.entry(c);
-            if e.loc == Location::Missing {
-                self.set_entry(
-                    &mut m.store,
-                    c,
-                    Entry {
-                        loc: Location::Slot(s),
-                        dirty: false,
-                        ..e
-                    },
-                );
-                if let Some(l) = m.lru.as_mut() {
-                    l.put(c, ());
-                }
-            } else {
-                m.store.free_unpublished(s);
+            if !self.publish_if_missing(c, Location::Slot(s)) {
+                self.with_meta(|m| m.free_unpublished(s));
             }
         }
         let n = self
@@ -662,6 +634,30 @@ impl Engine {
                 .map_err(|e| BlockError::Io(std::io::Error::other(e.to_string())))?;
         }
         Ok(all_stored)
+    }
+
+    /// Maps chunk `c` to `loc` (clean) under its stripe lock if it is still missing (a
+    /// guest write may have mapped it meanwhile). Returns whether it did.
+    fn publish_if_missing(&self, c: u64, loc: Location) -> bool {
+        let _g = self.stripe(c).write();
+        let mut m = self.meta.lock();
+        let e = m.store.entry(c);
+        if e.loc != Location::Missing {
+            return false;
+        }
+        self.set_entry(
+            &mut m.store,
+            c,
+            Entry {
+                loc,
+                dirty: false,
+                ..e
+            },
+        );
+        if let (Location::Slot(_), Some(l)) = (loc, m.lru.as_mut()) {
+            l.put(c, ());
+        }
+        true
     }
 
     /// Makes every completed write and every published mapping durable.

@@ -4,6 +4,7 @@ mod lifecycle;
 mod progress;
 mod serve;
 pub mod size;
+mod store;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -85,6 +86,16 @@ pub enum Command {
     /// Serve DISK to a VM as a vhost-user-blk device: the target while it streams (or a
     /// plain disk). Runs until SIGTERM/SIGINT.
     Serve(serve::ServeArgs),
+    /// Publish an image into a deduplicated chunk store (each distinct chunk stored once).
+    Publish(store::PublishArgs),
+    /// Make an ed25519 key pair for signing indexes: PREFIX.key (0600) and PREFIX.pub.
+    Keygen {
+        /// Path prefix of the key files.
+        prefix: PathBuf,
+    },
+    /// Chunk store maintenance.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Restore the source bit for bit and remove the released area. Guest writes to the
     /// target are discarded.
     Rollback {

@@ -3,9 +3,10 @@
 #
 # Each scenario starts from a copy of v1.img, with v2 (or v2-bad) served over HTTP by a
 # private nginx, and drives the streamboot CLI as a user would:
-#   migrate   prepare → serve → boot v2 via vhost-user (writes a file) → stop → confirm →
-#             commit → the disk boots plain (no streamboot) as v2 with the file; the
-#             disk is a plain disk of v2.img's size
+#   migrate   prepare → serve --control → boot v2 via vhost-user (writes a file); after
+#             its verdict, while it runs: confirm --control → stop → commit offline →
+#             the disk boots plain (no streamboot) as v2 with the file; the disk is a
+#             plain disk of v2.img's size
 #   rollback  prepare → serve → boot v2 → stop → rollback → disk == v1.img bit for bit →
 #             boots plain as v1
 #   fallback  target v2-bad, --max-trial-starts 2: two failed trial boots through one
@@ -219,19 +220,31 @@ scenario_migrate() {
 	ok "prepare: $(cat "$dir/prepare.out")"
 	state_is "$dir/disk.img" prepared 0
 
-	serve_up
-	boot 1-v2-vhost boot_vhost "$dir/vu.sock" sbtest.write=migrated
+	serve_up --control "$ctl"
+	bg_boot 1-v2-vhost boot_vhost "$dir/vu.sock" sbtest.write=migrated
+	# Confirm through the control socket as soon as the guest's verdict is out, while the
+	# VM still runs (it goes on to write /migrated).
+	wait_console 1-v2-vhost "STREAMBOOT-VERDICT v2 files-ok"
+	online confirm-ctl confirm
+	local running=yes
+	sb_bg_running || running=no
+	grep -qx 'target confirmed' "$dir/confirm-ctl.out" || bad "confirm --control: $(cat "$dir/confirm-ctl.out")"
+	online status-ctl status --json
+	[[ $(json_get "$dir/status-ctl.out" state) == confirmed ]] ||
+		bad "status --control after confirm: $(cat "$dir/status-ctl.out")"
+	[[ $running == yes ]] || bad "the VM had powered off before confirm --control answered: nothing confirmed mid-boot"
+	ok "confirm --control after the verdict, VM still running: $(cat "$dir/confirm-ctl.out"); status --control: state confirmed, vm_connected $(json_get "$dir/status-ctl.out" vm_connected)"
+	bg_boot_done 1-v2-vhost
 	expect 1-v2-vhost "STREAMBOOT-VERDICT v2 files-ok" "STREAMBOOT-INFO version=2" \
 		"STREAMBOOT-WROTE migrated sha256="
 	ok "v2 booted through streamboot serve in ${SB_LAST_WALL}s: $(verdict 1-v2-vhost), wrote /migrated; $(sb_mib "$(nginx_bytes)") fetched"
 	serve_down
 	grep -q 'trial start 1 of' "$dir/vu.sock.log" || bad "serve log: no 'trial start 1 of'"
-	state_is "$dir/disk.img" trial 1
-
-	sb confirm confirm "$dir/disk.img"
 	state_is "$dir/disk.img" confirmed
+
+	# Offline commit: serve has stopped, the CLI works on the disk itself.
 	sb commit commit "$dir/disk.img"
-	ok "commit: $(cat "$dir/commit.out")"
+	ok "commit (offline): $(cat "$dir/commit.out")"
 	is_plain "$dir/disk.img"
 	local size want
 	size=$(stat -c %s "$dir/disk.img") want=$(stat -c %s "$img/v2.img")

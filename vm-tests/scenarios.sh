@@ -319,15 +319,18 @@ scenario_load() {
 	online status-at-verdict status --json
 	[[ $(json_get "$dir/status-at-verdict.out" "done") == false ]] ||
 		bad "hydration finished before the guest's verdict ($(sb_mib "$at_verdict") fetched): lower SB_LOAD_RATE"
+	local t0=$EPOCHREALTIME took_confirm
 	online confirm-ctl confirm
+	took_confirm=$(sb_since "$t0") t0=$EPOCHREALTIME
 	online commit-ctl commit
-	local t_commit=$EPOCHREALTIME
+	local t_commit=$EPOCHREALTIME took_commit
+	took_commit=$(sb_since "$t0")
 	grep -qx 'commit started' "$dir/commit-ctl.out" || bad "commit --control: $(cat "$dir/commit-ctl.out")"
 	# The readall verdict is printed after the last read: if it is out already, the
 	# commit did not overlap the guest's reads and the scenario tests nothing.
 	! grep -aq 'readall-' "$log" ||
 		bad "the guest finished re-reading before commit started ($(awk -v a="$t_verdict" -v b="$t_commit" 'BEGIN { printf "%.2f", b - a }')s after files-ok): the window is too small"
-	ok "files-ok; hydration (--rate $SB_LOAD_RATE) running, $(json_get "$dir/status-at-verdict.out" chunks_missing) chunks missing, $(sb_mib "$at_verdict") of $(sb_mib "$total") fetched; confirm + commit --control $(awk -v a="$t_verdict" -v b="$t_commit" 'BEGIN { printf "%.2f", b - a }')s later, the guest still re-reading"
+	ok "files-ok; hydration (--rate $SB_LOAD_RATE) running, $(json_get "$dir/status-at-verdict.out" chunks_missing) chunks missing, $(sb_mib "$at_verdict") of $(sb_mib "$total") fetched; confirm + commit --control $(awk -v a="$t_verdict" -v b="$t_commit" 'BEGIN { printf "%.2f", b - a }')s later (confirm answered in ${took_confirm}s, commit in ${took_commit}s), the guest still re-reading"
 
 	# Follow the commit: state committing → committed, while the VM runs (if it still does).
 	local st states='' n=$((SB_TIMEOUT * 5)) readall_at=''

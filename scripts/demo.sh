@@ -6,10 +6,11 @@
 # Installs what the VM tests need (vm-tests/setup.sh), builds streamboot (cargo build
 # --release), the guest kernel + initramfs and the test images, then shows a VM booting
 # v2 while it streams from an HTTP server onto a disk that holds v1:
-#   nginx serves v2.img → streamboot prepare → streamboot serve → QEMU boots v2 through
-#   vhost-user-blk (time to the guest's verdict, bytes fetched by then) → stop serve →
-#   confirm → commit (the disk now is v2.img, byte for byte) → QEMU boots the disk plain,
-#   without streamboot.
+#   nginx serves v2.img → streamboot prepare → streamboot serve --control → QEMU boots v2
+#   through vhost-user-blk (time to the guest's verdict, bytes fetched by then) → confirm
+#   through serve's control socket while the VM still runs (it re-reads every file) →
+#   stop serve → commit on the disk (the disk now is v2.img, byte for byte) → QEMU boots
+#   the disk plain, without streamboot.
 # Background hydration is off during the boot, so every byte fetched before the verdict is
 # one the VM asked for; commit fetches the rest. The streamed boot mounts its root
 # read-only: a read-write mount rewrites the ext4 superblock, and the final disk could not
@@ -83,34 +84,47 @@ info "took $(sb_since "$t0")s, fetched $(sb_mib "$(nginx_bytes)") from nginx"
 json_status "$demo/disk.img"
 
 say "6. streamboot serve, and a VM boots v2 through vhost-user-blk while it streams"
-start_serve "$demo/disk.img" "$demo/vu.sock" --no-hydrate
-info "serve pid $SB_SERVE_PID on $demo/vu.sock (background hydration off)"
+ctl=$demo/ctl.sock
+start_serve "$demo/disk.img" "$demo/vu.sock" --no-hydrate --control "$ctl"
+info "serve pid $SB_SERVE_PID on $demo/vu.sock (background hydration off), control socket $ctl"
 before=$(nginx_bytes)
 log=$demo/boot-v2.log
 rm -f "$log" "$log.qemu"
-sb_bg_boot boot_vhost "$demo/vu.sock" "$log" ro
+# After its verdict the guest re-reads every file (sbtest.readall=1): the VM keeps
+# running while step 7 confirms.
+sb_bg_boot boot_vhost "$demo/vu.sock" "$log" sbtest.readall=1 ro
 # QEMU starts when lib.sh creates LOG.qemu (after waiting for any VM running elsewhere).
-while [[ ! -e $log.qemu ]] && kill -0 "$SB_BG_PID" 2>/dev/null; do sleep 0.05; done
+while [[ ! -e $log.qemu ]] && sb_bg_running; do sleep 0.05; done
 t_vm=$EPOCHREALTIME
 wait_for_line "$log" 'STREAMBOOT-VERDICT' "$SB_TIMEOUT" || true
 t_verdict=$(sb_since "$t_vm")
 at_verdict=$(($(nginx_bytes) - before))
-rc=0
-wait "$SB_BG_PID" || rc=$?
-SB_BG_PID=''
-((rc == 0)) || die "the VM failed (QEMU exit $rc): see $log"
 verdict=$(sb_verdicts "$log" | grep -m1 VERDICT || true)
 [[ $verdict == "STREAMBOOT-VERDICT v2 files-ok" ]] || die "unexpected verdict '$verdict' (log $log)"
-uptime=$(sb_verdicts "$log" | sed -n 's/^STREAMBOOT-INFO .*uptime=\([0-9.]*\).*/\1/p')
 info "guest: $verdict (every file of v2 checked against its manifest)"
-info "time to first verdict: ${t_verdict}s after QEMU started (guest uptime ${uptime}s)"
+info "time to first verdict: ${t_verdict}s after QEMU started"
 info "fetched from nginx before the verdict: $(sb_mib "$at_verdict") of $(sb_mib "$v2_size") ($(awk -v a="$at_verdict" -v b="$v2_size" 'BEGIN { printf "%.0f", 100 * a / b }')%), the rest not needed yet"
 
-say "7. stop serve (SIGTERM), confirm the target, commit"
+say "7. confirm the target through serve's control socket, while the VM still runs"
+info "\$ streamboot confirm disk.img --control $(basename "$ctl")"
+"$SB" confirm "$demo/disk.img" --control "$ctl" 2>&1 | sed 's/^/    /'
+vm_running=no
+sb_bg_running && vm_running=yes
+st=$("$SB" status --json "$demo/disk.img" --control "$ctl")
+info "status --control: state $(grep -o '"state":"[a-z]*"' <<<"$st" | cut -d'"' -f4), vm_connected $(grep -o '"vm_connected":[a-z]*' <<<"$st" | cut -d: -f2), VM running when confirm answered: $vm_running"
+grep -q '"state":"confirmed"' <<<"$st" || die "not confirmed through $ctl: $st"
+[[ $vm_running == yes ]] || info "(the VM had already powered off: nothing was confirmed mid-boot)"
+rc=0
+sb_bg_wait || rc=$?
+((rc == 0)) || die "the VM failed (QEMU exit $rc): see $log"
+sb_verdicts "$log" | grep -q 'VERDICT v2 readall-ok' || die "no readall-ok from the guest (log $log)"
+uptime=$(sb_verdicts "$log" | sed -n 's/^STREAMBOOT-INFO .*uptime=\([0-9.]*\).*/\1/p')
+info "guest: $(sb_verdicts "$log" | grep readall) (guest uptime at the first verdict ${uptime}s); VM powered off after ${SB_LAST_WALL}s"
+
+say "8. stop serve (SIGTERM), commit on the disk"
 stop_serve || die "serve did not stop cleanly (log $demo/vu.sock.log)"
 info "serve stopped"
 json_status "$demo/disk.img"
-"$SB" confirm "$demo/disk.img" | sed 's/^/    /'
 before=$(nginx_bytes)
 t0=$EPOCHREALTIME
 "$SB" commit "$demo/disk.img" | sed 's/^/    /'
@@ -124,7 +138,7 @@ else
 fi
 stop_nginx
 
-say "8. the committed disk boots plain (virtio-blk, no streamboot, no network)"
+say "9. the committed disk boots plain (virtio-blk, no streamboot, no network)"
 sb_boot boot_plain "$demo/disk.img" "$demo/boot-plain.log" sbtest.write=hello >/dev/null ||
 	die "plain boot failed (log $demo/boot-plain.log)"
 sb_verdicts "$demo/boot-plain.log" | grep -E 'VERDICT|WROTE' | sed 's/^/    guest: /'

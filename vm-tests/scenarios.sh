@@ -3,21 +3,25 @@
 #
 # Each scenario starts from a copy of v1.img, with v2 (or v2-bad) served over HTTP by a
 # private nginx, and drives the streamboot CLI as a user would:
-#   migrate   prepare → serve → boot v2 via vhost-user (writes a file) → stop → confirm →
-#             commit → the disk boots plain (no streamboot) as v2 with the file; the
-#             disk is a plain disk of v2.img's size
+#   migrate   prepare → serve --control → boot v2 via vhost-user (writes a file); after
+#             its verdict, while it runs: confirm --control → stop → commit offline →
+#             the disk boots plain (no streamboot) as v2 with the file; the disk is a
+#             plain disk of v2.img's size
 #   rollback  prepare → serve → boot v2 → stop → rollback → disk == v1.img bit for bit →
 #             boots plain as v1
 #   fallback  target v2-bad, --max-trial-starts 2: two failed trial boots through one
 #             serve, the third connection of that same serve boots v1; disk == v1.img
-#   load      background hydration rate-limited (SB_LOAD_RATE, default 2M) so it runs
-#             while the guest re-reads and verifies every file (sbtest.readall=1) →
-#             stop → confirm → commit → disk == v2.img bit for bit
+#   load      serve --control, background hydration rate-limited (SB_LOAD_RATE, default
+#             2M) so it still runs at the guest's verdict; then, while the guest re-reads
+#             and verifies every file (sbtest.readall=1): confirm --control, commit
+#             --control (in the background in serve), status --control until committed;
+#             the guest's readall verdict must still be ok → stop → disk == v2.img bit
+#             for bit, a plain disk
 # Default: all four, in that order. Prints each step, PASS/FAIL per scenario, a wall time
 # table and "N passed, M failed"; exits 1 if any failed (INT/TERM: the running scenario
 # is stopped and cleaned up, exit 130). Work dirs and logs (console
-# logs, serve logs, nginx access logs, streamboot outputs) stay in
-# vm-tests/work/scenarios/<name>/ for inspection.
+# logs, serve logs, nginx access logs, streamboot outputs, the status --control polls of
+# load's commit) stay in vm-tests/work/scenarios/<name>/ for inspection.
 #
 # Boots that must leave the disk byte-identical to an image (fallback's v1 boot, load's
 # boot) mount the root read-only (`ro` on the kernel command line): a read-write ext4
@@ -47,6 +51,7 @@ usage() {
 # --- steps inside a scenario (each scenario runs in its own subshell) ---------------
 
 dir='' # the running scenario's work dir
+ctl='' # its serve's control socket
 
 note() { echo "       $*"; }
 ok() { echo "  ok   $*"; }
@@ -67,13 +72,41 @@ sb() {
 # boot STEP FUNC ARG [EXTRAS...] — a boot in the foreground (lib.sh FUNC: boot_vhost,
 # boot_plain); its STREAMBOOT lines in $dir/STEP.verdicts. Fails on timeout or QEMU error.
 boot() {
-	local step=$1 fn=$2 arg=$3 rc=0
+	bg_boot "$@"
+	bg_boot_done "$1"
+}
+
+# bg_boot STEP FUNC ARG [EXTRAS...] — the same boot, in the background: act on it with
+# wait_console, then bg_boot_done STEP waits for it and checks it as `boot` does.
+bg_boot() {
+	local step=$1 fn=$2 arg=$3
 	shift 3
-	sb_boot "$fn" "$arg" "$dir/$step.log" "$@" >"$dir/$step.verdicts" 2>>"$dir/vm.err" || rc=$?
+	sb_bg_boot "$fn" "$arg" "$dir/$step.log" "$@" 2>>"$dir/vm.err"
+}
+bg_boot_done() {
+	local step=$1 rc=0
+	sb_bg_wait 2>>"$dir/vm.err" || rc=$?
+	sb_verdicts "$dir/$step.log" >"$dir/$step.verdicts"
 	if ((rc != 0)); then
 		bad "$step: QEMU exit $rc$( ((rc == 124)) && echo " (timed out after ${SB_TIMEOUT}s)") ($(tr '\n' '|' <"$dir/$step.verdicts") log $dir/$step.log)"
 	fi
 	times+=("$(printf '%-26s %6.2fs' "$(basename "$dir")/$step" "$SB_LAST_WALL")")
+}
+
+# wait_console STEP STRING — wait until the background boot STEP printed the fixed STRING
+# on its console; fails if the VM exits or SB_TIMEOUT passes (counted from QEMU's start:
+# a wait for the machine-wide VM lock does not count) before that.
+wait_console() {
+	local log=$dir/$1.log n=$((SB_TIMEOUT * 20))
+	while [[ ! -e $log.qemu ]] && sb_bg_running; do sleep 0.05; done
+	while ! grep -aqF -- "$2" "$log" 2>/dev/null; do
+		if ! sb_bg_running || ((n-- <= 0)); then
+			grep -aqF -- "$2" "$log" 2>/dev/null ||
+				bad "$1: no '$2' on the console ($(sb_bg_running && echo "VM still running after ${SB_TIMEOUT}s" || echo "VM exited"): $(sb_verdicts "$log" | tr '\n' '|') log $log)"
+			return 0
+		fi
+		sleep 0.05
+	done
 }
 
 # expect STEP PATTERN... — each fixed string is in STEP's verdict lines.
@@ -131,6 +164,21 @@ state_is() {
 	ok "status: state $2${3:+, trial starts $(sed -n 's/^trial starts: *//p' "$dir/$name.out")}"
 }
 
+# online NAME OP [ARGS...] — `streamboot OP DISK --control CTL ARGS` through the running
+# serve's control socket (output in $dir/NAME.out); fails if the CLI found nothing
+# listening there and acted on the disk itself.
+online() {
+	local name=$1 op=$2
+	shift 2
+	sb "$name" "$op" "$dir/disk.img" --control "$ctl" "$@"
+	! grep -q 'acting on the disk' "$dir/$name.out" ||
+		bad "streamboot $op --control: no serve listened on $ctl ($dir/$name.out)"
+}
+
+# json_get FILE KEY — the value of KEY (unique in FILE: a one-line JSON object), without
+# quotes.
+json_get() { sed -n 's/.*"'"$2"'":"\{0,1\}\([^",}]*\).*/\1/p' "$1" | head -n1; }
+
 # setup NAME TARGET_IMAGE — scenario dir, disk = copy of v1, nginx serving the images.
 setup() {
 	dir=$run/$1
@@ -139,6 +187,7 @@ setup() {
 	cp --sparse=always "$img/v1.img" "$dir/disk.img" || bad "copying v1.img"
 	start_nginx "$img" "$dir/nginx" 2>>"$dir/vm.err" || bad "nginx did not start ($dir/vm.err)"
 	target_url=$SB_NGINX_URL/$2
+	ctl=$dir/ctl.sock
 	note "disk $dir/disk.img (copy of v1.img), target $target_url"
 }
 
@@ -171,19 +220,31 @@ scenario_migrate() {
 	ok "prepare: $(cat "$dir/prepare.out")"
 	state_is "$dir/disk.img" prepared 0
 
-	serve_up
-	boot 1-v2-vhost boot_vhost "$dir/vu.sock" sbtest.write=migrated
+	serve_up --control "$ctl"
+	bg_boot 1-v2-vhost boot_vhost "$dir/vu.sock" sbtest.write=migrated
+	# Confirm through the control socket as soon as the guest's verdict is out, while the
+	# VM still runs (it goes on to write /migrated).
+	wait_console 1-v2-vhost "STREAMBOOT-VERDICT v2 files-ok"
+	online confirm-ctl confirm
+	local running=yes
+	sb_bg_running || running=no
+	grep -qx 'target confirmed' "$dir/confirm-ctl.out" || bad "confirm --control: $(cat "$dir/confirm-ctl.out")"
+	online status-ctl status --json
+	[[ $(json_get "$dir/status-ctl.out" state) == confirmed ]] ||
+		bad "status --control after confirm: $(cat "$dir/status-ctl.out")"
+	[[ $running == yes ]] || bad "the VM had powered off before confirm --control answered: nothing confirmed mid-boot"
+	ok "confirm --control after the verdict, VM still running: $(cat "$dir/confirm-ctl.out"); status --control: state confirmed, vm_connected $(json_get "$dir/status-ctl.out" vm_connected)"
+	bg_boot_done 1-v2-vhost
 	expect 1-v2-vhost "STREAMBOOT-VERDICT v2 files-ok" "STREAMBOOT-INFO version=2" \
 		"STREAMBOOT-WROTE migrated sha256="
 	ok "v2 booted through streamboot serve in ${SB_LAST_WALL}s: $(verdict 1-v2-vhost), wrote /migrated; $(sb_mib "$(nginx_bytes)") fetched"
 	serve_down
 	grep -q 'trial start 1 of' "$dir/vu.sock.log" || bad "serve log: no 'trial start 1 of'"
-	state_is "$dir/disk.img" trial 1
-
-	sb confirm confirm "$dir/disk.img"
 	state_is "$dir/disk.img" confirmed
+
+	# Offline commit: serve has stopped, the CLI works on the disk itself.
 	sb commit commit "$dir/disk.img"
-	ok "commit: $(cat "$dir/commit.out")"
+	ok "commit (offline): $(cat "$dir/commit.out")"
 	is_plain "$dir/disk.img"
 	local size want
 	size=$(stat -c %s "$dir/disk.img") want=$(stat -c %s "$img/v2.img")
@@ -245,28 +306,71 @@ scenario_load() {
 	setup load v2.img
 	sb prepare prepare "$dir/disk.img" --target "$target_url"
 	ok "prepare: $(cat "$dir/prepare.out")"
-	local before
+	local before log=$dir/1-v2-readall.log
 	before=$(nginx_bytes)
-	serve_up --rate "$SB_LOAD_RATE"
+	serve_up --rate "$SB_LOAD_RATE" --control "$ctl"
 	# Read-only root: no guest write at all, so after commit the disk must be v2.img.
-	boot 1-v2-readall boot_vhost "$dir/vu.sock" sbtest.readall=1 ro
-	local fetched total
-	fetched=$(($(nginx_bytes) - before)) total=$(stat -c %s "$img/v2.img")
+	bg_boot 1-v2-readall boot_vhost "$dir/vu.sock" sbtest.readall=1 ro
+	wait_console 1-v2-readall "STREAMBOOT-VERDICT v2 files-ok"
+	local t_verdict=$EPOCHREALTIME at_verdict total
+	at_verdict=$(($(nginx_bytes) - before)) total=$(stat -c %s "$img/v2.img")
+	# The guest now drops its page cache and re-reads every file: confirm and commit
+	# through the control socket while it does.
+	online status-at-verdict status --json
+	[[ $(json_get "$dir/status-at-verdict.out" "done") == false ]] ||
+		bad "hydration finished before the guest's verdict ($(sb_mib "$at_verdict") fetched): lower SB_LOAD_RATE"
+	local t0=$EPOCHREALTIME took_confirm
+	online confirm-ctl confirm
+	took_confirm=$(sb_since "$t0") t0=$EPOCHREALTIME
+	online commit-ctl commit
+	local t_commit=$EPOCHREALTIME took_commit
+	took_commit=$(sb_since "$t0")
+	grep -qx 'commit started' "$dir/commit-ctl.out" || bad "commit --control: $(cat "$dir/commit-ctl.out")"
+	# The readall verdict is printed after the last read: if it is out already, the
+	# commit did not overlap the guest's reads and the scenario tests nothing.
+	! grep -aq 'readall-' "$log" ||
+		bad "the guest finished re-reading before commit started ($(awk -v a="$t_verdict" -v b="$t_commit" 'BEGIN { printf "%.2f", b - a }')s after files-ok): the window is too small"
+	ok "files-ok; hydration (--rate $SB_LOAD_RATE) running, $(json_get "$dir/status-at-verdict.out" chunks_missing) chunks missing, $(sb_mib "$at_verdict") of $(sb_mib "$total") fetched; confirm + commit --control $(awk -v a="$t_verdict" -v b="$t_commit" 'BEGIN { printf "%.2f", b - a }')s later (confirm answered in ${took_confirm}s, commit in ${took_commit}s), the guest still re-reading"
+
+	# Follow the commit: state committing → committed, while the VM runs (if it still does).
+	local st states='' n=$((SB_TIMEOUT * 5)) readall_at=''
+	: >"$dir/status-commit.log"
+	while :; do
+		online status-commit status --json
+		cat "$dir/status-commit.out" >>"$dir/status-commit.log"
+		st=$(json_get "$dir/status-commit.out" state)
+		[[ -n $readall_at ]] || ! grep -aq 'readall-' "$log" || readall_at=$st
+		[[ $states == *"$st" ]] || states+=${states:+ → }$st
+		[[ $(json_get "$dir/status-commit.out" last_error) == null ]] ||
+			bad "status --control: last_error $(grep -o '"last_error":"[^"]*"' "$dir/status-commit.out")"
+		[[ $st == committed ]] && break
+		[[ $st == committing || $states == confirmed ]] || bad "state $st while committing: $states ($dir/status-commit.log)"
+		((n-- > 0)) || bad "commit not finished after ${SB_TIMEOUT}s: state $st ($dir/status-commit.log)"
+		sleep 0.2
+	done
+	local vm_at_end
+	vm_at_end=$(json_get "$dir/status-commit.out" vm_connected)
+	ok "status --control: $states after $(sb_since "$t_commit")s (VM connected at the end: $vm_at_end; guest's readall verdict $([[ -n $readall_at ]] && echo "first seen at state $readall_at" || echo "not out yet"))"
+	# Known (streamboot): POST /v1/commit answers "commit started" before the state is
+	# committing (the commit thread first stops the hydrator), so status can still say
+	# confirmed for a moment. Not a failure here; shown until it is fixed.
+	[[ $states != confirmed* ]] ||
+		echo "  WARN status --control said state confirmed after commit --control answered 'commit started' ($dir/status-commit.log)"
+
+	bg_boot_done 1-v2-readall
 	expect 1-v2-readall "STREAMBOOT-VERDICT v2 files-ok" "STREAMBOOT-VERDICT v2 readall-ok"
-	ok "v2 booted, every file re-read and verified in ${SB_LAST_WALL}s: $(grep readall "$dir/1-v2-readall.verdicts" | cut -d' ' -f2-)"
-	# The point of the scenario: the guest's reads overlapped background hydration.
-	if grep -q 'hydration finished' "$dir/vu.sock.log"; then
-		bad "hydration finished before the VM powered off ($(sb_mib "$fetched") fetched): lower SB_LOAD_RATE"
-	fi
-	grep -q 'hydration stopped' "$dir/vu.sock.log" && bad "serve log: $(grep -m1 'hydration stopped' "$dir/vu.sock.log")"
-	ok "hydration (--rate $SB_LOAD_RATE) still running when the VM powered off: $(sb_mib "$fetched") of $(sb_mib "$total") fetched by then"
+	ok "v2 booted, every file re-read and verified while the commit ran, in ${SB_LAST_WALL}s: $(grep readall "$dir/1-v2-readall.verdicts" | cut -d' ' -f2-)"
+	! grep -q 'hydration finished' "$dir/vu.sock.log" ||
+		bad "serve log: hydration finished before the commit stopped it: lower SB_LOAD_RATE"
+	! grep -qE 'ERROR|hydration stopped:|commit failed' "$dir/vu.sock.log" ||
+		bad "serve log: $(grep -m1 -E 'ERROR|hydration stopped:|commit failed' "$dir/vu.sock.log")"
 	serve_down
-	sb status-stopped status "$dir/disk.img"
-	note "after serve: $(grep -E '^chunks:' "$dir/status-stopped.out")"
-	sb confirm confirm "$dir/disk.img"
-	sb commit commit "$dir/disk.img"
-	ok "confirm, commit: $(cat "$dir/commit.out")"
+	note "fetched in all: $(sb_mib "$(($(nginx_bytes) - before))")"
 	same_sha "$dir/disk.img" "$img/v2.img"
+	local size want
+	size=$(stat -c %s "$dir/disk.img") want=$(stat -c %s "$img/v2.img")
+	((size == want)) || bad "disk size $size after commit, v2.img is $want"
+	ok "disk size $size == v2.img's"
 	is_plain "$dir/disk.img"
 }
 

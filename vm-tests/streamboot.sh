@@ -15,7 +15,9 @@
 #   stop_serve                     SIGTERM, wait; fails unless serve exited 0
 #   sb_boot FUNC ARG LOG [EXTRAS]  a lib.sh boot function (boot_vhost, boot_plain...), but
 #                                  interruptible: a trapped INT/TERM is handled at once
-#   sb_bg_boot FUNC ARGS...        run a lib.sh boot function in the background (SB_BG_PID)
+#   sb_bg_boot FUNC ARG LOG [EXTRAS]  a lib.sh boot function in the background (SB_BG_PID),
+#                                  for acting mid-boot; sb_bg_wait waits for it,
+#                                  sb_bg_running says whether it still runs
 #   sb_kill_tree PID               PID and its descendants (found by parent PID), KILL
 #   sb_cleanup                     stop what the helpers above started (for EXIT traps)
 #
@@ -28,6 +30,7 @@ SB_NGINX_DIR=''
 SB_SERVE_PID=''
 SB_SERVE_LOG=''
 SB_BG_PID=''
+SB_BG_LOG=''
 
 # Prints the streamboot binary to use, or fails saying how to build it.
 sb_streamboot() {
@@ -226,30 +229,45 @@ stop_serve() {
 # foreground would handle INT/TERM only after the VM has finished. `wait` returns at once
 # when a trapped signal arrives, and the trap can end the VM (sb_cleanup).
 sb_boot() {
-	local fn=$1 arg=$2 log=$3 rc=0
+	local rc=0
+	sb_bg_boot "$@"
+	sb_bg_wait || rc=$?
+	sb_verdicts "$3"
+	return "$rc"
+}
+
+# sb_bg_boot FUNC ARG LOG [EXTRAS...] — start `FUNC ARG LOG EXTRAS...` (a lib.sh boot
+# function: boot_vhost, boot_plain, ...) in the background and return at once; its
+# verdict lines are not printed (read LOG, or sb_verdicts LOG). SB_BG_PID is the pid to
+# end with sb_kill_tree; QEMU starts once LOG.qemu exists (after the machine-wide VM
+# lock). Wait for it with sb_bg_wait.
+sb_bg_boot() {
+	local fn=$1 arg=$2 log=$3
 	shift 3
 	rm -f "$log.wall"
 	(
 		r=0
-		"$fn" "$arg" "$log" "$@" || r=$?
+		"$fn" "$arg" "$log" "$@" >/dev/null || r=$?
 		echo "$SB_LAST_WALL" >"$log.wall"
 		exit "$r"
 	) &
-	SB_BG_PID=$!
+	SB_BG_PID=$! SB_BG_LOG=$log
+}
+
+# sb_bg_wait — wait for the boot sb_bg_boot started; returns QEMU's status (124: timed
+# out) and sets SB_LAST_RC and SB_LAST_WALL (seconds from QEMU start to exit).
+sb_bg_wait() {
+	local rc=0
+	[[ -n $SB_BG_PID ]] || return 0
 	wait "$SB_BG_PID" || rc=$?
 	SB_BG_PID=''
 	# shellcheck disable=SC2034 # lib.sh's globals, read by callers
-	SB_LAST_RC=$rc SB_LAST_WALL=$(cat "$log.wall" 2>/dev/null || echo 0)
+	SB_LAST_RC=$rc SB_LAST_WALL=$(cat "$SB_BG_LOG.wall" 2>/dev/null || echo 0)
 	return "$rc"
 }
 
-# sb_bg_boot FUNC ARGS... — run a lib.sh boot function (boot_vhost, boot_plain, ...) in
-# the background, its verdict lines discarded (read the log); SB_BG_PID is the pid to
-# `wait` for (its status is QEMU's) or to end with sb_kill_tree.
-sb_bg_boot() {
-	"$@" >/dev/null &
-	SB_BG_PID=$!
-}
+# sb_bg_running — the boot sb_bg_boot started is still running.
+sb_bg_running() { [[ -n $SB_BG_PID ]] && kill -0 "$SB_BG_PID" 2>/dev/null; }
 
 # sb_cleanup — ends what these helpers started and is still running (EXIT traps).
 sb_cleanup() {

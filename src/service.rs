@@ -412,6 +412,12 @@ impl Service {
         if bg.commit.as_ref().is_some_and(|t| !t.is_finished()) {
             return Err(ServiceError::Conflict("commit is already running".into()));
         }
+        if state == State::Confirmed {
+            // The source is abandoned from here on: make that durable before answering,
+            // so a status right after "commit started" already says committing.
+            e.flush()?;
+            e.update_superblock(|sb| sb.state = State::Committing)?;
+        }
         let svc = self.clone();
         bg.commit = Some(
             std::thread::Builder::new()

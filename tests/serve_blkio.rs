@@ -325,6 +325,11 @@ fn commit_through_control_while_client_reads_and_writes() {
         if i == 20 {
             let m = streamboot::control::client::commit(&ctl).unwrap();
             assert!(m.contains("commit"), "{m}");
+            let st = control_state(&ctl);
+            assert!(
+                st == "committing" || st == "committed",
+                "state right after commit: {st}"
+            );
         }
         let off = rng.random_range(0..(model.len() - (1 << 20)) / 512) * 512;
         let len = rng.random_range(1..=2048) * 512;

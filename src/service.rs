@@ -123,6 +123,43 @@ const HYDRATOR_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(3
 /// A listener for `(event, message)` state events.
 type EventListener = Box<dyn Fn(&str, &str) + Send + Sync>;
 
+/// What is served after a rollback failed half-way: every request fails (never a mix of
+/// source and target bytes) until a restart resumes the rollback from the disk.
+struct FailedDisk {
+    capacity: u64,
+    why: String,
+}
+
+impl BlockBackend for FailedDisk {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn read_at(&self, _: u64, _: &mut [u8]) -> Result<(), BlockError> {
+        Err(BlockError::Unavailable(self.why.clone()))
+    }
+    fn write_at(&self, _: u64, _: &[u8]) -> Result<(), BlockError> {
+        Err(BlockError::Unavailable(self.why.clone()))
+    }
+    fn flush(&self) -> Result<(), BlockError> {
+        Err(BlockError::Unavailable(self.why.clone()))
+    }
+    fn discard(&self, _: u64, _: u64) -> Result<(), BlockError> {
+        Err(BlockError::Unavailable(self.why.clone()))
+    }
+    fn write_zeroes(&self, _: u64, _: u64) -> Result<(), BlockError> {
+        Err(BlockError::Unavailable(self.why.clone()))
+    }
+    fn device_id(&self) -> Vec<u8> {
+        b"streamboot-failed".to_vec()
+    }
+    fn is_local(&self, _: u64, _: u64) -> bool {
+        true
+    }
+}
+
 struct Background {
     hydrator: Option<(Arc<Hydrator>, JoinHandle<()>)>,
     commit: Option<JoinHandle<()>>,
@@ -139,6 +176,9 @@ pub struct Service {
     bg: Mutex<Background>,
     last_error: Arc<Mutex<Option<String>>>,
     connection: Mutex<Option<ShutdownHandle>>,
+    /// Serializes every state transition (confirm, commit start, rollback, fallback, trial
+    /// starts): each re-checks the state under it, so no transition acts on a stale view.
+    ops: Mutex<()>,
     /// A weak handle to ourselves, for operations that spawn threads holding the service.
     me: Mutex<std::sync::Weak<Service>>,
     events: Mutex<Vec<EventListener>>,
@@ -232,6 +272,7 @@ impl Service {
             }),
             last_error: Arc::new(Mutex::new(None)),
             connection: Mutex::new(None),
+            ops: Mutex::new(()),
             me: Mutex::new(std::sync::Weak::new()),
             events: Mutex::new(Vec::new()),
             cfg,
@@ -375,6 +416,7 @@ impl Service {
 
     /// Confirms the target (ends the trial).
     pub fn confirm(&self) -> Result<String, ServiceError> {
+        let _op = self.ops.lock();
         let e = self.engine().ok_or_else(|| {
             ServiceError::Conflict(format!("nothing to confirm: serving {:?}", self.mode()))
         })?;
@@ -398,6 +440,7 @@ impl Service {
     }
 
     fn commit_in_background(self: &Arc<Self>, resume: bool) -> Result<(), ServiceError> {
+        let _op = self.ops.lock();
         let e = self.engine().ok_or_else(|| {
             ServiceError::Conflict(format!("nothing to commit: serving {:?}", self.mode()))
         })?;
@@ -443,15 +486,19 @@ impl Service {
 
     /// Rolls back to the source and serves it from now on. Only with no VM connected.
     pub fn rollback(&self) -> Result<String, ServiceError> {
-        if self.vm_connected() {
+        let _op = self.ops.lock();
+        self.do_rollback("rolled back", true)
+    }
+
+    /// Rolls back; the caller holds `ops`. With `refuse_if_connected`, refuses while a VM
+    /// is connected (checked again once guest I/O is excluded).
+    fn do_rollback(&self, why: &str, refuse_if_connected: bool) -> Result<String, ServiceError> {
+        let connected = || refuse_if_connected && self.vm_connected();
+        if connected() {
             return Err(ServiceError::Conflict(
                 "a VM is connected: stop it before rolling back".into(),
             ));
         }
-        self.do_rollback("rolled back")
-    }
-
-    fn do_rollback(&self, why: &str) -> Result<String, ServiceError> {
         let Some(e) = self.engine() else {
             return Err(ServiceError::Conflict(format!(
                 "nothing to roll back: serving {:?}",
@@ -465,10 +512,30 @@ impl Service {
             )));
         }
         self.stop_hydration();
+        // From here no guest request runs until the swap below.
         let mut slot = self.disk.inner.write();
+        if connected() {
+            return Err(ServiceError::Conflict(
+                "a VM is connected: stop it before rolling back".into(),
+            ));
+        }
         e.flush()?;
+        // A hydration fetch still waiting on the network must never write after this.
+        e.retire();
         let source_size = e.layout().source_size;
-        e.with_meta(|m| relocate::rollback(m, &mut |_, _, _| {}))?;
+        let capacity = slot.capacity();
+        if let Err(err) = e.with_meta(|m| relocate::rollback(m, &mut |_, _, _| {})) {
+            // Part of the source may be home already: serve nothing rather than a mix.
+            // A restart resumes the rollback from the disk.
+            let msg = format!("rollback failed, restart serve to resume it: {err}");
+            *slot = Arc::new(FailedDisk {
+                capacity,
+                why: msg.clone(),
+            });
+            *self.engine.lock() = None;
+            *self.last_error.lock() = Some(msg);
+            return Err(err.into());
+        }
         *slot = plain(&self.storage, self.cfg.read_only, source_size)?;
         *self.engine.lock() = None;
         *self.mode.lock() = Mode::Source;
@@ -499,6 +566,7 @@ impl Service {
 
 impl ConnectionEvents for Service {
     fn connected(&self) {
+        let _op = self.ops.lock();
         let Some(e) = self.engine() else { return };
         let state = e.state();
         if matches!(state, State::Prepared | State::Trial) {
@@ -520,6 +588,7 @@ impl ConnectionEvents for Service {
     }
 
     fn disconnected(&self) {
+        let _op = self.ops.lock();
         let Some(e) = self.engine() else { return };
         let (state, n) = e.with_meta(|m| (m.state(), m.superblock().start_counter));
         if state == State::Trial && n >= self.max_trial {
@@ -527,7 +596,7 @@ impl ConnectionEvents for Service {
                 starts = n,
                 "trial start limit reached without confirm: falling back to the source"
             );
-            if let Err(err) = self.do_rollback("fell back") {
+            if let Err(err) = self.do_rollback("fell back", false) {
                 tracing::error!("fallback failed: {err}");
                 *self.last_error.lock() = Some(format!("fallback failed: {err}"));
             } else {

@@ -390,6 +390,13 @@ fn rollback_through_control_only_without_vm() {
             Err(e) => panic!("rollback: {e}"),
         }
     }
+    // Nothing can bring the target back: confirm and commit are refused.
+    assert!(streamboot::control::client::confirm(&ctl)
+        .unwrap_err()
+        .is_conflict());
+    assert!(streamboot::control::client::commit(&ctl)
+        .unwrap_err()
+        .is_conflict());
     // The next VM gets the source.
     let all = read_all(&sock, 1, 4, 64 << 10);
     assert!(

@@ -208,7 +208,10 @@ impl Layout {
                 "map page count does not match target",
             ),
             (
-                self.slot_offset >= self.map_offset + self.map_pages * 2 * BLOCK as u64,
+                self.map_pages
+                    .checked_mul(2 * BLOCK as u64)
+                    .and_then(|b| b.checked_add(self.map_offset))
+                    .is_some_and(|end| self.slot_offset >= end),
                 "slots overlap map",
             ),
             (self.slot_offset % BLOCK as u64 == 0, "slots misaligned"),

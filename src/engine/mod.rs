@@ -106,6 +106,9 @@ pub struct Engine {
     to_home: AtomicBool,
     /// Set when the released area has been removed (after commit): metadata is gone.
     finished: AtomicBool,
+    /// True once the engine was retired (rollback): background work must not write to
+    /// the disk any more. Writers hold it shared for their whole write.
+    retired: RwLock<bool>,
     read_only: bool,
     opts: EngineOptions,
     /// Chunks published since the last map commit.
@@ -173,6 +176,7 @@ impl Engine {
             inflight: InFlight::default(),
             commit_lock: Mutex::new(()),
             finished: AtomicBool::new(false),
+            retired: RwLock::new(false),
             read_only: false,
             opts,
             unflushed: AtomicU64::new(0),
@@ -555,6 +559,12 @@ impl Engine {
         bytes: &[u8],
         may_evict: bool,
     ) -> Result<bool, BlockError> {
+        let retired = self.retired.read_recursive();
+        if *retired {
+            return Err(BlockError::Unavailable(
+                "the migration was rolled back".into(),
+            ));
+        }
         let cs = self.chunk_size() as usize;
         let to_home = self.to_home.load(Ordering::Acquire);
         let mut all_stored = true;
@@ -636,6 +646,12 @@ impl Engine {
         Ok(all_stored)
     }
 
+    /// Stops every later background write (fetch publication, map commits) and waits
+    /// for those in progress. Used before a rollback removes the released area.
+    pub fn retire(&self) {
+        *self.retired.write() = true;
+    }
+
     /// Maps chunk `c` to `loc` (clean) under its stripe lock if it is still missing (a
     /// guest write may have mapped it meanwhile). Returns whether it did.
     fn publish_if_missing(&self, c: u64, loc: Location) -> bool {
@@ -671,6 +687,10 @@ impl Engine {
 
     /// One map commit (see `boot_relocator::meta` for the protocol).
     pub(crate) fn commit_map(&self) -> Result<(), EngineError> {
+        let retired = self.retired.read_recursive();
+        if *retired {
+            return Err(EngineError::State("the migration was rolled back".into()));
+        }
         let _c = self.commit_lock.lock();
         self.unflushed.store(0, Ordering::Relaxed);
         let batch = self.meta.lock().store.take_dirty();

@@ -152,7 +152,6 @@ impl BlkBackend {
     }
 
     fn drain_available(&self, q: usize, vring: &Vring) -> io::Result<()> {
-        let ctx = &self.inner.queues[q];
         let mem = self.inner.mem.memory();
         let mut completed = 0usize;
         loop {
@@ -168,14 +167,7 @@ impl BlkBackend {
                 }
                 Ok(req) if req.is_local(self.inner.disk.as_ref()) => {
                     tracing::trace!(queue = q, head = req.head_index(), kind = ?req.kind(), "virtio-blk request");
-                    let mut scratch = ctx.scratch.lock();
-                    virtio::execute(
-                        &req,
-                        &*mem,
-                        self.inner.disk.as_ref(),
-                        self.exec_options(),
-                        &mut scratch,
-                    )
+                    virtio::execute(&req, &*mem, self.inner.disk.as_ref(), self.exec_options())
                 }
                 Ok(req) => {
                     tracing::trace!(queue = q, head = req.head_index(), kind = ?req.kind(), "deferred virtio-blk request");
@@ -199,13 +191,13 @@ impl BlkBackend {
         let disk = self.inner.disk.clone();
         let opts = self.exec_options();
         ctx.begin();
-        let job = Box::new(move |scratch: &mut Vec<u8>| {
-            let completion = virtio::execute(&req, &*mem, disk.as_ref(), opts, scratch);
+        let job = Box::new(move || {
+            let completion = virtio::execute(&req, &*mem, disk.as_ref(), opts);
             ctx.complete(completion);
         });
         if let Err(job) = self.inner.pool.submit(job) {
             // The pool is shutting down: finish the request here rather than drop it.
-            job(&mut self.inner.queues[q].scratch.lock());
+            job();
         }
     }
 

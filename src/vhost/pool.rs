@@ -11,8 +11,8 @@ use std::thread::{self, JoinHandle};
 
 use parking_lot::{Condvar, Mutex};
 
-/// Work for an I/O thread; it gets the thread's own bounce buffer.
-pub(crate) type Job = Box<dyn FnOnce(&mut Vec<u8>) + Send>;
+/// Work for an I/O thread.
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
 #[derive(Default)]
 struct Pending {
@@ -53,15 +53,12 @@ impl IoPool {
             let pending = pending.clone();
             let handle = thread::Builder::new()
                 .name(format!("vhost-blk-io{i}"))
-                .spawn(move || {
-                    let mut scratch = Vec::new();
-                    loop {
-                        // Hold the receiver lock only while waiting for the next job.
-                        let job = rx.lock().recv();
-                        let Ok(job) = job else { break };
-                        job(&mut scratch);
-                        pending.done();
-                    }
+                .spawn(move || loop {
+                    // Hold the receiver lock only while waiting for the next job.
+                    let job = rx.lock().recv();
+                    let Ok(job) = job else { break };
+                    job();
+                    pending.done();
                 })?;
             handles.push(handle);
         }
@@ -127,7 +124,7 @@ mod tests {
         let done = Arc::new(AtomicUsize::new(0));
         for _ in 0..9 {
             let done = done.clone();
-            pool.submit(Box::new(move |_| {
+            pool.submit(Box::new(move || {
                 thread::sleep(Duration::from_millis(20));
                 done.fetch_add(1, Ordering::SeqCst);
             }))
@@ -138,6 +135,6 @@ mod tests {
         assert_eq!(done.load(Ordering::SeqCst), 9);
         assert_eq!(pool.pending(), 0);
         pool.shutdown();
-        assert!(pool.submit(Box::new(|_| {})).is_err());
+        assert!(pool.submit(Box::new(|| {})).is_err());
     }
 }

@@ -19,6 +19,9 @@
 //! - `BENCH_SECS` (default 2): seconds per run;
 //! - `BENCH_RUNS` (default 3): runs per workload and server;
 //! - `BENCH_SIZE_MB` (default 256): size of the raw file;
+//! - `BENCH_ONLY`: comma-separated workload names to run instead of the first three
+//!   (`1m-seqread-qd1`, sequential 1 MiB reads one at a time, runs only when named);
+//! - `BENCH_VERBOSE`: also print every run;
 //! - `QSD` (default /usr/bin/qemu-storage-daemon): the daemon to compare with; the bench
 //!   measures streamboot alone when it is missing.
 
@@ -52,7 +55,8 @@ struct Workload {
     random: bool,
 }
 
-const WORKLOADS: [Workload; 3] = [
+/// The workloads; the first three run by default.
+const WORKLOADS: [Workload; 4] = [
     Workload {
         name: "4k-randread-qd1",
         block: 4096,
@@ -69,6 +73,12 @@ const WORKLOADS: [Workload; 3] = [
         name: "1m-seqread-qd8",
         block: 1 << 20,
         depth: 8,
+        random: false,
+    },
+    Workload {
+        name: "1m-seqread-qd1",
+        block: 1 << 20,
+        depth: 1,
         random: false,
     },
 ];
@@ -339,7 +349,15 @@ fn main() {
         "{:<17} {:>11} {:>12} {:>11} {:>12} {:>11} {:>12} {:>7} {:>7}",
         "workload", "plain", "", "engine", "", "qsd", "", "pl/qsd", "en/qsd"
     );
-    for w in WORKLOADS {
+    let only = std::env::var("BENCH_ONLY").ok();
+    let selected: Vec<Workload> = match &only {
+        Some(names) => WORKLOADS
+            .into_iter()
+            .filter(|w| names.split(',').any(|n| n.trim() == w.name))
+            .collect(),
+        None => WORKLOADS[..3].to_vec(),
+    };
+    for w in selected {
         let mut rates: Vec<Vec<Rate>> = vec![Vec::new(); servers.len()];
         for run in 0..runs {
             // Rotate which server goes first, to spread drift evenly.

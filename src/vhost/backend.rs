@@ -1,5 +1,6 @@
 //! The [`VhostUserBackend`] implementation: one worker thread per queue, requests for
-//! local data run inline on the worker, the others go to the I/O pool and complete out of
+//! local data run inline on the worker, the others (and large local ones while the queue
+//! has other work, see `BlkBackend::lane_for`) go to the I/O pool and complete out of
 //! order through the queue's eventfd.
 //!
 //! One [`BlkBackend`] serves one frontend connection; the block device and the I/O pool

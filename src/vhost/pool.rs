@@ -1,7 +1,10 @@
-//! A small pool of I/O threads for requests that may wait on the network.
+//! A small pool of I/O threads for requests that do not run on their queue's worker, in
+//! two lanes: requests that may wait on the network ([`Lane::Remote`]), so that requests
+//! for local data keep flowing, and large local requests ([`Lane::Bulk`]), so that
+//! several proceed in parallel. The lanes have their own threads: a large local request
+//! never waits behind a network fetch.
 //!
-//! Queue workers hand such requests here so that requests for local data keep flowing;
-//! each job reports its completion to its queue itself (see [`super::queue::QueueCtx`]).
+//! Each job reports its completion to its queue itself (see [`super::queue::QueueCtx`]).
 //! The pool outlives connections: a job still running when a frontend disconnects is
 //! finished before the next connection is served (see [`IoPool::wait_idle`]).
 

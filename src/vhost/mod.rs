@@ -7,7 +7,8 @@
 //! - [`socket`]: socket creation with safe permissions.
 //! - [`config`]: feature bits and the virtio-blk config space.
 //! - `backend`: the `VhostUserBackend` implementation (per-queue workers).
-//! - `queue`, `pool`: out-of-order completion of requests that wait on the network.
+//! - `queue`, `pool`: out-of-order completion of requests that run off the queue worker
+//!   (they may wait on the network, or they are large and run in parallel).
 
 mod backend;
 pub mod config;
@@ -15,6 +16,8 @@ mod pool;
 mod queue;
 pub mod server;
 pub mod socket;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::path::{Path, PathBuf};

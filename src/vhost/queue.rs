@@ -26,8 +26,6 @@ pub(crate) struct QueueCtx {
     /// Held by the worker while it takes requests off the available ring, so that
     /// stopping the ring can wait for a pass in progress.
     pub(crate) processing: Mutex<()>,
-    /// The worker's bounce buffer for requests it runs inline.
-    pub(crate) scratch: Mutex<Vec<u8>>,
 }
 
 impl QueueCtx {
@@ -38,7 +36,6 @@ impl QueueCtx {
             inflight: Mutex::new(0),
             idle: Condvar::new(),
             processing: Mutex::new(()),
-            scratch: Mutex::new(Vec::new()),
         })
     }
 

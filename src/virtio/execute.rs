@@ -1,18 +1,19 @@
 //! Execution of a validated request against a [`BlockBackend`].
 //!
-//! Data moves through a caller-owned bounce buffer, at most [`BOUNCE_MAX`] bytes at a time,
-//! so a large request never allocates more than that and guest memory is only touched
-//! through vm-memory's checked, volatile copies.
+//! Reads and writes move no data through the device: each data segment is looked up
+//! through vm-memory (bounds-checked, one host-contiguous [`VolatileSlice`] at a time) and
+//! handed to the backend as a byte slice over guest memory, so the backend's
+//! `pread`/`pwrite` goes straight between the disk (or page cache) and the guest's buffer,
+//! as qemu-storage-daemon's `preadv` does. See [`guest_read`] and [`guest_write`] for why
+//! that is sound.
 
-use vm_memory::{Bytes, GuestMemory};
+use vm_memory::bitmap::{Bitmap, BS};
+use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
 
 use crate::blockdev::{BlockBackend, BlockError};
 
 use super::request::{Request, RequestKind, Segment};
 use super::{Completion, Status, ID_BYTES};
-
-/// Largest piece of a read or write moved through the bounce buffer at once.
-pub const BOUNCE_MAX: usize = 1 << 20;
 
 /// Device state that changes how requests run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,16 +30,13 @@ impl Default for ExecOptions {
 }
 
 /// Runs `req`, writes its status byte and returns the completion for the used ring.
-///
-/// `scratch` is a reusable bounce buffer; it grows up to [`BOUNCE_MAX`] bytes.
 pub fn execute<G: GuestMemory + ?Sized>(
     req: &Request,
     mem: &G,
     backend: &dyn BlockBackend,
     opts: ExecOptions,
-    scratch: &mut Vec<u8>,
 ) -> Completion {
-    let (status, data_len) = match run(req, mem, backend, opts, scratch) {
+    let (status, data_len) = match run(req, mem, backend, opts) {
         Ok(n) => (Status::Ok, n),
         Err(e) => {
             tracing::debug!(head = req.head_index(), error = %e, "virtio-blk request failed");
@@ -79,7 +77,6 @@ fn run<G: GuestMemory + ?Sized>(
     mem: &G,
     backend: &dyn BlockBackend,
     opts: ExecOptions,
-    scratch: &mut Vec<u8>,
 ) -> Result<u32, ExecError> {
     match req.kind() {
         RequestKind::Read {
@@ -87,15 +84,7 @@ fn run<G: GuestMemory + ?Sized>(
             len,
             segments,
         } => {
-            let mut cursor = Cursor::new(segments);
-            let mut done = 0u64;
-            while done < *len {
-                let n = (*len - done).min(BOUNCE_MAX as u64) as usize;
-                let buf = bounce(scratch, n);
-                backend.read_at(offset + done, buf)?;
-                cursor.scatter(mem, buf)?;
-                done += n as u64;
-            }
+            guest_read(mem, backend, *offset, *len, segments)?;
             // Bounded by size_max * seg_max, which fits in u32 for any sane limits;
             // saturate rather than wrap if it ever does not.
             Ok(u32::try_from(*len).unwrap_or(u32::MAX))
@@ -105,15 +94,7 @@ fn run<G: GuestMemory + ?Sized>(
             len,
             segments,
         } => {
-            let mut cursor = Cursor::new(segments);
-            let mut done = 0u64;
-            while done < *len {
-                let n = (*len - done).min(BOUNCE_MAX as u64) as usize;
-                let buf = bounce(scratch, n);
-                cursor.gather(mem, buf)?;
-                backend.write_at(offset + done, buf)?;
-                done += n as u64;
-            }
+            guest_write(mem, backend, *offset, *len, segments)?;
             if !opts.writeback {
                 backend.flush()?;
             }
@@ -128,7 +109,7 @@ fn run<G: GuestMemory + ?Sized>(
             id.resize(ID_BYTES, 0);
             let room: usize = segments.iter().map(|s| s.len as usize).sum();
             let n = room.min(ID_BYTES);
-            Cursor::new(segments).scatter(mem, &id[..n])?;
+            scatter(mem, segments, &id[..n])?;
             Ok(n as u32)
         }
         RequestKind::Discard { ranges } => {
@@ -149,81 +130,130 @@ fn run<G: GuestMemory + ?Sized>(
     }
 }
 
-/// The first `n` bytes of the bounce buffer, growing it when needed.
-fn bounce(scratch: &mut Vec<u8>, n: usize) -> &mut [u8] {
-    if scratch.len() < n {
-        scratch.resize(n, 0);
+/// Calls `f` on each host-contiguous piece of guest segment `seg` (one piece unless the
+/// segment spans two memory regions), as vm-memory hands them out after checking them
+/// against the memory map for `access`; fails unless the pieces cover the whole segment.
+fn for_each_piece<G, F>(
+    mem: &G,
+    seg: &Segment,
+    access: Permissions,
+    mut f: F,
+) -> Result<(), ExecError>
+where
+    G: GuestMemory + ?Sized,
+    F: FnMut(&VolatileSlice<'_, BS<'_, G::Bitmap>>) -> Result<(), ExecError>,
+{
+    let want = seg.len as usize;
+    let mut got = 0usize;
+    for slice in mem.get_slices(seg.addr, want, access)? {
+        let slice = slice?;
+        got += slice.len();
+        f(&slice)?;
     }
-    &mut scratch[..n]
+    if got != want {
+        return Err(vm_memory::GuestMemoryError::PartialBuffer {
+            expected: want,
+            completed: got,
+        }
+        .into());
+    }
+    Ok(())
 }
 
-/// A position in a list of guest segments, for copying a request's data piecewise.
-struct Cursor<'a> {
-    segments: &'a [Segment],
-    index: usize,
-    offset: u32,
+/// Reads `len` device bytes at `offset` straight into the guest's `segments`: one
+/// `backend.read_at` per segment (per piece of it, when it spans two memory regions),
+/// on a slice over guest memory, at the device offset accumulated so far.
+///
+/// The parser checked every segment against guest memory; vm-memory checks each again
+/// where the pointer is made. Should that fail midway (the memory map changed between
+/// parsing and execution), the request ends with an error and the bytes already read
+/// are, as for any failed read, unspecified.
+fn guest_read<G: GuestMemory + ?Sized>(
+    mem: &G,
+    backend: &dyn BlockBackend,
+    offset: u64,
+    len: u64,
+    segments: &[Segment],
+) -> Result<(), ExecError> {
+    let mut pos = offset;
+    for seg in segments {
+        for_each_piece(mem, seg, Permissions::Write, |slice| {
+            let guard = slice.ptr_guard_mut();
+            let n = guard.len();
+            {
+                // SAFETY: `guard` points at `n` bytes of guest memory that vm-memory
+                // found inside one mapped region (bounds-checked by `get_slices`, for
+                // writing). The mapping outlives `buf`: `mem` is the memory snapshot the
+                // caller holds for the whole request, which keeps every region of it
+                // mapped even if the frontend replaces the memory table meanwhile, and
+                // `guard` keeps any per-access mapping alive; `buf` ends with this block.
+                // The pointer is non-null and `n` lies within one mmap (< isize::MAX).
+                //
+                // Aliasing: these bytes are shared with the guest (and with any other
+                // request naming the same guest pages), which may change them at any
+                // time, as it may during a real DMA transfer. The slice exists only for
+                // this one backend call, which stores into it (pread, memcpy) and does not
+                // rely on reading back what it stored; a guest touching its own buffer
+                // meanwhile only makes those bytes of that buffer unspecified. Nothing
+                // outside the checked range is reachable through `buf`.
+                let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), n) };
+                backend.read_at(pos, buf)?;
+            }
+            // The backend stored through a raw pointer, past vm-memory's dirty tracking.
+            slice.bitmap().mark_dirty(0, n);
+            pos += n as u64;
+            Ok(())
+        })?;
+    }
+    debug_assert_eq!(pos - offset, len, "segments do not add up to the request");
+    Ok(())
 }
 
-impl<'a> Cursor<'a> {
-    fn new(segments: &'a [Segment]) -> Self {
-        Self {
-            segments,
-            index: 0,
-            offset: 0,
-        }
+/// Writes the guest's `segments` (`len` bytes) at device offset `offset`: one
+/// `backend.write_at` per segment (per piece of it), on a slice over guest memory.
+/// Checked as in [`guest_read`]; a failure midway leaves the range partly written, as
+/// any failed write may.
+fn guest_write<G: GuestMemory + ?Sized>(
+    mem: &G,
+    backend: &dyn BlockBackend,
+    offset: u64,
+    len: u64,
+    segments: &[Segment],
+) -> Result<(), ExecError> {
+    let mut pos = offset;
+    for seg in segments {
+        for_each_piece(mem, seg, Permissions::Read, |slice| {
+            let guard = slice.ptr_guard();
+            let n = guard.len();
+            // SAFETY: as in `guest_read`: `n` bytes inside one mapped region, checked for
+            // reading, kept mapped by `mem` and `guard` for longer than `buf` lives (this
+            // one call). The guest may change the bytes while the backend reads them
+            // (pwrite, memcpy); then what reaches the disk for those bytes is unspecified,
+            // as with DMA from a buffer the driver did not leave alone.
+            let buf = unsafe { std::slice::from_raw_parts(guard.as_ptr(), n) };
+            backend.write_at(pos, buf)?;
+            pos += n as u64;
+            Ok(())
+        })?;
     }
+    debug_assert_eq!(pos - offset, len, "segments do not add up to the request");
+    Ok(())
+}
 
-    /// Copies `buf` into guest memory at the cursor and advances it.
-    fn scatter<G: GuestMemory + ?Sized>(
-        &mut self,
-        mem: &G,
-        buf: &[u8],
-    ) -> Result<(), vm_memory::GuestMemoryError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let (addr, n) = self.next_piece(buf.len() - done)?;
-            mem.write_slice(&buf[done..done + n], addr)?;
-            done += n;
+/// Copies `data` into the start of `segments` (small replies such as the device id).
+fn scatter<G: GuestMemory + ?Sized>(
+    mem: &G,
+    segments: &[Segment],
+    data: &[u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut done = 0usize;
+    for seg in segments {
+        if done == data.len() {
+            break;
         }
-        Ok(())
+        let n = (data.len() - done).min(seg.len as usize);
+        mem.write_slice(&data[done..done + n], seg.addr)?;
+        done += n;
     }
-
-    /// Fills `buf` from guest memory at the cursor and advances it.
-    fn gather<G: GuestMemory + ?Sized>(
-        &mut self,
-        mem: &G,
-        buf: &mut [u8],
-    ) -> Result<(), vm_memory::GuestMemoryError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let (addr, n) = self.next_piece(buf.len() - done)?;
-            mem.read_slice(&mut buf[done..done + n], addr)?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// The next contiguous guest range of at most `want` bytes.
-    fn next_piece(
-        &mut self,
-        want: usize,
-    ) -> Result<(vm_memory::GuestAddress, usize), vm_memory::GuestMemoryError> {
-        use vm_memory::Address;
-        let seg =
-            self.segments
-                .get(self.index)
-                .ok_or(vm_memory::GuestMemoryError::PartialBuffer {
-                    expected: want,
-                    completed: 0,
-                })?;
-        let avail = (seg.len - self.offset) as usize;
-        let n = want.min(avail);
-        let addr = seg.addr.unchecked_add(u64::from(self.offset));
-        self.offset += n as u32;
-        if self.offset == seg.len {
-            self.index += 1;
-            self.offset = 0;
-        }
-        Ok((addr, n))
-    }
+    Ok(())
 }

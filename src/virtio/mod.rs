@@ -4,9 +4,10 @@
 //!
 //! This layer knows nothing of vhost-user (the transport) nor of the engine behind the
 //! backend: it is the part that must be safe against a hostile guest. Every guest address
-//! is checked through vm-memory before any backend I/O happens, and data moves between
-//! guest memory and the backend through bounce buffers, never through a Rust reference
-//! into guest memory (which the guest may change at any time).
+//! is checked through vm-memory before any backend I/O happens. Read and write data is not
+//! copied by the device: each data segment is handed to the backend as a byte slice over
+//! guest memory for the duration of one call, so the backend's pread/pwrite moves the
+//! bytes directly (see [`execute`] for why that is sound).
 //!
 //! Module map:
 //! - [`limits`]: the device geometry and limits the guest is told and held to.

@@ -26,10 +26,11 @@ pub fn resolve_group(group: &str) -> Result<u32, VhostError> {
         // SAFETY: an all-zero `group` is a valid value of this plain C struct.
         let mut grp: libc::group = unsafe { std::mem::zeroed() };
         let mut result: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the duration of the call: `name` is a
+        // Soundness: every pointer is valid for the duration of the call: `name` is a
         // NUL-terminated string, `grp` and `result` are live locals, and `buf` is a live
         // buffer of the length passed. The strings `grp` points to live in `buf`, which we
         // do not read; only `gr_gid` (a plain integer) is used afterwards.
+        // SAFETY: sound for the reasons given just above.
         let rc = unsafe {
             libc::getgrnam_r(
                 name.as_ptr(),

@@ -181,7 +181,7 @@ fn guest_read<G: GuestMemory + ?Sized>(
             let guard = slice.ptr_guard_mut();
             let n = guard.len();
             {
-                // SAFETY: `guard` points at `n` bytes of guest memory that vm-memory
+                // Soundness: `guard` points at `n` bytes of guest memory that vm-memory
                 // found inside one mapped region (bounds-checked by `get_slices`, for
                 // writing). The mapping outlives `buf`: `mem` is the memory snapshot the
                 // caller holds for the whole request, which keeps every region of it
@@ -196,6 +196,7 @@ fn guest_read<G: GuestMemory + ?Sized>(
                 // rely on reading back what it stored; a guest touching its own buffer
                 // meanwhile only makes those bytes of that buffer unspecified. Nothing
                 // outside the checked range is reachable through `buf`.
+                // SAFETY: sound for the reasons given just above.
                 let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), n) };
                 backend.read_at(pos, buf)?;
             }
@@ -225,11 +226,12 @@ fn guest_write<G: GuestMemory + ?Sized>(
         for_each_piece(mem, seg, Permissions::Read, |slice| {
             let guard = slice.ptr_guard();
             let n = guard.len();
-            // SAFETY: as in `guest_read`: `n` bytes inside one mapped region, checked for
+            // Soundness: as in `guest_read`: `n` bytes inside one mapped region, checked for
             // reading, kept mapped by `mem` and `guard` for longer than `buf` lives (this
             // one call). The guest may change the bytes while the backend reads them
             // (pwrite, memcpy); then what reaches the disk for those bytes is unspecified,
             // as with DMA from a buffer the driver did not leave alone.
+            // SAFETY: sound for the reasons given just above.
             let buf = unsafe { std::slice::from_raw_parts(guard.as_ptr(), n) };
             backend.write_at(pos, buf)?;
             pos += n as u64;

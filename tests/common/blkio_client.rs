@@ -67,10 +67,11 @@ impl Client {
     /// Bytes `range` of the mapped buffer. Only look at bytes no request in flight uses.
     pub fn buf(&mut self, range: std::ops::Range<usize>) -> &mut [u8] {
         assert!(range.start <= range.end && range.end <= self.region.len);
-        // SAFETY: the region is a live shared mapping of `region.len` bytes owned by
+        // Soundness: the region is a live shared mapping of `region.len` bytes owned by
         // `self.blkio`, which outlives the returned borrow of `self`, and `range` lies
         // inside it. Callers only ask for bytes that no in-flight request targets, so the
         // device does not write them while the slice is alive.
+        // SAFETY: sound for the reasons given just above.
         unsafe {
             std::slice::from_raw_parts_mut((self.region.addr + range.start) as *mut u8, range.len())
         }

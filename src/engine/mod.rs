@@ -285,19 +285,34 @@ impl Engine {
         }
     }
 
+    /// Splits the byte range `offset..offset+len` at chunk boundaries: yields (chunk,
+    /// offset inside the chunk, range of the caller's buffer).
+    fn pieces(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Iterator<Item = (u64, u64, std::ops::Range<usize>)> {
+        let cs = self.chunk_size();
+        let mut done = 0usize;
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let pos = offset + done as u64;
+            let within = pos % cs;
+            let n = ((cs - within) as usize).min(len - done);
+            let piece = (pos / cs, within, done..done + n);
+            done += n;
+            Some(piece)
+        })
+    }
+
     /// Reads `buf.len()` bytes of the target at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         check_range(offset, buf.len() as u64, self.layout.target_size)?;
         self.counters.note_read(buf.len() as u64);
-        let cs = self.chunk_size();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let c = pos / cs;
-            let within = pos % cs;
-            let n = ((cs - within) as usize).min(buf.len() - done);
-            self.read_chunk(c, within, &mut buf[done..done + n])?;
-            done += n;
+        for (c, within, r) in self.pieces(offset, buf.len()) {
+            self.read_chunk(c, within, &mut buf[r])?;
         }
         Ok(())
     }
@@ -339,15 +354,8 @@ impl Engine {
         }
         check_range(offset, data.len() as u64, self.layout.target_size)?;
         Counters::add(&self.counters.written_bytes, data.len() as u64);
-        let cs = self.chunk_size();
-        let mut done = 0usize;
-        while done < data.len() {
-            let pos = offset + done as u64;
-            let c = pos / cs;
-            let within = pos % cs;
-            let n = ((cs - within) as usize).min(data.len() - done);
-            self.write_chunk(c, within, &data[done..done + n])?;
-            done += n;
+        for (c, within, r) in self.pieces(offset, data.len()) {
+            self.write_chunk(c, within, &data[r])?;
         }
         Ok(())
     }

@@ -10,6 +10,7 @@
 //! - [`vhost`]: the vhost-user-blk backend serving a block device over a unix socket.
 //! - [`plain`]: a block device serving a disk as it is (after commit or rollback).
 //! - [`service`]: what `serve` runs: trial boots, fallback, hydration, commit, rollback.
+//! - [`nbd`]: read-only NBD exports of a store's images.
 //! - [`store`]: the deduplicated, signed chunk store (publish, stats, gc).
 //! - [`control`]: the control API of `serve` (HTTP/JSON over a unix socket), its client,
 //!   Prometheus metrics and webhook notifications.
@@ -18,6 +19,7 @@ pub mod blockdev;
 pub mod cli;
 pub mod control;
 pub mod engine;
+pub mod nbd;
 pub mod plain;
 pub mod service;
 pub mod source;

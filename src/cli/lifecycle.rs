@@ -110,6 +110,7 @@ pub fn run(cli: &Cli) -> Result<()> {
             false => rollback(cli, disk),
         },
         Command::Serve(a) => super::serve::run(a, cli.json),
+        Command::Export(a) => super::export::run(a, cli.json),
         Command::Publish(a) => super::store::publish(a, cli.json),
         Command::Keygen { prefix } => super::store::keygen(prefix, cli.json),
         Command::Store(c) => super::store::run(c, cli.json),

@@ -1,5 +1,6 @@
 //! The `streamboot` command line.
 
+mod export;
 mod lifecycle;
 mod progress;
 mod serve;
@@ -86,6 +87,9 @@ pub enum Command {
     /// Serve DISK to a VM as a vhost-user-blk device: the target while it streams (or a
     /// plain disk). Runs until SIGTERM/SIGINT.
     Serve(serve::ServeArgs),
+    /// Serve every image of a chunk store as a read-only NBD export (each chunk verified
+    /// before it is served). Runs until SIGTERM/SIGINT.
+    Export(export::ExportArgs),
     /// Publish an image into a deduplicated chunk store (each distinct chunk stored once).
     Publish(store::PublishArgs),
     /// Make an ed25519 key pair for signing indexes: PREFIX.key (0600) and PREFIX.pub.
@@ -159,7 +163,7 @@ pub fn main() -> i32 {
     };
     // Offline commands report failures in their one-line error, so their logs are
     // opt-in; a long-running serve logs what it does.
-    let serving = matches!(cli.command, Command::Serve(_));
+    let serving = matches!(cli.command, Command::Serve(_) | Command::Export(_));
     let level = match cli.verbose {
         0 if serving => "info",
         0 => "off",

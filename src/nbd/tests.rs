@@ -1,0 +1,323 @@
+//! Protocol tests over in-memory byte streams: the client side is written out byte by
+//! byte from the protocol's definitions, the server's answers parsed back and checked.
+
+use std::io::{self, Cursor, Read, Write};
+
+use super::proto::*;
+use super::*;
+
+/// Client bytes in, server bytes out.
+struct Duplex {
+    input: Cursor<Vec<u8>>,
+    output: Vec<u8>,
+}
+
+impl Read for Duplex {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl Write for Duplex {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn image() -> Vec<u8> {
+    (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn catalog() -> MemoryCatalog {
+    let mut c = MemoryCatalog::default();
+    c.insert("disk", image());
+    c.insert("other", vec![9; 4096]);
+    c
+}
+
+fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        d.extend_from_slice(&i.to_be_bytes());
+    }
+    d
+}
+
+fn run(client_flags: u32, options: &[Vec<u8>]) -> (Result<Negotiated, NbdError>, Vec<u8>) {
+    let mut input = client_flags.to_be_bytes().to_vec();
+    for o in options {
+        input.extend_from_slice(o);
+    }
+    let mut d = Duplex {
+        input: Cursor::new(input),
+        output: Vec::new(),
+    };
+    let r = negotiate(&mut d, &catalog());
+    (r, d.output)
+}
+
+/// Parses option replies out of the server output after the 18-byte greeting.
+fn replies(out: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+    assert_eq!(&out[..8], &NBD_MAGIC.to_be_bytes());
+    assert_eq!(&out[8..16], &IHAVEOPT.to_be_bytes());
+    assert_eq!(u16::from_be_bytes([out[16], out[17]]), 3);
+    let mut v = Vec::new();
+    let mut p = &out[18..];
+    while !p.is_empty() {
+        assert_eq!(&p[..8], &REPLY_MAGIC.to_be_bytes());
+        let opt = u32::from_be_bytes(p[8..12].try_into().unwrap());
+        let kind = u32::from_be_bytes(p[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(p[16..20].try_into().unwrap()) as usize;
+        v.push((opt, kind, p[20..20 + len].to_vec()));
+        p = &p[20 + len..];
+    }
+    v
+}
+
+const FIXED: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
+
+#[test]
+fn go_with_block_size() {
+    let (r, out) = run(
+        FIXED,
+        &[option(OPT_GO, &go_data("disk", &[INFO_BLOCK_SIZE]))],
+    );
+    match r.unwrap() {
+        Negotiated::Export { name, export } => {
+            assert_eq!(name, "disk");
+            assert_eq!(export.size(), 100_000);
+        }
+        Negotiated::Aborted => panic!("aborted"),
+    }
+    let rep = replies(&out);
+    assert_eq!(rep.len(), 3);
+    let (opt, kind, d) = &rep[0];
+    assert_eq!((*opt, *kind), (OPT_GO, REP_INFO));
+    assert_eq!(u16::from_be_bytes([d[0], d[1]]), INFO_EXPORT);
+    assert_eq!(u64::from_be_bytes(d[2..10].try_into().unwrap()), 100_000);
+    let flags = u16::from_be_bytes([d[10], d[11]]);
+    assert_eq!(flags & TFLAG_READ_ONLY, TFLAG_READ_ONLY);
+    let (_, kind, d) = &rep[1];
+    assert_eq!(*kind, REP_INFO);
+    assert_eq!(u16::from_be_bytes([d[0], d[1]]), INFO_BLOCK_SIZE);
+    assert_eq!(u32::from_be_bytes(d[2..6].try_into().unwrap()), 1);
+    assert_eq!(
+        u32::from_be_bytes(d[10..14].try_into().unwrap()),
+        MAX_REQUEST_LEN
+    );
+    assert_eq!(rep[2].1, REP_ACK);
+}
+
+#[test]
+fn list_info_unknown_options_then_abort() {
+    let (r, out) = run(
+        FIXED,
+        &[
+            option(OPT_LIST, &[]),
+            option(OPT_LIST, b"x"),
+            option(8, &[]), // structured replies: not offered
+            option(999, b"junk"),
+            option(OPT_INFO, &go_data("nope", &[])),
+            option(OPT_INFO, &go_data("other", &[])),
+            option(OPT_GO, &[0, 0, 0, 50, b'a']), // name longer than the payload
+            option(OPT_ABORT, &[]),
+        ],
+    );
+    assert!(matches!(r.unwrap(), Negotiated::Aborted));
+    let kinds: Vec<(u32, u32)> = replies(&out).iter().map(|r| (r.0, r.1)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (OPT_LIST, REP_SERVER),
+            (OPT_LIST, REP_SERVER),
+            (OPT_LIST, REP_ACK),
+            (OPT_LIST, REP_ERR_INVALID),
+            (8, REP_ERR_UNSUP),
+            (999, REP_ERR_UNSUP),
+            (OPT_INFO, REP_ERR_UNKNOWN),
+            (OPT_INFO, REP_INFO),
+            (OPT_INFO, REP_ACK),
+            (OPT_GO, REP_ERR_INVALID),
+            (OPT_ABORT, REP_ACK),
+        ]
+    );
+    let names: Vec<Vec<u8>> = replies(&out)[..2]
+        .iter()
+        .map(|r| r.2[4..].to_vec())
+        .collect();
+    assert_eq!(names, vec![b"disk".to_vec(), b"other".to_vec()]);
+}
+
+#[test]
+fn export_name_with_and_without_zeroes() {
+    for (flags, tail) in [(FIXED, 10), (FLAG_C_FIXED_NEWSTYLE, 134), (0, 134)] {
+        let (r, out) = run(flags, &[option(OPT_EXPORT_NAME, b"other")]);
+        assert!(matches!(r.unwrap(), Negotiated::Export { .. }));
+        assert_eq!(out.len(), 18 + tail, "flags {flags}");
+        assert_eq!(u64::from_be_bytes(out[18..26].try_into().unwrap()), 4096);
+        assert!(out[28..].iter().all(|&b| b == 0));
+    }
+    let (r, _) = run(FIXED, &[option(OPT_EXPORT_NAME, b"missing")]);
+    assert!(matches!(r, Err(NbdError::UnknownExport(n)) if n == "missing"));
+}
+
+#[test]
+fn hostile_negotiations_end_cleanly() {
+    // Unknown client flags.
+    assert!(matches!(run(0x80, &[]).0, Err(NbdError::ClientFlags(0x80))));
+    // Bad option magic.
+    let mut bad = option(OPT_LIST, &[]);
+    bad[0] ^= 1;
+    assert!(matches!(
+        run(FIXED, &[bad]).0,
+        Err(NbdError::BadMagic { .. })
+    ));
+    // A 4 GiB option: refused with TOO_BIG before any allocation, then closed.
+    let mut huge = IHAVEOPT.to_be_bytes().to_vec();
+    huge.extend_from_slice(&OPT_GO.to_be_bytes());
+    huge.extend_from_slice(&u32::MAX.to_be_bytes());
+    let (r, out) = run(FIXED, &[huge]);
+    assert!(matches!(
+        r,
+        Err(NbdError::OptionTooLong { len: u32::MAX, .. })
+    ));
+    assert_eq!(replies(&out)[0].1, REP_ERR_TOO_BIG);
+    // Truncated option data.
+    let mut cut = option(OPT_GO, &go_data("disk", &[]));
+    cut.truncate(cut.len() - 3);
+    assert!(matches!(run(FIXED, &[cut]).0, Err(NbdError::Io(_))));
+    // Options other than EXPORT_NAME without fixed newstyle.
+    assert!(matches!(
+        run(0, &[option(OPT_LIST, &[])]).0,
+        Err(NbdError::Protocol(_))
+    ));
+    // Endless options.
+    let many: Vec<Vec<u8>> = (0..=MAX_OPTIONS).map(|_| option(999, &[])).collect();
+    assert!(matches!(run(FIXED, &many).0, Err(NbdError::TooManyOptions)));
+    // Over-long name in GO: an error reply, the negotiation goes on.
+    let long = "x".repeat(MAX_NAME_LEN as usize + 1);
+    let (r, out) = run(FIXED, &[option(OPT_GO, &go_data(&long, &[]))]);
+    assert!(matches!(r, Err(NbdError::Io(_))));
+    assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+}
+
+fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+    m.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m
+}
+
+/// Runs a transmission phase over `input`; returns the result and the replies as
+/// (error, cookie, data).
+fn transmission(input: Vec<u8>) -> (Result<TransmitStats, NbdError>, Vec<(u32, u64, Vec<u8>)>) {
+    let img = MemoryExport(image());
+    let mut r = Cursor::new(input);
+    let mut out = Vec::new();
+    let res = transmit(&mut r, &mut out, &img);
+    (res, parse_simple(&out))
+}
+
+/// Splits simple replies; a reply with error 0 to a cookie >= 1000 carries cookie-1000
+/// bytes of data (the tests encode the read length in the cookie).
+fn parse_simple(out: &[u8]) -> Vec<(u32, u64, Vec<u8>)> {
+    let mut v = Vec::new();
+    let mut p = out;
+    while !p.is_empty() {
+        assert_eq!(&p[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        let err = u32::from_be_bytes(p[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(p[8..16].try_into().unwrap());
+        let len = if err == 0 && cookie >= 1000 {
+            (cookie - 1000) as usize
+        } else {
+            0
+        };
+        v.push((err, cookie, p[16..16 + len].to_vec()));
+        p = &p[16 + len..];
+    }
+    v
+}
+
+#[test]
+fn reads_and_refusals() {
+    let img = image();
+    let mut input = Vec::new();
+    input.extend(request(CMD_READ, 1000 + 512, 4096, 512));
+    input.extend(request(CMD_READ, 1, 99_999, 2)); // past the end
+    input.extend(request(CMD_READ, 2, u64::MAX, 1)); // offset overflow
+    input.extend(request(CMD_READ, 3, 0, 0)); // empty
+    input.extend(request(CMD_WRITE, 4, 0, 5));
+    input.extend(b"hello"); // the write's payload, consumed
+    input.extend(request(CMD_TRIM, 5, 0, 4096));
+    input.extend(request(CMD_WRITE_ZEROES, 6, 0, 4096));
+    input.extend(request(CMD_FLUSH, 7, 0, 0));
+    input.extend(request(42, 8, 0, 0));
+    input.extend(request(CMD_READ, 1000 + 1, 99_999, 1)); // the last byte
+    input.extend(request(CMD_DISC, 9, 0, 0));
+    input.extend(request(CMD_READ, 10, 0, 1)); // after DISC: never answered
+    let (r, rep) = transmission(input);
+    let st = r.unwrap();
+    assert!(st.disconnected);
+    assert_eq!((st.reads, st.bytes_read), (2, 513));
+    let errs: Vec<(u32, u64)> = rep.iter().map(|r| (r.0, r.1)).collect();
+    assert_eq!(
+        errs,
+        vec![
+            (0, 1512),
+            (EINVAL, 1),
+            (EINVAL, 2),
+            (EINVAL, 3),
+            (EPERM, 4),
+            (EPERM, 5),
+            (EPERM, 6),
+            (0, 7),
+            (EINVAL, 8),
+            (0, 1001)
+        ]
+    );
+    assert_eq!(rep[0].2, img[4096..4608]);
+    assert_eq!(rep[9].2, img[99_999..]);
+}
+
+#[test]
+fn hostile_requests_close_the_connection() {
+    let mut bad = request(CMD_READ, 1, 0, 1);
+    bad[3] ^= 0xff;
+    assert!(matches!(
+        transmission(bad).0,
+        Err(NbdError::BadMagic { .. })
+    ));
+    let huge = request(CMD_WRITE, 1, 0, MAX_REQUEST_LEN + 1);
+    assert!(matches!(
+        transmission(huge).0,
+        Err(NbdError::RequestTooLong(_))
+    ));
+    // A write whose payload never comes.
+    let mut cut = request(CMD_WRITE, 1, 0, 100);
+    cut.extend([0u8; 10]);
+    assert!(matches!(transmission(cut).0, Err(NbdError::Io(_))));
+    // An over-long read is refused but the connection stays.
+    let mut input = request(CMD_READ, 1, 0, MAX_REQUEST_LEN + 1);
+    input.extend(request(CMD_READ, 1000 + 3, 0, 3));
+    let (r, rep) = transmission(input);
+    assert!(!r.unwrap().disconnected);
+    assert_eq!(rep[0].0, EINVAL);
+    assert_eq!(rep[1].2, image()[..3]);
+}

@@ -17,7 +17,12 @@
 #             --control (in the background in serve), status --control until committed;
 #             the guest's readall verdict must still be ok → stop → disk == v2.img bit
 #             for bit, a plain disk
-# Default: all four, in that order. Prints each step, PASS/FAIL per scenario, a wall time
+#   nbd       publish v2.img into a chunk store (signed), `streamboot export` it, boot
+#             v2 from nbd://127.0.0.1:PORT/v2 (snapshot=on: guest writes stay in a
+#             temporary local overlay; the export is read-only) with the guest writing
+#             a file and verifying its files; the export's log shows the connection and
+#             no failed read; then qemu-img convert of the export == v2.img
+# Default: all five, in that order. Prints each step, PASS/FAIL per scenario, a wall time
 # table and "N passed, M failed"; exits 1 if any failed (INT/TERM: the running scenario
 # is stopped and cleaned up, exit 130). Work dirs and logs (console
 # logs, serve logs, nginx access logs, streamboot outputs, the status --control polls of
@@ -41,7 +46,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 : "${SB_LOAD_RATE:=2M}"
 : "${SB_STOP_WARN:=5}"
-all_scenarios=(migrate rollback fallback load)
+all_scenarios=(migrate rollback fallback load nbd)
 
 usage() {
 	sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -372,6 +377,32 @@ scenario_load() {
 	((size == want)) || bad "disk size $size after commit, v2.img is $want"
 	ok "disk size $size == v2.img's"
 	is_plain "$dir/disk.img"
+}
+
+scenario_nbd() {
+	dir=$run/nbd
+	rm -rf "$dir"
+	mkdir -p "$dir"
+	sb keygen keygen "$dir/key"
+	sb publish publish --store "$dir/store" --name v2 --key "$dir/key.key" "$img/v2.img"
+	ok "published v2.img into $dir/store (signed)"
+	start_export "$dir/store" "$dir/export.log" --trusted-key "$dir/key.pub" 2>>"$dir/vm.err" ||
+		bad "export did not start: $(tail -n3 "$dir/export.log" | tr '\n' ' ')"
+	local url=nbd://$SB_EXPORT_ADDR/v2
+	ok "export started (pid $SB_EXPORT_PID) on $url"
+	boot 1-v2-nbd boot_nbd_cow "$url" sbtest.write=nbd
+	expect 1-v2-nbd "STREAMBOOT-VERDICT v2 files-ok" "STREAMBOOT-INFO version=2" "STREAMBOOT-WROTE nbd sha256="
+	ok "v2 booted from $url in ${SB_LAST_WALL}s: $(verdict 1-v2-nbd), wrote /nbd into the local overlay"
+	grep -q 'transmission.*export=v2' "$dir/export.log" || bad "export log: no transmission on v2"
+	! grep -qE 'WARN|ERROR' "$dir/export.log" || bad "export log: $(grep -m1 -E 'WARN|ERROR' "$dir/export.log")"
+	ok "export log: $(grep -c 'transmission' "$dir/export.log") connection(s), no failed read"
+	timeout 300 qemu-img convert -f raw -O raw "$url" "$dir/v2-from-nbd.raw" ||
+		bad "qemu-img convert from $url failed"
+	same_sha "$dir/v2-from-nbd.raw" "$img/v2.img"
+	rm -f "$dir/v2-from-nbd.raw"
+	local t0=$EPOCHREALTIME
+	stop_export || bad "export did not exit 0 on SIGTERM"
+	ok "export stopped on SIGTERM, exit 0 ($(sb_since "$t0")s)"
 }
 
 # --- runner ---------------------------------------------------------------------------

@@ -18,6 +18,12 @@
 #   sb_bg_boot FUNC ARG LOG [EXTRAS]  a lib.sh boot function in the background (SB_BG_PID),
 #                                  for acting mid-boot; sb_bg_wait waits for it,
 #                                  sb_bg_running says whether it still runs
+#   start_export STORE [ARGS]      `streamboot export --store STORE --listen 127.0.0.1:0
+#                                  ARGS` in the background; returns when it listens. Log
+#                                  in $SB_EXPORT_LOG; sets SB_EXPORT_PID, SB_EXPORT_ADDR
+#                                  (host:port). stop_export: SIGTERM, wait, 0 if exit 0
+#   boot_nbd_cow URL LOG [EXTRAS]  boot_nbd, with guest writes kept in a temporary local
+#                                  overlay (snapshot=on): the export itself is read-only
 #   sb_kill_tree PID               PID and its descendants (found by parent PID), KILL
 #   sb_cleanup                     stop what the helpers above started (for EXIT traps)
 #
@@ -31,6 +37,9 @@ SB_SERVE_PID=''
 SB_SERVE_LOG=''
 SB_BG_PID=''
 SB_BG_LOG=''
+SB_EXPORT_PID=''
+SB_EXPORT_LOG=''
+SB_EXPORT_ADDR=''
 
 # Prints the streamboot binary to use, or fails saying how to build it.
 sb_streamboot() {
@@ -280,7 +289,77 @@ sb_cleanup() {
 	if [[ -n $SB_SERVE_PID ]]; then
 		stop_serve 10 || true
 	fi
+	if [[ -n $SB_EXPORT_PID ]]; then
+		stop_export 10 || true
+	fi
 	stop_nginx
+}
+
+# start_export STORE LOG [ARGS...] — `streamboot export --json` on a free loopback port in
+# the background, stdout and stderr in LOG. Returns 0 once it printed its ready line
+# (SB_EXPORT_ADDR = host:port from it); 1 if it exited or was not ready in 30 s.
+start_export() {
+	local store=$1 sb n=300
+	SB_EXPORT_LOG=$2
+	shift 2
+	sb=$(sb_streamboot) || return 1
+	[[ -z $SB_EXPORT_PID ]] || {
+		sb_log "start_export: an export (pid $SB_EXPORT_PID) is running already"
+		return 1
+	}
+	NO_COLOR=1 "$sb" export --json --store "$store" --listen 127.0.0.1:0 "$@" \
+		</dev/null >"$SB_EXPORT_LOG" 2>&1 &
+	SB_EXPORT_PID=$!
+	while ((n-- > 0)); do
+		if ! kill -0 "$SB_EXPORT_PID" 2>/dev/null; then
+			local rc=0
+			wait "$SB_EXPORT_PID" || rc=$?
+			sb_log "streamboot export exited early (status $rc): $(tail -n5 "$SB_EXPORT_LOG")"
+			SB_EXPORT_PID=''
+			return 1
+		fi
+		SB_EXPORT_ADDR=$(sed -n 's/.*"event":"ready".*"listen":"\([^"]*\)".*/\1/p; s/.*"listen":"\([^"]*\)".*"event":"ready".*/\1/p' "$SB_EXPORT_LOG" | head -n1)
+		if [[ -n $SB_EXPORT_ADDR ]]; then
+			sb_log "export pid $SB_EXPORT_PID listening on $SB_EXPORT_ADDR"
+			return 0
+		fi
+		sleep 0.1
+	done
+	sb_log "streamboot export not ready after 30 s: $(tail -n5 "$SB_EXPORT_LOG")"
+	sb_kill_tree "$SB_EXPORT_PID"
+	wait "$SB_EXPORT_PID" 2>/dev/null
+	SB_EXPORT_PID=''
+	return 1
+}
+
+# stop_export [TIMEOUT] — SIGTERM to the export start_export started (KILL after TIMEOUT
+# seconds, default 30). 0 only if it exited with status 0.
+stop_export() {
+	local pid=$SB_EXPORT_PID t=${1:-30} n rc=0
+	[[ -n $pid ]] || return 0
+	n=$((t * 10))
+	kill -TERM "$pid" 2>/dev/null || true
+	while kill -0 "$pid" 2>/dev/null && ((n-- > 0)); do sleep 0.1; done
+	if kill -0 "$pid" 2>/dev/null; then
+		sb_log "export pid $pid still running ${t}s after SIGTERM: killing it"
+		sb_kill_tree "$pid"
+	fi
+	wait "$pid" 2>/dev/null || rc=$?
+	SB_EXPORT_PID=''
+	if ((rc != 0)); then
+		sb_log "export pid $pid exited with status $rc: $(tail -n5 "$SB_EXPORT_LOG")"
+		return 1
+	fi
+}
+
+# boot_nbd_cow URL LOG [cmdline extras] — boot_nbd with snapshot=on: the NBD export is
+# opened read-only and the guest's writes go to a temporary qcow2 overlay QEMU deletes.
+boot_nbd_cow() {
+	local url=$1 log=$2
+	shift 2
+	sb_run_vm "$log" "$*" \
+		-drive "if=none,id=d0,format=raw,snapshot=on,file=$url" \
+		-device "$(sb_virtio_dev blk),drive=d0,num-queues=$SB_QUEUES"
 }
 
 # sb_sha256 FILE — the sha256 of FILE alone.

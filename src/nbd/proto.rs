@@ -3,8 +3,11 @@
 //! client sends. No sockets and no store here, so the negotiation can be driven (and
 //! fuzzed) with in-memory byte streams.
 //!
-//! Replies are simple replies only (structured replies are not offered: a client asking
-//! for `NBD_OPT_STRUCTURED_REPLY` gets `NBD_REP_ERR_UNSUP` and falls back).
+//! Replies are simple replies, or structured replies when the client negotiates
+//! `NBD_OPT_STRUCTURED_REPLY`: then every reply is one chunk with the DONE flag
+//! (`OFFSET_DATA` for a read, `NONE` for success, `ERROR` with a message). QEMU's client
+//! needs them for an export whose size is not a multiple of 512 (with simple replies it
+//! waits for the bytes of the rounded-up last sector).
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -21,6 +24,18 @@ pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Prefix of every simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Prefix of every structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Structured reply flag: the last chunk of the reply.
+pub const REPLY_FLAG_DONE: u16 = 1;
+/// Structured chunk: nothing (success).
+pub const REPLY_TYPE_NONE: u16 = 0;
+/// Structured chunk: data at an offset.
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Structured chunk: an error with a message.
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+/// Length of a structured reply chunk header.
+pub const STRUCTURED_REPLY_LEN: usize = 20;
 
 /// Handshake flag: fixed newstyle.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -41,6 +56,8 @@ pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 /// Describe an export and start transmission on it.
 pub const OPT_GO: u32 = 7;
+/// Use structured replies in transmission.
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
@@ -119,6 +136,8 @@ pub enum Negotiated {
         name: String,
         /// The export.
         export: Arc<dyn Export>,
+        /// The client negotiated structured replies.
+        structured: bool,
     },
     /// The client sent `NBD_OPT_ABORT`.
     Aborted,
@@ -127,10 +146,15 @@ pub enum Negotiated {
 impl std::fmt::Debug for Negotiated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Negotiated::Export { name, export } => f
+            Negotiated::Export {
+                name,
+                export,
+                structured,
+            } => f
                 .debug_struct("Export")
                 .field("name", name)
                 .field("size", &export.size())
+                .field("structured", structured)
                 .finish(),
             Negotiated::Aborted => f.write_str("Aborted"),
         }
@@ -227,6 +251,7 @@ pub fn negotiate<S: Read + Write>(
     }
     let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
 
     for _ in 0..MAX_OPTIONS {
         let magic = read_u64(stream)?;
@@ -275,7 +300,11 @@ pub fn negotiate<S: Read + Write>(
                 }
                 stream.write_all(&m)?;
                 stream.flush()?;
-                return Ok(Negotiated::Export { name, export });
+                return Ok(Negotiated::Export {
+                    name,
+                    export,
+                    structured,
+                });
             }
             OPT_ABORT => {
                 // The client may already have closed; the ACK is a courtesy.
@@ -338,7 +367,21 @@ pub fn negotiate<S: Read + Write>(
                     return Ok(Negotiated::Export {
                         name: req.name,
                         export,
+                        structured,
                     });
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if data.is_empty() {
+                    structured = true;
+                    option_reply(stream, opt, REP_ACK, &[])?;
+                } else {
+                    option_error(
+                        stream,
+                        opt,
+                        REP_ERR_INVALID,
+                        "STRUCTURED_REPLY takes no data",
+                    )?;
                 }
             }
             other => {
@@ -396,10 +439,32 @@ fn reply_header(out: &mut [u8], error: u32, cookie: u64) {
     out[8..16].copy_from_slice(&cookie.to_be_bytes());
 }
 
-fn simple_reply(w: &mut impl Write, error: u32, cookie: u64) -> io::Result<()> {
-    let mut h = [0u8; SIMPLE_REPLY_LEN];
-    reply_header(&mut h, error, cookie);
-    w.write_all(&h)?;
+/// Writes a structured chunk header (DONE set) into the first 20 bytes of `out`.
+fn structured_header(out: &mut [u8], kind: u16, cookie: u64, payload_len: u32) {
+    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    out[6..8].copy_from_slice(&kind.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out[16..20].copy_from_slice(&payload_len.to_be_bytes());
+}
+
+/// Replies without data: success or an errno, in the negotiated reply style.
+fn status_reply(w: &mut impl Write, structured: bool, error: u32, cookie: u64) -> io::Result<()> {
+    if !structured {
+        let mut h = [0u8; SIMPLE_REPLY_LEN];
+        reply_header(&mut h, error, cookie);
+        w.write_all(&h)?;
+    } else if error == 0 {
+        let mut h = [0u8; STRUCTURED_REPLY_LEN];
+        structured_header(&mut h, REPLY_TYPE_NONE, cookie, 0);
+        w.write_all(&h)?;
+    } else {
+        // Payload: the error and an empty message.
+        let mut m = [0u8; STRUCTURED_REPLY_LEN + 6];
+        structured_header(&mut m, REPLY_TYPE_ERROR, cookie, 6);
+        m[STRUCTURED_REPLY_LEN..STRUCTURED_REPLY_LEN + 4].copy_from_slice(&error.to_be_bytes());
+        w.write_all(&m)?;
+    }
     w.flush()
 }
 
@@ -425,7 +490,10 @@ pub fn transmit<R: Read, W: Write>(
     r: &mut R,
     w: &mut W,
     export: &dyn Export,
+    structured: bool,
 ) -> Result<TransmitStats, NbdError> {
+    let simple_reply =
+        |w: &mut W, error: u32, cookie: u64| status_reply(w, structured, error, cookie);
     let mut stats = TransmitStats::default();
     loop {
         let mut raw = [0u8; REQUEST_LEN];
@@ -446,10 +514,27 @@ pub fn transmit<R: Read, W: Write>(
                     simple_reply(w, EINVAL, req.cookie)?;
                     continue;
                 }
-                let mut out = vec![0u8; SIMPLE_REPLY_LEN + req.len as usize];
-                match export.read_at(req.offset, &mut out[SIMPLE_REPLY_LEN..]) {
+                // Structured: chunk header, then the offset, then the data.
+                let head = if structured {
+                    STRUCTURED_REPLY_LEN + 8
+                } else {
+                    SIMPLE_REPLY_LEN
+                };
+                let mut out = vec![0u8; head + req.len as usize];
+                match export.read_at(req.offset, &mut out[head..]) {
                     Ok(()) => {
-                        reply_header(&mut out, 0, req.cookie);
+                        if structured {
+                            structured_header(
+                                &mut out,
+                                REPLY_TYPE_OFFSET_DATA,
+                                req.cookie,
+                                req.len + 8,
+                            );
+                            out[STRUCTURED_REPLY_LEN..head]
+                                .copy_from_slice(&req.offset.to_be_bytes());
+                        } else {
+                            reply_header(&mut out, 0, req.cookie);
+                        }
                         w.write_all(&out)?;
                         w.flush()?;
                         stats.reads += 1;

@@ -162,8 +162,12 @@ fn connection(stream: &TcpStream, peer: SocketAddr, catalog: &dyn Catalog, opts:
     let _ = stream.set_read_timeout(Some(opts.handshake_timeout));
     tracing::info!(%peer, "connection");
     let mut s = stream;
-    let (name, export) = match negotiate(&mut s, catalog) {
-        Ok(Negotiated::Export { name, export }) => (name, export),
+    let (name, export, structured) = match negotiate(&mut s, catalog) {
+        Ok(Negotiated::Export {
+            name,
+            export,
+            structured,
+        }) => (name, export, structured),
         Ok(Negotiated::Aborted) => {
             tracing::info!(%peer, "client ended the negotiation");
             return;
@@ -173,14 +177,14 @@ fn connection(stream: &TcpStream, peer: SocketAddr, catalog: &dyn Catalog, opts:
             return;
         }
     };
-    tracing::info!(%peer, export = %name, size = export.size(), "transmission");
+    tracing::info!(%peer, export = %name, size = export.size(), structured, "transmission");
     if let Err(e) = stream.set_read_timeout(None) {
         tracing::warn!(%peer, error = %e, "cannot clear the read timeout");
         return;
     }
     let mut r = BufReader::with_capacity(64 * 1024, stream);
     let mut w = stream;
-    match transmit(&mut r, &mut w, export.as_ref()) {
+    match transmit(&mut r, &mut w, export.as_ref(), structured) {
         Ok(st) => tracing::info!(%peer, export = %name, reads = st.reads, bytes = st.bytes_read,
                                  errors = st.errors, clean = st.disconnected, "closed"),
         Err(e) => tracing::warn!(%peer, export = %name, error = %e, "connection ended"),

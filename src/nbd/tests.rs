@@ -97,9 +97,14 @@ fn go_with_block_size() {
         &[option(OPT_GO, &go_data("disk", &[INFO_BLOCK_SIZE]))],
     );
     match r.unwrap() {
-        Negotiated::Export { name, export } => {
+        Negotiated::Export {
+            name,
+            export,
+            structured,
+        } => {
             assert_eq!(name, "disk");
             assert_eq!(export.size(), 100_000);
+            assert!(!structured);
         }
         Negotiated::Aborted => panic!("aborted"),
     }
@@ -129,7 +134,7 @@ fn list_info_unknown_options_then_abort() {
         &[
             option(OPT_LIST, &[]),
             option(OPT_LIST, b"x"),
-            option(8, &[]), // structured replies: not offered
+            option(OPT_STRUCTURED_REPLY, b"x"),
             option(999, b"junk"),
             option(OPT_INFO, &go_data("nope", &[])),
             option(OPT_INFO, &go_data("other", &[])),
@@ -146,7 +151,7 @@ fn list_info_unknown_options_then_abort() {
             (OPT_LIST, REP_SERVER),
             (OPT_LIST, REP_ACK),
             (OPT_LIST, REP_ERR_INVALID),
-            (8, REP_ERR_UNSUP),
+            (OPT_STRUCTURED_REPLY, REP_ERR_INVALID),
             (999, REP_ERR_UNSUP),
             (OPT_INFO, REP_ERR_UNKNOWN),
             (OPT_INFO, REP_INFO),
@@ -231,7 +236,7 @@ fn transmission(input: Vec<u8>) -> (Result<TransmitStats, NbdError>, Vec<(u32, u
     let img = MemoryExport(image());
     let mut r = Cursor::new(input);
     let mut out = Vec::new();
-    let res = transmit(&mut r, &mut out, &img);
+    let res = transmit(&mut r, &mut out, &img, false);
     (res, parse_simple(&out))
 }
 
@@ -320,4 +325,66 @@ fn hostile_requests_close_the_connection() {
     assert!(!r.unwrap().disconnected);
     assert_eq!(rep[0].0, EINVAL);
     assert_eq!(rep[1].2, image()[..3]);
+}
+
+#[test]
+fn structured_replies() {
+    let (r, out) = run(
+        FIXED,
+        &[
+            option(OPT_STRUCTURED_REPLY, &[]),
+            option(OPT_GO, &go_data("disk", &[])),
+        ],
+    );
+    assert!(matches!(
+        r.unwrap(),
+        Negotiated::Export {
+            structured: true,
+            ..
+        }
+    ));
+    assert_eq!(replies(&out)[0], (OPT_STRUCTURED_REPLY, REP_ACK, vec![]));
+
+    let img = image();
+    let mut input = request(CMD_READ, 5, 99_990, 10);
+    input.extend(request(CMD_READ, 6, 99_990, 11));
+    input.extend(request(CMD_FLUSH, 7, 0, 0));
+    let mut out = Vec::new();
+    let st = transmit(
+        &mut Cursor::new(input),
+        &mut out,
+        &MemoryExport(img.clone()),
+        true,
+    )
+    .unwrap();
+    assert_eq!(st.reads, 1);
+    // (flags, type, cookie, payload) per chunk.
+    let mut chunks = Vec::new();
+    let mut p = &out[..];
+    while !p.is_empty() {
+        assert_eq!(&p[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        let len = u32::from_be_bytes(p[16..20].try_into().unwrap()) as usize;
+        chunks.push((
+            u16::from_be_bytes([p[4], p[5]]),
+            u16::from_be_bytes([p[6], p[7]]),
+            u64::from_be_bytes(p[8..16].try_into().unwrap()),
+            p[20..20 + len].to_vec(),
+        ));
+        p = &p[20 + len..];
+    }
+    assert_eq!(chunks.len(), 3);
+    let (flags, kind, cookie, payload) = &chunks[0];
+    assert_eq!(
+        (*flags, *kind, *cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 5)
+    );
+    assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), 99_990);
+    assert_eq!(payload[8..], img[99_990..]);
+    let (flags, kind, cookie, payload) = &chunks[1];
+    assert_eq!(
+        (*flags, *kind, *cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6)
+    );
+    assert_eq!(u32::from_be_bytes(payload[..4].try_into().unwrap()), EINVAL);
+    assert_eq!(chunks[2], (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 7, vec![]));
 }

@@ -230,9 +230,11 @@ fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     m
 }
 
-/// Runs a transmission phase over `input`; returns the result and the replies as
-/// (error, cookie, data).
-fn transmission(input: Vec<u8>) -> (Result<TransmitStats, NbdError>, Vec<(u32, u64, Vec<u8>)>) {
+/// A simple reply: (error, cookie, data).
+type Simple = (u32, u64, Vec<u8>);
+
+/// Runs a transmission phase over `input`; returns the result and the replies.
+fn transmission(input: Vec<u8>) -> (Result<TransmitStats, NbdError>, Vec<Simple>) {
     let img = MemoryExport(image());
     let mut r = Cursor::new(input);
     let mut out = Vec::new();
@@ -242,7 +244,7 @@ fn transmission(input: Vec<u8>) -> (Result<TransmitStats, NbdError>, Vec<(u32, u
 
 /// Splits simple replies; a reply with error 0 to a cookie >= 1000 carries cookie-1000
 /// bytes of data (the tests encode the read length in the cookie).
-fn parse_simple(out: &[u8]) -> Vec<(u32, u64, Vec<u8>)> {
+fn parse_simple(out: &[u8]) -> Vec<Simple> {
     let mut v = Vec::new();
     let mut p = out;
     while !p.is_empty() {

@@ -476,3 +476,40 @@ fn http_store_sector_by_sector_fetches_each_chunk_once() {
     assert_eq!(sha256(&out), sha256(&a));
     ex.stop();
 }
+
+#[test]
+fn connections_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _) = publish_store(dir.path(), true);
+    let d = dir.path().to_str().unwrap();
+    let ex = Export::start(&[
+        "--store",
+        &format!("{d}/store"),
+        "--trusted-key",
+        &format!("{d}/key.pub"),
+        "--max-connections",
+        "1",
+    ])
+    .unwrap();
+    let mut first = Client::connect(ex.port);
+    assert_eq!(first.go("a"), Ok(a.len() as u64));
+    // Over the bound: closed before the greeting.
+    let mut over = TcpStream::connect(("127.0.0.1", ex.port)).unwrap();
+    assert_closed(&mut over);
+    first.disconnect();
+    // Once the first is gone, a new client is served (its slot is freed by its thread:
+    // retry a few times).
+    let mut served = false;
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(("127.0.0.1", ex.port)).unwrap();
+        let mut hello = [0u8; 8];
+        if s.read_exact(&mut hello).is_ok() {
+            assert_eq!(&hello, b"NBDMAGIC");
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(served, "no client served after the first left");
+    ex.stop();
+}

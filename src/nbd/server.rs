@@ -127,10 +127,18 @@ impl NbdServer {
                 tracing::warn!(%peer, max = self.opts.max_connections, "too many connections: closing");
                 continue;
             }
+            // A second handle, so that a stop can shut the connection down.
+            let handle = match stream.try_clone() {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot register the connection: closing");
+                    continue;
+                }
+            };
             next_id += 1;
             summary.connections += 1;
             let id = next_id;
-            live.lock().insert(id, stream.try_clone()?);
+            live.lock().insert(id, handle);
             let (live2, catalog, opts) = (live.clone(), self.catalog.clone(), self.opts.clone());
             let t = std::thread::Builder::new()
                 .name(format!("nbd-{id}"))

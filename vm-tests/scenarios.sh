@@ -396,6 +396,7 @@ scenario_nbd() {
 	grep -q 'transmission.*export=v2' "$dir/export.log" || bad "export log: no transmission on v2"
 	! grep -qE 'WARN|ERROR' "$dir/export.log" || bad "export log: $(grep -m1 -E 'WARN|ERROR' "$dir/export.log")"
 	ok "export log: $(grep -c 'transmission' "$dir/export.log") connection(s), no failed read"
+	note "qemu-img convert -f raw $url → $dir/v2-from-nbd.raw"
 	timeout 300 qemu-img convert -f raw -O raw "$url" "$dir/v2-from-nbd.raw" ||
 		bad "qemu-img convert from $url failed"
 	same_sha "$dir/v2-from-nbd.raw" "$img/v2.img"

@@ -10,7 +10,9 @@
 //! waits for the bytes of the rounded-up last sector).
 
 use std::io::{self, Read, Write};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+
+use parking_lot::Mutex;
 
 use super::{Catalog, Export, NbdError};
 
@@ -481,25 +483,138 @@ pub struct TransmitStats {
     pub disconnected: bool,
 }
 
+/// Writes replies for one connection: each reply whole under one lock, so replies of
+/// concurrent reads never interleave on the wire.
+struct Replier<'a, W> {
+    out: Mutex<&'a mut W>,
+    structured: bool,
+    stats: Mutex<TransmitStats>,
+    /// The first write error of a worker: the connection is broken.
+    broken: Mutex<Option<io::Error>>,
+}
+
+impl<W: Write> Replier<'_, W> {
+    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut w = self.out.lock();
+        w.write_all(bytes)?;
+        w.flush()
+    }
+
+    /// A reply without data; counts it as an error unless `error` is 0.
+    fn status(&self, error: u32, cookie: u64) -> io::Result<()> {
+        if error != 0 {
+            self.stats.lock().errors += 1;
+        }
+        let mut w = self.out.lock();
+        status_reply(&mut **w, self.structured, error, cookie)
+    }
+
+    /// Serves a read (range and length already checked) and sends its reply.
+    fn read(&self, export: &dyn Export, req: Request) -> io::Result<()> {
+        // Structured: chunk header, then the offset, then the data.
+        let head = if self.structured {
+            STRUCTURED_REPLY_LEN + 8
+        } else {
+            SIMPLE_REPLY_LEN
+        };
+        let mut out = vec![0u8; head + req.len as usize];
+        match export.read_at(req.offset, &mut out[head..]) {
+            Ok(()) => {
+                if self.structured {
+                    structured_header(&mut out, REPLY_TYPE_OFFSET_DATA, req.cookie, req.len + 8);
+                    out[STRUCTURED_REPLY_LEN..head].copy_from_slice(&req.offset.to_be_bytes());
+                } else {
+                    reply_header(&mut out, 0, req.cookie);
+                }
+                self.send(&out)?;
+                let mut st = self.stats.lock();
+                st.reads += 1;
+                st.bytes_read += u64::from(req.len);
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::warn!(offset = req.offset, len = req.len, %reason, "read failed");
+                self.status(EIO, req.cookie)
+            }
+        }
+    }
+
+    /// Like [`Replier::read`], for a worker: a write error is kept for the reader.
+    fn read_or_break(&self, export: &dyn Export, req: Request) {
+        if let Err(e) = self.read(export, req) {
+            self.broken.lock().get_or_insert(e);
+        }
+    }
+}
+
 /// Serves requests on `export` from `r`, replying on `w`, until `NBD_CMD_DISC` or the end
 /// of the stream. Reads outside the export or longer than [`MAX_REQUEST_LEN`] get
 /// `EINVAL`, a failed read `EIO`; writes, trims and write-zeroes `EPERM` (a write's payload
 /// is consumed first so the stream stays in sync); unknown commands `EINVAL`. A bad
 /// request magic, a write payload over the limit or an I/O error end the connection.
-pub fn transmit<R: Read, W: Write>(
+///
+/// With `workers` > 0, that many threads serve reads concurrently (a read waiting on the
+/// network does not hold up reads of cached chunks) and replies may come out of order, as
+/// the protocol allows; with 0 every request is answered in order on this thread. After
+/// `NBD_CMD_DISC` or the end of input, reads already received are still answered.
+pub fn transmit<R: Read, W: Write + Send>(
     r: &mut R,
     w: &mut W,
     export: &dyn Export,
     structured: bool,
+    workers: usize,
 ) -> Result<TransmitStats, NbdError> {
-    let simple_reply =
-        |w: &mut W, error: u32, cookie: u64| status_reply(w, structured, error, cookie);
-    let mut stats = TransmitStats::default();
+    let rep = Replier {
+        out: Mutex::new(w),
+        structured,
+        stats: Mutex::new(TransmitStats::default()),
+        broken: Mutex::new(None),
+    };
+    let (tx, rx) = mpsc::sync_channel::<Request>(2 * workers.max(1));
+    let rx = Mutex::new(rx);
+    let result = std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let Ok(req) = rx.lock().recv() else {
+                    break;
+                };
+                rep.read_or_break(export, req);
+            });
+        }
+        let dispatch = |req: Request| -> io::Result<()> {
+            if workers == 0 {
+                return rep.read(export, req);
+            }
+            tx.send(req)
+                .map_err(|_| io::Error::other("read workers stopped"))
+        };
+        let r = requests(r, &rep, export, dispatch);
+        drop(tx);
+        r
+    });
+    let stats = *rep.stats.lock();
+    result.map(|disconnected| TransmitStats {
+        disconnected,
+        ..stats
+    })
+}
+
+/// The request loop of [`transmit`]: answers everything but valid reads itself and hands
+/// those to `dispatch`. Ok(true) after `NBD_CMD_DISC`, Ok(false) at the end of input.
+fn requests<R: Read, W: Write>(
+    r: &mut R,
+    rep: &Replier<'_, W>,
+    export: &dyn Export,
+    dispatch: impl Fn(Request) -> io::Result<()>,
+) -> Result<bool, NbdError> {
     loop {
+        if let Some(e) = rep.broken.lock().take() {
+            return Err(e.into());
+        }
         let mut raw = [0u8; REQUEST_LEN];
         match r.read_exact(&mut raw) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(stats),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
             Err(e) => return Err(e.into()),
         }
         let req = Request::parse(&raw)?;
@@ -510,41 +625,9 @@ pub fn transmit<R: Read, W: Write>(
                     .checked_add(req.len.into())
                     .is_some_and(|end| end <= export.size());
                 if req.len == 0 || req.len > MAX_REQUEST_LEN || !in_range {
-                    stats.errors += 1;
-                    simple_reply(w, EINVAL, req.cookie)?;
-                    continue;
-                }
-                // Structured: chunk header, then the offset, then the data.
-                let head = if structured {
-                    STRUCTURED_REPLY_LEN + 8
+                    rep.status(EINVAL, req.cookie)?;
                 } else {
-                    SIMPLE_REPLY_LEN
-                };
-                let mut out = vec![0u8; head + req.len as usize];
-                match export.read_at(req.offset, &mut out[head..]) {
-                    Ok(()) => {
-                        if structured {
-                            structured_header(
-                                &mut out,
-                                REPLY_TYPE_OFFSET_DATA,
-                                req.cookie,
-                                req.len + 8,
-                            );
-                            out[STRUCTURED_REPLY_LEN..head]
-                                .copy_from_slice(&req.offset.to_be_bytes());
-                        } else {
-                            reply_header(&mut out, 0, req.cookie);
-                        }
-                        w.write_all(&out)?;
-                        w.flush()?;
-                        stats.reads += 1;
-                        stats.bytes_read += u64::from(req.len);
-                    }
-                    Err(reason) => {
-                        tracing::warn!(offset = req.offset, len = req.len, %reason, "read failed");
-                        stats.errors += 1;
-                        simple_reply(w, EIO, req.cookie)?;
-                    }
+                    dispatch(req)?;
                 }
             }
             CMD_WRITE => {
@@ -555,22 +638,12 @@ pub fn transmit<R: Read, W: Write>(
                 if n != u64::from(req.len) {
                     return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
                 }
-                stats.errors += 1;
-                simple_reply(w, EPERM, req.cookie)?;
+                rep.status(EPERM, req.cookie)?;
             }
-            CMD_DISC => {
-                stats.disconnected = true;
-                return Ok(stats);
-            }
-            CMD_FLUSH => simple_reply(w, 0, req.cookie)?,
-            CMD_TRIM | CMD_WRITE_ZEROES => {
-                stats.errors += 1;
-                simple_reply(w, EPERM, req.cookie)?;
-            }
-            _ => {
-                stats.errors += 1;
-                simple_reply(w, EINVAL, req.cookie)?;
-            }
+            CMD_DISC => return Ok(true),
+            CMD_FLUSH => rep.status(0, req.cookie)?,
+            CMD_TRIM | CMD_WRITE_ZEROES => rep.status(EPERM, req.cookie)?,
+            _ => rep.status(EINVAL, req.cookie)?,
         }
     }
 }

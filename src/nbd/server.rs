@@ -1,5 +1,5 @@
 //! [`NbdServer`]: accepts TCP connections and runs the protocol on each in its own
-//! thread, up to a bound; connections over the bound are closed at once. Logs every
+//! thread (plus a few read workers), up to a bound; connections over the bound are closed at once. Logs every
 //! connection (peer, export, requests served, how it ended).
 
 use std::collections::HashMap;
@@ -13,6 +13,9 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::{negotiate, transmit, Catalog, Negotiated};
+
+/// Threads per connection serving reads concurrently.
+const READ_WORKERS: usize = 4;
 
 /// Limits of a server.
 #[derive(Clone, Debug)]
@@ -192,7 +195,7 @@ fn connection(stream: &TcpStream, peer: SocketAddr, catalog: &dyn Catalog, opts:
     }
     let mut r = BufReader::with_capacity(64 * 1024, stream);
     let mut w = stream;
-    match transmit(&mut r, &mut w, export.as_ref(), structured) {
+    match transmit(&mut r, &mut w, export.as_ref(), structured, READ_WORKERS) {
         Ok(st) => tracing::info!(%peer, export = %name, reads = st.reads, bytes = st.bytes_read,
                                  errors = st.errors, clean = st.disconnected, "closed"),
         Err(e) => tracing::warn!(%peer, export = %name, error = %e, "connection ended"),

@@ -238,7 +238,7 @@ fn transmission(input: Vec<u8>) -> (Result<TransmitStats, NbdError>, Vec<Simple>
     let img = MemoryExport(image());
     let mut r = Cursor::new(input);
     let mut out = Vec::new();
-    let res = transmit(&mut r, &mut out, &img, false);
+    let res = transmit(&mut r, &mut out, &img, false, 0);
     (res, parse_simple(&out))
 }
 
@@ -357,6 +357,7 @@ fn structured_replies() {
         &mut out,
         &MemoryExport(img.clone()),
         true,
+        0,
     )
     .unwrap();
     assert_eq!(st.reads, 1);
@@ -389,4 +390,87 @@ fn structured_replies() {
     );
     assert_eq!(u32::from_be_bytes(payload[..4].try_into().unwrap()), EINVAL);
     assert_eq!(chunks[2], (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 7, vec![]));
+}
+
+#[test]
+fn concurrent_workers_answer_everything_by_cookie() {
+    let img = image();
+    let mut input = Vec::new();
+    for i in 0..40u64 {
+        input.extend(request(CMD_READ, 1000 + 700 + i, i * 2000, 700 + i as u32));
+    }
+    input.extend(request(CMD_READ, 1, 99_999, 2));
+    input.extend(request(CMD_WRITE, 2, 0, 3));
+    input.extend(b"abc");
+    input.extend(request(CMD_DISC, 3, 0, 0));
+    let mut out = Vec::new();
+    let st = transmit(
+        &mut Cursor::new(input),
+        &mut out,
+        &MemoryExport(img.clone()),
+        false,
+        4,
+    )
+    .unwrap();
+    assert!(st.disconnected);
+    assert_eq!((st.reads, st.errors), (40, 2));
+    let mut rep = parse_simple(&out);
+    rep.sort_by_key(|r| r.1);
+    assert_eq!((rep[0].0, rep[0].1), (EINVAL, 1));
+    assert_eq!((rep[1].0, rep[1].1), (EPERM, 2));
+    for (i, r) in rep[2..].iter().enumerate() {
+        let off = i * 2000;
+        assert_eq!((r.0, r.1), (0, 1700 + i as u64));
+        assert_eq!(r.2, img[off..off + 700 + i]);
+    }
+}
+
+/// An export whose read at offset 0 waits until a read elsewhere has finished.
+struct SlowStart {
+    data: Vec<u8>,
+    other_done: parking_lot::Mutex<bool>,
+    cv: parking_lot::Condvar,
+}
+
+impl Export for SlowStart {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        let mut done = self.other_done.lock();
+        if offset == 0 {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !*done {
+                if self.cv.wait_until(&mut done, deadline).timed_out() {
+                    return Err("the other read never ran".into());
+                }
+            }
+        } else {
+            *done = true;
+            self.cv.notify_all();
+        }
+        let o = offset as usize;
+        buf.copy_from_slice(&self.data[o..o + buf.len()]);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_slow_read_does_not_hold_up_the_next() {
+    let ex = SlowStart {
+        data: image(),
+        other_done: parking_lot::Mutex::new(false),
+        cv: parking_lot::Condvar::new(),
+    };
+    let mut input = request(CMD_READ, 1000 + 10, 0, 10);
+    input.extend(request(CMD_READ, 1000 + 20, 4096, 20));
+    let mut out = Vec::new();
+    let st = transmit(&mut Cursor::new(input), &mut out, &ex, false, 2).unwrap();
+    assert_eq!(st.reads, 2);
+    let rep = parse_simple(&out);
+    // The second request is answered first; both carry the right bytes.
+    assert_eq!((rep[0].0, rep[0].1), (0, 1020));
+    assert_eq!(rep[0].2, ex.data[4096..4116]);
+    assert_eq!((rep[1].0, rep[1].1), (0, 1010));
+    assert_eq!(rep[1].2, ex.data[..10]);
 }

@@ -7,15 +7,15 @@ pub fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = value.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
     let (start, end) = range.trim().split_once('-')?;
-    let start: u64 = start.parse().ok()?;
-    let end: u64 = end.parse().ok()?;
+    let start = decimal(start)?;
+    let end = decimal(end)?;
     if end < start {
         return None;
     }
     let total = match total.trim() {
         "*" => None,
         t => {
-            let t: u64 = t.parse().ok()?;
+            let t = decimal(t)?;
             if end >= t {
                 return None;
             }
@@ -27,7 +27,16 @@ pub fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
 
 /// Parses a `Content-Length` value.
 pub fn parse_content_length(value: &str) -> Option<u64> {
-    value.parse::<u64>().ok()
+    decimal(value)
+}
+
+/// A header number (RFC 9110 `1*DIGIT`): ASCII digits only. `u64::from_str` alone would
+/// also take a leading `+`, which no valid header carries.
+fn decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// A strong entity tag: quoted and without the `W/` weakness prefix. Only those can be
@@ -50,6 +59,23 @@ mod tests {
         assert_eq!(parse_content_range("items 0-1/10"), None);
         assert_eq!(parse_content_range("bytes -1-2/10"), None);
         assert_eq!(parse_content_range("bytes 0-1/x"), None);
+    }
+
+    /// Found by the `http_headers` fuzz target: a leading `+` was accepted.
+    #[test]
+    fn numbers_are_plain_digits() {
+        assert_eq!(parse_content_length("4096"), Some(4096));
+        assert_eq!(parse_content_length("+4096"), None);
+        assert_eq!(parse_content_length(""), None);
+        assert_eq!(parse_content_length(" 1"), None);
+        assert_eq!(parse_content_length("18446744073709551616"), None);
+        assert_eq!(parse_content_range("bytes +0-1/10"), None);
+        assert_eq!(parse_content_range("bytes 0-+1/10"), None);
+        assert_eq!(parse_content_range("bytes 0-1/+10"), None);
+        assert_eq!(
+            parse_content_range(" bytes 0-1 / 10 "),
+            Some((0, 1, Some(10)))
+        );
     }
 
     #[test]

@@ -10,7 +10,10 @@ use streamboot_fuzz::reference_content_range;
 
 fuzz_target!(|data: &[u8]| {
     // What `HeaderValue::to_str` can return.
-    if !data.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+    if !data
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
         return;
     }
     let text = std::str::from_utf8(data).expect("ASCII");
@@ -21,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
     let etag = parts.next().unwrap_or("");
 
     let got = parse_content_range(range);
-    assert_eq!(got, reference_content_range(range), "Content-Range {range:?}");
+    assert_eq!(
+        got,
+        reference_content_range(range),
+        "Content-Range {range:?}"
+    );
     if let Some((start, end, total)) = got {
         assert!(start <= end);
         let shown = match total {

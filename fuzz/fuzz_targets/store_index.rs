@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
     let keyed = Index::parse(data, Trust::Key(&vk));
     let any = Index::parse(data, Trust::AnyOf(&both));
     let Ok(p) = unverified else {
-        assert!(keyed.is_err() && any.is_err(), "structure refused but signature accepted");
+        assert!(
+            keyed.is_err() && any.is_err(),
+            "structure refused but signature accepted"
+        );
         return;
     };
     let index = &p.index;

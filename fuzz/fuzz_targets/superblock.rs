@@ -28,7 +28,10 @@ fn check(sb: &Superblock) {
     // Every address the metadata store computes for this layout fits in the disk, in
     // order: map pages, then slots, then the two superblock copies.
     let sb0 = boot_relocator::Layout::sb_addr(l.disk_len, 0);
-    assert_eq!(boot_relocator::Layout::sb_addr(l.disk_len, 1), sb0 + BLOCK as u64);
+    assert_eq!(
+        boot_relocator::Layout::sb_addr(l.disk_len, 1),
+        sb0 + BLOCK as u64
+    );
     assert!(l.map_pages > 0);
     let last_page_end = l.page_addr(l.map_pages - 1, 1) + BLOCK as u64;
     assert!(l.map_offset >= l.area_offset && last_page_end <= l.slot_offset);

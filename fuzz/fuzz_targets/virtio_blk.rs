@@ -31,9 +31,11 @@ fuzz_target!(|data: &[u8]| {
     let payload = &data[PAYLOAD_INPUT_AT..];
     let room0 = REGION0_LEN - PAYLOAD_AT as usize;
     let (p0, p1) = payload.split_at(payload.len().min(room0));
-    mem.write_slice(p0, GuestAddress(PAYLOAD_AT)).expect("payload");
+    mem.write_slice(p0, GuestAddress(PAYLOAD_AT))
+        .expect("payload");
     let p1 = &p1[..p1.len().min(REGION1_LEN)];
-    mem.write_slice(p1, GuestAddress(REGION1_START)).expect("payload");
+    mem.write_slice(p1, GuestAddress(REGION1_START))
+        .expect("payload");
 
     let opts = data[OPTS_AT];
     let disk = FuzzDisk::new(opts & 1 != 0, if opts & 4 != 0 { 4096 } else { 512 });
@@ -70,7 +72,10 @@ fuzz_target!(|data: &[u8]| {
         Err(rejected) => {
             assert_ne!(rejected.error.status(), Status::Ok);
             let c = rejected.complete(&mem);
-            assert_eq!(disk.bytes(0, DISK_CAPACITY as usize), FuzzDisk::new(false, 512).bytes(0, DISK_CAPACITY as usize));
+            assert_eq!(
+                disk.bytes(0, DISK_CAPACITY as usize),
+                FuzzDisk::new(false, 512).bytes(0, DISK_CAPACITY as usize)
+            );
             (c, rejected.status_addr, None)
         }
     };

@@ -259,7 +259,11 @@ fn virtio_requests() -> Vec<(String, Vec<u8>)> {
         (
             "read-4k".to_string(),
             request(
-                &[desc(HDR, 16, N, 1), desc(DATA, 4096, N | W, 2), desc(STATUS, 1, W, 0)],
+                &[
+                    desc(HDR, 16, N, 1),
+                    desc(DATA, 4096, N | W, 2),
+                    desc(STATUS, 1, W, 0),
+                ],
                 0,
                 &[(HDR, header(VIRTIO_BLK_T_IN, 8))],
             ),
@@ -294,7 +298,11 @@ fn virtio_requests() -> Vec<(String, Vec<u8>)> {
         (
             "write-through".to_string(),
             request(
-                &[desc(HDR, 16, N, 1), desc(DATA, 512, N, 2), desc(STATUS, 1, W, 0)],
+                &[
+                    desc(HDR, 16, N, 1),
+                    desc(DATA, 512, N, 2),
+                    desc(STATUS, 1, W, 0),
+                ],
                 2,
                 &[(HDR, header(VIRTIO_BLK_T_OUT, 127)), (DATA, data.clone())],
             ),
@@ -302,7 +310,11 @@ fn virtio_requests() -> Vec<(String, Vec<u8>)> {
         (
             "write-read-only".to_string(),
             request(
-                &[desc(HDR, 16, N, 1), desc(DATA, 512, N, 2), desc(STATUS, 1, W, 0)],
+                &[
+                    desc(HDR, 16, N, 1),
+                    desc(DATA, 512, N, 2),
+                    desc(STATUS, 1, W, 0),
+                ],
                 1,
                 &[(HDR, header(VIRTIO_BLK_T_OUT, 0))],
             ),
@@ -318,7 +330,11 @@ fn virtio_requests() -> Vec<(String, Vec<u8>)> {
         (
             "get-id".to_string(),
             request(
-                &[desc(HDR, 16, N, 1), desc(DATA, 20, N | W, 2), desc(STATUS, 1, W, 0)],
+                &[
+                    desc(HDR, 16, N, 1),
+                    desc(DATA, 20, N | W, 2),
+                    desc(STATUS, 1, W, 0),
+                ],
                 0,
                 &[(HDR, header(VIRTIO_BLK_T_GET_ID, 0))],
             ),
@@ -326,7 +342,11 @@ fn virtio_requests() -> Vec<(String, Vec<u8>)> {
         (
             "discard-2".to_string(),
             request(
-                &[desc(HDR, 16, N, 1), desc(RANGES, 32, N, 2), desc(STATUS, 1, W, 0)],
+                &[
+                    desc(HDR, 16, N, 1),
+                    desc(RANGES, 32, N, 2),
+                    desc(STATUS, 1, W, 0),
+                ],
                 0,
                 &[
                     (HDR, header(VIRTIO_BLK_T_DISCARD, 0)),
@@ -337,7 +357,11 @@ fn virtio_requests() -> Vec<(String, Vec<u8>)> {
         (
             "write-zeroes-unmap-4k".to_string(),
             request(
-                &[desc(HDR, 16, N, 1), desc(RANGES, 16, N, 2), desc(STATUS, 1, W, 0)],
+                &[
+                    desc(HDR, 16, N, 1),
+                    desc(RANGES, 16, N, 2),
+                    desc(STATUS, 1, W, 0),
+                ],
                 4,
                 &[
                     (HDR, header(VIRTIO_BLK_T_WRITE_ZEROES, 0)),
@@ -375,8 +399,14 @@ fn virtio_requests() -> Vec<(String, Vec<u8>)> {
 fn http_headers() -> Vec<(String, Vec<u8>)> {
     [
         ("probe", "bytes 0-0/104857605|1|\"65a1b2c3-6400005\""),
-        ("range", "bytes 65536-131071/104857605|65536|\"65a1b2c3-6400005\""),
-        ("unknown-total", "bytes 4096-8191/*|4096|W/\"65a1b2c3-6400005\""),
+        (
+            "range",
+            "bytes 65536-131071/104857605|65536|\"65a1b2c3-6400005\"",
+        ),
+        (
+            "unknown-total",
+            "bytes 4096-8191/*|4096|W/\"65a1b2c3-6400005\"",
+        ),
         ("unsatisfied", "bytes */104857605|0|"),
         ("weak-etag", "bytes 0-0/1| 1 |W/\"x\""),
     ]

@@ -22,8 +22,15 @@ fi
 # Own target dir unless the caller set one (the main workspace's stays untouched).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 FLAGS=(-s none --debug-assertions)
-
-targets="${FUZZ_TARGETS:-$(cargo fuzz list)}"
+all="$(cargo fuzz list)"
+# The NBD target needs src/nbd (merged from the nbd branch); skip it until it is there.
+if [[ -f ../src/nbd/proto.rs ]]; then
+    FLAGS+=(--features nbd)
+else
+    echo "note: src/nbd/ not present: skipping the nbd_negotiate target"
+    all="$(grep -vx nbd_negotiate <<<"$all")"
+fi
+targets="${FUZZ_TARGETS:-$all}"
 cargo fuzz build "${FLAGS[@]}"
 
 summary=()
@@ -38,7 +45,6 @@ for t in $targets; do
     mkdir -p "corpus/$t"
     log="$(mktemp)"
     echo "==> fuzz $t: $what"
-    start="$(date +%s)"
     # -timeout: one input running 10 s is a hang; -rss_limit_mb: an out-of-memory.
     if ! cargo fuzz run "${FLAGS[@]}" "$t" "corpus/$t" "seeds/$t" -- \
         "${LIMIT[@]}" -timeout=10 -rss_limit_mb=2048 \
@@ -49,7 +55,8 @@ for t in $targets; do
     fi
     runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
     rate="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")"
-    elapsed="$(($(date +%s) - start))"
+    # libFuzzer's own "Done N runs in S second(s)": fuzzing time, not the build.
+    elapsed="$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log")"
     corpus="$(ls "corpus/$t" | wc -l)"
     rss="$(sed -n 's/^stat::peak_rss_mb: *//p' "$log")"
     summary+=("$(printf '%-14s %10s execs %6ss %8s exec/s  corpus %5s  peak RSS %s MB' \

@@ -1,7 +1,8 @@
 //! Writes the seed corpora (`fuzz/seeds/<target>/`) from real encodings: superblocks and
 //! map pages from boot-relocator's encoders, indexes from the store's publish code (signed,
 //! unsigned, compressed, with a boot profile), virtio-blk requests as a driver lays them
-//! out, and HTTP header values as nginx sends them.
+//! out, HTTP header values as nginx sends them, and NBD client sessions as qemu and
+//! nbd-client open them (the client's bytes, written here from the protocol spec).
 //!
 //! Usage: `cargo run --example gen_corpus -- [SEEDS_DIR]` (default `seeds`, relative to `fuzz/`).
 
@@ -30,6 +31,7 @@ fn main() -> Result<()> {
         ("store_index", indexes()?),
         ("virtio_blk", virtio_requests()),
         ("http_headers", http_headers()),
+        ("nbd_negotiate", nbd_handshakes()),
     ] {
         let dir = root.join(target);
         fs::create_dir_all(&dir)?;
@@ -413,4 +415,97 @@ fn http_headers() -> Vec<(String, Vec<u8>)> {
     .into_iter()
     .map(|(name, v)| (format!("hdr-{name}"), v.as_bytes().to_vec()))
     .collect()
+}
+
+/// The client side of NBD sessions (RFC-style constants of the NBD protocol spec).
+mod nbd_client {
+    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+    pub const FIXED_NEWSTYLE: u32 = 1;
+    pub const NO_ZEROES: u32 = 2;
+    pub const OPT_EXPORT_NAME: u32 = 1;
+    pub const OPT_ABORT: u32 = 2;
+    pub const OPT_LIST: u32 = 3;
+    pub const OPT_INFO: u32 = 6;
+    pub const OPT_GO: u32 = 7;
+    pub const OPT_STRUCTURED_REPLY: u32 = 8;
+    pub const INFO_BLOCK_SIZE: u16 = 3;
+    pub const CMD_READ: u16 = 0;
+    pub const CMD_WRITE: u16 = 1;
+    pub const CMD_DISC: u16 = 2;
+    pub const CMD_FLUSH: u16 = 3;
+    pub const CMD_TRIM: u16 = 4;
+
+    pub fn option(out: &mut Vec<u8>, opt: u32, data: &[u8]) {
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&opt.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+
+    /// `NBD_OPT_INFO` / `NBD_OPT_GO` data: name, then the info types asked for.
+    pub fn info(name: &str, infos: &[u16]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+        for i in infos {
+            d.extend_from_slice(&i.to_be_bytes());
+        }
+        d
+    }
+
+    pub fn request(out: &mut Vec<u8>, kind: u16, cookie: u64, offset: u64, len: u32) {
+        out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&cookie.to_be_bytes());
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+}
+
+fn nbd_handshakes() -> Vec<(String, Vec<u8>)> {
+    use nbd_client::*;
+    let flags = |f: u32| f.to_be_bytes().to_vec();
+    let mut out = Vec::new();
+
+    // qemu: structured replies, then GO on the default export asking for block sizes,
+    // then reads (one crossing the partial last sector) and a disconnect.
+    let mut s = flags(FIXED_NEWSTYLE | NO_ZEROES);
+    option(&mut s, OPT_STRUCTURED_REPLY, &[]);
+    option(&mut s, OPT_GO, &info("", &[INFO_BLOCK_SIZE]));
+    request(&mut s, CMD_READ, 1, 0, 512);
+    request(&mut s, CMD_READ, 2, 65536, 17);
+    request(&mut s, CMD_READ, 3, 65536, 512);
+    request(&mut s, CMD_DISC, 4, 0, 0);
+    out.push(("qemu-go-structured".to_string(), s));
+
+    // nbd-client -l: list, then abort.
+    let mut s = flags(FIXED_NEWSTYLE | NO_ZEROES);
+    option(&mut s, OPT_LIST, &[]);
+    option(&mut s, OPT_ABORT, &[]);
+    out.push(("list-abort".to_string(), s));
+
+    // An old client: EXPORT_NAME without NO_ZEROES, simple replies, refused writes.
+    let mut s = flags(FIXED_NEWSTYLE);
+    option(&mut s, OPT_EXPORT_NAME, b"boot.img");
+    request(&mut s, CMD_READ, 7, 4096, 4096);
+    request(&mut s, CMD_FLUSH, 8, 0, 0);
+    request(&mut s, CMD_TRIM, 9, 0, 4096);
+    request(&mut s, CMD_WRITE, 10, 0, 4);
+    s.extend_from_slice(b"data");
+    request(&mut s, CMD_READ, 11, 3 * 4096, 1);
+    request(&mut s, CMD_DISC, 12, 0, 0);
+    out.push(("export-name-simple".to_string(), s));
+
+    // INFO first, an unknown export, then GO on the empty export.
+    let mut s = flags(FIXED_NEWSTYLE | NO_ZEROES);
+    option(&mut s, OPT_INFO, &info("boot.img", &[INFO_BLOCK_SIZE, 0]));
+    option(&mut s, OPT_GO, &info("missing", &[]));
+    option(&mut s, 42, b"unknown option");
+    option(&mut s, OPT_GO, &info("empty", &[]));
+    request(&mut s, CMD_READ, 1, 0, 0);
+    request(&mut s, CMD_READ, 2, 0, 1);
+    out.push(("info-unknown-empty".to_string(), s));
+    out
 }

@@ -162,3 +162,14 @@ pub fn reference_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
     };
     Some((start, end, total))
 }
+
+/// The images the NBD target's catalog offers: the default export (`""`, with a partial
+/// last sector), a small named one and an empty one.
+pub fn nbd_images() -> Vec<(&'static str, Vec<u8>)> {
+    let pattern = |len: usize| (0..len).map(|i| (i % 253) as u8).collect::<Vec<u8>>();
+    vec![
+        ("", pattern((64 << 10) + 17)),
+        ("boot.img", pattern(3 * 4096)),
+        ("empty", Vec::new()),
+    ]
+}

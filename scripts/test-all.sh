@@ -2,7 +2,8 @@
 # The whole test suite, from a fresh machine (Debian, Rust toolchain, root):
 # installs what the tests need (qemu, nginx, a guest kernel, busybox, ...) when missing,
 # then runs the format and lint checks, every Rust test (unit, integration against a real
-# nginx, crash tests) and the VM tests. Exits non-zero on the first failure.
+# nginx, crash tests), a short run of every fuzz target and the VM tests. Exits non-zero
+# on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (workspace)"
 cargo test --workspace --locked
+
+step "fuzzing: every cargo-fuzz target for ${FUZZ_SECONDS:-30}s (scripts/fuzz.sh)"
+# Installs cargo-fuzz when missing; runs on stable (RUSTC_BOOTSTRAP=1, no sanitizer).
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
 
 step "VM tests: harness smoke test (reference backend)"
 bash vm-tests/smoke.sh

@@ -565,6 +565,9 @@ pub fn decode_page(
     if get_u32(b, 40) as usize != expected_entries {
         return Err("entry count mismatch".into());
     }
+    if expected_entries > ENTRIES_PER_PAGE {
+        return Err(format!("{expected_entries} entries do not fit in a page"));
+    }
     let entries = (0..expected_entries)
         .map(|i| {
             let at = PAGE_HEADER + i * ENTRY_SIZE;
@@ -664,5 +667,17 @@ mod tests {
         let mut torn = p.clone();
         torn[2000] ^= 1;
         assert!(decode_page(&torn, 3, &[1; 16], entries.len(), 1000).is_err());
+    }
+
+    /// A page (checksum intact) whose entry count is past the page's capacity, with a
+    /// caller expecting that count: an error, not a slice past the end of the block.
+    #[test]
+    fn page_with_more_entries_than_fit_is_refused() {
+        let n = ENTRIES_PER_PAGE + 1;
+        let mut p = encode_page(0, 1, &[1; 16], &[]);
+        p[40..44].copy_from_slice(&(n as u32).to_le_bytes());
+        let crc = block_crc(&p, 4);
+        p[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert!(decode_page(&p, 0, &[1; 16], n, 1000).is_err());
     }
 }

@@ -44,6 +44,7 @@ use reqwest::header::{
 use reqwest::{Client, Response, StatusCode, Url};
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
+use super::http_parse::{is_strong_etag, parse_content_length, parse_content_range};
 use super::retry::{Backoff, Deadline};
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
 
@@ -701,7 +702,7 @@ impl Inner {
             }
         }
         if let Some(length) = header_str(headers, CONTENT_LENGTH.as_str()) {
-            if length.parse::<u64>().ok() != Some(end - start + 1) {
+            if parse_content_length(length) != Some(end - start + 1) {
                 return Err(SourceError::BadResponse {
                     url: m.shown.clone(),
                     reason: format!(
@@ -810,57 +811,9 @@ fn content_range(headers: &HeaderMap) -> Option<(u64, u64, Option<u64>)> {
     parse_content_range(header_str(headers, CONTENT_RANGE.as_str())?)
 }
 
-fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
-    let rest = value.trim().strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (start, end) = range.trim().split_once('-')?;
-    let start: u64 = start.parse().ok()?;
-    let end: u64 = end.parse().ok()?;
-    if end < start {
-        return None;
-    }
-    let total = match total.trim() {
-        "*" => None,
-        t => {
-            let t: u64 = t.parse().ok()?;
-            if end >= t {
-                return None;
-            }
-            Some(t)
-        }
-    };
-    Some((start, end, total))
-}
-
-/// A strong entity tag: quoted and without the `W/` weakness prefix. Only those can be
-/// used with `If-Match` (which compares strongly).
-fn is_strong_etag(etag: &str) -> bool {
-    etag.len() >= 2 && etag.starts_with('"') && etag.ends_with('"')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn content_range_parsing() {
-        assert_eq!(parse_content_range("bytes 0-0/10"), Some((0, 0, Some(10))));
-        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
-        assert_eq!(parse_content_range("bytes 5-4/10"), None);
-        assert_eq!(parse_content_range("bytes 0-10/10"), None);
-        assert_eq!(parse_content_range("bytes */10"), None);
-        assert_eq!(parse_content_range("items 0-1/10"), None);
-        assert_eq!(parse_content_range("bytes -1-2/10"), None);
-        assert_eq!(parse_content_range("bytes 0-1/x"), None);
-    }
-
-    #[test]
-    fn etag_strength() {
-        assert!(is_strong_etag("\"5f3a-1000\""));
-        assert!(!is_strong_etag("W/\"5f3a-1000\""));
-        assert!(!is_strong_etag("5f3a"));
-        assert!(!is_strong_etag("\""));
-    }
 
     #[test]
     fn url_validation() {

@@ -11,6 +11,7 @@ use std::fmt;
 
 pub mod file;
 pub mod http;
+pub mod http_parse;
 pub mod retry;
 
 pub use file::FileSource;

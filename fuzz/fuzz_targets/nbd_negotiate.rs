@@ -90,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
             // and no more data sent than the replies hold.
             let mut requests = client.input;
             let mut replies = Vec::new();
-            if let Ok(stats) = transmit(&mut requests, &mut replies, &*export, structured) {
+            if let Ok(stats) = transmit(&mut requests, &mut replies, &*export, structured, 1) {
                 assert!(stats.bytes_read <= replies.len() as u64);
             }
         }

@@ -515,3 +515,101 @@ fn mirror_failover() {
     assert!(status["last_error"].is_null(), "{status}");
     drop(srv);
 }
+
+/// A chunk-store target served in process (StoreSource over the proxy, Engine,
+/// VhostBlkServer): chunk objects with a flipped bit fail their BLAKE3 hash and are fetched
+/// again, so a few corrupt responses end in success; when every response is corrupt the
+/// affected reads fail with IOERR. No wrong byte reaches the client either way.
+#[test]
+fn flipped_bits_in_store_chunks_are_refetched_or_fail() {
+    use std::sync::Arc;
+    use streamboot::blockdev::BlockBackend;
+    use streamboot::engine::{Engine, EngineOptions};
+    use streamboot::source::store::{StoreSource, StoreSourceOptions};
+    use streamboot::source::RemoteSource;
+    use streamboot::vhost::{ServeOptions, VhostBlkServer};
+
+    let nginx = Nginx::start();
+    let size = 3 * 1024 * 1024;
+    let mut target = common::random_bytes(190, size);
+    target[size / 4..size / 4 + 200_000].fill(0);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image.raw");
+    std::fs::write(&image, &target).unwrap();
+    streamboot::store::publish::publish(
+        &image,
+        &nginx.root().join("store"),
+        "img",
+        CHUNK as u64,
+        None,
+        false,
+    )
+    .expect("publish");
+    let proxy = FaultProxy::start(nginx.port());
+    let mut opts = StoreSourceOptions::insecure_unverified();
+    opts.cache_chunks = 0;
+    let source: Arc<dyn RemoteSource> =
+        Arc::new(StoreSource::open(&proxy.url("store"), "img", opts).expect("open store"));
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, common::random_bytes(191, size / 2)).unwrap();
+    let meta = common::disk::prepare(&disk, &source, CHUNK as u64, 0..CHUNK as u64, None);
+    let engine = Arc::new(Engine::new(meta, source, EngineOptions::default()).expect("engine"));
+    let sock = dir.path().join("vu.sock");
+    let mut sopts = ServeOptions::new(&sock);
+    sopts.io_threads = 2;
+    let backend: Arc<dyn BlockBackend> = engine.clone();
+    let server = VhostBlkServer::bind(backend, sopts).expect("bind");
+    let shutdown = server.shutdown_handle();
+    let thread = std::thread::spawn(move || server.run());
+
+    let mut c = Client::connect(&sock, 1, 8 * REQ).expect("connect");
+    let half = size / 2;
+    // Transient: the first two chunk responses are corrupt; each object is fetched at most
+    // twice corrupt, so its next fetch is good.
+    proxy.set_plan(
+        190,
+        vec![Rule::new(When::Always, Fault::FlipBit { at: 4099, bit: 5 }).limit(2)],
+    );
+    let pass = read_pass(&mut c, 0, half, 4, Duration::from_secs(30));
+    assert_clean(&pass, &target, 0, "first half with two corrupt responses");
+    assert_eq!(proxy.hits(), 2, "the corruption was not injected");
+
+    // Permanent: every response corrupt. Local chunks read fine, the rest fail.
+    proxy.set_plan(
+        191,
+        vec![Rule::new(When::Always, Fault::FlipBit { at: 77, bit: 0 })],
+    );
+    let pass = read_pass(&mut c, 0, size, 4, Duration::from_secs(30));
+    assert!(
+        pass.failed.iter().all(|f| f.0 >= half && f.1 < 0),
+        "local reads failed: {:?}",
+        pass.failed
+    );
+    let remote = (half + (512 << 10)..size).step_by(REQ).count();
+    assert!(
+        pass.failed.len() >= remote,
+        "{} reads failed, {remote} need corrupt chunks",
+        pass.failed.len()
+    );
+    for off in (0..size).step_by(REQ) {
+        if !pass.failed.iter().any(|f| f.0 == off) {
+            assert!(
+                pass.data[off..off + REQ] == target[off..off + REQ],
+                "wrong bytes at {off}"
+            );
+        }
+    }
+    let last = engine.last_fetch_error().unwrap_or_default();
+    assert!(
+        last.contains("verification failed"),
+        "last fetch error: {last}"
+    );
+
+    // The store serves good objects again: everything reads back equal to the target.
+    proxy.clear();
+    let pass = read_pass(&mut c, 0, size, 4, Duration::from_secs(30));
+    assert_clean(&pass, &target, 0, "after the corruption stopped");
+    drop(c);
+    shutdown.shutdown();
+    thread.join().unwrap().expect("server");
+}

@@ -404,11 +404,9 @@ fn serve_client(shared: &Shared, stream: TcpStream) {
                     rhead.set("Content-Range", shift_content_range(&cr, shift));
                 }
             }
-            Some(Fault::FlipBit { at, bit }) => {
-                if !body.is_empty() {
-                    let i = at % body.len();
-                    body[i] ^= 1 << (bit % 8);
-                }
+            Some(Fault::FlipBit { at, bit }) if !body.is_empty() => {
+                let i = at % body.len();
+                body[i] ^= 1 << (bit % 8);
             }
             _ => {}
         }

@@ -338,9 +338,13 @@ impl Service {
         self.bg.lock().hydrator.as_ref().map(|(h, _)| h.clone())
     }
 
-    /// The last error worth reporting (failed fetch, failed commit, fallback).
+    /// The last error worth reporting (failed commit, hydration or fallback; otherwise the
+    /// last failed fetch).
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().clone()
+        self.last_error
+            .lock()
+            .clone()
+            .or_else(|| self.engine().and_then(|e| e.last_fetch_error()))
     }
 
     /// Engine status, or a minimal one for a plain disk.

@@ -116,6 +116,8 @@ pub struct Engine {
     /// Guest requests currently waiting on the network (the hydrator yields to them).
     pub(crate) demand_waiting: AtomicU64,
     pub(crate) counters: Counters,
+    /// The last fetch that failed (after the source's own retries), for status.
+    last_fetch_error: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -182,6 +184,7 @@ impl Engine {
             unflushed: AtomicU64::new(0),
             demand_waiting: AtomicU64::new(0),
             counters: Counters::default(),
+            last_fetch_error: Mutex::new(None),
         })
     }
 
@@ -201,6 +204,11 @@ impl Engine {
     /// Counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+    /// The error of the last fetch that failed, if any did: the guest got an I/O error
+    /// for the reads that needed it.
+    pub fn last_fetch_error(&self) -> Option<String> {
+        self.last_fetch_error.lock().clone()
     }
     /// Current lifecycle state.
     pub fn state(&self) -> State {
@@ -539,7 +547,13 @@ impl Engine {
             .read_at(start, &mut bytes[..(end - start) as usize])
         {
             Counters::add(&self.counters.fetch_errors, 1);
-            tracing::error!(chunk = first, count, "fetch failed: {e}");
+            tracing::error!(
+                chunk = first,
+                count,
+                source = %self.source.name(),
+                "fetch failed, the requests that need these chunks get an I/O error: {e}"
+            );
+            *self.last_fetch_error.lock() = Some(format!("fetch failed: {e}"));
             return FlightResult::Failed(e.to_string());
         }
         let counter = if demand {

@@ -20,6 +20,9 @@ use crate::store::index::{ChunkEntry, ChunkHash, Index, IndexHash, Trust, MAX_IN
 use crate::store::layout::{chunk_rel, index_rel, validate_name, INDEXES_DIR, INDEX_SUFFIX};
 use crate::store::{decode_object, max_object_len, KeyId};
 
+/// Fetches of one chunk object before a hash mismatch is reported as an error.
+pub const VERIFY_FETCHES: u32 = 3;
+
 /// Whose signature the index must carry.
 #[derive(Clone, Debug)]
 pub enum IndexTrust {
@@ -179,6 +182,39 @@ impl StoreSource {
         self.index.entry(c).and_then(|e| e.hash())
     }
 
+    /// Decodes and verifies the object `rel` fetched as `bytes`. An object that fails its
+    /// hash is fetched again (bits flipped on the way are transient; a mirror or cache may
+    /// also serve a good copy next time), up to [`VERIFY_FETCHES`] fetches in all; then
+    /// the verification error is returned. A wrong byte is never handed over.
+    fn verified(
+        &self,
+        rel: &str,
+        max: u64,
+        mut bytes: Vec<u8>,
+        hash: &ChunkHash,
+        compressed: bool,
+        len: u64,
+    ) -> Result<Vec<u8>, SourceError> {
+        let what = || self.fetcher.location().describe(rel);
+        let mut fetches = 1;
+        loop {
+            match decode_object(bytes, hash, compressed, len) {
+                Ok(data) => return Ok(data),
+                Err(e) if fetches < VERIFY_FETCHES => {
+                    tracing::warn!(object = %what(), fetches, "corrupt chunk object, fetching it again: {e}");
+                }
+                Err(e) => {
+                    return Err(SourceError::Verify {
+                        what: what(),
+                        reason: format!("{e} (in each of {fetches} fetches)"),
+                    })
+                }
+            }
+            bytes = self.fetcher.get(rel, max)?;
+            fetches += 1;
+        }
+    }
+
     /// True when chunk `c` is all zeros per the index.
     pub fn is_zero_chunk(&self, c: u64) -> bool {
         matches!(self.index.entry(c), Some(ChunkEntry::Zero))
@@ -226,15 +262,10 @@ impl StoreSource {
             .map(|(h, z, len)| (chunk_rel(h, *z), max_object_len(*len, *z)))
             .collect();
         let results = self.fetcher.get_many(&reqs);
-        for ((hash, compressed, len), (rel, result)) in
+        for ((hash, compressed, len), ((rel, max), result)) in
             want.into_iter().zip(reqs.iter().zip(results))
         {
-            let data = decode_object(result?, &hash, compressed, len).map_err(|e| {
-                SourceError::Verify {
-                    what: self.fetcher.location().describe(&rel.0),
-                    reason: e.to_string(),
-                }
-            })?;
+            let data = self.verified(rel, *max, result?, &hash, compressed, len)?;
             let data = Arc::new(data);
             if let Some(m) = &self.cache {
                 m.lock().put(hash, data.clone());

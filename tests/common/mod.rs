@@ -5,6 +5,7 @@
 
 pub mod blkio_client;
 pub mod disk;
+pub mod fault_proxy;
 pub mod nginx;
 
 use rand::{RngCore, SeedableRng};

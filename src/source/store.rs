@@ -229,11 +229,18 @@ impl StoreSource {
         for ((hash, compressed, len), (rel, result)) in
             want.into_iter().zip(reqs.iter().zip(results))
         {
-            let data = decode_object(result?, &hash, compressed, len).map_err(|e| {
-                SourceError::Verify {
-                    what: self.fetcher.location().describe(&rel.0),
-                    reason: e.to_string(),
+            let mut outcome = decode_object(result?, &hash, compressed, len);
+            // A bad object may be a transfer fault a proxy or mirror repairs: fetch it
+            // again a few times; a persistent mismatch is an error, never data.
+            for _ in 1..VERIFY_ATTEMPTS {
+                if outcome.is_ok() {
+                    break;
                 }
+                outcome = decode_object(self.fetcher.get(&rel.0, rel.1)?, &hash, compressed, len);
+            }
+            let data = outcome.map_err(|e| SourceError::Verify {
+                what: self.fetcher.location().describe(&rel.0),
+                reason: e.to_string(),
             })?;
             let data = Arc::new(data);
             if let Some(m) = &self.cache {
@@ -292,6 +299,9 @@ impl RemoteSource for StoreSource {
         self.name.clone()
     }
 }
+
+/// Fetches of one chunk object whose bytes fail verification before the read fails.
+const VERIFY_ATTEMPTS: u32 = 3;
 
 /// Chunks fetched per batch by one `read_at`.
 const READ_BATCH: usize = 32;

@@ -95,7 +95,9 @@ impl LocalIndex {
         let n = source_size / c;
         let mut buf = vec![0u8; c as usize];
         for a in 0..n {
-            read(storage, a * c, &mut buf, || format!("reading source chunk {a} to hash it"))?;
+            read(storage, a * c, &mut buf, || {
+                format!("reading source chunk {a} to hash it")
+            })?;
             let h = ChunkHash::of(&buf);
             idx.chunks_hashed += 1;
             if wanted.contains(&h) {
@@ -222,12 +224,12 @@ pub fn seed(
                 continue;
             }
             let slot = meta.alloc_slot().expect("a free slot was counted");
-            storage
-                .write_at(l.slot_addr(slot), &buf)
-                .map_err(|e| boot_relocator::RelocError::Io {
+            storage.write_at(l.slot_addr(slot), &buf).map_err(|e| {
+                boot_relocator::RelocError::Io {
                     context: format!("seeding target chunk {t} into slot {slot}"),
                     source: e,
-                })?;
+                }
+            })?;
             let cur = meta.entry(t);
             meta.set_entry(
                 t,
@@ -261,12 +263,12 @@ fn read(
     buf: &mut [u8],
     what: impl FnOnce() -> String,
 ) -> Result<(), SeedError> {
-    storage
-        .read_at(at, buf)
-        .map_err(|e| SeedError::Reloc(boot_relocator::RelocError::Io {
+    storage.read_at(at, buf).map_err(|e| {
+        SeedError::Reloc(boot_relocator::RelocError::Io {
             context: what(),
             source: e,
-        }))
+        })
+    })
 }
 
 /// Syncs the seeded data, commits the map entries naming it, then adds `bytes` to the

@@ -20,7 +20,9 @@ use crate::store::fetch::FetchOptions;
 
 /// True when `target` names a chunk-store image (the location of its `.idx` index file).
 pub fn is_store_target(target: &str) -> bool {
-    target.trim_end_matches('/').ends_with(crate::store::layout::INDEX_SUFFIX)
+    target
+        .trim_end_matches('/')
+        .ends_with(crate::store::layout::INDEX_SUFFIX)
 }
 
 /// Opens the target at `urls` (mirrors of one image: all `http(s)://`, or a single local

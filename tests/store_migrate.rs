@@ -181,12 +181,11 @@ fn seeding_downloads_only_differing_chunks() {
         "downloaded {sent} bytes, more than 1.05 × {differ} differing"
     );
     // Everything v2 shares with v1 was seeded: all non-zero chunks minus the differing.
-    let nonzero: u64 = s
-        .v2
-        .chunks(CHUNK)
-        .filter(|c| c.iter().any(|&b| b != 0))
-        .map(|c| c.len() as u64)
-        .sum();
+    let nonzero: u64 =
+        s.v2.chunks(CHUNK)
+            .filter(|c| c.iter().any(|&b| b != 0))
+            .map(|c| c.len() as u64)
+            .sum();
     assert_eq!(seeded, nonzero - differ - 4 * CHUNK as u64, "seeded bytes");
 }
 
@@ -253,13 +252,22 @@ fn writes_to_seeded_chunks_then_rollback_or_commit() {
         {
             let engine = disk::engine(&d, &src);
             // Same-address seeded (10, 50), moved seeded (120), boot (0), fetched (160).
-            for (c, fill) in [(10usize, 0xA1u8), (50, 0xA2), (120, 0xA3), (0, 0xA4), (160, 0xA5)] {
+            for (c, fill) in [
+                (10usize, 0xA1u8),
+                (50, 0xA2),
+                (120, 0xA3),
+                (0, 0xA4),
+                (160, 0xA5),
+            ] {
                 let off = c * CHUNK + 1000;
                 engine.write(off as u64, &[fill; 3000]).unwrap();
                 model[off..off + 3000].fill(fill);
                 let mut back = vec![0u8; CHUNK];
                 engine.read((c * CHUNK) as u64, &mut back).unwrap();
-                assert!(back == model[c * CHUNK..(c + 1) * CHUNK], "chunk {c} read back");
+                assert!(
+                    back == model[c * CHUNK..(c + 1) * CHUNK],
+                    "chunk {c} read back"
+                );
             }
             engine.flush().unwrap();
         }
@@ -292,7 +300,10 @@ fn tampered_chunk_is_an_error_never_data() {
     assert!(err.contains("verification failed"), "{err}");
     let st: serde_json::Value =
         serde_json::from_str(cli_ok(&["--json", "status", dp]).trim()).unwrap();
-    assert!(st["status"]["chunks_missing"].as_u64().unwrap() >= 1, "{st}");
+    assert!(
+        st["status"]["chunks_missing"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
 
     // In the engine: the tampered chunk is an I/O error, its neighbours read fine.
     {
@@ -348,7 +359,10 @@ fn bad_index_or_key_fails_prepare_and_changes_nothing() {
     let err = with(&[]);
     assert!(err.contains("--trusted-key"), "no key: {err}");
     let err = with(&["--trusted-key", other_pub.to_str().unwrap()]);
-    assert!(err.contains("signature") || err.contains("key"), "wrong key: {err}");
+    assert!(
+        err.contains("signature") || err.contains("key"),
+        "wrong key: {err}"
+    );
 
     let mut tampered = good.clone();
     let mid = tampered.len() / 2;
@@ -359,12 +373,21 @@ fn bad_index_or_key_fails_prepare_and_changes_nothing() {
 
     std::fs::write(&idx, &good[..good.len() / 2]).unwrap();
     let err = with(&["--trusted-key", &s.public]);
-    assert!(err.contains("verification failed"), "truncated index: {err}");
+    assert!(
+        err.contains("verification failed"),
+        "truncated index: {err}"
+    );
 
     std::fs::write(&idx, &good).unwrap();
     assert_eq!(sha256_file(&d), before, "a failed prepare changed the disk");
     // The insecure opt-out only skips the signature: a good index prepares.
-    cli_ok(&["prepare", dp, "--target", &url, "--insecure-unverified-index"]);
+    cli_ok(&[
+        "prepare",
+        dp,
+        "--target",
+        &url,
+        "--insecure-unverified-index",
+    ]);
     let out = cli(&["status", dp]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("seeded"));
 }

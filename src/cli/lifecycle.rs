@@ -240,8 +240,7 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
     let (source, store): (Arc<dyn RemoteSource>, Option<Arc<StoreSource>>) = match &trust {
         Some(t) => {
             let st = Arc::new(
-                open_store(&a.targets, None, &net.http_options(), Some(t))
-                    .with_context(opening)?,
+                open_store(&a.targets, None, &net.http_options(), Some(t)).with_context(opening)?,
             );
             (st.clone(), Some(st))
         }
@@ -259,9 +258,12 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
     // Seeding: hash the local source chunks before prepare writes anything.
     let local = match store.as_deref().filter(|_| !a.no_seed) {
         Some(st) if st.chunk_size() == chunk_size => Some(
-            LocalIndex::build(storage.as_ref(), local_source_size(a, &storage)?, st, &mut |d, t| {
-                bars.update("hashing local chunks", d, t)
-            })
+            LocalIndex::build(
+                storage.as_ref(),
+                local_source_size(a, &storage)?,
+                st,
+                &mut |d, t| bars.update("hashing local chunks", d, t),
+            )
             .context("hashing the local disk for seeding")?,
         ),
         Some(st) => {
@@ -303,7 +305,13 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
                 bars.update(s, d, t)
             })
             .context("resuming prepare")?;
-            let seeded = seed_disk(&mut meta, store.as_deref(), local.as_ref(), boot_seeded.get(), &bars)?;
+            let seeded = seed_disk(
+                &mut meta,
+                store.as_deref(),
+                local.as_ref(),
+                boot_seeded.get(),
+                &bars,
+            )?;
             bars.finish();
             return report_prepared(cli, &meta, true, seeded, started);
         }
@@ -325,9 +333,11 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
         max_trial_starts: a.max_trial_starts,
     };
     let mut head = vec![0u8; (1u64 << 20).min(id.size) as usize];
-    source
-        .read_at(0, &mut head)
+    read_target(0, &mut head)
+        .map_err(anyhow::Error::msg)
         .context("reading the target's partition table")?;
+    // Only bytes placed on the disk count as seeded.
+    boot_seeded.set(0);
     let plan = relocate::plan(storage.as_ref(), &spec, &head)
         .with_context(|| format!("planning {}", a.disk.display()))?;
     for n in &plan.notes {
@@ -344,7 +354,13 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
         &mut |s, d, t| bars.update(s, d, t),
     )
     .context("prepare failed (run prepare again to resume, or rollback)")?;
-    let seeded = seed_disk(&mut meta, store.as_deref(), local.as_ref(), boot_seeded.get(), &bars)?;
+    let seeded = seed_disk(
+        &mut meta,
+        store.as_deref(),
+        local.as_ref(),
+        boot_seeded.get(),
+        &bars,
+    )?;
     bars.finish();
     report_prepared(cli, &meta, false, seeded, started)
 }

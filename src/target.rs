@@ -1,24 +1,56 @@
 //! Opening the pinned target named on the command line or recorded in a superblock.
+//!
+//! A target is one of: `http(s)://` URLs of a raw image (several = mirrors), a local path
+//! or `file://` URL of a raw image, or a chunk-store image named by the location of its
+//! index file, `<store>/indexes/<name>.idx` (a path or an `http(s)://` URL; see
+//! docs/chunk-store.md). A new chunk-store target is trusted only through a signing key
+//! (or an explicit insecure opt-out); a prepared disk pins the index hash, so reopening
+//! it later needs no key: an index whose hash differs is refused.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use boot_relocator::{Superblock, TargetRecord};
 
+use crate::source::store::{IndexTrust, StoreSource, StoreSourceOptions};
 use crate::source::{
     FileSource, HttpOptions, HttpSource, RemoteSource, SourceError, SourceIdentity,
 };
+use crate::store::fetch::FetchOptions;
+
+/// True when `target` names a chunk-store image (the location of its `.idx` index file).
+pub fn is_store_target(target: &str) -> bool {
+    target
+        .trim_end_matches('/')
+        .ends_with(crate::store::layout::INDEX_SUFFIX)
+}
 
 /// Opens the target at `urls` (mirrors of one image: all `http(s)://`, or a single local
 /// path / `file://` URL). With `expected`, refuses an image other than the pinned one.
+/// A chunk-store target opens only with `expected` (its pinned index hash); a new one
+/// needs [`open_target`] with a trust policy.
 pub fn open_source(
     urls: &[String],
     expected: Option<&SourceIdentity>,
     http: &HttpOptions,
 ) -> Result<Arc<dyn RemoteSource>, SourceError> {
+    open_target(urls, expected, http, None)
+}
+
+/// [`open_source`] with the trust policy for a chunk-store index that is not pinned yet
+/// (`None`: refuse unpinned store targets).
+pub fn open_target(
+    urls: &[String],
+    expected: Option<&SourceIdentity>,
+    http: &HttpOptions,
+    trust: Option<&IndexTrust>,
+) -> Result<Arc<dyn RemoteSource>, SourceError> {
     let Some(first) = urls.first() else {
         return Err(SourceError::Invalid("no target given".into()));
     };
+    if urls.iter().any(|u| is_store_target(u)) {
+        return Ok(Arc::new(open_store(urls, expected, http, trust)?));
+    }
     let is_http = |u: &String| u.starts_with("http://") || u.starts_with("https://");
     if urls.iter().all(is_http) {
         return Ok(Arc::new(HttpSource::open(urls, expected, http.clone())?));
@@ -35,6 +67,65 @@ pub fn open_source(
     }
     let path = first.strip_prefix("file://").unwrap_or(first);
     Ok(Arc::new(FileSource::open(Path::new(path), expected)?))
+}
+
+/// Opens a chunk-store image from the location of its index file.
+///
+/// Pinned (`expected` given): the index is parsed without a signature check and accepted
+/// only if its hash is the pinned one; the hash was checked against a trusted key (or
+/// explicitly not) when the disk was prepared. Not pinned: `trust` decides.
+pub fn open_store(
+    urls: &[String],
+    expected: Option<&SourceIdentity>,
+    http: &HttpOptions,
+    trust: Option<&IndexTrust>,
+) -> Result<StoreSource, SourceError> {
+    let [url] = urls else {
+        return Err(SourceError::Invalid(
+            "a chunk-store target takes exactly one --target (store mirrors are not supported)"
+                .into(),
+        ));
+    };
+    let url = url.strip_prefix("file://").unwrap_or(url);
+    if !is_store_target(url) {
+        return Err(SourceError::Invalid(format!(
+            "{url}: a chunk-store target is the location of an index file (…/indexes/NAME.idx)"
+        )));
+    }
+    let trust = match (expected, trust) {
+        (Some(_), _) => IndexTrust::InsecureUnverified,
+        (None, Some(t)) => t.clone(),
+        (None, None) => {
+            return Err(SourceError::Invalid(format!(
+                "{url}: a chunk-store index must be verified: give --trusted-key FILE.pub \
+                 (or --insecure-unverified-index to skip the check)"
+            )))
+        }
+    };
+    let fetch = FetchOptions {
+        connect_timeout: http.connect_timeout,
+        request_timeout: http.request_timeout,
+        ..FetchOptions::default()
+    };
+    let src = StoreSource::open_index(
+        url,
+        StoreSourceOptions {
+            trust,
+            fetch,
+            cache_chunks: 64,
+        },
+    )?;
+    if let Some(want) = expected {
+        let found = src.identity();
+        if found != want {
+            return Err(SourceError::Changed {
+                url: url.to_string(),
+                expected: want.to_string(),
+                found: found.to_string(),
+            });
+        }
+    }
+    Ok(src)
 }
 
 /// The identity a prepared disk pinned.

@@ -643,6 +643,7 @@ fn interrupted_prepare(s: &Setup, chunk: u64) {
         layout: plan.layout,
         target: spec.target,
         created_unix: 0,
+        seeded_bytes: 0,
     };
     let mut meta = MetaStore::create(st, sb, &plan.boot_chunks).unwrap();
     meta.init_map().unwrap();

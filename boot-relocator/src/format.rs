@@ -266,6 +266,9 @@ pub struct Superblock {
     pub target: TargetRecord,
     /// Seconds since the epoch when prepare began.
     pub created_unix: u64,
+    /// Bytes of target chunks seeded from local source chunks instead of fetched
+    /// (bytes 120..128; zero on disks written before seeding existed).
+    pub seeded_bytes: u64,
 }
 
 fn put_u32(b: &mut [u8], at: usize, v: u32) {
@@ -324,6 +327,7 @@ impl Superblock {
             l.slot_offset,
             l.slot_count,
             self.created_unix,
+            self.seeded_bytes,
         ]
         .into_iter()
         .enumerate()
@@ -408,6 +412,7 @@ impl Superblock {
                 urls,
             },
             created_unix: f(8),
+            seeded_bytes: f(9),
         })
     }
 }
@@ -615,6 +620,7 @@ mod tests {
                 urls: vec!["http://127.0.0.1:1/a.img".into(), "http://m/b".into()],
             },
             created_unix: 1_700_000_000,
+            seeded_bytes: 5 << 20,
         }
     }
 

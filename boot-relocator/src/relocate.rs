@@ -260,6 +260,7 @@ pub fn prepare(
         layout: plan.layout,
         target: spec.target.clone(),
         created_unix: now_unix,
+        seeded_bytes: 0,
     };
     let mut meta = MetaStore::create(storage, sb, &plan.boot_chunks)?;
     meta.init_map()?;

@@ -13,8 +13,13 @@ use super::progress::Bars;
 use super::size::{human, parse_range, parse_size};
 use super::{Cli, Command, NetArgs};
 use crate::engine::{offline_status, Engine, EngineOptions, HydrateOptions, Hydrator, Status};
+use crate::seed::{add_seeded, seed, LocalIndex, SeedReport};
+use crate::source::store::{IndexTrust, StoreSource};
 use crate::source::RemoteSource;
-use crate::target::{open_source, pinned_identity, target_record};
+use crate::target::{is_store_target, open_source, open_store, pinned_identity, target_record};
+
+/// Chunk size when neither `--chunk-size` nor a chunk store names one.
+const DEFAULT_CHUNK_SIZE: u64 = 64 << 10;
 
 /// Seconds an offline command keeps retrying a failing fetch unless told otherwise.
 const OFFLINE_DEADLINE_SECS: u64 = 300;
@@ -27,12 +32,26 @@ const DEFAULT_BOOT_RANGE: std::ops::Range<u64> = 0..1 << 20;
 pub struct PrepareArgs {
     /// Disk holding the source image (raw file or block device).
     pub disk: PathBuf,
-    /// Target image: http(s) URL (repeat for mirrors), file:// URL or path.
+    /// Target image: http(s) URL (repeat for mirrors), file:// URL or path, or a
+    /// chunk-store image as the path/URL of its index file (`STORE/indexes/NAME.idx`).
     #[arg(long = "target", required = true)]
     pub targets: Vec<String>,
-    /// Chunk size (power of two, 4K..4M).
-    #[arg(long, default_value = "64K", value_parser = parse_size)]
-    pub chunk_size: u64,
+    /// Chunk size (power of two, 4K..4M; default: the store's for a chunk-store target,
+    /// else 64K).
+    #[arg(long, value_parser = parse_size)]
+    pub chunk_size: Option<u64>,
+    /// Public key (`.pub` from `streamboot keygen`) a chunk-store index must be signed by
+    /// (repeatable: any of them).
+    #[arg(long = "trusted-key")]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Accept a chunk-store index without checking its signature (chunks are still
+    /// verified against it). Insecure: only for tests and trusted networks.
+    #[arg(long)]
+    pub insecure_unverified_index: bool,
+    /// Do not copy target chunks found on the local disk (chunk-store targets); fetch
+    /// everything.
+    #[arg(long)]
+    pub no_seed: bool,
     /// Target byte range to place home before the first boot (repeatable; default 0..1M:
     /// partition table and boot loader). Boot partitions (ESP, XBOOTLDR) are added.
     #[arg(long = "boot-range", value_parser = parse_range)]
@@ -211,14 +230,62 @@ fn now_unix() -> u64 {
 fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
     let started = Instant::now();
     // Bad arguments are reported before anything is opened or fetched.
-    relocate::chunk_shift(a.chunk_size)?;
+    if let Some(cs) = a.chunk_size {
+        relocate::chunk_shift(cs)?;
+    }
+    let store_target = a.targets.iter().any(|t| is_store_target(t));
+    let trust = index_trust(a, store_target)?;
     let storage = open_disk(&a.disk)?;
     let net = net_with_default(&a.net);
-    let source = open_source(&a.targets, None, &net.http_options())
-        .with_context(|| format!("opening target {}", a.targets.join(", ")))?;
+    let opening = || format!("opening target {}", a.targets.join(", "));
+    let (source, store): (Arc<dyn RemoteSource>, Option<Arc<StoreSource>>) = match &trust {
+        Some(t) => {
+            let st = Arc::new(
+                open_store(&a.targets, None, &net.http_options(), Some(t)).with_context(opening)?,
+            );
+            (st.clone(), Some(st))
+        }
+        None => (
+            open_source(&a.targets, None, &net.http_options()).with_context(opening)?,
+            None,
+        ),
+    };
+    let chunk_size = a
+        .chunk_size
+        .or(store.as_ref().map(|s| s.chunk_size()))
+        .unwrap_or(DEFAULT_CHUNK_SIZE);
+    relocate::chunk_shift(chunk_size)?;
     let bars = Bars::new(cli.json, false);
-    let mut read_target =
-        |off: u64, buf: &mut [u8]| source.read_at(off, buf).map_err(|e| e.to_string());
+    // Seeding: hash the local source chunks before prepare writes anything.
+    let local = match store.as_deref().filter(|_| !a.no_seed) {
+        Some(st) if st.chunk_size() == chunk_size => Some(
+            LocalIndex::build(
+                storage.as_ref(),
+                local_source_size(a, &storage)?,
+                st,
+                &mut |d, t| bars.update("hashing local chunks", d, t),
+            )
+            .context("hashing the local disk for seeding")?,
+        ),
+        Some(st) => {
+            tracing::warn!(
+                "not seeding: the store's chunk size ({}) differs from --chunk-size ({chunk_size})",
+                st.chunk_size()
+            );
+            None
+        }
+        None => None,
+    };
+    let boot_seeded = std::cell::Cell::new(0u64);
+    let disk = storage.clone();
+    let mut read_target = |off: u64, buf: &mut [u8]| match (&local, &store) {
+        (Some(idx), Some(st)) => {
+            let n = idx.read_target(disk.as_ref(), st, off, buf)?;
+            boot_seeded.set(boot_seeded.get() + n);
+            Ok(())
+        }
+        _ => source.read_at(off, buf).map_err(|e| e.to_string()),
+    };
 
     // An interrupted prepare resumes (same target) or is undone and started afresh.
     if let Some(mut meta) = MetaStore::open(storage.clone()).context("reading disk metadata")? {
@@ -239,15 +306,22 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
                 bars.update(s, d, t)
             })
             .context("resuming prepare")?;
+            let seeded = seed_disk(
+                &mut meta,
+                store.as_deref(),
+                local.as_ref(),
+                boot_seeded.get(),
+                &bars,
+            )?;
             bars.finish();
-            return report_prepared(cli, &meta, true, started);
+            return report_prepared(cli, &meta, true, seeded, started);
         }
         relocate::remove_area(&mut meta).context("undoing the interrupted prepare")?;
     }
 
     let id = source.identity().clone();
     let spec = PrepareSpec {
-        chunk_size: a.chunk_size,
+        chunk_size,
         target_size: id.size,
         target: target_record(source.as_ref(), &a.targets),
         boot_ranges: if a.boot_ranges.is_empty() {
@@ -260,16 +334,18 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
         max_trial_starts: a.max_trial_starts,
     };
     let mut head = vec![0u8; (1u64 << 20).min(id.size) as usize];
-    source
-        .read_at(0, &mut head)
+    read_target(0, &mut head)
+        .map_err(anyhow::Error::msg)
         .context("reading the target's partition table")?;
+    // Only bytes placed on the disk count as seeded.
+    boot_seeded.set(0);
     let plan = relocate::plan(storage.as_ref(), &spec, &head)
         .with_context(|| format!("planning {}", a.disk.display()))?;
     for n in &plan.notes {
         tracing::info!("{n}");
     }
     let uuid = *uuid::Uuid::new_v4().as_bytes();
-    let meta = relocate::prepare(
+    let mut meta = relocate::prepare(
         storage,
         &spec,
         &plan,
@@ -279,21 +355,103 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
         &mut |s, d, t| bars.update(s, d, t),
     )
     .context("prepare failed (run prepare again to resume, or rollback)")?;
+    let seeded = seed_disk(
+        &mut meta,
+        store.as_deref(),
+        local.as_ref(),
+        boot_seeded.get(),
+        &bars,
+    )?;
     bars.finish();
-    report_prepared(cli, &meta, false, started)
+    report_prepared(cli, &meta, false, seeded, started)
 }
 
-fn report_prepared(cli: &Cli, meta: &MetaStore, resumed: bool, started: Instant) -> Result<()> {
+/// How a chunk-store index is trusted (`None`: not a chunk-store target). Refuses an
+/// unverified index unless the insecure opt-out is explicit.
+fn index_trust(a: &PrepareArgs, store_target: bool) -> Result<Option<IndexTrust>> {
+    if !store_target {
+        if !a.trusted_keys.is_empty() || a.insecure_unverified_index {
+            bail!("--trusted-key and --insecure-unverified-index apply to a chunk-store target (…/indexes/NAME.idx) only");
+        }
+        return Ok(None);
+    }
+    if a.insecure_unverified_index {
+        if !a.trusted_keys.is_empty() {
+            bail!("give either --trusted-key or --insecure-unverified-index, not both");
+        }
+        return Ok(Some(IndexTrust::InsecureUnverified));
+    }
+    if a.trusted_keys.is_empty() {
+        bail!(
+            "a chunk-store target needs --trusted-key FILE.pub (the key its index is signed with), \
+             or --insecure-unverified-index to skip the check"
+        );
+    }
+    let keys = a
+        .trusted_keys
+        .iter()
+        .map(|p| crate::store::sign::load_verifying_key(p))
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading --trusted-key")?;
+    Ok(Some(IndexTrust::Keys(keys)))
+}
+
+/// Bytes of the disk the source uses, as prepare's plan will take them: `--source-size`,
+/// else the whole file (a block device: its length; partitions beyond it are not hashed).
+fn local_source_size(a: &PrepareArgs, storage: &Arc<dyn Storage>) -> Result<u64> {
+    match a.source_size {
+        Some(s) => Ok(s),
+        None => storage.len().context("reading the disk's size"),
+    }
+}
+
+/// Seeds a freshly prepared disk from its local source chunks (`None`: no seeding) and
+/// records the bytes prepare took from the disk for boot chunks.
+fn seed_disk(
+    meta: &mut MetaStore,
+    store: Option<&StoreSource>,
+    local: Option<&LocalIndex>,
+    boot_seeded: u64,
+    bars: &Bars,
+) -> Result<Option<SeedReport>> {
+    let (Some(store), Some(local)) = (store, local) else {
+        return Ok(None);
+    };
+    let mut r = seed(meta, store, local, &mut |d, t| {
+        bars.update("seeding from local chunks", d, t)
+    })
+    .context("seeding failed (the disk is prepared and usable; missing chunks are fetched)")?;
+    add_seeded(meta, boot_seeded).context("recording seeded bytes")?;
+    r.bytes += boot_seeded;
+    Ok(Some(r))
+}
+
+fn report_prepared(
+    cli: &Cli,
+    meta: &MetaStore,
+    resumed: bool,
+    seeded: Option<SeedReport>,
+    started: Instant,
+) -> Result<()> {
     let s = offline_status(meta);
     let l = meta.layout();
     emit(
         cli,
-        json!({"ok": true, "resumed": resumed, "status": s, "area_offset": l.area_offset,
+        json!({"ok": true, "resumed": resumed, "status": s, "seed": seeded, "area_offset": l.area_offset,
                "disk_len": l.disk_len, "secs": started.elapsed().as_secs_f64()}),
         || {
+            let seed = match seeded {
+                Some(r) => format!(
+                    "; seeded {} from the local disk ({} chunks at the same address, {} moved)",
+                    human(r.bytes),
+                    r.chunks_same_address,
+                    r.chunks_moved
+                ),
+                None => String::new(),
+            };
             format!(
                 "prepared: {} boot chunks home ({} of source saved), released area of {} at byte {}, \
-                 {} slots of {}; state {}",
+                 {} slots of {}; state {}{seed}",
                 s.chunks_home,
                 human(s.bytes_saved_source),
                 human(l.disk_len - l.area_offset),
@@ -311,7 +469,7 @@ fn status_text(s: &Status) -> String {
     format!(
         "state:        {}\ntarget:       {} ({}, {})\nchunks:       {} of {}: {} home, {} in slots, {} zero, {} \
          missing ({:.1}% local)\ndirty chunks: {}\nsaved source: {} chunks ({})\nslots:        {} free of {}\n\
-         trial starts: {} of {}",
+         seeded:       {}\ntrial starts: {} of {}",
         s.state,
         s.target_urls.join(", "),
         human(s.target_size),
@@ -328,6 +486,7 @@ fn status_text(s: &Status) -> String {
         human(s.bytes_saved_source),
         s.slots_free,
         s.slots_total,
+        human(s.bytes_seeded),
         s.start_counter,
         s.max_trial_starts
     )

@@ -258,13 +258,14 @@ impl Engine {
             target_urls: sb.target.urls.clone(),
             ..Status::default()
         };
+        let sb_seeded = sb.seeded_bytes;
         tally(&mut s, m.store.entries(), &self.layout);
         drop(m);
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         s.bytes_fetched_demand = get(&c.fetched_demand);
         s.bytes_fetched_background = get(&c.fetched_background);
-        s.bytes_seeded = get(&c.seeded);
+        s.bytes_seeded = sb_seeded + get(&c.seeded);
         s.fetch_requests = get(&c.fetch_requests);
         s.fetch_errors = get(&c.fetch_errors);
         s.evictions = get(&c.evictions);
@@ -824,6 +825,7 @@ pub fn offline_status(meta: &MetaStore) -> Status {
         target_kind: sb.target.kind.clone(),
         target_validator: sb.target.validator.clone(),
         target_urls: sb.target.urls.clone(),
+        bytes_seeded: sb.seeded_bytes,
         ..Status::default()
     };
     tally(&mut s, meta.entries(), &l);

@@ -7,6 +7,8 @@
 
 pub mod store;
 
+mod chunk_share;
+
 use std::fmt;
 
 pub mod file;

@@ -4,24 +4,21 @@
 //! the caller opted out explicitly, not at all). The index hash becomes the source's
 //! identity validator, so a migration pins one exact image. Reads fetch the chunk objects
 //! covering the range, decompress and check each against its BLAKE3 hash before a single
-//! byte is copied out; zero chunks are filled without fetching. A small LRU of verified
-//! chunks (keyed by hash) serves reads smaller than a chunk without fetching it again.
+//! byte is copied out; zero chunks are filled without fetching. Verified chunks are shared
+//! between reads (see [`super::chunk_share`]): each hash is downloaded once even when the
+//! image holds it at several addresses or several threads want it at once.
 
-use std::collections::HashMap;
-use std::num::NonZeroUsize;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
-use parking_lot::Mutex;
 
+use super::chunk_share::{ChunkShare, Claim};
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
 use crate::store::fetch::{FetchOptions, Fetcher, StoreLocation};
 use crate::store::index::{ChunkEntry, ChunkHash, Index, IndexHash, Trust, MAX_INDEX_LEN};
 use crate::store::layout::{chunk_rel, index_rel, validate_name, INDEXES_DIR, INDEX_SUFFIX};
 use crate::store::{decode_object, max_object_len, KeyId};
-
-/// Fetches of one chunk object before a hash mismatch is reported as an error.
-pub const VERIFY_FETCHES: u32 = 3;
 
 /// Whose signature the index must carry.
 #[derive(Clone, Debug)]
@@ -74,7 +71,7 @@ pub struct StoreSource {
     signer: Option<KeyId>,
     identity: SourceIdentity,
     zero_hash_full: ChunkHash,
-    cache: Option<Mutex<lru::LruCache<ChunkHash, Arc<Vec<u8>>>>>,
+    share: ChunkShare,
 }
 
 impl std::fmt::Debug for StoreSource {
@@ -115,7 +112,11 @@ impl StoreSource {
             validator: parsed.hash.to_hex(),
         };
         let zero_hash_full = ChunkHash::of(&vec![0u8; index.chunk_size() as usize]);
-        let cache = NonZeroUsize::new(opts.cache_chunks).map(|n| Mutex::new(lru::LruCache::new(n)));
+        let share = ChunkShare::new(
+            index.entries().iter().filter_map(|e| e.hash()),
+            opts.cache_chunks,
+            DUPLICATE_PIN_BYTES,
+        );
         Ok(StoreSource {
             fetcher,
             name: what,
@@ -124,7 +125,7 @@ impl StoreSource {
             signer: parsed.signer,
             identity,
             zero_hash_full,
-            cache,
+            share,
         })
     }
 
@@ -182,39 +183,6 @@ impl StoreSource {
         self.index.entry(c).and_then(|e| e.hash())
     }
 
-    /// Decodes and verifies the object `rel` fetched as `bytes`. An object that fails its
-    /// hash is fetched again (bits flipped on the way are transient; a mirror or cache may
-    /// also serve a good copy next time), up to [`VERIFY_FETCHES`] fetches in all; then
-    /// the verification error is returned. A wrong byte is never handed over.
-    fn verified(
-        &self,
-        rel: &str,
-        max: u64,
-        mut bytes: Vec<u8>,
-        hash: &ChunkHash,
-        compressed: bool,
-        len: u64,
-    ) -> Result<Vec<u8>, SourceError> {
-        let what = || self.fetcher.location().describe(rel);
-        let mut fetches = 1;
-        loop {
-            match decode_object(bytes, hash, compressed, len) {
-                Ok(data) => return Ok(data),
-                Err(e) if fetches < VERIFY_FETCHES => {
-                    tracing::warn!(object = %what(), fetches, "corrupt chunk object, fetching it again: {e}");
-                }
-                Err(e) => {
-                    return Err(SourceError::Verify {
-                        what: what(),
-                        reason: format!("{e} (in each of {fetches} fetches)"),
-                    })
-                }
-            }
-            bytes = self.fetcher.get(rel, max)?;
-            fetches += 1;
-        }
-    }
-
     /// True when chunk `c` is all zeros per the index.
     pub fn is_zero_chunk(&self, c: u64) -> bool {
         matches!(self.index.entry(c), Some(ChunkEntry::Zero))
@@ -233,46 +201,104 @@ impl StoreSource {
         Ok(buf)
     }
 
-    /// Verified bytes of the given non-zero chunks, from the cache or fetched.
+    /// Verified bytes of the given non-zero chunks: shared (cached, pinned duplicate,
+    /// or fetched by another reader right now) or fetched.
     fn load(&self, chunks: &[u64]) -> Result<HashMap<ChunkHash, Arc<Vec<u8>>>, SourceError> {
         let mut have: HashMap<ChunkHash, Arc<Vec<u8>>> = HashMap::new();
         let mut want: Vec<(ChunkHash, bool, u64)> = Vec::new();
+        let mut waits: Vec<(ChunkHash, bool, u64)> = Vec::new();
+        let mut seen: HashSet<ChunkHash> = HashSet::new();
         for &c in chunks {
             let Some(ChunkEntry::Stored { hash, compressed }) = self.index.entry(c).copied() else {
                 continue;
             };
-            if have.contains_key(&hash) || want.iter().any(|w| w.0 == hash) {
+            if !seen.insert(hash) {
                 continue;
             }
-            if let Some(data) = self
-                .cache
-                .as_ref()
-                .and_then(|m| m.lock().get(&hash).cloned())
-            {
-                have.insert(hash, data);
-            } else {
-                want.push((hash, compressed, self.index.chunk_len(c)));
+            let item = (hash, compressed, self.index.chunk_len(c));
+            match self.share.claim(hash) {
+                Claim::Have(data) => {
+                    have.insert(hash, data);
+                }
+                Claim::Fetch => want.push(item),
+                Claim::Wait => waits.push(item),
             }
         }
+        // Every claim taken is finished before waiting on others (no wait cycles).
+        let mut first_err = self.fetch_claimed(&want, &mut have).err();
+        for item in waits {
+            match self.share.wait(item.0) {
+                Claim::Have(data) => {
+                    have.insert(item.0, data);
+                }
+                _ => {
+                    if let Err(e) = self.fetch_claimed(std::slice::from_ref(&item), &mut have) {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(have),
+        }
+    }
+
+    /// Fetches and verifies chunks claimed with [`Claim::Fetch`], finishing every claim
+    /// (success or not) before returning.
+    fn fetch_claimed(
+        &self,
+        want: &[(ChunkHash, bool, u64)],
+        have: &mut HashMap<ChunkHash, Arc<Vec<u8>>>,
+    ) -> Result<(), SourceError> {
         if want.is_empty() {
-            return Ok(have);
+            return Ok(());
         }
         let reqs: Vec<(String, u64)> = want
             .iter()
             .map(|(h, z, len)| (chunk_rel(h, *z), max_object_len(*len, *z)))
             .collect();
         let results = self.fetcher.get_many(&reqs);
-        for ((hash, compressed, len), ((rel, max), result)) in
-            want.into_iter().zip(reqs.iter().zip(results))
-        {
-            let data = self.verified(rel, *max, result?, &hash, compressed, len)?;
-            let data = Arc::new(data);
-            if let Some(m) = &self.cache {
-                m.lock().put(hash, data.clone());
+        let mut first_err = None;
+        for (&(hash, compressed, len), (rel, result)) in want.iter().zip(reqs.iter().zip(results)) {
+            let outcome = self
+                .verify(rel, result, hash, compressed, len)
+                .map(Arc::new);
+            self.share.finish(hash, outcome.as_ref().ok());
+            match outcome {
+                Ok(data) => {
+                    have.insert(hash, data);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
-            have.insert(hash, data);
         }
-        Ok(have)
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Decodes and checks one fetched object. A bad object may be a transfer fault a proxy
+    /// or mirror repairs: it is fetched again a few times; a persistent mismatch is an
+    /// error, never data.
+    fn verify(
+        &self,
+        rel: &(String, u64),
+        result: Result<Vec<u8>, SourceError>,
+        hash: ChunkHash,
+        compressed: bool,
+        len: u64,
+    ) -> Result<Vec<u8>, SourceError> {
+        let mut outcome = decode_object(result?, &hash, compressed, len);
+        for _ in 1..VERIFY_ATTEMPTS {
+            if outcome.is_ok() {
+                break;
+            }
+            outcome = decode_object(self.fetcher.get(&rel.0, rel.1)?, &hash, compressed, len);
+        }
+        outcome.map_err(|e| SourceError::Verify {
+            what: self.fetcher.location().describe(&rel.0),
+            reason: e.to_string(),
+        })
     }
 
     /// True when chunk `c` is all zeros: flagged, or (for an index written by another tool)
@@ -323,6 +349,13 @@ impl RemoteSource for StoreSource {
         self.name.clone()
     }
 }
+
+/// Memory that chunks listed at several addresses may stay pinned in until each address
+/// was served (so each is downloaded once).
+const DUPLICATE_PIN_BYTES: u64 = 64 << 20;
+
+/// Fetches of one chunk object whose bytes fail verification before the read fails.
+const VERIFY_ATTEMPTS: u32 = 3;
 
 /// Chunks fetched per batch by one `read_at`.
 const READ_BATCH: usize = 32;

@@ -6,6 +6,7 @@
 pub mod blkio_client;
 pub mod disk;
 pub mod nginx;
+pub mod powerloss;
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;

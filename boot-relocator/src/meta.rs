@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::error::{IoContext, RelocError, Result};
 use crate::format::{
     decode_page, encode_page, Entry, Layout, Location, PreparePhase, SbDecodeError, State,
-    Superblock, BLOCK, ENTRIES_PER_PAGE,
+    Superblock, BLOCK, ENTRIES_PER_PAGE, SB_MAGIC,
 };
 use crate::storage::Storage;
 
@@ -125,16 +125,31 @@ impl MetaStore {
         Ok(read_superblocks(storage, len)?.map(|(sb, _)| sb))
     }
 
-    /// Writes a fresh superblock (state `Preparing`, phase `Reserved`) into both copies
-    /// with one write, which also extends a regular file to the layout's length.
-    /// `boot` lists the boot-set chunks, flagged in the map that [`Self::init_map`] writes.
+    /// Writes a fresh superblock (state `Preparing`, phase `Reserved`) into both copies,
+    /// which also extends a regular file to the layout's length. `boot` lists the
+    /// boot-set chunks, flagged in the map that [`Self::init_map`] writes.
+    ///
+    /// The copies are written without their magic and synced first; the magics follow
+    /// in a second write. A power cut can tear a write at sector granularity, and a torn
+    /// copy that carries the magic would make the disk read as corrupted: this way a copy
+    /// either has no magic (the disk is plain) or is whole.
     pub fn create(storage: Arc<dyn Storage>, sb: Superblock, boot: &[u64]) -> Result<Self> {
         let l = sb.layout;
-        let mut both = sb.encode();
-        both.extend_from_slice(&sb.encode());
+        let one = sb.encode();
+        let magic = SB_MAGIC.len();
+        let mut both = one.clone();
+        both.extend_from_slice(&one);
+        both[..magic].fill(0);
+        both[BLOCK..BLOCK + magic].fill(0);
         storage
             .write_at(Layout::sb_addr(l.disk_len, 0), &both)
             .ctx(|| "writing superblocks".into())?;
+        storage.sync().ctx(|| "syncing superblocks".into())?;
+        for k in 0..2 {
+            storage
+                .write_at(Layout::sb_addr(l.disk_len, k), &one[..magic])
+                .ctx(|| "writing superblocks".into())?;
+        }
         storage.sync().ctx(|| "syncing superblocks".into())?;
         let mut entries = vec![Entry::MISSING; l.chunk_count() as usize];
         for &c in boot {

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod control;
 pub mod engine;
 pub mod plain;
+pub mod profile;
 pub mod service;
 pub mod source;
 pub mod store;

@@ -21,6 +21,7 @@ pub mod control;
 pub mod engine;
 pub mod nbd;
 pub mod plain;
+pub mod profile;
 pub mod seed;
 pub mod service;
 pub mod source;

@@ -43,6 +43,9 @@ pub enum ServiceError {
     /// Block device failure.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// The boot profile does not fit the target.
+    #[error(transparent)]
+    Profile(#[from] crate::profile::ProfileError),
 }
 
 /// How to serve.
@@ -62,6 +65,11 @@ pub struct ServiceConfig {
     pub hydrate: bool,
     /// Hydration rate limit in bytes per second (0 = unlimited).
     pub hydrate_rate: u64,
+    /// Record the guest's reads as a boot profile to this file (saved at confirm, or
+    /// at shutdown when no confirm came).
+    pub record_profile: Option<PathBuf>,
+    /// Hydrate this profile's chunks first, in its order.
+    pub boot_profile: Option<crate::profile::BootProfile>,
 }
 
 /// What the disk presents (the control API's type).
@@ -182,6 +190,10 @@ pub struct Service {
     /// A weak handle to ourselves, for operations that spawn threads holding the service.
     me: Mutex<std::sync::Weak<Service>>,
     events: Mutex<Vec<EventListener>>,
+    /// Boot profile recorder (`record_profile`), while the target is served.
+    recorder: Option<Arc<crate::profile::Recorder>>,
+    /// Engine chunks the hydrator fetches first (`boot_profile`).
+    profile_chunks: Vec<u64>,
 }
 
 fn plain(
@@ -211,6 +223,8 @@ impl Service {
     pub fn start(cfg: ServiceConfig) -> Result<Arc<Self>, ServiceError> {
         let storage = open_locked(&cfg.disk, !cfg.read_only)?;
         let mut fell_back = false;
+        let mut recorder = None;
+        let mut profile_chunks = Vec::new();
         let (mode, engine, max_trial) =
             match MetaStore::open(storage.clone())? {
                 None => (Mode::Plain, None, 0),
@@ -248,6 +262,21 @@ impl Service {
                             let src = open_source(&urls, Some(&pinned_identity(&sb)), &cfg.http)?;
                             let mut e = Engine::new(meta, src, EngineOptions::default())?;
                             e.set_read_only(cfg.read_only);
+                            let (cs, size) = (sb.layout.chunk_size(), sb.layout.target_size);
+                            if let Some(p) = &cfg.boot_profile {
+                                p.check_image(size)?;
+                                profile_chunks = p.chunks_at(cs);
+                            }
+                            if let Some(path) = &cfg.record_profile {
+                                let r = Arc::new(crate::profile::Recorder::new(
+                                    path.clone(),
+                                    cs,
+                                    size,
+                                    sb.target.validator.clone(),
+                                ));
+                                e.set_recorder(r.clone());
+                                recorder = Some(r);
+                            }
                             (Mode::Target, Some(Arc::new(e)), max)
                         }
                     }
@@ -275,6 +304,8 @@ impl Service {
             ops: Mutex::new(()),
             me: Mutex::new(std::sync::Weak::new()),
             events: Mutex::new(Vec::new()),
+            recorder,
+            profile_chunks,
             cfg,
         });
         *svc.me.lock() = Arc::downgrade(&svc);
@@ -373,10 +404,11 @@ impl Service {
         if bg.hydrator.is_some() {
             return;
         }
-        let h = Arc::new(Hydrator::new(
-            HydrateOptions::default(),
-            self.cfg.hydrate_rate,
-        ));
+        let opts = HydrateOptions {
+            profile: self.profile_chunks.clone(),
+            ..HydrateOptions::default()
+        };
+        let h = Arc::new(Hydrator::new(opts, self.cfg.hydrate_rate));
         let (h2, err) = (h.clone(), self.last_error.clone());
         let t = std::thread::Builder::new()
             .name("hydrator".into())
@@ -428,6 +460,7 @@ impl Service {
             State::Prepared | State::Trial => {
                 e.update_superblock(|sb| sb.state = State::Confirmed)?;
                 self.emit("confirmed", "target confirmed");
+                self.save_profile();
                 Ok("target confirmed".into())
             }
             State::Confirmed => Ok("target already confirmed".into()),
@@ -551,8 +584,26 @@ impl Service {
         Ok(msg)
     }
 
+    /// Saves the recorded boot profile (once; a failure is logged and reported in
+    /// `last_error`, it never fails the operation that ends the recording).
+    fn save_profile(&self) {
+        let Some(r) = &self.recorder else { return };
+        match r.freeze_and_save() {
+            Ok(true) => self.emit(
+                "profile-saved",
+                &format!("boot profile of {} chunks saved", r.len()),
+            ),
+            Ok(false) => {}
+            Err(err) => {
+                tracing::error!("saving the boot profile failed: {err}");
+                *self.last_error.lock() = Some(format!("saving the boot profile failed: {err}"));
+            }
+        }
+    }
+
     /// Stops background work and makes everything durable (on shutdown).
     pub fn shutdown(&self) -> Result<(), ServiceError> {
+        self.save_profile();
         self.stop_hydration();
         let commit = self.bg.lock().commit.take();
         if let Some(t) = commit {
@@ -571,6 +622,10 @@ impl Service {
 impl ConnectionEvents for Service {
     fn connected(&self) {
         let _op = self.ops.lock();
+        if let Some(r) = &self.recorder {
+            // A profile is one boot: a new connection before confirm starts it over.
+            r.restart();
+        }
         let Some(e) = self.engine() else { return };
         let state = e.state();
         if matches!(state, State::Prepared | State::Trial) {

@@ -56,6 +56,9 @@ pub struct PrepareArgs {
     /// partition table and boot loader). Boot partitions (ESP, XBOOTLDR) are added.
     #[arg(long = "boot-range", value_parser = parse_range)]
     pub boot_ranges: Vec<std::ops::Range<u64>>,
+    /// Boot profile (from `serve --record-profile`): its chunks join the boot set.
+    #[arg(long, value_name = "FILE")]
+    pub boot_profile: Option<PathBuf>,
     /// Largest size of the released area (default: room for the whole target on a file,
     /// all free space on a block device).
     #[arg(long, value_parser = parse_size)]
@@ -235,6 +238,12 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
     }
     let store_target = a.targets.iter().any(|t| is_store_target(t));
     let trust = index_trust(a, store_target)?;
+    let profile = a
+        .boot_profile
+        .as_deref()
+        .map(crate::profile::BootProfile::load)
+        .transpose()
+        .context("--boot-profile")?;
     let storage = open_disk(&a.disk)?;
     let net = net_with_default(&a.net);
     let opening = || format!("opening target {}", a.targets.join(", "));
@@ -320,15 +329,20 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
     }
 
     let id = source.identity().clone();
+    let mut boot_ranges = if a.boot_ranges.is_empty() {
+        vec![DEFAULT_BOOT_RANGE]
+    } else {
+        a.boot_ranges.clone()
+    };
+    if let Some(p) = &profile {
+        p.check_image(id.size).context("--boot-profile")?;
+        boot_ranges.extend(p.ranges());
+    }
     let spec = PrepareSpec {
         chunk_size,
         target_size: id.size,
         target: target_record(source.as_ref(), &a.targets),
-        boot_ranges: if a.boot_ranges.is_empty() {
-            vec![DEFAULT_BOOT_RANGE]
-        } else {
-            a.boot_ranges.clone()
-        },
+        boot_ranges,
         area_size: a.area_size,
         source_size: a.source_size,
         max_trial_starts: a.max_trial_starts,

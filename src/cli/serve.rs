@@ -49,12 +49,25 @@ pub struct ServeArgs {
     /// URL to POST each state change and the final success or failure to (JSON).
     #[arg(long)]
     pub notify: Option<String>,
+    /// Record the chunks the guest reads, from its connection until confirm (or until
+    /// serve stops), as a boot profile in FILE (for prepare/serve/publish --boot-profile).
+    #[arg(long, value_name = "FILE")]
+    pub record_profile: Option<PathBuf>,
+    /// Hydrate the chunks of this boot profile first, in its order.
+    #[arg(long, value_name = "FILE")]
+    pub boot_profile: Option<PathBuf>,
     #[command(flatten)]
     pub net: NetArgs,
 }
 
 /// Runs the backend until SIGTERM/SIGINT; then drains, flushes and returns.
 pub fn run(a: &ServeArgs, json: bool) -> Result<()> {
+    let boot_profile = a
+        .boot_profile
+        .as_deref()
+        .map(crate::profile::BootProfile::load)
+        .transpose()
+        .context("--boot-profile")?;
     let svc = Service::start(ServiceConfig {
         disk: a.disk.clone(),
         read_only: a.read_only,
@@ -63,6 +76,8 @@ pub fn run(a: &ServeArgs, json: bool) -> Result<()> {
         http: a.net.http_options(),
         hydrate: !a.no_hydrate,
         hydrate_rate: a.rate,
+        record_profile: a.record_profile.clone(),
+        boot_profile,
     })
     .with_context(|| format!("starting to serve {}", a.disk.display()))?;
     let shutdown = ShutdownHandle::new()?;

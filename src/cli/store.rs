@@ -29,6 +29,9 @@ pub struct PublishArgs {
     /// Store new chunks zstd-compressed (when that makes them smaller).
     #[arg(long)]
     pub compress: bool,
+    /// Boot profile (from `serve --record-profile`) to embed in the index.
+    #[arg(long, value_name = "FILE")]
+    pub boot_profile: Option<PathBuf>,
 }
 
 /// `store` subcommands.
@@ -65,15 +68,15 @@ pub fn publish(a: &PublishArgs, json_out: bool) -> Result<()> {
         .map(store::load_signing_key)
         .transpose()
         .context("loading the signing key")?;
-    let r = store::publish(
-        &a.image,
-        &a.store,
-        &a.name,
-        a.chunk_size,
-        key.as_ref(),
-        a.compress,
-    )
-    .with_context(|| format!("publishing {}", a.image.display()))?;
+    let mut opts = store::PublishOptions::new(a.chunk_size);
+    opts.key = key.as_ref();
+    opts.compress = a.compress;
+    if let Some(path) = &a.boot_profile {
+        opts.boot_profile = crate::profile::store_profile(path, &a.image, a.chunk_size)
+            .context("--boot-profile")?;
+    }
+    let r = store::publish_with(&a.image, &a.store, &a.name, &opts)
+        .with_context(|| format!("publishing {}", a.image.display()))?;
     emit(json_out, json!({"ok": true, "report": r}), || {
         format!("published {}: {r:?}", a.name)
     });

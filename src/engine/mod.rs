@@ -118,6 +118,8 @@ pub struct Engine {
     pub(crate) counters: Counters,
     /// The last fetch that failed (after the source's own retries), for status.
     last_fetch_error: Mutex<Option<String>>,
+    /// Records the chunks guest reads touch (`serve --record-profile`).
+    recorder: Option<Arc<crate::profile::Recorder>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -185,12 +187,18 @@ impl Engine {
             demand_waiting: AtomicU64::new(0),
             counters: Counters::default(),
             last_fetch_error: Mutex::new(None),
+            recorder: None,
         })
     }
 
     /// Makes the engine refuse writes.
     pub fn set_read_only(&mut self, ro: bool) {
         self.read_only = ro;
+    }
+
+    /// Records the chunks guest reads touch into `r` (a boot profile).
+    pub fn set_recorder(&mut self, r: Arc<crate::profile::Recorder>) {
+        self.recorder = Some(r);
     }
 
     /// The disk layout.
@@ -321,6 +329,9 @@ impl Engine {
         check_range(offset, buf.len() as u64, self.layout.target_size)?;
         self.counters.note_read(buf.len() as u64);
         for (c, within, r) in self.pieces(offset, buf.len()) {
+            if let Some(rec) = &self.recorder {
+                rec.note(c);
+            }
             self.read_chunk(c, within, &mut buf[r])?;
         }
         Ok(())

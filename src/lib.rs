@@ -12,12 +12,14 @@
 //! - [`service`]: what `serve` runs: trial boots, fallback, hydration, commit, rollback.
 //! - [`nbd`]: read-only NBD exports of a store's images.
 //! - [`store`]: the deduplicated, signed chunk store (publish, stats, gc).
+//! - [`demo`]: `streamboot demo`, the whole migration on an embedded example.
 //! - [`control`]: the control API of `serve` (HTTP/JSON over a unix socket), its client,
 //!   Prometheus metrics and webhook notifications.
 
 pub mod blockdev;
 pub mod cli;
 pub mod control;
+pub mod demo;
 pub mod engine;
 pub mod nbd;
 pub mod plain;

@@ -136,6 +136,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Publish(a) => super::store::publish(a, cli.json),
         Command::Keygen { prefix } => super::store::keygen(prefix, cli.json),
         Command::Store(c) => super::store::run(c, cli.json),
+        Command::Demo(a) => super::demo::run(a, cli.json),
     }
 }
 

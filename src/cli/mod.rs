@@ -1,5 +1,6 @@
 //! The `streamboot` command line.
 
+mod demo;
 mod export;
 mod lifecycle;
 mod progress;
@@ -100,6 +101,10 @@ pub enum Command {
     /// Chunk store maintenance.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// The whole migration on an embedded example, in one command: builds a v1/v2 image
+    /// pair, serves v2 over loopback HTTP, prepares, serves (a VM boots it when QEMU is
+    /// installed, else a blkio client reads it), confirms, commits and verifies.
+    Demo(demo::DemoArgs),
     /// Restore the source bit for bit and remove the released area. Guest writes to the
     /// target are discarded.
     Rollback {

@@ -1,5 +1,5 @@
 #!/bin/bash
-# bench-boot.sh [N] — boot time of the test VM per machine type and kernel form.
+# bench-machines.sh [N] — boot time of the test VM per machine type and kernel form.
 # Boots v1 plain N times (default 3) for each of microvm/q35 × vmlinux (PVH)/bzImage,
 # interleaved so that load from other processes spreads evenly, one VM at a time, with
 # sbtest.ready sbtest.verify=0. Prints, per configuration, the median and min of the wall

@@ -31,6 +31,10 @@ pub enum BlockError {
     /// The backend is shutting down or in a state that refuses I/O.
     #[error("{0}")]
     Unavailable(String),
+    /// The request was cancelled before it completed (its requester went away, or the
+    /// backend is shutting down); it changed nothing.
+    #[error("request cancelled")]
+    Cancelled,
 }
 
 /// A byte-addressed block device with a fixed capacity.
@@ -66,6 +70,35 @@ pub trait BlockBackend: Send + Sync {
     fn device_id(&self) -> Vec<u8>;
     /// True when a request on `[offset, offset+len)` needs no network round trip now.
     fn is_local(&self, offset: u64, len: u64) -> bool;
+    /// Makes every request now waiting on the network fail soon with
+    /// [`BlockError::Cancelled`] (front ends call it when the requester went away).
+    /// Requests issued afterwards run normally.
+    fn cancel_waiting(&self) {}
+}
+
+/// How a guest driver started the device (see [`DeviceEvents::device_started`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceStart {
+    /// Fresh queues: a new VM, or the guest reset the device (a reboot inside the same
+    /// VMM process). The guest has no state that depends on what was served before.
+    Fresh,
+    /// The queues continue where they were: the same running guest after a backend
+    /// restart (VMM reconnect), a pause/resume or a migration. What the device presents
+    /// must not change.
+    Resumed,
+}
+
+/// What a front end tells the layer above it about the guest's use of the device. Called
+/// from the front end's threads; no request of a start runs before `device_started`
+/// returns, so an implementation may switch what the device presents there.
+pub trait DeviceEvents: Send + Sync {
+    /// A front end (VMM) connected.
+    fn frontend_connected(&self) {}
+    /// The guest driver started the device.
+    fn device_started(&self, _start: DeviceStart) {}
+    /// The front end went away and every request it issued has completed or was
+    /// cancelled (none will touch the device any more).
+    fn frontend_gone(&self) {}
 }
 
 /// Checks a request against a capacity.

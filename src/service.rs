@@ -3,10 +3,12 @@
 //! fallback), runs the trial-boot state machine, background hydration, commit and
 //! rollback. Independent of the transports (vhost-user, control API) that drive it.
 //!
-//! Trial boots are counted per VM connection: each frontend connection while the target
-//! is in trial is one start. When a trial boot ends (disconnect) with the counter at the
-//! limit and no confirm, the service falls back: rollback, then the source is served to
-//! the next connection. A serve start finding the counter at the limit falls back too.
+//! Trial boots are counted per *device start* (see [`DeviceEvents`]): a fresh start of the
+//! guest's driver (a new VM, or a reboot inside the same VMM process) while the target is
+//! in trial is one start. A fresh start finding the counter at the limit without a confirm
+//! falls back: rollback, and that very start sees the source. A start of the same running
+//! guest after a backend restart (resumed rings), a disconnect or a `serve` (re)start never
+//! counts and never falls back: the contents never switch under a running guest.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,12 +17,11 @@ use std::thread::JoinHandle;
 use boot_relocator::{relocate, FileStorage, MetaStore, State, Storage};
 use parking_lot::{Mutex, RwLock};
 
-use crate::blockdev::{BlockBackend, BlockError};
+use crate::blockdev::{BlockBackend, BlockError, DeviceEvents, DeviceStart};
 use crate::engine::{Engine, EngineError, EngineOptions, HydrateOptions, Hydrator, Status};
 use crate::plain::PlainDisk;
 use crate::source::HttpOptions;
 use crate::target::{open_source, pinned_identity};
-use crate::vhost::{ConnectionEvents, ShutdownHandle};
 
 /// Errors of the service.
 #[derive(Debug, thiserror::Error)]
@@ -79,13 +80,22 @@ pub use crate::control::ServeMode as Mode;
 /// a shared lock for their whole run, so a switch waits for requests in flight.
 pub struct SwitchDisk {
     inner: RwLock<Arc<dyn BlockBackend>>,
+    /// The same backend as `inner`, reachable without waiting for requests in flight.
+    current: Mutex<Arc<dyn BlockBackend>>,
 }
 
 impl SwitchDisk {
     fn new(b: Arc<dyn BlockBackend>) -> Self {
         Self {
-            inner: RwLock::new(b),
+            inner: RwLock::new(b.clone()),
+            current: Mutex::new(b),
         }
+    }
+
+    /// Replaces the backend; the caller holds the write lock of `inner`.
+    fn replace(&self, slot: &mut Arc<dyn BlockBackend>, b: Arc<dyn BlockBackend>) {
+        *slot = b.clone();
+        *self.current.lock() = b;
     }
 }
 
@@ -122,6 +132,12 @@ impl BlockBackend for SwitchDisk {
     }
     fn is_local(&self, offset: u64, len: u64) -> bool {
         self.inner.read().is_local(offset, len)
+    }
+    fn cancel_waiting(&self) {
+        // Not through `inner.read()`: a rollback waiting for the write lock must not keep
+        // this from reaching the requests it waits for.
+        let current = self.current.lock().clone();
+        current.cancel_waiting();
     }
 }
 
@@ -183,7 +199,10 @@ pub struct Service {
     max_trial: u8,
     bg: Mutex<Background>,
     last_error: Arc<Mutex<Option<String>>>,
-    connection: Mutex<Option<ShutdownHandle>>,
+    /// True from a frontend's connection until every request it issued is done.
+    connected: std::sync::atomic::AtomicBool,
+    /// Set by `shutdown`: background work ending now is paused, not failed.
+    stopping: std::sync::atomic::AtomicBool,
     /// Serializes every state transition (confirm, commit start, rollback, fallback, trial
     /// starts): each re-checks the state under it, so no transition acts on a stale view.
     ops: Mutex<()>,
@@ -218,11 +237,44 @@ pub fn open_locked(path: &Path, writable: bool) -> Result<Arc<dyn Storage>, Serv
     Ok(Arc::new(st))
 }
 
+/// Opens the disk for `serve`. Even with `read_only` (the guest's view) a prepared disk
+/// is opened writable: fetched chunks are cached and trial starts recorded on it. A plain
+/// disk the caller may only read is served read-only.
+fn open_for_serving(path: &Path, read_only: bool) -> Result<Arc<dyn Storage>, ServiceError> {
+    match open_locked(path, true) {
+        Err(ServiceError::Reloc(e)) if read_only && is_permission_error(&e) => {
+            let st = open_locked(path, false)?;
+            if MetaStore::open(st.clone())?.is_some() {
+                return Err(ServiceError::Conflict(format!(
+                    "{} is prepared: serving it needs write access even with --read-only \
+                     (fetched chunks and trial starts are recorded on the disk)",
+                    path.display()
+                )));
+            }
+            Ok(st)
+        }
+        other => other,
+    }
+}
+
+fn is_permission_error(e: &boot_relocator::RelocError) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            );
+        }
+        cur = err.source();
+    }
+    false
+}
+
 impl Service {
     /// Opens the disk and decides what to serve: see the module documentation.
     pub fn start(cfg: ServiceConfig) -> Result<Arc<Self>, ServiceError> {
-        let storage = open_locked(&cfg.disk, !cfg.read_only)?;
-        let mut fell_back = false;
+        let storage = open_for_serving(&cfg.disk, cfg.read_only)?;
         let mut recorder = None;
         let mut profile_chunks = Vec::new();
         let (mode, engine, max_trial) =
@@ -242,15 +294,6 @@ impl Service {
                         }
                         State::RollingBack | State::RolledBack => {
                             relocate::rollback(&mut meta, &mut |_, _, _| {})?;
-                            (Mode::Source, None, max)
-                        }
-                        State::Trial if sb.start_counter >= max => {
-                            tracing::warn!(
-                            starts = sb.start_counter,
-                            "trial start limit reached without confirm: falling back to the source"
-                        );
-                            relocate::rollback(&mut meta, &mut |_, _, _| {})?;
-                            fell_back = true;
                             (Mode::Source, None, max)
                         }
                         _ => {
@@ -300,7 +343,8 @@ impl Service {
                 commit: None,
             }),
             last_error: Arc::new(Mutex::new(None)),
-            connection: Mutex::new(None),
+            connected: std::sync::atomic::AtomicBool::new(false),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             ops: Mutex::new(()),
             me: Mutex::new(std::sync::Weak::new()),
             events: Mutex::new(Vec::new()),
@@ -309,10 +353,6 @@ impl Service {
             cfg,
         });
         *svc.me.lock() = Arc::downgrade(&svc);
-        if fell_back {
-            *svc.last_error.lock() =
-                Some("trial start limit reached without confirm: fell back to the source".into());
-        }
         if mode == Mode::Target {
             let committing = svc.engine().is_some_and(|e| e.state() == State::Committing);
             if committing {
@@ -341,17 +381,9 @@ impl Service {
         }
     }
 
-    /// Lets the service know the vhost server's handle (to tell if a VM is connected).
-    pub fn set_server(&self, h: ShutdownHandle) {
-        *self.connection.lock() = Some(h);
-    }
-
-    /// True while a VM is connected.
+    /// True while a VM is connected, or requests it issued are still finishing.
     pub fn vm_connected(&self) -> bool {
-        self.connection
-            .lock()
-            .as_ref()
-            .is_some_and(|h| h.is_connected())
+        self.connected.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The engine, while the target is served.
@@ -436,6 +468,9 @@ impl Service {
         let taken = self.bg.lock().hydrator.take();
         if let Some((h, t)) = taken {
             h.stop();
+            if let Some(e) = self.engine() {
+                e.cancel_background();
+            }
             let deadline = std::time::Instant::now() + HYDRATOR_STOP_WAIT;
             while !t.is_finished() && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(10));
@@ -509,6 +544,9 @@ impl Service {
                         Ok(()) => {
                             svc.emit("committed", "commit finished: the disk holds the target")
                         }
+                        Err(_) if svc.stopping.load(std::sync::atomic::Ordering::SeqCst) => {
+                            tracing::info!("commit paused by shutdown; it resumes at the next start")
+                        }
                         Err(err) => {
                             tracing::error!("commit failed: {err}");
                             *svc.last_error.lock() = Some(format!("commit failed: {err}"));
@@ -565,15 +603,17 @@ impl Service {
             // Part of the source may be home already: serve nothing rather than a mix.
             // A restart resumes the rollback from the disk.
             let msg = format!("rollback failed, restart serve to resume it: {err}");
-            *slot = Arc::new(FailedDisk {
+            let failed: Arc<dyn BlockBackend> = Arc::new(FailedDisk {
                 capacity,
                 why: msg.clone(),
             });
+            self.disk.replace(&mut slot, failed);
             *self.engine.lock() = None;
             *self.last_error.lock() = Some(msg);
             return Err(err.into());
         }
-        *slot = plain(&self.storage, self.cfg.read_only, source_size)?;
+        let source = plain(&self.storage, self.cfg.read_only, source_size)?;
+        self.disk.replace(&mut slot, source);
         *self.engine.lock() = None;
         *self.mode.lock() = Mode::Source;
         drop(slot);
@@ -603,8 +643,14 @@ impl Service {
 
     /// Stops background work and makes everything durable (on shutdown).
     pub fn shutdown(&self) -> Result<(), ServiceError> {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.save_profile();
         self.stop_hydration();
+        if let Some(e) = self.engine() {
+            // A commit waiting on the network stops here; it resumes at the next start.
+            e.cancel_background();
+        }
         let commit = self.bg.lock().commit.take();
         if let Some(t) = commit {
             // A commit in progress is resumable: stop waiting for it only if it is done.
@@ -619,49 +665,70 @@ impl Service {
     }
 }
 
-impl ConnectionEvents for Service {
-    fn connected(&self) {
+impl DeviceEvents for Service {
+    fn frontend_connected(&self) {
+        self.connected
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn frontend_gone(&self) {
+        // Every request of the frontend is done (the vhost layer waited): a rollback may
+        // run from now on. A disconnect is never a failed boot.
+        self.connected
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn device_started(&self, start: DeviceStart) {
+        if start == DeviceStart::Resumed {
+            // The same guest carries on (backend restart, VM resume): nothing changes.
+            return;
+        }
         let _op = self.ops.lock();
         if let Some(r) = &self.recorder {
-            // A profile is one boot: a new connection before confirm starts it over.
+            // A profile is one boot: a new boot before confirm starts it over.
             r.restart();
         }
         let Some(e) = self.engine() else { return };
-        let state = e.state();
-        if matches!(state, State::Prepared | State::Trial) {
-            let r = e.update_superblock(|sb| {
-                sb.state = State::Trial;
-                sb.start_counter = sb.start_counter.saturating_add(1);
-            });
-            match r {
-                Ok(()) => {
-                    let n = e.with_meta(|m| m.superblock().start_counter);
-                    self.emit(
-                        "trial-start",
-                        &format!("trial start {n} of {}", self.max_trial),
-                    );
-                }
-                Err(err) => tracing::error!("recording the trial start failed: {err}"),
-            }
+        let (state, n) = e.with_meta(|m| (m.state(), m.superblock().start_counter));
+        if !matches!(state, State::Prepared | State::Trial) {
+            return;
+        }
+        if state == State::Trial && n >= self.max_trial {
+            self.fall_back(n);
+            return;
+        }
+        let r = e.update_superblock(|sb| {
+            sb.state = State::Trial;
+            sb.start_counter = sb.start_counter.saturating_add(1);
+        });
+        match r {
+            Ok(()) => self.emit(
+                "trial-start",
+                &format!("trial start {} of {}", n.saturating_add(1), self.max_trial),
+            ),
+            Err(err) => tracing::error!("recording the trial start failed: {err}"),
         }
     }
+}
 
-    fn disconnected(&self) {
-        let _op = self.ops.lock();
-        let Some(e) = self.engine() else { return };
-        let (state, n) = e.with_meta(|m| (m.state(), m.superblock().start_counter));
-        if state == State::Trial && n >= self.max_trial {
-            tracing::warn!(
-                starts = n,
-                "trial start limit reached without confirm: falling back to the source"
-            );
-            if let Err(err) = self.do_rollback("fell back", false) {
-                tracing::error!("fallback failed: {err}");
-                *self.last_error.lock() = Some(format!("fallback failed: {err}"));
-            } else {
+impl Service {
+    /// A fresh device start with the trial starts used up: roll back; this start sees the
+    /// source. The caller holds `ops`; no request of the start has run yet.
+    fn fall_back(&self, starts: u8) {
+        tracing::warn!(
+            starts,
+            "trial start limit reached without confirm: falling back to the source"
+        );
+        match self.do_rollback("fell back", false) {
+            Ok(_) => {
                 *self.last_error.lock() = Some(
                     "trial start limit reached without confirm: fell back to the source".into(),
                 );
+                self.emit("fallback", "fell back to the source at a device start");
+            }
+            Err(err) => {
+                tracing::error!("fallback failed: {err}");
+                *self.last_error.lock() = Some(format!("fallback failed: {err}"));
             }
         }
     }

@@ -88,7 +88,6 @@ pub fn run(a: &ServeArgs, json: bool) -> Result<()> {
     opts.events = Some(svc.clone());
     let server =
         VhostBlkServer::bind(svc.block_device(), opts).context("creating the vhost-user socket")?;
-    svc.set_server(server.shutdown_handle());
     let notifier = Arc::new(crate::control::Notifier::new(a.notify.clone()).context("--notify")?);
     {
         let n = notifier.clone();

@@ -183,7 +183,6 @@ impl Served {
         opts.shutdown = Some(shutdown.clone());
         opts.events = Some(svc.clone());
         let server = VhostBlkServer::bind(svc.block_device(), opts)?;
-        svc.set_server(server.shutdown_handle());
         let thread = std::thread::Builder::new()
             .name("demo-vhost".into())
             .spawn(move || server.run().map(|_| ()).map_err(DemoError::from))

@@ -86,6 +86,7 @@ impl Engine {
                             drop(g);
                             match self.fetch(c, false)? {
                                 FlightResult::Failed(m) => return Err(BlockError::Remote(m).into()),
+                                FlightResult::Cancelled => return Err(BlockError::Cancelled.into()),
                                 _ => continue,
                             }
                         }

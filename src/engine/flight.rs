@@ -16,7 +16,13 @@ pub enum FlightResult {
     Uncached { first: u64, bytes: Arc<Vec<u8>> },
     /// The fetch failed with this message.
     Failed(String),
+    /// The fetch was cancelled (its requester went away, or shutdown): nothing was
+    /// stored; a waiter that was not cancelled itself tries again.
+    Cancelled,
 }
+
+/// How often a waiter checks its cancellation token while a fetch it waits on runs.
+const CANCEL_POLL_MS: u64 = 20;
 
 /// One fetch in progress.
 #[derive(Debug, Default)]
@@ -26,13 +32,17 @@ pub struct Flight {
 }
 
 impl Flight {
-    /// Blocks until the fetch finishes.
-    pub fn wait(&self) -> FlightResult {
+    /// Blocks until the fetch finishes; gives up (`None`) once `cancel` fires.
+    pub fn wait_or_cancel(&self, cancel: &tokio_util::sync::CancellationToken) -> Option<FlightResult> {
         let mut g = self.done.lock();
         while g.is_none() {
-            self.cv.wait(&mut g);
+            if cancel.is_cancelled() {
+                return None;
+            }
+            self.cv
+                .wait_for(&mut g, std::time::Duration::from_millis(CANCEL_POLL_MS));
         }
-        g.clone().expect("set")
+        g.clone()
     }
 
     fn complete(&self, r: FlightResult) {

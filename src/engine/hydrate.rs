@@ -253,6 +253,8 @@ impl Hydrator {
                         }
                         FlightResult::Uncached { .. } => area_full.store(true, Ordering::Relaxed),
                         FlightResult::Failed(m) => *failure.lock() = Some(m.clone()),
+                        // Background fetches were cancelled (stop, shutdown): end quietly.
+                        FlightResult::Cancelled => self.stop(),
                     }
                     engine.inflight.finish(first, count, &flight, r);
                 });

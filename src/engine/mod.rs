@@ -26,7 +26,7 @@ use boot_relocator::{Entry, Layout, Location, MetaStore, RelocError, State, Stor
 use parking_lot::{Mutex, RwLock};
 
 use crate::blockdev::{check_range, BlockBackend, BlockError};
-use crate::source::RemoteSource;
+use crate::source::{CancellationToken, RemoteSource, SourceError};
 
 pub use flight::FlightResult;
 pub use hydrate::{HydrateOptions, HydrateReport, Hydrator, RateLimit};
@@ -120,6 +120,14 @@ pub struct Engine {
     last_fetch_error: Mutex<Option<String>>,
     /// Records the chunks guest reads touch (`serve --record-profile`).
     recorder: Option<Arc<crate::profile::Recorder>>,
+    /// Cancellation of fetches: guest requests (demand) and background work (hydration,
+    /// commit). Cancelling replaces the token, so later fetches run normally.
+    cancel: Mutex<Cancels>,
+}
+
+struct Cancels {
+    demand: CancellationToken,
+    background: CancellationToken,
 }
 
 impl std::fmt::Debug for Engine {
@@ -188,6 +196,10 @@ impl Engine {
             counters: Counters::default(),
             last_fetch_error: Mutex::new(None),
             recorder: None,
+            cancel: Mutex::new(Cancels {
+                demand: CancellationToken::new(),
+                background: CancellationToken::new(),
+            }),
         })
     }
 
@@ -363,6 +375,7 @@ impl Engine {
                 }
                 FlightResult::Mapped => continue,
                 FlightResult::Failed(m) => return Err(BlockError::Remote(m)),
+                FlightResult::Cancelled => return Err(BlockError::Cancelled),
             }
         }
     }
@@ -419,6 +432,7 @@ impl Engine {
                     return Err(BlockError::NoSpace);
                 }
                 FlightResult::Failed(m) => return Err(BlockError::Remote(m)),
+                FlightResult::Cancelled => return Err(BlockError::Cancelled),
             }
         }
     }
@@ -493,9 +507,54 @@ impl Engine {
         Ok(())
     }
 
+    /// The token that cancels fetches of this kind started from now on.
+    fn cancel_token(&self, demand: bool) -> CancellationToken {
+        let c = self.cancel.lock();
+        if demand {
+            c.demand.clone()
+        } else {
+            c.background.clone()
+        }
+    }
+
+    /// Cancels every guest (demand) fetch in progress and every guest request waiting on
+    /// one: they fail with [`BlockError::Cancelled`] and store nothing. For requests whose
+    /// requester is gone (a departed VM connection, shutdown). Later fetches run normally.
+    pub fn cancel_demand(&self) {
+        let mut c = self.cancel.lock();
+        c.demand.cancel();
+        c.demand = CancellationToken::new();
+    }
+
+    /// Cancels background fetches (hydration, commit) in progress; both stop and resume
+    /// later from the disk's state.
+    pub fn cancel_background(&self) {
+        let mut c = self.cancel.lock();
+        c.background.cancel();
+        c.background = CancellationToken::new();
+    }
+
     /// Fetches chunk `c` (and missing neighbours) unless someone else already is; waits
-    /// for the result either way. `demand`: a guest request waits on it.
+    /// for the result either way. `demand`: a guest request waits on it. Fails with
+    /// [`BlockError::Cancelled`] when this kind of fetch is cancelled meanwhile; a fetch
+    /// of the other kind being cancelled under us is simply tried again.
     pub(crate) fn fetch(&self, c: u64, demand: bool) -> Result<FlightResult, BlockError> {
+        let cancel = self.cancel_token(demand);
+        loop {
+            match self.fetch_once(c, demand, &cancel)? {
+                FlightResult::Cancelled if !cancel.is_cancelled() => continue,
+                FlightResult::Cancelled => return Err(BlockError::Cancelled),
+                r => return Ok(r),
+            }
+        }
+    }
+
+    fn fetch_once(
+        &self,
+        c: u64,
+        demand: bool,
+        cancel: &CancellationToken,
+    ) -> Result<FlightResult, BlockError> {
         let max = (self.opts.demand_fetch_bytes / self.chunk_size()).max(1);
         let claim = self.inflight.claim(c, max, |i| {
             i < self.layout.chunk_count()
@@ -506,10 +565,10 @@ impl Engine {
             Claim::Wait(f) => {
                 self.demand_waiting
                     .fetch_add(demand as u64, Ordering::Relaxed);
-                let r = f.wait();
+                let r = f.wait_or_cancel(cancel);
                 self.demand_waiting
                     .fetch_sub(demand as u64, Ordering::Relaxed);
-                Ok(r)
+                r.ok_or(BlockError::Cancelled)
             }
             Claim::Owned {
                 first,
@@ -518,7 +577,7 @@ impl Engine {
             } => {
                 self.demand_waiting
                     .fetch_add(demand as u64, Ordering::Relaxed);
-                let r = self.fetch_run(first, count, demand);
+                let r = self.fetch_run_with(first, count, demand, cancel);
                 self.demand_waiting
                     .fetch_sub(demand as u64, Ordering::Relaxed);
                 self.inflight.finish(first, count, &flight, r.clone());
@@ -528,7 +587,18 @@ impl Engine {
     }
 
     /// Fetches chunks `first..first+count` (claimed by the caller) and publishes them.
-    fn fetch_run(&self, first: u64, count: u64, demand: bool) -> FlightResult {
+    pub(crate) fn fetch_run(&self, first: u64, count: u64, demand: bool) -> FlightResult {
+        let cancel = self.cancel_token(demand);
+        self.fetch_run_with(first, count, demand, &cancel)
+    }
+
+    fn fetch_run_with(
+        &self,
+        first: u64,
+        count: u64,
+        demand: bool,
+        cancel: &CancellationToken,
+    ) -> FlightResult {
         let cs = self.chunk_size();
         let start = first * cs;
         let end = ((first + count) * cs).min(self.layout.target_size);
@@ -537,7 +607,7 @@ impl Engine {
         let mut bytes = FETCH_BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
         bytes.resize((count * cs) as usize, 0);
         bytes[(end - start) as usize..].fill(0);
-        let r = self.fetch_into(first, count, demand, start, end, &mut bytes);
+        let r = self.fetch_into((first, count), demand, (start, end), &mut bytes, cancel);
         if bytes.capacity() <= MAX_KEPT_FETCH_BUF {
             FETCH_BUF.with(|b| *b.borrow_mut() = bytes);
         }
@@ -546,18 +616,21 @@ impl Engine {
 
     fn fetch_into(
         &self,
-        first: u64,
-        count: u64,
+        (first, count): (u64, u64),
         demand: bool,
-        start: u64,
-        end: u64,
+        (start, end): (u64, u64),
         bytes: &mut [u8],
+        cancel: &CancellationToken,
     ) -> FlightResult {
         Counters::add(&self.counters.fetch_requests, 1);
-        if let Err(e) = self
+        let got = self
             .source
-            .read_at(start, &mut bytes[..(end - start) as usize])
-        {
+            .read_at_cancellable(start, &mut bytes[..(end - start) as usize], cancel);
+        if let Err(SourceError::Cancelled) = got {
+            tracing::debug!(chunk = first, count, "fetch cancelled");
+            return FlightResult::Cancelled;
+        }
+        if let Err(e) = got {
             Counters::add(&self.counters.fetch_errors, 1);
             tracing::error!(
                 chunk = first,
@@ -886,6 +959,9 @@ impl BlockBackend for Engine {
                 .take(9),
         );
         id
+    }
+    fn cancel_waiting(&self) {
+        self.cancel_demand();
     }
     fn is_local(&self, offset: u64, len: u64) -> bool {
         Engine::is_local(self, offset, len)

@@ -354,6 +354,24 @@ impl RemoteSource for HttpSource {
         block_on(&self.handle, self.inner.read_range(offset, buf))
     }
 
+    fn read_at_cancellable(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        cancel: &super::CancellationToken,
+    ) -> Result<(), SourceError> {
+        check_range(offset, buf.len(), self.inner.identity.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        block_on(&self.handle, async {
+            tokio::select! {
+                r = self.inner.read_range(offset, buf) => r,
+                () = cancel.cancelled() => Err(SourceError::Cancelled),
+            }
+        })
+    }
+
     fn name(&self) -> String {
         let first = &self.inner.mirrors[0].shown;
         match self.inner.mirrors.len() {

@@ -18,6 +18,7 @@ pub mod retry;
 
 pub use file::FileSource;
 pub use http::{HttpOptions, HttpSource};
+pub use tokio_util::sync::CancellationToken;
 
 /// What pins a remote image: a migration refuses to continue when this changes.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -88,6 +89,9 @@ pub enum SourceError {
     /// Local I/O failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The caller cancelled the read (its requester went away, or shutdown). Never retried.
+    #[error("fetch cancelled")]
+    Cancelled,
 }
 
 impl SourceError {
@@ -106,7 +110,8 @@ impl SourceError {
             SourceError::NoRangeSupport { .. }
             | SourceError::Changed { .. }
             | SourceError::OutOfRange { .. }
-            | SourceError::Invalid(_) => false,
+            | SourceError::Invalid(_)
+            | SourceError::Cancelled => false,
         }
     }
 }
@@ -125,6 +130,21 @@ pub trait RemoteSource: Send + Sync + fmt::Debug {
     /// inside the image. Returns only verified bytes of the pinned image. Blocking; may
     /// be called from many threads at once (the source keeps several requests in flight).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// [`Self::read_at`] that gives up with [`SourceError::Cancelled`] once `cancel` fires
+    /// (retries and waits included). Sources that talk to a network override it; the
+    /// default checks the token before reading and is meant for local sources.
+    fn read_at_cancellable(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        if cancel.is_cancelled() {
+            return Err(SourceError::Cancelled);
+        }
+        self.read_at(offset, buf)
+    }
 
     /// Tells whether `[offset, offset+len)` is known to be all zeros without fetching it
     /// (a chunk store's index knows; a raw HTTP image does not: `None`).

@@ -22,12 +22,13 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::blockdev::BlockBackend;
+use crate::blockdev::{BlockBackend, DeviceEvents};
 use crate::virtio::{self, Completion, ExecOptions, Limits, Request, RequestKind};
 
 use super::config::{self, CONFIG_SIZE, WRITEBACK_OFFSET};
 use super::pool::{IoPool, Lane};
 use super::queue::QueueCtx;
+use super::start::StartTracker;
 
 /// Guest memory as the vhost-user-backend crate hands it over.
 pub(crate) type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -46,7 +47,8 @@ pub(crate) struct DeviceParams {
 
 struct Inner {
     disk: Arc<dyn BlockBackend>,
-    limits: Limits,
+    /// Re-read at every device start: the device may present something else then.
+    limits: parking_lot::RwLock<Limits>,
     params: DeviceParams,
     optimal_io_size: u32,
     mem: GuestMem,
@@ -59,6 +61,13 @@ struct Inner {
     /// Exit eventfds handed to the epoll handlers, which keep them open forever; closed
     /// by [`BlkBackend::close_exit_events`] once the workers are gone.
     exit_fds: Mutex<Vec<RawFd>>,
+    /// Device starts of this connection.
+    start: StartTracker,
+    /// Set once the frontend is gone: deferred requests not yet running are dropped
+    /// (never acknowledged) instead of touching the disk or guest memory.
+    departed: Arc<AtomicBool>,
+    /// The backend-initiated channel (`SET_BACKEND_REQ_FD`), to announce config changes.
+    backend_req: Mutex<Option<vhost::vhost_user::Backend>>,
 }
 
 /// The vhost-user-blk device for one frontend connection.
@@ -73,6 +82,7 @@ impl BlkBackend {
         params: DeviceParams,
         pool: Arc<IoPool>,
         mem: GuestMem,
+        events: Option<Arc<dyn DeviceEvents>>,
     ) -> io::Result<Self> {
         let queues = (0..params.num_queues)
             .map(|_| QueueCtx::new().map(Arc::new))
@@ -82,7 +92,7 @@ impl BlkBackend {
         Ok(Self {
             inner: Arc::new(Inner {
                 disk,
-                limits,
+                limits: parking_lot::RwLock::new(limits),
                 params,
                 optimal_io_size,
                 mem,
@@ -92,8 +102,60 @@ impl BlkBackend {
                 queues,
                 pool,
                 exit_fds: Mutex::new(Vec::new()),
+                start: StartTracker::new(usize::from(params.num_queues), events),
+                departed: Arc::new(AtomicBool::new(false)),
+                backend_req: Mutex::new(None),
             }),
         })
+    }
+
+    /// Makes every queue worker hand us its vring (through a completion event), so that
+    /// a device start can look at all rings. Waits up to a second for the workers.
+    pub(crate) fn prime(&self) {
+        for q in &self.inner.queues {
+            q.wake();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while self.inner.start.known() < self.inner.queues.len()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// The frontend is gone: drop deferred requests that have not started.
+    pub(crate) fn depart(&self) {
+        self.inner.departed.store(true, Ordering::Release);
+    }
+
+    /// Runs at a device start, before any request of it: the device may present another
+    /// capacity now (a fallback to the source); tell the frontend if it changed.
+    fn refresh_limits(&self) {
+        let fresh = Limits::for_backend(self.inner.disk.as_ref());
+        let old = std::mem::replace(&mut *self.inner.limits.write(), fresh);
+        if old.capacity_sectors == fresh.capacity_sectors {
+            return;
+        }
+        tracing::info!(
+            old = old.capacity_bytes(),
+            new = fresh.capacity_bytes(),
+            "device capacity changed"
+        );
+        use vhost::vhost_user::VhostUserFrontendReqHandler;
+        match self.inner.backend_req.lock().as_ref() {
+            Some(b) => {
+                if let Err(e) = b.handle_config_change() {
+                    tracing::warn!(error = %e, "cannot announce the new capacity to the frontend");
+                }
+            }
+            None => tracing::warn!(
+                "the frontend has no backend channel: the guest sees the new capacity at its next connection"
+            ),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        *self.inner.limits.read()
     }
 
     /// The epoll token of the completion eventfd in every worker's epoll set (the crate
@@ -161,7 +223,7 @@ impl BlkBackend {
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
-            let completion = match virtio::parse(chain, &self.inner.limits) {
+            let completion = match virtio::parse(chain, &self.limits()) {
                 Err(rejected) => {
                     tracing::debug!(queue = q, error = %rejected.error, "rejected virtio-blk request");
                     rejected.complete(&*mem)
@@ -219,8 +281,14 @@ impl BlkBackend {
         let mem = self.inner.mem.memory();
         let disk = self.inner.disk.clone();
         let opts = self.exec_options();
+        let departed = self.inner.departed.clone();
         ctx.begin();
         let job = Box::new(move || {
+            if departed.load(Ordering::Acquire) {
+                // Never acknowledged: the frontend resubmits it if it comes back.
+                ctx.finish(1);
+                return;
+            }
             let completion = virtio::execute(&req, &*mem, disk.as_ref(), opts);
             ctx.complete(completion);
         });
@@ -296,7 +364,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        config::virtio_features(self.inner.limits.read_only)
+        config::virtio_features(self.limits().read_only)
     }
 
     fn acked_features(&self, features: u64) {
@@ -315,6 +383,11 @@ impl VhostUserBackend for BlkBackend {
             ctx.wait_idle();
         }
         self.inner.writeback.store(true, Ordering::Release);
+        self.inner.start.reset();
+    }
+
+    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        *self.inner.backend_req.lock() = Some(backend);
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -323,7 +396,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let cfg = config::config_space(
-            &self.inner.limits,
+            &self.limits(),
             self.inner.optimal_io_size,
             self.inner.params.num_queues,
             self.inner.writeback.load(Ordering::Acquire),
@@ -402,6 +475,7 @@ impl VhostUserBackend for BlkBackend {
             );
         }
         ctx.wait_idle();
+        self.inner.start.ring_stopped();
         Ok(())
     }
 
@@ -418,8 +492,12 @@ impl VhostUserBackend for BlkBackend {
         let (Some(vring), true) = (vrings.first(), q < self.inner.queues.len()) else {
             return Ok(());
         };
+        self.inner.start.remember(q, vring);
         let result = match u64::from(device_event) {
-            0 => self.process_queue(q, vring),
+            0 => {
+                self.inner.start.before_processing(|| self.refresh_limits());
+                self.process_queue(q, vring)
+            }
             t if t == self.completion_token() => self.process_completions(q, vring),
             other => Err(io::Error::other(format!("unknown device event {other}"))),
         };
@@ -452,6 +530,7 @@ mod tests {
             },
             Arc::new(IoPool::new(1).unwrap()),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            None,
         )
         .unwrap()
     }

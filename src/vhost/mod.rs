@@ -16,15 +16,14 @@ mod pool;
 mod queue;
 pub mod server;
 pub mod socket;
+mod start;
 #[cfg(test)]
 mod tests;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use server::{
-    serve, ConnectionEvents, ServeOptions, ServeSummary, ShutdownHandle, VhostBlkServer,
-};
+pub use server::{serve, ServeOptions, ServeSummary, ShutdownHandle, VhostBlkServer};
 
 use crate::blockdev::BlockError;
 

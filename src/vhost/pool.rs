@@ -132,14 +132,22 @@ impl IoPool {
         }
     }
 
-    /// Finishes the queued jobs and stops the threads.
+    /// Finishes the queued jobs and stops the threads. A thread still running a job
+    /// once the queue is empty (a fetch that ignores cancellation) is left to the
+    /// process exit rather than waited for.
     pub(crate) fn shutdown(&self) {
         for lane in [&self.remote, &self.bulk] {
             lane.tx.lock().take();
         }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
         for lane in [&self.remote, &self.bulk] {
             for handle in lane.threads.lock().drain(..) {
-                if handle.join().is_err() {
+                while !handle.is_finished() && std::time::Instant::now() < deadline {
+                    thread::sleep(std::time::Duration::from_millis(5));
+                }
+                if !handle.is_finished() {
+                    tracing::warn!("an I/O thread is still busy at shutdown; not waiting for it");
+                } else if handle.join().is_err() {
                     tracing::error!("an I/O thread panicked");
                 }
             }

@@ -57,6 +57,13 @@ impl QueueCtx {
         }
     }
 
+    /// Makes the worker run its completion handler (with nothing to complete).
+    pub(crate) fn wake(&self) {
+        if let Err(e) = self.event.write(1) {
+            tracing::error!(error = %e, "cannot wake the queue worker");
+        }
+    }
+
     /// Takes the pending completions (and clears the eventfd).
     pub(crate) fn take(&self) -> Vec<Completion> {
         // Read before taking: a completion pushed after the read re-arms the eventfd.

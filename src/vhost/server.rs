@@ -19,25 +19,19 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use crate::blockdev::BlockBackend;
+use crate::blockdev::{BlockBackend, DeviceEvents};
 
 use super::backend::{BlkBackend, DeviceParams};
 use super::pool::IoPool;
 use super::socket::{bind_socket, resolve_group};
 use super::VhostError;
 
+/// How long a shutdown waits for requests of the departed frontend (they are cancelled
+/// first; only a source that ignores cancellation is still running then).
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Largest number of queues (the worker map is a 64-bit mask).
 pub const MAX_QUEUES: u16 = 64;
-
-/// Called by the server around each frontend connection (a VM boot), from the server
-/// thread: no request of that connection runs before `connected` returns, and none is
-/// left when `disconnected` runs, so a callback may switch what the block device serves.
-pub trait ConnectionEvents: Send + Sync {
-    /// A frontend connected.
-    fn connected(&self) {}
-    /// The frontend disconnected and its requests are done.
-    fn disconnected(&self) {}
-}
 
 /// How to serve.
 #[derive(Clone)]
@@ -55,8 +49,8 @@ pub struct ServeOptions {
     /// Shutdown handle to obey; a new one is made when `None`
     /// (see [`VhostBlkServer::shutdown_handle`]).
     pub shutdown: Option<ShutdownHandle>,
-    /// Hooks around each connection.
-    pub events: Option<Arc<dyn ConnectionEvents>>,
+    /// Told of connections and device starts (trial boots are counted there).
+    pub events: Option<Arc<dyn DeviceEvents>>,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -159,7 +153,7 @@ impl ShutdownHandle {
         self.inner.requested.load(Ordering::SeqCst)
     }
 
-    /// True while a frontend is connected.
+    /// True while a frontend is connected, or its requests are still finishing.
     pub fn is_connected(&self) -> bool {
         self.inner.connection.lock().is_some()
     }
@@ -259,7 +253,7 @@ impl VhostBlkServer {
                 Err(e) => break Err(e),
             }
         };
-        self.pool.wait_idle();
+        self.drain_bounded();
         self.pool.shutdown();
         let flushed = self.disk.flush().map_err(VhostError::Flush);
         tracing::info!(
@@ -276,22 +270,54 @@ impl VhostBlkServer {
             num_queues: self.opts.num_queues,
             queue_size: self.opts.queue_size,
         };
-        let backend = BlkBackend::new(self.disk.clone(), params, self.pool.clone(), mem.clone())?;
+        let backend = BlkBackend::new(
+            self.disk.clone(),
+            params,
+            self.pool.clone(),
+            mem.clone(),
+            self.opts.events.clone(),
+        )?;
         let result = self.run_daemon(&backend, mem);
-        // The daemon and its workers are gone: release what they leaked, and let the
-        // requests still in the pool finish before anyone else connects.
+        // The daemon and its workers are gone: release what they leaked. Requests of the
+        // departed frontend are never acknowledged: drop those not started, cancel those
+        // waiting on the network, and let the rest finish before anything else happens
+        // (a rollback, the next connection), so none runs after a switch.
         backend.close_exit_events();
+        backend.depart();
+        self.disk.cancel_waiting();
         if self.pool.pending() > 0 {
             tracing::info!(
                 pending = self.pool.pending(),
-                "waiting for in-flight requests of the previous connection"
+                "waiting for in-flight requests of the departed frontend"
             );
         }
-        self.pool.wait_idle();
+        if self.shutdown.is_requested() {
+            self.drain_bounded();
+        } else {
+            self.pool.wait_idle();
+        }
+        self.shutdown.set_connection(None);
         if let Some(ev) = &self.opts.events {
-            ev.disconnected();
+            ev.frontend_gone();
         }
         result
+    }
+
+    /// At shutdown: waits for the pool a bounded time. A request still running then
+    /// waits on a source that ignores cancellation; it was never acknowledged, and the
+    /// process exiting under it is a crash the disk format is built for.
+    fn drain_bounded(&self) {
+        let deadline = std::time::Instant::now() + SHUTDOWN_DRAIN;
+        while self.pool.pending() > 0 && std::time::Instant::now() < deadline {
+            self.disk.cancel_waiting();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if self.pool.pending() > 0 {
+            tracing::warn!(
+                pending = self.pool.pending(),
+                "requests still waiting on the network at shutdown; not waiting for them"
+            );
+        }
     }
 
     fn run_daemon(
@@ -308,16 +334,17 @@ impl VhostBlkServer {
                 backend.completion_token(),
             )?;
         }
+        backend.prime();
         daemon
             .start(&mut self.listener)
             .map_err(|e| VhostError::Daemon(e.to_string()))?;
         tracing::info!("vhost-user frontend connected");
         if let Some(ev) = &self.opts.events {
-            ev.connected();
+            ev.frontend_connected();
         }
         self.shutdown.set_connection(daemon.shutdown_handle());
         let result = daemon.wait();
-        self.shutdown.set_connection(None);
+        // Still "connected" (see `is_connected`) until its requests are done.
         match result {
             Ok(()) => tracing::info!("vhost-user frontend disconnected"),
             Err(DaemonError::HandleRequest(

@@ -8,6 +8,7 @@ pub mod disk;
 pub mod fault_proxy;
 pub mod nginx;
 pub mod powerloss;
+pub mod serve;
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -3,6 +3,8 @@
 #
 #   v1.img      source image (64 MiB)     v2.img  target image (80 MiB)
 #   v2-bad.img  v2 whose /sbin/init fails (prints "init-FAILED"), for fallback tests
+#   v2-noinit.img  v2 without /sbin/init: cannot boot at all (the initramfs says
+#               "no-init-on-root"; with sbinit.panic=1 the guest kernel panics)
 # Each is a raw disk: MBR (sfdisk) with one bootable Linux partition at 1 MiB holding an
 # ext4 root filesystem, built as a separate file with `mkfs.ext4 -d` and dd'd into place
 # (no loop devices). Root holds static busybox + applet links, guest/image-init as
@@ -42,7 +44,7 @@ stamp=$({
 		"$busybox" | cut -c1-64 # contents only: the same whatever the paths
 } | sha256sum | cut -d' ' -f1)
 if [[ -f $out/.stamp && $(cat "$out/.stamp") == "$stamp" ]] &&
-	[[ -f $out/v1.img && -f $out/v2.img && -f $out/v2-bad.img ]]; then
+	[[ -f $out/v1.img && -f $out/v2.img && -f $out/v2-bad.img && -f $out/v2-noinit.img ]]; then
 	log "up to date ($out)"
 	exit 0
 fi
@@ -204,7 +206,7 @@ fix_times() {
 	fi
 }
 
-rm -f "$out"/{v1,v2,v2-bad}.img
+rm -f "$out"/{v1,v2,v2-bad,v2-noinit}.img
 populate "$tmp/v1" 1
 manifest "$tmp/v1"
 mkimage "$tmp/v1" "$tmp/v1.img" "$v1_mib" 01
@@ -221,8 +223,13 @@ pad=$(($(stat -c %s "$here/guest/image-init") - $(stat -c %s "$tmp/v2/sbin/init"
 manifest "$tmp/v2"
 mkimage "$tmp/v2" "$tmp/v2-bad.img" "$v2_mib" 03
 
-mv "$tmp"/{v1,v2,v2-bad}.img "$out/"
-(cd "$out" && sha256sum v1.img v2.img v2-bad.img) >"$out/images.sha256"
+# v2-noinit: the v2 tree with no /sbin/init at all (a broken upgrade that cannot boot).
+rm "$tmp/v2/sbin/init"
+manifest "$tmp/v2"
+mkimage "$tmp/v2" "$tmp/v2-noinit.img" "$v2_mib" 04
+
+mv "$tmp"/{v1,v2,v2-bad,v2-noinit}.img "$out/"
+(cd "$out" && sha256sum v1.img v2.img v2-bad.img v2-noinit.img) >"$out/images.sha256"
 cat >"$out/images.env" <<EOF
 # Layout of the images made by build-images.sh (partition 1 = ext4 root, /dev/vda1).
 PART_OFFSET=$((part_start_mib * 1048576))

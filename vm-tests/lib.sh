@@ -3,7 +3,8 @@
 #
 # Every VM boots the guest from build-guest.sh by direct kernel boot (-kernel/-initrd,
 # root=/dev/vda1), prints its console to a log file, powers itself off (-no-reboot turns a
-# reboot or panic into a QEMU exit too) and is killed after SB_TIMEOUT seconds at most.
+# reboot or panic into a QEMU exit too, unless SB_REBOOT=1) and is killed after SB_TIMEOUT
+# seconds at most.
 # Guest RAM is always a shared memfd: vhost-user-blk needs it (without it the guest hangs
 # silently), and plain boots then run the very same VM shape.
 #
@@ -13,6 +14,15 @@
 #   SB_TIMEOUT   hard limit per boot, s (default 120)     SB_QUEUES virtqueues (default 1)
 #   SB_ACCEL     kvm | tcg: skip detection                SB_QEMU   qemu-system binary
 #   SB_VERBOSE=1 full kernel log on the console (default: quiet)
+#   SB_PANIC     the guest kernel's panic= (default -1: reboot at once, which -no-reboot
+#                turns into a QEMU exit; 1: reboot after 1 s)
+#   SB_REBOOT=1  no -no-reboot: a guest reboot or panic resets the VM inside the same
+#                QEMU process (direct kernel boot runs the kernel again), only a poweroff
+#                (or SB_TIMEOUT) ends QEMU
+#   SB_CONSOLE_IN  a FIFO: the console's input (each line written to it reaches the
+#                guest's console; the console output still goes to the log)
+#   SB_VU_RECONNECT  seconds: boot_vhost's chardev reconnects to the backend's socket
+#                (reconnect=N), so the VM survives a backend restart
 #   SB_VM_LOCK   lock file that serialises VMs machine-wide, so that tests of several
 #                worktrees sharing the 2 cores never run two VMs at once
 #                (default /tmp/streamboot-vm.lock; empty: no lock, e.g. for a test that
@@ -52,7 +62,7 @@ sb_tsc_khz() {
 
 # Kernel command line shared by all boots; extra words are appended.
 sb_cmdline() {
-	local c="console=ttyS0 root=/dev/vda1 rw rootfstype=ext4 panic=-1"
+	local c="console=ttyS0 root=/dev/vda1 rw rootfstype=ext4 panic=${SB_PANIC:--1}"
 	[[ ${SB_VERBOSE:-0} == 1 ]] || c+=" quiet"
 	if [[ $SB_MACHINE == microvm ]]; then
 		local khz
@@ -134,11 +144,20 @@ sb_run_vm() {
 	sb_guest_env || return 1
 	accel=$(detect_accel) || return 1
 	args=(-accel "$accel" -smp 1 -m "${SB_MEM_MB}M" -nodefaults -no-user-config
-		-display none -no-reboot)
+		-display none)
+	[[ ${SB_REBOOT:-0} == 1 ]] || args+=(-no-reboot)
 	[[ $accel == kvm ]] && args+=(-cpu host)
 	sb_machine_args args || return 1
+	local con="file,id=ser0,path=$log"
+	if [[ -n ${SB_CONSOLE_IN:-} ]]; then
+		# QEMU 7.2's file chardev has no input-path: a pipe chardev reads PATH.in (the
+		# FIFO), writes PATH.out (/dev/null) and logs everything it writes to LOG.
+		ln -sfn "$SB_CONSOLE_IN" "$log.con.in"
+		ln -sfn /dev/null "$log.con.out"
+		con="pipe,id=ser0,path=$log.con,logfile=$log"
+	fi
 	args+=(-kernel "$KERNEL" -initrd "$INITRD" -append "$(sb_cmdline "$extras")"
-		-chardev "file,id=ser0,path=$log" -serial chardev:ser0 "$@")
+		-chardev "$con" -serial chardev:ser0 "$@")
 	mkdir -p "$(dirname "$log")"
 	printf '%q ' "$SB_QEMU" "${args[@]}" >"$log.cmd"
 	echo >>"$log.cmd"
@@ -174,12 +193,13 @@ boot_plain() {
 		-device "$(sb_virtio_dev blk),drive=d0,num-queues=$SB_QUEUES"
 }
 
-# boot_vhost SOCKET LOG [cmdline extras] — the disk served by a vhost-user-blk backend.
+# boot_vhost SOCKET LOG [cmdline extras] — the disk served by a vhost-user-blk backend
+# (SB_VU_RECONNECT=N: QEMU reconnects to SOCKET N seconds after the backend went away).
 boot_vhost() {
 	local sock=$1 log=$2
 	shift 2
 	sb_run_vm "$log" "$*" \
-		-chardev "socket,id=vu0,path=$sock" \
+		-chardev "socket,id=vu0,path=$sock${SB_VU_RECONNECT:+,reconnect=$SB_VU_RECONNECT}" \
 		-device "$(sb_virtio_dev vhost),chardev=vu0,num-queues=$SB_QUEUES"
 }
 

@@ -1,8 +1,8 @@
 #!/bin/bash
 # scenarios.sh [SCENARIO...] — real VMs boot streamed images through `streamboot serve`.
 #
-# Each scenario starts from a copy of v1.img, with v2 (or v2-bad) served over HTTP by a
-# private nginx, and drives the streamboot CLI as a user would:
+# Each scenario starts from a copy of v1.img, with v2 (or v2-bad, v2-noinit) served over
+# HTTP by a private nginx, and drives the streamboot CLI as a user would:
 #   migrate   prepare → serve --control → boot v2 via vhost-user (writes a file); after
 #             its verdict, while it runs: confirm --control → stop → commit offline →
 #             the disk boots plain (no streamboot) as v2 with the file; the disk is a
@@ -11,6 +11,19 @@
 #             boots plain as v1
 #   fallback  target v2-bad, --max-trial-starts 2: two failed trial boots through one
 #             serve, the third connection of that same serve boots v1; disk == v1.img
+#   reboot-loop  target v2-noinit (no /sbin/init), --max-trial-starts 2, ONE QEMU process
+#             without -no-reboot, guest panic=1: the target panics and the VM resets
+#             itself (the vhost-user connection stays up); after two failed device starts
+#             that same QEMU process must boot v1 (which writes /fellback and powers off);
+#             serve log: trial start 2 of 2, fell back → disk plain, v1.img's size, its
+#             file system v1's + /fellback (host-side e2fsck + debugfs)
+#   backend-restart  target v2, --max-trial-starts 1, QEMU's vhost-user chardev with
+#             reconnect=1, the guest held running (sbtest.hold=1, commands on its console)
+#             after writing and syncing /before: SIGTERM serve → offline status still trial,
+#             1 start → a new serve on the same disk and socket, QEMU reconnects: status
+#             trial, 1 start, no error → the same guest re-reads every file and /before
+#             (page cache dropped), writes /after → poweroff → confirm --control → commit
+#             offline → disk plain, v2.img's size, its file system v2's + /before + /after
 #   load      serve --control, background hydration rate-limited (SB_LOAD_RATE, default
 #             2M) so it still runs at the guest's verdict; then, while the guest re-reads
 #             and verifies every file (sbtest.readall=1): confirm --control, commit
@@ -22,7 +35,7 @@
 #             temporary local overlay; the export is read-only) with the guest writing
 #             a file and verifying its files; the export's log shows the connection and
 #             no failed read; then qemu-img convert of the export == v2.img
-# Default: all five, in that order. Prints each step, PASS/FAIL per scenario, a wall time
+# Default: all seven, in that order. Prints each step, PASS/FAIL per scenario, a wall time
 # table and "N passed, M failed"; exits 1 if any failed (INT/TERM: the running scenario
 # is stopped and cleaned up, exit 130). Work dirs and logs (console
 # logs, serve logs, nginx access logs, streamboot outputs, the status --control polls of
@@ -34,7 +47,9 @@
 #
 # Needs: vm-tests/setup.sh done, a built streamboot (cargo build --release; or set
 # SB_STREAMBOOT), root. Env: lib.sh's SB_* settings (SB_TIMEOUT default 90 here),
-# SB_LOAD_RATE, SB_STOP_WARN (seconds: a slower serve stop prints a WARN line, default 5).
+# SB_LOAD_RATE, SB_STOP_WARN (seconds: a slower serve stop prints a WARN line, default 5),
+# SB_VU_TRACE=1 (reboot-loop, backend-restart: vu-trace.py between QEMU and serve logs
+# every vhost-user message to work/scenarios/NAME/vu-trace.log).
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -46,7 +61,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 : "${SB_LOAD_RATE:=2M}"
 : "${SB_STOP_WARN:=5}"
-all_scenarios=(migrate rollback fallback load nbd)
+all_scenarios=(migrate rollback fallback reboot-loop backend-restart load nbd)
 
 usage() {
 	sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -217,6 +232,89 @@ serve_down() {
 	fi
 }
 
+# vu_socket — the socket QEMU's vhost-user chardev connects to: serve's $dir/vu.sock, or
+# with SB_VU_TRACE=1 vu-trace.py's $dir/qemu.sock in front of it (the decoded vhost-user
+# messages in $dir/vu-trace.log).
+trace_pid=''
+vu_socket() {
+	if [[ ${SB_VU_TRACE:-0} != 1 ]]; then
+		echo "$dir/vu.sock"
+		return 0
+	fi
+	rm -f "$dir/qemu.sock"
+	python3 "$here/vu-trace.py" "$dir/qemu.sock" "$dir/vu.sock" "$dir/vu-trace.log" \
+		</dev/null >>"$dir/vm.err" 2>&1 &
+	trace_pid=$!
+	local n=50
+	while [[ ! -S $dir/qemu.sock ]] && ((n-- > 0)); do sleep 0.1; done
+	[[ -S $dir/qemu.sock ]] || bad "vu-trace.py did not start ($dir/vm.err)"
+	echo "$dir/qemu.sock"
+}
+# stop_trace — end the vu-trace.py vu_socket started (that pid only).
+stop_trace() {
+	[[ -n $trace_pid ]] || return 0
+	kill "$trace_pid" 2>/dev/null || true
+	wait "$trace_pid" 2>/dev/null
+	trace_pid=''
+}
+
+# written_sha NAME — sha256 of what the guest's `sbtest.write=NAME` writes to /NAME.
+written_sha() {
+	local s
+	s=$(yes "sbtest-write $1" | head -c 1048699 | sha256sum)
+	echo "${s%% *}"
+}
+
+# fs_check DISK IMAGE [NAME...] — host-side: DISK's bytes before the root partition (the
+# MBR) are IMAGE's, and with e2fsprogs on a copy of the partition: e2fsck -fn finds it clean, its /etc/manifest.sha256 is IMAGE's and every file
+# in it verifies, and each /NAME holds what the guest's sbtest.write=NAME wrote. That is:
+# DISK's file system is IMAGE's plus those writes.
+fs_check() {
+	local disk=$1 image=$2 part=$dir/fs-part.img tree=$dir/fs-tree name
+	shift 2
+	# shellcheck source=/dev/null
+	. "$img/images.env"
+	rm -rf "$tree" "$part"
+	mkdir -p "$tree"
+	dd if="$image" of="$part" bs=1M skip=$((PART_OFFSET / 1048576)) status=none
+	debugfs -R "cat /etc/manifest.sha256" "$part" >"$dir/fs-manifest.want" 2>/dev/null
+	dd if="$disk" of="$part" bs=1M skip=$((PART_OFFSET / 1048576)) status=none
+	e2fsck -fn "$part" >"$dir/e2fsck.out" 2>&1 ||
+		bad "e2fsck -fn on the disk's root: $(tail -n3 "$dir/e2fsck.out" | tr '\n' ' ')($dir/e2fsck.out)"
+	debugfs -R "rdump / $tree" "$part" >"$dir/rdump.out" 2>&1
+	cmp -s -n "$PART_OFFSET" "$disk" "$image" ||
+		bad "the disk's first $PART_OFFSET bytes (MBR, up to the partition) differ from $(basename "$image")'s"
+	cmp -s "$tree/etc/manifest.sha256" "$dir/fs-manifest.want" ||
+		bad "the disk's /etc/manifest.sha256 is not $(basename "$image")'s"
+	(cd "$tree" && sha256sum -c --quiet etc/manifest.sha256) >"$dir/fs-verify.out" 2>&1 ||
+		bad "files of $(basename "$image") differ on the disk: $(head -n3 "$dir/fs-verify.out" | tr '\n' ' ')"
+	local got
+	for name in "$@"; do
+		[[ -f $tree/$name ]] || bad "no /$name on the disk"
+		got=$(sb_sha256 "$tree/$name")
+		[[ $got == "$(written_sha "$name")" ]] || bad "/$name on the disk is not what the guest wrote (sha256 $got)"
+	done
+	ok "disk's file system (host-side: e2fsck -fn clean, debugfs rdump): $(basename "$image")'s $(wc -l <"$dir/fs-manifest.want") files intact${*:+, plus the guest writes: $*}"
+	rm -rf "$tree" "$part"
+}
+
+# console_cmd STEP CMD EXPECT — send CMD to the held guest of background boot STEP (its
+# console input is the FIFO open on fd $confd) and wait for the fixed string EXPECT.
+confd=''
+console_cmd() {
+	echo "$2" >&"$confd"
+	wait_console "$1" "$3"
+}
+
+# serve_status NAME — `status --json --control` into $dir/NAME.out; sets st_mode,
+# st_state, st_starts, st_vm, st_error.
+serve_status() {
+	online "$1" status --json
+	st_mode=$(json_get "$dir/$1.out" mode) st_state=$(json_get "$dir/$1.out" state)
+	st_starts=$(json_get "$dir/$1.out" start_counter)
+	st_vm=$(json_get "$dir/$1.out" vm_connected) st_error=$(json_get "$dir/$1.out" last_error)
+}
+
 # --- scenarios ------------------------------------------------------------------------
 
 scenario_migrate() {
@@ -305,6 +403,124 @@ scenario_fallback() {
 	serve_down
 	same_sha "$dir/disk.img" "$img/v1.img"
 	is_plain "$dir/disk.img"
+}
+
+scenario_reboot_loop() {
+	setup reboot-loop v2-noinit.img
+	sb prepare prepare "$dir/disk.img" --target "$target_url" --max-trial-starts 2
+	ok "prepare --max-trial-starts 2: $(cat "$dir/prepare.out")"
+	serve_up --control "$ctl" --max-trial-starts 2
+	local sock step=1-reboot-loop log
+	sock=$(vu_socket) || exit 1
+	log=$dir/$step.log
+	# No -no-reboot, panic=1: the initramfs finds no /sbin/init on the target's root and
+	# exits (sbinit.panic=1), the kernel panics and resets the machine 1 s later, inside
+	# the same QEMU process, which keeps its vhost-user connection. Only a poweroff (the
+	# v1 init's, after its verdict) ends QEMU.
+	SB_REBOOT=1 SB_PANIC=1 bg_boot "$step" boot_vhost "$sock" sbinit.panic=1 sbtest.write=fellback
+	# Two failed device starts, then the same QEMU process must boot v1. A third boot of the
+	# target (or the VM ending or SB_TIMEOUT first) fails the scenario.
+	local fails=0 n=$((SB_TIMEOUT * 10)) t0=$EPOCHREALTIME
+	while [[ ! -e $log.qemu ]] && sb_bg_running; do sleep 0.05; done
+	while ! grep -aqF 'STREAMBOOT-VERDICT v1' "$log" 2>/dev/null; do
+		fails=$(grep -ac 'STREAMBOOT-INITRAMFS-FAILED no-init-on-root' "$log" 2>/dev/null)
+		if ((fails > 2)) || ! sb_bg_running || ((n-- <= 0)); then
+			grep -aqF 'STREAMBOOT-VERDICT v1' "$log" && break
+			serve_status status-stuck
+			bad "$step: $fails failed boots of the target in $(sb_since "$t0")s ($(grep -ac 'Kernel panic' "$log") kernel panics, each reset inside the same QEMU process$(sb_bg_running || echo ', then the VM ended')), no fallback to v1; serve log: $(grep -c 'trial start' "$dir/vu.sock.log") trial start line(s) ($(grep -o 'trial start [0-9]* of [0-9]*' "$dir/vu.sock.log" | tr '\n' ',' | sed 's/,$//')), status --control: mode $st_mode, state $st_state, trial starts $st_starts, VM connected $st_vm (log $log)"
+		fi
+		sleep 0.1
+	done
+	fails=$(grep -ac 'STREAMBOOT-INITRAMFS-FAILED no-init-on-root' "$log")
+	((fails == 2)) || bad "$step: v1 booted after $fails failed boots of the target, expected 2"
+	ok "the target failed to boot twice (no init: kernel panic, reset in the same QEMU process), then that process booted v1"
+	bg_boot_done "$step"
+	expect "$step" "STREAMBOOT-VERDICT v1 files-ok" "STREAMBOOT-INFO version=1" "STREAMBOOT-WROTE fellback sha256="
+	ok "one QEMU process, ${SB_LAST_WALL}s: 2 × no-init-on-root + kernel panic, then $(verdict "$step"), wrote /fellback, powered off"
+	grep -q 'trial start 2 of 2' "$dir/vu.sock.log" || bad "serve log: no 'trial start 2 of 2'"
+	grep -q 'fell back' "$dir/vu.sock.log" || bad "serve log: no fallback message"
+	! grep -q 'trial start 3 of' "$dir/vu.sock.log" || bad "serve log: a third trial start"
+	ok "serve log: $(grep -o 'trial start [0-9]* of [0-9]*' "$dir/vu.sock.log" | tr '\n' ',' | sed 's/,$//'); $(grep -o 'fell back:.*' "$dir/vu.sock.log" | sed 's/ event=.*//' | head -n1)"
+	serve_down
+	is_plain "$dir/disk.img"
+	local size want
+	size=$(stat -c %s "$dir/disk.img") want=$(stat -c %s "$img/v1.img")
+	((size == want)) || bad "disk size $size after the fallback, v1.img is $want"
+	ok "disk size $size == v1.img's"
+	# The v1 boot mounted its root read-write and wrote /fellback: the disk is v1 + that.
+	fs_check "$dir/disk.img" "$img/v1.img" fellback
+}
+
+scenario_backend_restart() {
+	setup backend-restart v2.img
+	# One trial start allowed: today a backend stop at the limit counts as the failed boot.
+	sb prepare prepare "$dir/disk.img" --target "$target_url" --max-trial-starts 1
+	ok "prepare --max-trial-starts 1: $(cat "$dir/prepare.out")"
+	serve_up --control "$ctl" --max-trial-starts 1
+	local sock step=1-v2-held
+	sock=$(vu_socket) || exit 1
+	# The guest's console input: a FIFO kept open read-write here (so QEMU's open does
+	# not block), the guest reads commands from it (sbtest.hold=1).
+	mkfifo "$dir/console.in"
+	exec {confd}<>"$dir/console.in"
+	SB_VU_RECONNECT=1 SB_CONSOLE_IN=$dir/console.in \
+		bg_boot "$step" boot_vhost "$sock" sbtest.write=before sbtest.hold=1
+	wait_console "$step" "STREAMBOOT-HOLD"
+	sb_verdicts "$dir/$step.log" >"$dir/$step.verdicts"
+	expect "$step" "STREAMBOOT-VERDICT v2 files-ok" "STREAMBOOT-WROTE before sha256="
+	serve_status status-before
+	[[ $st_state == trial && $st_starts == 1 && $st_vm == true ]] ||
+		bad "status --control with the guest up: state $st_state, trial starts $st_starts, VM connected $st_vm (expected trial, 1, true)"
+	ok "v2 up in trial: $(verdict "$step"), wrote and synced /before, holds; status --control: state trial, trial starts 1, VM connected"
+
+	# A backend restart under the running guest (systemd restart, package upgrade).
+	serve_down
+	mv "$dir/vu.sock.log" "$dir/serve-1.log"
+	grep -q 'trial start 1 of 1' "$dir/serve-1.log" || bad "first serve's log: no 'trial start 1 of 1'"
+	sb status-stopped status "$dir/disk.img"
+	grep -qE '^state: +trial$' "$dir/status-stopped.out" && grep -qE '^trial starts: +1 of ' "$dir/status-stopped.out" ||
+		bad "serve's SIGTERM with the trial VM running changed the disk: status $(tr '\n' '|' <"$dir/status-stopped.out" | sed 's/target:[^|]*|//') serve log: $(grep -m1 -oE 'trial start limit.*|fell back.*' "$dir/serve-1.log" | sed 's/ event=.*//')"
+	ok "offline status after SIGTERM: still trial, trial starts 1 (a backend stop is no failed boot)"
+	serve_up --control "$ctl" --max-trial-starts 1
+	local n=150
+	while serve_status status-reconnect && [[ $st_vm != true ]] && ((n-- > 0)); do sleep 0.1; done
+	[[ $st_vm == true ]] || bad "QEMU did not reconnect to the new serve within 15 s ($dir/$step.log.qemu)"
+	[[ $st_mode == target && $st_state == trial && $st_starts == 1 && $st_error == null ]] ||
+		bad "status --control after QEMU reconnected: mode $st_mode, state $st_state, trial starts $st_starts, last_error $st_error (expected target, trial, 1, null)"
+	ok "serve restarted, QEMU reconnected (reconnect=1): state trial, trial starts still 1, no error"
+
+	# The same guest, still running the target: re-read everything from the disk, write.
+	console_cmd "$step" check "STREAMBOOT-VERDICT v2 recheck-"
+	console_cmd "$step" "write after" "STREAMBOOT-WROTE after"
+	sb_verdicts "$dir/$step.log" >"$dir/$step.verdicts"
+	expect_line "$step" "STREAMBOOT-VERDICT v2 recheck-ok written=before:ok"
+	expect "$step" "STREAMBOOT-WROTE after sha256=$(written_sha after)"
+	ok "the guest kept running on v2: page cache dropped, every file and /before re-read and verified, /after written and synced"
+	serve_status status-after
+	[[ $st_mode == target && $st_state == trial && $st_starts == 1 ]] ||
+		bad "status --control after the guest's I/O: mode $st_mode, state $st_state, trial starts $st_starts (expected target, trial, 1)"
+	echo poweroff >&"$confd"
+	bg_boot_done "$step"
+	ok "guest powered off (one QEMU process, ${SB_LAST_WALL}s)"
+	exec {confd}>&-
+
+	online confirm-ctl confirm
+	grep -qx 'target confirmed' "$dir/confirm-ctl.out" || bad "confirm --control: $(cat "$dir/confirm-ctl.out")"
+	ok "confirm --control: target confirmed"
+	serve_down
+	! grep -q 'trial start' "$dir/vu.sock.log" ||
+		bad "second serve's log: QEMU's reconnect counted as a trial start: $(grep -m1 -o 'trial start.*' "$dir/vu.sock.log")"
+	! grep -qE 'fell back|falling back' "$dir/vu.sock.log" "$dir/serve-1.log" ||
+		bad "serve log: a fallback: $(grep -h -m1 -oE '(fell|falling) back.*' "$dir/vu.sock.log" "$dir/serve-1.log")"
+	ok "serve logs: trial start 1 of 1 in the first serve only, no fallback"
+	sb commit commit "$dir/disk.img"
+	ok "commit (offline): $(cat "$dir/commit.out")"
+	is_plain "$dir/disk.img"
+	local size want
+	size=$(stat -c %s "$dir/disk.img") want=$(stat -c %s "$img/v2.img")
+	((size == want)) || bad "disk size $size after commit, v2.img is $want"
+	ok "disk size $size == v2.img's"
+	fs_check "$dir/disk.img" "$img/v2.img" before after
 }
 
 scenario_load() {
@@ -449,8 +665,8 @@ for s in "${selected[@]}"; do
 		times=()
 		dir=$run/$s
 		trap 'exit 143' TERM
-		trap 'sb_cleanup 2>>"$dir/vm.err"; printf "%s\n" "${times[@]}" >"$dir/boot-times"' EXIT
-		"scenario_$s"
+		trap 'sb_cleanup 2>>"$dir/vm.err"; stop_trace; printf "%s\n" "${times[@]}" >"$dir/boot-times"' EXIT
+		"scenario_${s//-/_}"
 	) &
 	scen_pid=$!
 	rc=0
@@ -471,7 +687,7 @@ for s in "${selected[@]}"; do
 	fi
 	# Wall times include waits for VMs of other worktrees (the machine-wide VM lock).
 	waits=$(grep -c 'waiting for the VM running elsewhere' "$run/$s/vm.err" 2>/dev/null)
-	summary+=("$(printf '%-10s %-4s %7.2fs  boots:%s%s' "$s" "$( ((rc == 0)) && echo PASS || echo FAIL)" "$wall" \
+	summary+=("$(printf '%-15s %-4s %7.2fs  boots:%s%s' "$s" "$( ((rc == 0)) && echo PASS || echo FAIL)" "$wall" \
 		"$(awk '{ printf " %s", $2 }' "$run/$s/boot-times" 2>/dev/null)" \
 		"$( ((${waits:-0} > 0)) && echo "  (waited for the VM lock ${waits}×)")")")
 	((interrupted == 0)) || break

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod control;
 pub mod demo;
 pub mod engine;
+pub mod migration;
 pub mod nbd;
 pub mod plain;
 pub mod profile;

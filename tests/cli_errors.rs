@@ -512,6 +512,22 @@ fn prepare_on_a_prepared_disk_is_refused() {
     );
 }
 
+/// The state decides, not the network: a prepared disk is refused before the target is
+/// opened, so the answer is the same with the server down.
+#[test]
+fn prepare_on_a_prepared_disk_is_refused_without_the_server() {
+    let mut s = Setup::new(22, 2 * MIB + 5000, 3 * MIB + 1001);
+    s.prepare(&["--chunk-size", "64K"]);
+    let url = s.url();
+    s.nginx.stop();
+    let err = refuses(
+        &s.disk,
+        &["prepare", s.disk(), "--target", &url],
+        &["already prepared (state prepared)"],
+    );
+    assert!(!err.contains("cannot reach"), "{err}");
+}
+
 #[test]
 fn malformed_urls_are_refused() {
     let s = Setup::new(16, 2 * MIB + 5000, 3 * MIB + 1001);

@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use boot_relocator::{relocate, MetaStore, PreparePhase, PrepareSpec, Storage};
 use serde::Serialize;
 
-use super::{check, open_disk, read_meta, step, MigrationError, Next, Op, Progress, Result};
+use super::{check, open_disk, read_meta, step, MigrationError, Op, Progress, Result, StepError};
 use crate::engine::{offline_status, Status};
 use crate::seed::{add_seeded, seed, LocalIndex, SeedReport};
 use crate::source::store::{IndexTrust, StoreSource};
@@ -129,7 +129,8 @@ impl TargetReader<'_> {
 
 /// Prepares `o.disk` for the target, or resumes an interrupted prepare of the same
 /// target (an interrupted prepare that had not placed anything yet is undone and started
-/// afresh). Bad options are refused before anything is opened or fetched.
+/// afresh). Bad options and a disk prepared already are refused before anything is
+/// fetched or changed.
 pub fn prepare(o: &PrepareOptions, progress: &dyn Progress) -> Result<PrepareReport> {
     let started = Instant::now();
     if let Some(cs) = o.chunk_size {
@@ -143,6 +144,10 @@ pub fn prepare(o: &PrepareOptions, progress: &dyn Progress) -> Result<PrepareRep
         .transpose()
         .map_err(step("--boot-profile"))?;
     let storage = open_disk(&o.disk)?;
+    let existing = read_meta(&o.disk, storage.clone())?;
+    if let Some(meta) = &existing {
+        check(&o.disk, meta.state(), Op::Prepare)?;
+    }
     let target = open_target(o, trust.as_ref())?;
     let chunk_size = o
         .chunk_size
@@ -155,55 +160,93 @@ pub fn prepare(o: &PrepareOptions, progress: &dyn Progress) -> Result<PrepareRep
         disk: storage.clone(),
         seeded: Cell::new(0),
     };
-    let mut read = |off: u64, buf: &mut [u8]| reader.read(off, buf);
-    let mut prog = |s: &str, d: u64, t: u64| progress.update(s, d, t);
-
     // An interrupted prepare resumes (same target) or is undone and started afresh.
-    if let Some(mut meta) = read_meta(&o.disk, storage.clone())? {
-        let sb = meta.superblock().clone();
-        if check(&o.disk, sb.state, Op::Prepare)? == Next::Resume
-            && sb.phase == PreparePhase::MapReady
-        {
-            let id = target.source.identity();
-            if id.validator != sb.target.validator || id.size != sb.layout.target_size {
-                return Err(MigrationError::OtherTarget);
-            }
-            check(&o.disk, sb.state, Op::ResumePrepare)?;
-            relocate::resume_prepare(&mut meta, &mut read, &mut prog)
-                .map_err(step("resuming prepare"))?;
-            let seeded = seed_disk(&mut meta, &reader, progress)?;
-            progress.finish();
-            return Ok(report(&meta, true, seeded, started));
+    let (mut meta, resumed) = match existing {
+        Some(mut meta) if meta.superblock().phase == PreparePhase::MapReady => {
+            resume(o, &mut meta, &reader, progress)?;
+            (meta, true)
         }
-        relocate::remove_area(&mut meta).map_err(step("undoing the interrupted prepare"))?;
-    }
+        Some(mut meta) => {
+            relocate::remove_area(&mut meta).map_err(step("undoing the interrupted prepare"))?;
+            let spec = spec(o, &target, profile.as_ref(), chunk_size)?;
+            (fresh(o, storage, &spec, &reader, progress)?, false)
+        }
+        None => {
+            let spec = spec(o, &target, profile.as_ref(), chunk_size)?;
+            (fresh(o, storage, &spec, &reader, progress)?, false)
+        }
+    };
+    let seeded = seed_disk(&mut meta, &reader, progress)?;
+    progress.finish();
+    Ok(report(&meta, resumed, seeded, started))
+}
 
-    let id = target.source.identity().clone();
+/// Resumes an interrupted prepare (phase `map-ready`) of the same target.
+fn resume(
+    o: &PrepareOptions,
+    meta: &mut MetaStore,
+    reader: &TargetReader<'_>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let sb = meta.superblock().clone();
+    let id = reader.target.source.identity();
+    if id.validator != sb.target.validator || id.size != sb.layout.target_size {
+        return Err(MigrationError::OtherTarget);
+    }
+    check(&o.disk, sb.state, Op::ResumePrepare)?;
+    relocate::resume_prepare(
+        meta,
+        &mut |off, buf| reader.read(off, buf),
+        &mut |s, d, t| progress.update(s, d, t),
+    )
+    .map_err(step("resuming prepare"))
+}
+
+/// What to prepare: the boot set (given ranges or the default, plus the profile's).
+fn spec(
+    o: &PrepareOptions,
+    target: &Target,
+    profile: Option<&crate::profile::BootProfile>,
+    chunk_size: u64,
+) -> Result<PrepareSpec> {
+    let size = target.source.identity().size;
     let mut boot_ranges = if o.boot_ranges.is_empty() {
         vec![DEFAULT_BOOT_RANGE]
     } else {
         o.boot_ranges.clone()
     };
-    if let Some(p) = &profile {
-        p.check_image(id.size).map_err(step("--boot-profile"))?;
+    if let Some(p) = profile {
+        p.check_image(size).map_err(step("--boot-profile"))?;
         boot_ranges.extend(p.ranges());
     }
-    let spec = PrepareSpec {
+    Ok(PrepareSpec {
         chunk_size,
-        target_size: id.size,
+        target_size: size,
         target: target_record(target.source.as_ref(), &o.targets),
         boot_ranges,
         area_size: o.area_size,
         source_size: o.source_size,
         max_trial_starts: o.max_trial_starts,
-    };
-    let mut head = vec![0u8; (1u64 << 20).min(id.size) as usize];
-    read(0, &mut head)
-        .map_err(|e| step("reading the target's partition table")(super::StepError::Fetch(e)))?;
+    })
+}
+
+/// A fresh prepare on a plain disk: plans (the target's partition table decides the
+/// boot partitions), reserves the area, places the boot chunks.
+fn fresh(
+    o: &PrepareOptions,
+    storage: Arc<dyn Storage>,
+    spec: &PrepareSpec,
+    reader: &TargetReader<'_>,
+    progress: &dyn Progress,
+) -> Result<MetaStore> {
+    let mut head = vec![0u8; (1u64 << 20).min(spec.target_size) as usize];
+    reader
+        .read(0, &mut head)
+        .map_err(|e| step("reading the target's partition table")(StepError::Fetch(e)))?;
     // Only bytes placed on the disk count as seeded.
     reader.seeded.set(0);
     let plan =
-        relocate::plan(storage.as_ref(), &spec, &head).map_err(|source| MigrationError::Plan {
+        relocate::plan(storage.as_ref(), spec, &head).map_err(|source| MigrationError::Plan {
             path: o.disk.clone(),
             source,
         })?;
@@ -211,21 +254,18 @@ pub fn prepare(o: &PrepareOptions, progress: &dyn Progress) -> Result<PrepareRep
         tracing::info!("{n}");
     }
     let uuid = *uuid::Uuid::new_v4().as_bytes();
-    let mut meta = relocate::prepare(
-        storage.clone(),
-        &spec,
+    relocate::prepare(
+        storage,
+        spec,
         &plan,
         uuid,
         now_unix(),
-        &mut read,
-        &mut prog,
+        &mut |off, buf| reader.read(off, buf),
+        &mut |s, d, t| progress.update(s, d, t),
     )
     .map_err(step(
         "prepare failed (run prepare again to resume, or rollback)",
-    ))?;
-    let seeded = seed_disk(&mut meta, &reader, progress)?;
-    progress.finish();
-    Ok(report(&meta, false, seeded, started))
+    ))
 }
 
 /// Opens the target image (a chunk store with its trust policy, or any source).

@@ -221,3 +221,6 @@ fn open_pinned(
         }
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -175,8 +175,7 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
         ..PrepareOptions::new(a.disk.clone(), a.targets.clone())
     };
     let r = migration::prepare(&o, &Bars::new(cli.json, false))?;
-    emit(cli, ok_json(&r), || super::report::prepared_text(&r));
-    Ok(())
+    emit(cli, ok_json(&r), || super::report::prepared_text(&r))
 }
 
 fn status(cli: &Cli, disk: &Path) -> Result<()> {
@@ -184,8 +183,7 @@ fn status(cli: &Cli, disk: &Path) -> Result<()> {
     emit(cli, ok_json(&r), || match &r.status {
         None => format!("{}: plain disk (not prepared)", disk.display()),
         Some(s) => super::report::status_text(s),
-    });
-    Ok(())
+    })
 }
 
 fn hydrate(cli: &Cli, a: &HydrateArgs) -> Result<()> {
@@ -199,14 +197,12 @@ fn hydrate(cli: &Cli, a: &HydrateArgs) -> Result<()> {
         },
         &Bars::new(cli.json, true),
     )?;
-    emit(cli, ok_json(&r), || super::report::hydrated_text(&r.report));
-    Ok(())
+    emit(cli, ok_json(&r), || super::report::hydrated_text(&r.report))
 }
 
 fn confirm(cli: &Cli, disk: &Path) -> Result<()> {
     let r = migration::confirm(disk)?;
-    emit(cli, ok_json(&r), || "target confirmed".into());
-    Ok(())
+    emit(cli, ok_json(&r), || "target confirmed".into())
 }
 
 fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
@@ -221,8 +217,7 @@ fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
     )?;
     emit(cli, ok_json(&r), || {
         super::report::committed_text(&a.disk, &r)
-    });
-    Ok(())
+    })
 }
 
 fn rollback(cli: &Cli, disk: &Path) -> Result<()> {
@@ -233,6 +228,5 @@ fn rollback(cli: &Cli, disk: &Path) -> Result<()> {
             t.push_str(" (writes made while the target ran were discarded)");
         }
         t
-    });
-    Ok(())
+    })
 }

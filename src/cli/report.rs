@@ -10,12 +10,15 @@ use super::Cli;
 use crate::engine::{HydrateReport, Status};
 use crate::migration::{CommitReport, PrepareReport};
 
-/// Prints `value` as one JSON line with `--json`, else `text()`.
-pub fn emit(cli: &Cli, value: Value, text: impl FnOnce() -> String) {
-    if cli.json {
-        println!("{value}");
-    } else {
-        println!("{}", text());
+/// Prints `value` as one JSON line with `--json`, else `text()`. A reader that went away
+/// (`streamboot status DISK | head -1`) is not an error; another write failure is.
+pub fn emit(cli: &Cli, value: Value, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let line = if cli.json { value.to_string() } else { text() };
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing to stdout"),
     }
 }
 

@@ -21,7 +21,7 @@ pub use ops::{
     commit, confirm, hydrate, rollback, status, CommitOptions, CommitReport, ConfirmReport,
     HydrateOutcome, HydrateRequest, RollbackReport, StatusReport,
 };
-pub use prepare::{prepare, PrepareOptions, PrepareReport};
+pub use prepare::{prepare, PrepareOptions, PrepareReport, DEFAULT_BOOT_RANGE, DEFAULT_CHUNK_SIZE};
 pub use transitions::{device_start, transition, Conflict, Next, Op, Reason};
 
 use crate::service::ServiceError;

@@ -10,6 +10,9 @@
 //! - [`vhost`]: the vhost-user-blk backend serving a block device over a unix socket.
 //! - [`plain`]: a block device serving a disk as it is (after commit or rollback).
 //! - [`service`]: what `serve` runs: trial boots, fallback, hydration, commit, rollback.
+//! - [`migration`]: the lifecycle, owned once: the transition table, the offline
+//!   operations (prepare, confirm, commit, rollback, hydrate, status) with typed reports,
+//!   and the daemon wiring shared by `serve` and the demo. The CLI sits on top of it.
 //! - [`nbd`]: read-only NBD exports of a store's images.
 //! - [`store`]: the deduplicated, signed chunk store (publish, stats, gc).
 //! - [`demo`]: `streamboot demo`, the whole migration on an embedded example.
@@ -21,6 +24,7 @@ pub mod cli;
 pub mod control;
 pub mod demo;
 pub mod engine;
+pub mod migration;
 pub mod nbd;
 pub mod plain;
 pub mod profile;

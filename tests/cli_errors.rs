@@ -512,6 +512,22 @@ fn prepare_on_a_prepared_disk_is_refused() {
     );
 }
 
+/// The state decides, not the network: a prepared disk is refused before the target is
+/// opened, so the answer is the same with the server down.
+#[test]
+fn prepare_on_a_prepared_disk_is_refused_without_the_server() {
+    let mut s = Setup::new(22, 2 * MIB + 5000, 3 * MIB + 1001);
+    s.prepare(&["--chunk-size", "64K"]);
+    let url = s.url();
+    s.nginx.stop();
+    let err = refuses(
+        &s.disk,
+        &["prepare", s.disk(), "--target", &url],
+        &["already prepared (state prepared)"],
+    );
+    assert!(!err.contains("cannot reach"), "{err}");
+}
+
 #[test]
 fn malformed_urls_are_refused() {
     let s = Setup::new(16, 2 * MIB + 5000, 3 * MIB + 1001);
@@ -697,4 +713,53 @@ fn commit_finishes_a_disk_left_in_state_committed() {
     assert!(out.contains("committed"), "{out}");
     s.assert_is_target();
     assert!(s.status().contains("plain disk"));
+}
+
+/// Every lifecycle command checks the state before it opens the target: in a state that
+/// does not allow it, the answer names the state and what to do, whether or not the
+/// server is reachable, and the disk is unchanged.
+#[test]
+fn state_errors_come_before_the_network() {
+    let mut s = Setup::new(23, 2 * MIB + 5000, 3 * MIB + 1001);
+    s.prepare(&["--chunk-size", "64K"]);
+    s.nginx.stop();
+    let set = |st: State| {
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&s.disk, true).unwrap());
+        let mut meta = MetaStore::open(storage).unwrap().unwrap();
+        meta.set_state(st).unwrap();
+    };
+    // A rollback that was interrupted: only rollback may go on.
+    set(State::RollingBack);
+    for (args, phrase) in [
+        (
+            vec!["hydrate", s.disk()],
+            "cannot hydrate in state rolling-back",
+        ),
+        (
+            vec!["confirm", s.disk()],
+            "cannot confirm in state rolling-back",
+        ),
+        (
+            vec!["commit", "--force", s.disk()],
+            "cannot commit in state rolling-back",
+        ),
+    ] {
+        let err = refuses(&s.disk, &args, &[phrase, "run rollback to finish it"]);
+        assert!(!err.contains("cannot reach"), "{err}");
+    }
+    // Commit started: the source is gone, rollback and confirm say so.
+    set(State::Confirmed);
+    set(State::Committing);
+    for (args, phrase) in [
+        (
+            vec!["rollback", s.disk()],
+            "cannot roll back in state committing",
+        ),
+        (
+            vec!["confirm", s.disk()],
+            "cannot confirm in state committing",
+        ),
+    ] {
+        refuses(&s.disk, &args, &[phrase, "run commit to finish it"]);
+    }
 }

@@ -1,15 +1,14 @@
-//! `streamboot demo`: runs [`crate::demo`] with the CLI's own prepare, progress bars and a
+//! `streamboot demo`: runs [`crate::demo`] with the CLI's progress bars and a
 //! final summary (text, or one JSON line with `--json`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser};
+use clap::Args;
 
 use super::progress::Bars;
 use super::size::human;
-use super::Cli;
-use crate::demo::{DemoError, DemoOptions, Hooks, Summary};
+use crate::demo::{DemoOptions, Hooks, Summary};
 
 /// Arguments of `demo`.
 #[derive(Debug, Args)]
@@ -35,22 +34,6 @@ struct CliHooks {
 }
 
 impl Hooks for CliHooks {
-    fn prepare(&self, disk: &Path, url: &str) -> Result<(), DemoError> {
-        // The same code path as `streamboot prepare DISK --target URL`, defaults included.
-        let mut argv = vec!["streamboot".to_string()];
-        if self.json {
-            argv.push("--json".into());
-        }
-        argv.extend([
-            "prepare".into(),
-            disk.display().to_string(),
-            "--target".into(),
-            url.to_string(),
-        ]);
-        let cli = Cli::try_parse_from(argv).map_err(|e| DemoError::Prepare(e.to_string()))?;
-        super::lifecycle::run(&cli).map_err(|e| DemoError::Prepare(format!("{e:#}")))
-    }
-
     fn step(&self, msg: &str) {
         if !self.json {
             println!("\n==> {msg}");

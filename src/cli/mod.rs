@@ -4,6 +4,7 @@ mod demo;
 mod export;
 mod lifecycle;
 mod progress;
+mod report;
 mod serve;
 pub mod size;
 mod store;

@@ -57,3 +57,13 @@ impl Bars {
         }
     }
 }
+
+impl crate::migration::Progress for Bars {
+    fn update(&self, step: &str, done: u64, total: u64) {
+        Bars::update(self, step, done, total);
+    }
+
+    fn finish(&self) {
+        Bars::finish(self);
+    }
+}

@@ -1,17 +1,16 @@
-//! `streamboot serve`: the vhost-user-blk backend over the engine.
+//! `streamboot serve`: the vhost-user-blk backend over the engine (the daemon wiring is
+//! [`crate::migration::daemon`]; this parses the arguments and prints the ready line).
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::size::{human, parse_size};
 use super::NetArgs;
-use crate::service::{Service, ServiceConfig};
-use crate::vhost::{ServeOptions, ShutdownHandle, VhostBlkServer};
+use crate::migration::daemon::{Daemon, DaemonOptions};
+use crate::service::ServiceConfig;
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -68,7 +67,7 @@ pub fn run(a: &ServeArgs, json: bool) -> Result<()> {
         .map(crate::profile::BootProfile::load)
         .transpose()
         .context("--boot-profile")?;
-    let svc = Service::start(ServiceConfig {
+    let service = ServiceConfig {
         disk: a.disk.clone(),
         read_only: a.read_only,
         max_trial_starts: a.max_trial_starts,
@@ -78,47 +77,21 @@ pub fn run(a: &ServeArgs, json: bool) -> Result<()> {
         hydrate_rate: a.rate,
         record_profile: a.record_profile.clone(),
         boot_profile,
-    })
-    .with_context(|| format!("starting to serve {}", a.disk.display()))?;
-    let shutdown = ShutdownHandle::new()?;
-    let mut opts = ServeOptions::new(&a.socket);
-    opts.num_queues = a.queues;
-    opts.socket_group = a.socket_group.clone();
-    opts.shutdown = Some(shutdown.clone());
-    opts.events = Some(svc.clone());
-    let server =
-        VhostBlkServer::bind(svc.block_device(), opts).context("creating the vhost-user socket")?;
-    let notifier = Arc::new(crate::control::Notifier::new(a.notify.clone()).context("--notify")?);
-    {
-        let n = notifier.clone();
-        let disk = a.disk.display().to_string();
-        svc.on_event(move |ev, msg| {
-            n.notify(ev, serde_json::json!({"disk": disk, "message": msg}))
-        });
-    }
-    let control = match &a.control {
-        Some(path) => {
-            let gid = a
-                .socket_group
-                .as_deref()
-                .map(crate::vhost::socket::resolve_group)
-                .transpose()?;
-            let ops: Arc<dyn crate::control::ControlOps> = svc.clone();
-            Some(
-                crate::control::ControlServer::bind(path, ops, gid)
-                    .context("creating the control socket")?
-                    .spawn()
-                    .context("starting the control API")?,
-            )
-        }
-        None => None,
     };
-    spawn_signal_thread(shutdown)?;
-
+    let daemon = Daemon::start(DaemonOptions {
+        queues: a.queues,
+        socket_group: a.socket_group.clone(),
+        control: a.control.clone(),
+        notify: a.notify.clone(),
+        signals: true,
+        ..DaemonOptions::new(service, a.socket.clone())
+    })?;
+    let svc = daemon.service();
     let st = svc.status();
-    let line = serde_json::json!({"event": "ready", "socket": a.socket, "mode": svc.mode(), "state": st.state,
-                                  "capacity": crate::blockdev::BlockBackend::capacity(svc.block_device().as_ref())});
+    let capacity = daemon.capacity();
     if json {
+        let line = serde_json::json!({"event": "ready", "socket": a.socket, "mode": svc.mode(),
+                                      "state": st.state, "capacity": capacity});
         println!("{line}");
     } else {
         println!(
@@ -126,49 +99,11 @@ pub fn run(a: &ServeArgs, json: bool) -> Result<()> {
             a.disk.display(),
             svc.mode(),
             st.state,
-            human(crate::blockdev::BlockBackend::capacity(
-                svc.block_device().as_ref()
-            )),
+            human(capacity),
             a.socket.display()
         );
     }
     std::io::stdout().flush().ok();
-
-    let summary = server.run().context("vhost-user server failed");
-    let stopped = svc.shutdown().context("flushing at shutdown");
-    if let Some(c) = control {
-        c.shutdown();
-    }
-    let st = svc.status();
-    notifier.notify(
-        if summary.is_ok() && stopped.is_ok() {
-            "stopped"
-        } else {
-            "failed"
-        },
-        serde_json::json!({"disk": a.disk.display().to_string(), "state": st.state,
-                           "last_error": svc.last_error()}),
-    );
-    notifier.close(std::time::Duration::from_secs(5));
-    let summary = summary?;
-    stopped?;
-    tracing::info!(connections = summary.connections, "stopped");
-    Ok(())
-}
-
-fn spawn_signal_thread(shutdown: ShutdownHandle) -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .context("installing signal handlers")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!(
-                    signal = sig,
-                    "shutting down: draining requests and flushing"
-                );
-                shutdown.shutdown();
-            }
-        })?;
+    daemon.run()?;
     Ok(())
 }

@@ -1,10 +1,10 @@
 //! `streamboot demo`: the whole migration on an embedded example, in one process.
 //!
 //! Builds a v1/v2 image pair ([`images`]), serves v2 from a loopback HTTP server
-//! ([`http`]), prepares a copy of v1 (through the caller's [`Hooks::prepare`], the CLI's
-//! own prepare), serves it with [`Service`] + [`VhostBlkServer`], lets a guest use it — a
-//! QEMU VM ([`vm`]) when one can run here, else a `blkio` client ([`blk`]) — then
-//! confirms and commits through the service and checks the final disk byte for byte.
+//! ([`http`]), prepares a copy of v1 with the library's [`migration::prepare`], serves it
+//! with the daemon wiring `serve` uses ([`Daemon`]), lets a guest use it — a QEMU VM
+//! ([`vm`]) when one can run here, else a `blkio` client ([`blk`]) — then confirms and
+//! commits through the service and checks the final disk byte for byte.
 
 pub mod blk;
 pub mod http;
@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::migration::daemon::{Daemon, DaemonError, DaemonOptions};
+use crate::migration::{self, PrepareOptions};
 use crate::service::{Service, ServiceConfig};
 use crate::source::HttpOptions;
-use crate::vhost::{ServeOptions, ShutdownHandle, VhostBlkServer};
+use crate::vhost::ShutdownHandle;
 
 /// Errors of the demo.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +42,10 @@ pub enum DemoError {
         log: PathBuf,
         tail: String,
     },
-    #[error("prepare: {0}")]
-    Prepare(String),
+    #[error("prepare")]
+    Prepare(#[source] migration::MigrationError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
     #[error(transparent)]
     Service(#[from] crate::service::ServiceError),
     #[error(transparent)]
@@ -74,10 +78,8 @@ pub struct DemoOptions {
     pub synthetic: bool,
 }
 
-/// What the caller provides: prepare (the CLI's), progress display and step messages.
-pub trait Hooks {
-    /// Prepares `disk` for the target at `url`.
-    fn prepare(&self, disk: &Path, url: &str) -> Result<(), DemoError>;
+/// What the caller provides: progress display and step messages.
+pub trait Hooks: Sync {
     /// A step begins.
     fn step(&self, msg: &str);
     /// A detail of the current step.
@@ -162,7 +164,7 @@ struct Served {
 
 impl Served {
     fn start(disk: &Path, sock: &Path) -> Result<Self, DemoError> {
-        let svc = Service::start(ServiceConfig {
+        let service = ServiceConfig {
             disk: disk.to_path_buf(),
             read_only: false,
             max_trial_starts: None,
@@ -172,20 +174,18 @@ impl Served {
             hydrate_rate: GUEST_PHASE_RATE,
             record_profile: None,
             boot_profile: None,
-        })?;
+        };
+        let daemon = Daemon::start(DaemonOptions::new(service, sock.to_path_buf()))?;
+        let svc = daemon.service().clone();
         let (tx, events) = std::sync::mpsc::channel();
         let tx = parking_lot::Mutex::new(tx);
         svc.on_event(move |ev, _| {
             let _ = tx.lock().send(ev.to_string());
         });
-        let shutdown = ShutdownHandle::new()?;
-        let mut opts = ServeOptions::new(sock);
-        opts.shutdown = Some(shutdown.clone());
-        opts.events = Some(svc.clone());
-        let server = VhostBlkServer::bind(svc.block_device(), opts)?;
+        let shutdown = daemon.shutdown_handle();
         let thread = std::thread::Builder::new()
             .name("demo-vhost".into())
-            .spawn(move || server.run().map(|_| ()).map_err(DemoError::from))
+            .spawn(move || daemon.run().map(|_| ()).map_err(DemoError::from))
             .map_err(|e| DemoError::io(sock, e))?;
         Ok(Self {
             svc,
@@ -202,7 +202,6 @@ impl Served {
             t.join()
                 .map_err(|_| DemoError::Failed("vhost server thread panicked".into()))??;
         }
-        self.svc.shutdown()?;
         Ok(())
     }
 
@@ -287,7 +286,15 @@ pub fn run(opts: &DemoOptions, hooks: &dyn Hooks) -> Result<Summary, DemoError> 
     // 3. prepare.
     hooks.step("3. prepare: relocate v2's boot chunks onto the disk (reversible)");
     let t0 = Instant::now();
-    hooks.prepare(&disk, &url)?;
+    let prepared = migration::prepare(
+        &PrepareOptions::new(disk.clone(), vec![url.clone()]),
+        &HookProgress(hooks),
+    )
+    .map_err(DemoError::Prepare)?;
+    hooks.info(&format!(
+        "{} boot chunks home, state {}",
+        prepared.status.chunks_home, prepared.status.state
+    ));
     let prepare_secs = t0.elapsed().as_secs_f64();
     let wire_prepare = server.wire();
     hooks.info(&format!(
@@ -514,6 +521,19 @@ pub fn run(opts: &DemoOptions, hooks: &dyn Hooks) -> Result<Summary, DemoError> 
         total_secs: t_all.elapsed().as_secs_f64(),
         work: opts.work.clone(),
     })
+}
+
+/// The library's progress reports shown through the caller's hooks.
+struct HookProgress<'a>(&'a dyn Hooks);
+
+impl migration::Progress for HookProgress<'_> {
+    fn update(&self, step: &str, done: u64, total: u64) {
+        self.0.progress(step, done, total);
+    }
+
+    fn finish(&self) {
+        self.0.progress_done();
+    }
 }
 
 /// Polls `done` every 50 ms until it says true, fails, or `timeout` passes.

@@ -1,0 +1,207 @@
+//! The daemon wiring of `streamboot serve`, written once (the CLI's `serve` and the demo
+//! use it): opens the [`Service`] on the disk, binds the vhost-user-blk server on its
+//! block device, the control API, the `--notify` hooks, and (optionally) the signal
+//! thread that stops everything on SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use crate::blockdev::BlockBackend;
+use crate::control::{BindError, ControlHandle, ControlServer, Notifier, NotifyError};
+use crate::service::{Service, ServiceConfig, ServiceError};
+use crate::vhost::{ServeOptions, ServeSummary, ShutdownHandle, VhostBlkServer, VhostError};
+
+/// How long the final notification may take at shutdown.
+const NOTIFY_CLOSE: Duration = Duration::from_secs(5);
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    /// The service (disk, target, hydration, trial limit, profiles).
+    pub service: ServiceConfig,
+    /// vhost-user socket to create.
+    pub socket: PathBuf,
+    /// Number of virtqueues.
+    pub queues: u16,
+    /// Group given access to the sockets (mode 0660).
+    pub socket_group: Option<String>,
+    /// Control socket (`None`: no control API).
+    pub control: Option<PathBuf>,
+    /// URL to POST each state change to.
+    pub notify: Option<String>,
+    /// Stop on SIGTERM/SIGINT (a process that owns its signals: `serve`).
+    pub signals: bool,
+}
+
+impl DaemonOptions {
+    /// One queue, no control API, no notifications, no signal handling.
+    pub fn new(service: ServiceConfig, socket: PathBuf) -> Self {
+        Self {
+            service,
+            socket,
+            queues: 1,
+            socket_group: None,
+            control: None,
+            notify: None,
+            signals: false,
+        }
+    }
+}
+
+/// Errors of the daemon: what was being done; the cause is the source.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The service could not start on the disk.
+    #[error("starting to serve {}", disk.display())]
+    Start {
+        /// The disk.
+        disk: PathBuf,
+        /// Cause.
+        #[source]
+        source: ServiceError,
+    },
+    /// The vhost-user socket could not be created.
+    #[error("creating the vhost-user socket")]
+    Socket(#[source] VhostError),
+    /// Other vhost setup (shutdown handle, socket group).
+    #[error(transparent)]
+    Vhost(VhostError),
+    /// The notification URL is not usable.
+    #[error("--notify")]
+    Notify(#[source] NotifyError),
+    /// The control socket could not be created.
+    #[error("creating the control socket")]
+    ControlBind(#[source] BindError),
+    /// The control API could not start.
+    #[error("starting the control API")]
+    ControlStart(#[source] BindError),
+    /// The signal handlers could not be installed.
+    #[error("installing signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// The vhost-user server failed while running.
+    #[error("vhost-user server failed")]
+    Server(#[source] VhostError),
+    /// Flushing at shutdown failed.
+    #[error("flushing at shutdown")]
+    Shutdown(#[source] ServiceError),
+}
+
+/// A started daemon: every socket exists (a VM may connect); [`Daemon::run`] serves.
+pub struct Daemon {
+    svc: Arc<Service>,
+    server: VhostBlkServer,
+    shutdown: ShutdownHandle,
+    control: Option<ControlHandle>,
+    notifier: Arc<Notifier>,
+    disk: PathBuf,
+}
+
+impl Daemon {
+    /// Opens the service and binds the sockets.
+    pub fn start(o: DaemonOptions) -> Result<Self, DaemonError> {
+        let disk = o.service.disk.clone();
+        let svc = Service::start(o.service).map_err(|source| DaemonError::Start {
+            disk: disk.clone(),
+            source,
+        })?;
+        let shutdown = ShutdownHandle::new().map_err(DaemonError::Vhost)?;
+        let mut opts = ServeOptions::new(&o.socket);
+        opts.num_queues = o.queues;
+        opts.socket_group = o.socket_group.clone();
+        opts.shutdown = Some(shutdown.clone());
+        opts.events = Some(svc.clone());
+        let server = VhostBlkServer::bind(svc.block_device(), opts).map_err(DaemonError::Socket)?;
+        let notifier = Arc::new(Notifier::new(o.notify).map_err(DaemonError::Notify)?);
+        {
+            let n = notifier.clone();
+            let disk = disk.display().to_string();
+            svc.on_event(move |ev, msg| {
+                n.notify(ev, serde_json::json!({"disk": disk, "message": msg}))
+            });
+        }
+        let control = match &o.control {
+            Some(path) => {
+                let gid = o
+                    .socket_group
+                    .as_deref()
+                    .map(crate::vhost::socket::resolve_group)
+                    .transpose()
+                    .map_err(DaemonError::Vhost)?;
+                let ops: Arc<dyn crate::control::ControlOps> = svc.clone();
+                let c = ControlServer::bind(path, ops, gid).map_err(DaemonError::ControlBind)?;
+                Some(c.spawn().map_err(DaemonError::ControlStart)?)
+            }
+            None => None,
+        };
+        if o.signals {
+            spawn_signal_thread(shutdown.clone()).map_err(DaemonError::Signals)?;
+        }
+        Ok(Self {
+            svc,
+            server,
+            shutdown,
+            control,
+            notifier,
+            disk,
+        })
+    }
+
+    /// The service.
+    pub fn service(&self) -> &Arc<Service> {
+        &self.svc
+    }
+
+    /// Size of the device presented.
+    pub fn capacity(&self) -> u64 {
+        self.svc.block_device().capacity()
+    }
+
+    /// A handle that stops [`Daemon::run`] (drains requests, flushes).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Serves until shut down; then stops background work, makes everything durable,
+    /// stops the control API and sends the final notification (`stopped` or `failed`).
+    pub fn run(self) -> Result<ServeSummary, DaemonError> {
+        let summary = self.server.run();
+        let stopped = self.svc.shutdown();
+        if let Some(c) = self.control {
+            c.shutdown();
+        }
+        let st = self.svc.status();
+        self.notifier.notify(
+            if summary.is_ok() && stopped.is_ok() {
+                "stopped"
+            } else {
+                "failed"
+            },
+            serde_json::json!({"disk": self.disk.display().to_string(), "state": st.state,
+                               "last_error": self.svc.last_error()}),
+        );
+        self.notifier.close(NOTIFY_CLOSE);
+        let summary = summary.map_err(DaemonError::Server)?;
+        stopped.map_err(DaemonError::Shutdown)?;
+        tracing::info!(connections = summary.connections, "stopped");
+        Ok(summary)
+    }
+}
+
+fn spawn_signal_thread(shutdown: ShutdownHandle) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(
+                    signal = sig,
+                    "shutting down: draining requests and flushing"
+                );
+                shutdown.shutdown();
+            }
+        })?;
+    Ok(())
+}

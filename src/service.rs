@@ -19,6 +19,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::blockdev::{BlockBackend, BlockError, DeviceEvents, DeviceStart};
 use crate::engine::{Engine, EngineError, EngineOptions, HydrateOptions, Hydrator, Status};
+use crate::migration::transitions::{device_start, transition, Next, Op};
 use crate::plain::PlainDisk;
 use crate::source::HttpOptions;
 use crate::target::{open_source, pinned_identity};
@@ -47,6 +48,9 @@ pub enum ServiceError {
     /// The boot profile does not fit the target.
     #[error(transparent)]
     Profile(#[from] crate::profile::ProfileError),
+    /// The lifecycle's transition table refuses the operation in this state.
+    #[error(transparent)]
+    Transition(#[from] crate::migration::Conflict),
 }
 
 /// How to serve.
@@ -277,54 +281,51 @@ impl Service {
         let storage = open_for_serving(&cfg.disk, cfg.read_only)?;
         let mut recorder = None;
         let mut profile_chunks = Vec::new();
-        let (mode, engine, max_trial) =
-            match MetaStore::open(storage.clone())? {
-                None => (Mode::Plain, None, 0),
-                Some(mut meta) => {
-                    let sb = meta.superblock().clone();
-                    let max = cfg.max_trial_starts.unwrap_or(sb.max_trial_starts).max(1);
-                    match sb.state {
-                        State::Preparing => return Err(ServiceError::Conflict(
-                            "prepare was interrupted: run prepare again to resume it, or rollback"
-                                .into(),
-                        )),
-                        State::Committed => {
-                            relocate::remove_area(&mut meta)?;
-                            (Mode::Plain, None, max)
+        let (mode, engine, max_trial) = match MetaStore::open(storage.clone())? {
+            None => (Mode::Plain, None, 0),
+            Some(mut meta) => {
+                let sb = meta.superblock().clone();
+                let max = cfg.max_trial_starts.unwrap_or(sb.max_trial_starts).max(1);
+                // Preparing: refused (resume prepare or roll back first).
+                transition(sb.state, Op::Serve)?;
+                match sb.state {
+                    State::Committed => {
+                        relocate::remove_area(&mut meta)?;
+                        (Mode::Plain, None, max)
+                    }
+                    State::RollingBack | State::RolledBack => {
+                        relocate::rollback(&mut meta, &mut |_, _, _| {})?;
+                        (Mode::Source, None, max)
+                    }
+                    _ => {
+                        let urls = if cfg.targets.is_empty() {
+                            sb.target.urls.clone()
+                        } else {
+                            cfg.targets.clone()
+                        };
+                        let src = open_source(&urls, Some(&pinned_identity(&sb)), &cfg.http)?;
+                        let mut e = Engine::new(meta, src, EngineOptions::default())?;
+                        e.set_read_only(cfg.read_only);
+                        let (cs, size) = (sb.layout.chunk_size(), sb.layout.target_size);
+                        if let Some(p) = &cfg.boot_profile {
+                            p.check_image(size)?;
+                            profile_chunks = p.chunks_at(cs);
                         }
-                        State::RollingBack | State::RolledBack => {
-                            relocate::rollback(&mut meta, &mut |_, _, _| {})?;
-                            (Mode::Source, None, max)
+                        if let Some(path) = &cfg.record_profile {
+                            let r = Arc::new(crate::profile::Recorder::new(
+                                path.clone(),
+                                cs,
+                                size,
+                                sb.target.validator.clone(),
+                            ));
+                            e.set_recorder(r.clone());
+                            recorder = Some(r);
                         }
-                        _ => {
-                            let urls = if cfg.targets.is_empty() {
-                                sb.target.urls.clone()
-                            } else {
-                                cfg.targets.clone()
-                            };
-                            let src = open_source(&urls, Some(&pinned_identity(&sb)), &cfg.http)?;
-                            let mut e = Engine::new(meta, src, EngineOptions::default())?;
-                            e.set_read_only(cfg.read_only);
-                            let (cs, size) = (sb.layout.chunk_size(), sb.layout.target_size);
-                            if let Some(p) = &cfg.boot_profile {
-                                p.check_image(size)?;
-                                profile_chunks = p.chunks_at(cs);
-                            }
-                            if let Some(path) = &cfg.record_profile {
-                                let r = Arc::new(crate::profile::Recorder::new(
-                                    path.clone(),
-                                    cs,
-                                    size,
-                                    sb.target.validator.clone(),
-                                ));
-                                e.set_recorder(r.clone());
-                                recorder = Some(r);
-                            }
-                            (Mode::Target, Some(Arc::new(e)), max)
-                        }
+                        (Mode::Target, Some(Arc::new(e)), max)
                     }
                 }
-            };
+            }
+        };
         let backend: Arc<dyn BlockBackend> = match &engine {
             Some(e) => e.clone(),
             None => {
@@ -491,17 +492,14 @@ impl Service {
         let e = self.engine().ok_or_else(|| {
             ServiceError::Conflict(format!("nothing to confirm: serving {:?}", self.mode()))
         })?;
-        match e.state() {
-            State::Prepared | State::Trial => {
-                e.update_superblock(|sb| sb.state = State::Confirmed)?;
+        match transition(e.state(), Op::Confirm)? {
+            Next::Enter(s) => {
+                e.update_superblock(|sb| sb.state = s)?;
                 self.emit("confirmed", "target confirmed");
                 self.save_profile();
                 Ok("target confirmed".into())
             }
-            State::Confirmed => Ok("target already confirmed".into()),
-            s => Err(ServiceError::Conflict(format!(
-                "cannot confirm in state {s}"
-            ))),
+            _ => Ok("target already confirmed".into()),
         }
     }
 
@@ -517,17 +515,16 @@ impl Service {
             ServiceError::Conflict(format!("nothing to commit: serving {:?}", self.mode()))
         })?;
         let state = e.state();
-        if !resume && state != State::Confirmed {
-            return Err(ServiceError::Conflict(match state {
-                State::Committing => "commit is already running".into(),
-                s => format!("cannot commit in state {s}: confirm the target first"),
-            }));
+        let next = transition(state, Op::Commit)?;
+        if !resume && next == Next::Finish {
+            return Err(ServiceError::Conflict("commit is already finishing".into()));
         }
         let mut bg = self.bg.lock();
         if bg.commit.as_ref().is_some_and(|t| !t.is_finished()) {
             return Err(ServiceError::Conflict("commit is already running".into()));
         }
-        if state == State::Confirmed {
+        // A commit that stopped on an error resumes here (`Next::Resume`).
+        if next == Next::Enter(State::Committing) {
             // The source is abandoned from here on: make that durable before answering,
             // so a status right after "commit started" already says committing.
             e.flush()?;
@@ -545,7 +542,9 @@ impl Service {
                             svc.emit("committed", "commit finished: the disk holds the target")
                         }
                         Err(_) if svc.stopping.load(std::sync::atomic::Ordering::SeqCst) => {
-                            tracing::info!("commit paused by shutdown; it resumes at the next start")
+                            tracing::info!(
+                                "commit paused by shutdown; it resumes at the next start"
+                            )
                         }
                         Err(err) => {
                             tracing::error!("commit failed: {err}");
@@ -580,12 +579,14 @@ impl Service {
                 self.mode()
             )));
         };
-        if !e.state().source_recoverable() {
-            return Err(ServiceError::Conflict(format!(
-                "cannot roll back in state {}",
-                e.state()
-            )));
-        }
+        transition(
+            e.state(),
+            if refuse_if_connected {
+                Op::Rollback
+            } else {
+                Op::Fallback
+            },
+        )?;
         self.stop_hydration();
         // From here no guest request runs until the swap below.
         let mut slot = self.disk.inner.write();
@@ -690,15 +691,13 @@ impl DeviceEvents for Service {
         }
         let Some(e) = self.engine() else { return };
         let (state, n) = e.with_meta(|m| (m.state(), m.superblock().start_counter));
-        if !matches!(state, State::Prepared | State::Trial) {
-            return;
-        }
-        if state == State::Trial && n >= self.max_trial {
-            self.fall_back(n);
-            return;
-        }
+        let next = match device_start(state, n, self.max_trial) {
+            (Op::Fallback, Ok(_)) => return self.fall_back(n),
+            (_, Ok(Next::Enter(next))) => next,
+            _ => return, // confirmed or committing: no trial to count
+        };
         let r = e.update_superblock(|sb| {
-            sb.state = State::Trial;
+            sb.state = next;
             sb.start_counter = sb.start_counter.saturating_add(1);
         });
         match r {
@@ -812,6 +811,7 @@ impl crate::control::ControlOps for Service {
 fn control_error(e: ServiceError) -> crate::control::ControlError {
     match e {
         ServiceError::Conflict(m) => crate::control::ControlError::Conflict(m),
+        ServiceError::Transition(c) => crate::control::ControlError::Conflict(c.to_string()),
         other => crate::control::ControlError::Internal(other.to_string()),
     }
 }

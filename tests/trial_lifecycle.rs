@@ -105,7 +105,10 @@ fn backend_restart_at_the_limit_is_not_a_failed_boot() {
     assert_eq!(v["start_counter"], 2, "{v}");
     let srv = Served::start(&s.disk, &sock, &ctl_arg);
     let v = streamboot::control::client::get_status(&ctl).unwrap();
-    assert_eq!(v["mode"], "target", "serve started at the limit fell back: {v}");
+    assert_eq!(
+        v["mode"], "target",
+        "serve started at the limit fell back: {v}"
+    );
     assert_eq!(v["state"], "trial", "{v}");
     // A new VM (fresh device start) with the starts used up: falls back at its start,
     // so its very first read is the source.
@@ -144,7 +147,13 @@ fn rollback_waits_for_every_request_of_a_departed_vm() {
         // Every fetch from now on is slow: headers and a few bytes, then a stall.
         proxy.set_plan(
             seed,
-            vec![Rule::new(When::Always, Fault::Stall { after: 100, secs: 2 })],
+            vec![Rule::new(
+                When::Always,
+                Fault::Stall {
+                    after: 100,
+                    secs: 2,
+                },
+            )],
         );
         let chunks = s.target.len() / CHUNK;
         let mut c = Client::connect(&sock, 1, 64 * CHUNK).unwrap();
@@ -234,7 +243,11 @@ fn read_only_serve_of_a_prepared_disk() {
     let mut c = Client::connect_with(&sock, 1, s.target.len(), true).unwrap();
     assert!(c.read_only, "the device is not read-only");
     assert!(read(&mut c, 0, s.target.len()) == s.target);
-    assert_ne!(c.write(0, 0, 4096), 0, "a write to a read-only device succeeded");
+    assert_ne!(
+        c.write(0, 0, 4096),
+        0,
+        "a write to a read-only device succeeded"
+    );
     drop(c);
     srv.stop();
     let v = s.offline_status();
@@ -242,4 +255,3 @@ fn read_only_serve_of_a_prepared_disk() {
     assert_eq!(v["start_counter"], 1, "{v}");
     assert_eq!(v["chunks_missing"], 0, "fetched chunks were not kept: {v}");
 }
-

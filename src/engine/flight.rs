@@ -33,7 +33,10 @@ pub struct Flight {
 
 impl Flight {
     /// Blocks until the fetch finishes; gives up (`None`) once `cancel` fires.
-    pub fn wait_or_cancel(&self, cancel: &tokio_util::sync::CancellationToken) -> Option<FlightResult> {
+    pub fn wait_or_cancel(
+        &self,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Option<FlightResult> {
         let mut g = self.done.lock();
         while g.is_none() {
             if cancel.is_cancelled() {

@@ -623,9 +623,9 @@ impl Engine {
         cancel: &CancellationToken,
     ) -> FlightResult {
         Counters::add(&self.counters.fetch_requests, 1);
-        let got = self
-            .source
-            .read_at_cancellable(start, &mut bytes[..(end - start) as usize], cancel);
+        let got =
+            self.source
+                .read_at_cancellable(start, &mut bytes[..(end - start) as usize], cancel);
         if let Err(SourceError::Cancelled) = got {
             tracing::debug!(chunk = first, count, "fetch cancelled");
             return FlightResult::Cancelled;

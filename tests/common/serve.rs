@@ -61,7 +61,10 @@ impl Served {
     /// Stops with SIGTERM and checks the clean exit and that the socket is gone.
     pub fn stop(mut self) {
         let (st, _) = self.sigterm_within(Duration::from_secs(30));
-        assert!(st.success(), "serve did not exit cleanly on SIGTERM: {st:?}");
+        assert!(
+            st.success(),
+            "serve did not exit cleanly on SIGTERM: {st:?}"
+        );
         assert!(!self.socket.exists(), "socket left behind");
     }
 }

@@ -16,6 +16,18 @@
 //! changed image (412, a different validator or total) is [`SourceError::Changed`], which is
 //! permanent: the migration stops rather than mixing two images.
 //!
+//! The echoed validator is required, not only compared: a server that ignores `If-Match`
+//! and drops `ETag` could serve a replaced image unnoticed. A mirror that answers a range
+//! request without the pinned validator is refused for the rest of the source's life (a
+//! warning says why); the other mirrors carry on, and when none is left every read fails
+//! with [`SourceError::Invalid`] naming the missing header.
+//!
+//! # Redirects and secrets
+//! Redirects are followed only within the origin (scheme, host, port) of the URL given; a
+//! redirect to another origin needs [`HttpOptions::allow_cross_origin_redirects`], and one
+//! from https to http is always refused. No `Referer` is sent. URLs appear in errors and
+//! logs only in their [`redact_url`] form (no userinfo, no query string).
+//!
 //! # Threads and I/O
 //! The source owns a small multi-thread tokio runtime (2 workers) that drives the pooled
 //! connections (HTTP/1.1 keep-alive). [`RemoteSource::read_at`] runs the request future on
@@ -24,6 +36,12 @@
 //! caller's slice, with no intermediate whole-body buffer.
 //!
 //! # Faults
+//! Each attempt has a stall limit ([`HttpOptions::request_timeout`], the longest wait for
+//! any piece of the answer) and a total budget ([`HttpOptions::attempt_budget`]: at least
+//! `request_timeout`, more for long ranges at [`HttpOptions::min_rate`], never past the read's
+//! deadline), so a server dripping a byte now and then cannot hold a read forever: the attempt
+//! ends as [`SourceError::Timeout`] and the retry logic below takes over.
+//!
 //! Transient errors ([`SourceError::is_transient`]) are retried: the next mirror at once,
 //! then, after a full round of mirrors failed, with exponential backoff and jitter. Reads keep
 //! retrying until [`HttpOptions::deadline`] (default: forever, the guest waits); bytes received
@@ -31,20 +49,25 @@
 //! return at once. Opening retries only [`HttpOptions::open_retries`] times, so that a wrong
 //! URL fails fast.
 
+mod check;
+mod probe;
+pub mod url;
+
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use reqwest::header::{
-    HeaderMap, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_MATCH,
-    IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE,
-};
-use reqwest::{Client, Response, StatusCode, Url};
+use reqwest::header::{IF_MATCH, IF_UNMODIFIED_SINCE, RANGE};
+use reqwest::{Client, Url};
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
+use tokio::time::Instant;
 
-use super::http_parse::{is_strong_etag, parse_content_length, parse_content_range};
+use self::check::header_label;
+use self::probe::probe_with_retries;
+pub use self::url::{identity_url, redact_url};
 use super::retry::{Backoff, Deadline};
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
 
@@ -64,6 +87,13 @@ pub struct HttpOptions {
     /// each further piece of the body. A slow but steady transfer never hits it; a stalled
     /// connection is abandoned and the range retried (on the next mirror if any).
     pub request_timeout: Duration,
+    /// Slowest transfer rate (bytes per second) an attempt is granted: the total budget of
+    /// one attempt for `len` bytes is `max(request_timeout, len / min_rate)`
+    /// ([`HttpOptions::attempt_budget`]). Bytes received before the budget ran out are kept.
+    pub min_rate: u64,
+    /// Follow redirects to another origin (scheme, host or port) than the URL given. A
+    /// redirect from https to http is refused even then.
+    pub allow_cross_origin_redirects: bool,
     /// Retries of the probe of each mirror at open, after the first attempt. Small, so a bad
     /// URL or a dead server is reported quickly.
     pub open_retries: u32,
@@ -80,11 +110,16 @@ pub struct HttpOptions {
     pub http2: bool,
 }
 
+/// Default [`HttpOptions::min_rate`]: 64 KiB/s (a 4 MiB range gets 64 s).
+pub const DEFAULT_MIN_RATE: u64 = 64 << 10;
+
 impl Default for HttpOptions {
     fn default() -> Self {
         HttpOptions {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            min_rate: DEFAULT_MIN_RATE,
+            allow_cross_origin_redirects: false,
             open_retries: 2,
             deadline: None,
             backoff_base: Duration::from_millis(200),
@@ -101,12 +136,24 @@ impl HttpOptions {
                 "HTTP options: connect_timeout and request_timeout must be non-zero".into(),
             ));
         }
+        if self.min_rate == 0 {
+            return Err(SourceError::Invalid(
+                "HTTP options: min_rate must be non-zero".into(),
+            ));
+        }
         if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
             return Err(SourceError::Invalid(
                 "HTTP options: backoff_base must be non-zero and at most backoff_max".into(),
             ));
         }
         Ok(())
+    }
+
+    /// Total time one attempt to fetch `len` bytes may take:
+    /// `max(request_timeout, len / min_rate)`.
+    pub fn attempt_budget(&self, len: u64) -> Duration {
+        let transfer = Duration::from_millis(len.saturating_mul(1000) / self.min_rate.max(1));
+        self.request_timeout.max(transfer)
     }
 
     fn backoff(&self) -> Backoff {
@@ -120,31 +167,30 @@ impl HttpOptions {
 /// One URL of the image.
 struct Mirror {
     url: Url,
-    /// The URL as shown in logs and errors (password hidden).
+    /// The URL as shown in logs and errors ([`redact_url`]: no userinfo, no query).
     shown: String,
+    /// The URL carries a userinfo or a query string.
+    has_secrets: bool,
 }
 
 impl Mirror {
     fn parse(raw: &str) -> Result<Self, SourceError> {
+        let shown = redact_url(raw.trim());
         let url = Url::parse(raw.trim())
-            .map_err(|e| SourceError::Invalid(format!("{raw:?}: not a URL ({e})")))?;
+            .map_err(|e| SourceError::Invalid(format!("{shown:?}: not a URL ({e})")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(SourceError::Invalid(format!(
-                "{raw:?}: scheme {:?} not supported (use http:// or https://)",
+                "{shown:?}: scheme {:?} not supported (use http:// or https://)",
                 url.scheme()
             )));
         }
         if url.host_str().is_none_or(|h| h.is_empty()) {
-            return Err(SourceError::Invalid(format!("{raw:?}: URL has no host")));
-        }
-        let mut shown = url.clone();
-        if shown.password().is_some() {
-            // Cannot fail: the URL has a host, so it can carry credentials.
-            let _ = shown.set_password(Some("***"));
+            return Err(SourceError::Invalid(format!("{shown:?}: URL has no host")));
         }
         Ok(Mirror {
+            has_secrets: url::has_secrets(&url),
             url,
-            shown: shown.to_string(),
+            shown,
         })
     }
 }
@@ -191,6 +237,8 @@ struct Inner {
     opts: HttpOptions,
     /// Mirror to try first; moves on when it fails.
     preferred: AtomicUsize,
+    /// Per mirror: why it is no longer used (it answered without the pinned validator).
+    refused: Vec<OnceLock<String>>,
 }
 
 impl fmt::Debug for HttpSource {
@@ -316,11 +364,12 @@ impl HttpSource {
                 pin: probe.pin,
                 opts,
                 preferred: AtomicUsize::new(first_ok),
+                refused: (0..urls.len()).map(|_| OnceLock::new()).collect(),
             },
         })
     }
 
-    /// The mirrors' URLs as shown in logs (passwords hidden), in the order given.
+    /// The mirrors' URLs as shown in logs ([`redact_url`]), in the order given.
     pub fn urls(&self) -> Vec<String> {
         self.inner.mirrors.iter().map(|m| m.shown.clone()).collect()
     }
@@ -386,6 +435,9 @@ fn build_client(opts: &HttpOptions) -> Result<Client, SourceError> {
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .pool_idle_timeout(Some(Duration::from_secs(60)))
         .user_agent(concat!("streamboot/", env!("CARGO_PKG_VERSION")));
+    builder = builder
+        .redirect(url::redirect_policy(opts.allow_cross_origin_redirects))
+        .referer(false);
     builder = if opts.http2 {
         builder.http2_adaptive_window(true)
     } else {
@@ -396,135 +448,25 @@ fn build_client(opts: &HttpOptions) -> Result<Client, SourceError> {
         .map_err(|e| SourceError::Invalid(format!("cannot set up the HTTP client: {}", chain(&e))))
 }
 
-/// Probes `mirror`, retrying transient errors `opts.open_retries` times.
-async fn probe_with_retries(
-    client: &Client,
-    opts: &HttpOptions,
-    mirror: &Mirror,
-) -> Result<Probe, SourceError> {
-    let backoff = opts.backoff();
-    let mut retry = 0;
-    loop {
-        match probe(client, opts, mirror).await {
-            Ok(p) => return Ok(p),
-            Err(e) if e.is_transient() && retry < opts.open_retries => {
-                let delay = backoff.delay(retry);
-                tracing::warn!(
-                    url = %mirror.shown,
-                    error = %e,
-                    retry = retry + 1,
-                    of = opts.open_retries,
-                    delay_ms = delay.as_millis() as u64,
-                    "probe failed, retrying"
-                );
-                tokio::time::sleep(delay).await;
-                retry += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// One probe: `GET` with `Range: bytes=0-0`; learns size and validator.
-async fn probe(client: &Client, opts: &HttpOptions, mirror: &Mirror) -> Result<Probe, SourceError> {
-    let request = client.get(mirror.url.clone()).header(RANGE, "bytes=0-0");
-    let mut response = timed(opts, mirror, request.send())
-        .await?
-        .map_err(|e| request_error(opts, mirror, e))?;
-    match response.status() {
-        StatusCode::PARTIAL_CONTENT => {}
-        StatusCode::OK => {
-            return Err(SourceError::NoRangeSupport {
-                url: mirror.shown.clone(),
-            })
-        }
-        StatusCode::RANGE_NOT_SATISFIABLE => {
-            return Err(SourceError::Invalid(format!(
-                "{}: the image is empty (the server cannot serve its first byte)",
-                mirror.shown
-            )))
-        }
-        status => {
-            return Err(SourceError::Status {
-                url: mirror.shown.clone(),
-                status: status.as_u16(),
-            })
-        }
-    }
-    let headers = response.headers();
-    check_identity_coding(mirror, headers)?;
-    let size = match content_range(headers) {
-        Some((0, 0, Some(total))) if total > 0 => total,
-        _ => {
-            return Err(SourceError::BadResponse {
-                url: mirror.shown.clone(),
-                reason: format!(
-                    "probe for bytes 0-0 answered Content-Range {:?}",
-                    header_str(headers, CONTENT_RANGE.as_str())
-                ),
-            })
-        }
-    };
-    let pin = match (
-        header_str(headers, ETAG.as_str()),
-        header_str(headers, LAST_MODIFIED.as_str()),
-    ) {
-        (Some(etag), _) if is_strong_etag(etag) => Pin::ETag(etag.to_string()),
-        (_, Some(date)) if !date.is_empty() => Pin::LastModified(date.to_string()),
-        (etag, _) => {
-            return Err(SourceError::Invalid(format!(
-                "{}: the image cannot be pinned: the server sends {} and no Last-Modified, \
-                 so a change of the image during the migration could not be detected",
-                mirror.shown,
-                match etag {
-                    Some(weak) => format!("only a weak ETag ({weak})"),
-                    None => "no ETag".to_string(),
-                }
-            )))
-        }
-    };
-    // Drain the one-byte body so the connection goes back to the pool.
-    let mut body_len = 0usize;
-    while let Some(piece) = timed(opts, mirror, response.chunk())
-        .await?
-        .map_err(|e| request_error(opts, mirror, e))?
-    {
-        body_len += piece.len();
-        if body_len > 1 {
-            break;
-        }
-    }
-    if body_len != 1 {
-        return Err(SourceError::BadResponse {
-            url: mirror.shown.clone(),
-            reason: format!(
-                "probe for 1 byte returned {}",
-                if body_len == 0 {
-                    "no byte"
-                } else {
-                    "more than 1 byte"
-                }
-            ),
-        });
-    }
-    Ok(Probe { size, pin })
-}
-
 impl Inner {
     /// Fills `buf` with `[offset, offset + buf.len())`, retrying transient errors across
-    /// mirrors until the deadline.
+    /// the mirrors still in use until the deadline.
     async fn read_range(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let mirrors = self.mirrors.len();
         let backoff = self.opts.backoff();
         let deadline = Deadline::after(self.opts.deadline);
         let mut done = 0usize;
-        // Failures since the last progress; every `mirrors` failures make one round.
+        // Failures since the last progress; every `usable` failures make one round.
         let mut failures: u32 = 0;
-        let mut mirror = self.preferred.load(Ordering::Relaxed) % mirrors;
+        let mut mirror = self.usable_from(self.preferred.load(Ordering::Relaxed))?;
         loop {
             let before = done;
-            let error = match self.fetch_once(mirror, offset, buf, &mut done).await {
+            let error = match self
+                .fetch_once(mirror, offset, buf, &mut done, &deadline)
+                .await
+            {
                 Ok(()) => return Ok(()),
+                // A refused mirror is out; the others may still serve the range.
+                Err(e) if self.refused[mirror].get().is_some() => e,
                 Err(e) if !e.is_transient() => return Err(e),
                 Err(e) => e,
             };
@@ -536,14 +478,15 @@ impl Inner {
                 failures = 0;
             }
             failures = failures.saturating_add(1);
-            let next = (mirror + 1) % mirrors;
+            let next = self.usable_from(mirror + 1)?;
             // Steer other readers away from the failing mirror (unless one already did).
             let _ =
                 self.preferred
                     .compare_exchange(mirror, next, Ordering::Relaxed, Ordering::Relaxed);
-            let round_done = failures as usize % mirrors == 0;
+            let usable = self.usable_count().max(1);
+            let round_done = failures as usize % usable == 0;
             let delay = if round_done {
-                backoff.delay(failures / mirrors as u32 - 1)
+                backoff.delay(failures / usable as u32 - 1)
             } else {
                 Duration::ZERO
             };
@@ -574,20 +517,62 @@ impl Inner {
         }
     }
 
-    /// One ranged `GET` for `buf[*done..]` (image bytes from `offset + *done`) on `mirror`.
-    /// Advances `*done` by the bytes received and verified, even when the transfer breaks
-    /// off later, so that a retry asks only for the rest.
+    /// The first mirror still in use at or after `start` (wrapping around); when every
+    /// mirror was refused, the first one's refusal.
+    fn usable_from(&self, start: usize) -> Result<usize, SourceError> {
+        let n = self.mirrors.len();
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| self.refused[i].get().is_none())
+            .ok_or_else(|| {
+                let reason = self.refused.iter().find_map(|r| r.get()).cloned();
+                SourceError::Invalid(reason.unwrap_or_else(|| "no usable mirror".into()))
+            })
+    }
+
+    fn usable_count(&self) -> usize {
+        self.refused.iter().filter(|r| r.get().is_none()).count()
+    }
+
+    /// Stops using mirror `index`: it answered a range request without the pinned
+    /// validator, so nothing proves its bytes belong to the pinned image. Logs once.
+    fn refuse(&self, index: usize) -> SourceError {
+        let m = &self.mirrors[index];
+        let label = header_label(&self.pin);
+        let pinned = match &self.pin {
+            Pin::ETag(etag) => etag,
+            Pin::LastModified(date) => date,
+        };
+        let reason = format!(
+            "{}: the server answered a range request without the pinned {label} ({pinned}): \
+             nothing proves the bytes are those of the pinned image (a server that ignores \
+             the precondition and drops {label} can serve a replaced image), so this server \
+             is not used",
+            m.shown
+        );
+        if self.refused[index].set(reason.clone()).is_ok() {
+            tracing::warn!(url = %m.shown, "{reason}");
+        }
+        SourceError::Invalid(reason)
+    }
+
+    /// One ranged `GET` for `buf[*done..]` (image bytes from `offset + *done`) on `mirror`,
+    /// within the attempt budget (capped by `deadline`). Advances `*done` by the bytes
+    /// received and verified, even when the transfer breaks off later, so that a retry asks
+    /// only for the rest.
     async fn fetch_once(
         &self,
         mirror: usize,
         offset: u64,
         buf: &mut [u8],
         done: &mut usize,
+        deadline: &Deadline,
     ) -> Result<(), SourceError> {
         let m = &self.mirrors[mirror];
         let want = &mut buf[*done..];
         let start = offset + *done as u64;
         let end = start + want.len() as u64 - 1;
+        let clock = Clock::start(&self.opts, want.len() as u64, deadline.end());
         let mut request = self
             .client
             .get(m.url.clone())
@@ -596,14 +581,15 @@ impl Inner {
             Pin::ETag(etag) => request.header(IF_MATCH, etag),
             Pin::LastModified(date) => request.header(IF_UNMODIFIED_SINCE, date),
         };
-        let mut response = timed(&self.opts, m, request.send())
+        let mut response = clock
+            .run(m, request.send())
             .await?
             .map_err(|e| request_error(&self.opts, m, e))?;
-        self.check_response(m, &response, start, end)?;
+        self.check_response(mirror, &response, start, end)?;
 
         let mut pos = 0usize;
         let outcome = loop {
-            let piece = match timed(&self.opts, m, response.chunk()).await {
+            let piece = match clock.run(m, response.chunk()).await {
                 Ok(Ok(Some(piece))) => piece,
                 Ok(Ok(None)) => break Ok(()),
                 Ok(Err(e)) => break Err(request_error(&self.opts, m, e)),
@@ -635,114 +621,57 @@ impl Inner {
         }
         Ok(())
     }
+}
 
-    /// Checks everything but the body of an answer to a ranged request for `start..=end`.
-    fn check_response(
-        &self,
-        m: &Mirror,
-        response: &Response,
-        start: u64,
-        end: u64,
-    ) -> Result<(), SourceError> {
-        let headers = response.headers();
-        let changed = |found: String| SourceError::Changed {
-            url: m.shown.clone(),
-            expected: self.identity.to_string(),
-            found,
+/// Time limits of one attempt: each wait at most the stall limit, all of them together at
+/// most the attempt budget (see [`HttpOptions::attempt_budget`]).
+struct Clock {
+    stall: Duration,
+    started: Instant,
+    end: Instant,
+}
+
+impl Clock {
+    /// Starts the clock of an attempt for `len` bytes; `cap` (the read's deadline) ends it
+    /// earlier.
+    fn start(opts: &HttpOptions, len: u64, cap: Option<std::time::Instant>) -> Clock {
+        let started = Instant::now();
+        let budget_end = started
+            .checked_add(opts.attempt_budget(len))
+            .unwrap_or_else(far_future);
+        let end = match cap {
+            Some(cap) => budget_end.min(Instant::from_std(cap)),
+            None => budget_end,
         };
-        match response.status() {
-            StatusCode::PARTIAL_CONTENT => {}
-            StatusCode::PRECONDITION_FAILED => {
-                let found = match header_str(headers, ETAG.as_str()) {
-                    Some(etag) => format!("ETag {etag} (412 Precondition Failed)"),
-                    None => "a different version (412 Precondition Failed)".to_string(),
-                };
-                return Err(changed(found));
-            }
-            StatusCode::RANGE_NOT_SATISFIABLE => {
-                return Err(changed(format!(
-                    "a shorter image (416 Range Not Satisfiable, Content-Range {:?})",
-                    header_str(headers, CONTENT_RANGE.as_str())
-                )));
-            }
-            StatusCode::OK => {
-                // Never hand out a 200 body: it is not the range asked for.
-                if let Some(found) = self.validator_mismatch(headers) {
-                    return Err(changed(found));
-                }
-                return Err(SourceError::NoRangeSupport {
-                    url: m.shown.clone(),
-                });
-            }
-            status => {
-                return Err(SourceError::Status {
-                    url: m.shown.clone(),
-                    status: status.as_u16(),
-                })
-            }
+        Clock {
+            stall: opts.request_timeout,
+            started,
+            end,
         }
-        if let Some(found) = self.validator_mismatch(headers) {
-            return Err(changed(found));
-        }
-        check_identity_coding(m, headers)?;
-        match content_range(headers) {
-            Some((s, e, Some(total))) if s == start && e == end && total == self.identity.size => {}
-            Some((_, _, Some(total))) if total != self.identity.size => {
-                return Err(changed(format!("size {total}")));
-            }
-            _ => {
-                return Err(SourceError::BadResponse {
-                    url: m.shown.clone(),
-                    reason: format!(
-                        "asked for bytes {start}-{end}/{}, got Content-Range {:?}",
-                        self.identity.size,
-                        header_str(headers, CONTENT_RANGE.as_str())
-                    ),
-                })
-            }
-        }
-        if let Some(length) = header_str(headers, CONTENT_LENGTH.as_str()) {
-            if parse_content_length(length) != Some(end - start + 1) {
-                return Err(SourceError::BadResponse {
-                    url: m.shown.clone(),
-                    reason: format!(
-                        "asked for {} bytes, got Content-Length {length:?}",
-                        end - start + 1
-                    ),
-                });
-            }
-        }
-        Ok(())
     }
 
-    /// Describes the validator a response carries when it differs from the pinned one.
-    /// A response without the header is accepted: the precondition already guards it.
-    fn validator_mismatch(&self, headers: &HeaderMap) -> Option<String> {
-        match &self.pin {
-            Pin::ETag(pinned) => match header_str(headers, ETAG.as_str()) {
-                Some(etag) if etag != pinned => Some(format!("ETag {etag}")),
-                _ => None,
-            },
-            Pin::LastModified(pinned) => match header_str(headers, LAST_MODIFIED.as_str()) {
-                Some(date) if date != pinned => Some(format!("Last-Modified {date}")),
-                _ => None,
-            },
-        }
+    /// Awaits `fut` within the stall limit and the rest of the budget.
+    async fn run<F: Future>(&self, mirror: &Mirror, fut: F) -> Result<F::Output, SourceError> {
+        let stall_end = Instant::now()
+            .checked_add(self.stall)
+            .unwrap_or_else(far_future);
+        let stalled = stall_end <= self.end;
+        tokio::time::timeout_at(stall_end.min(self.end), fut)
+            .await
+            .map_err(|_| SourceError::Timeout {
+                url: mirror.shown.clone(),
+                secs: ceil_secs(if stalled {
+                    self.stall
+                } else {
+                    self.started.elapsed()
+                }),
+            })
     }
 }
 
-/// Awaits `fut` for at most `opts.request_timeout`.
-async fn timed<F: Future>(
-    opts: &HttpOptions,
-    mirror: &Mirror,
-    fut: F,
-) -> Result<F::Output, SourceError> {
-    tokio::time::timeout(opts.request_timeout, fut)
-        .await
-        .map_err(|_| SourceError::Timeout {
-            url: mirror.shown.clone(),
-            secs: ceil_secs(opts.request_timeout),
-        })
+/// An instant no timer reaches (about 30 years from now).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -753,7 +682,12 @@ fn ceil_secs(d: Duration) -> u64 {
 /// `Transfer`, both transient; a client that cannot even build the request is `Invalid`.
 fn request_error(opts: &HttpOptions, mirror: &Mirror, e: reqwest::Error) -> SourceError {
     let url = mirror.shown.clone();
+    // reqwest's message names the URL it was requesting, query string included.
+    let e = e.without_url();
     let reason = chain(&e);
+    if let Some(refused) = url::refused_redirect(&e) {
+        return SourceError::Invalid(format!("{url}: {refused}"));
+    }
     if e.is_timeout() {
         SourceError::Timeout {
             url,
@@ -788,27 +722,6 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// Refuses a body with a content coding: its bytes would not be image bytes.
-fn check_identity_coding(m: &Mirror, headers: &HeaderMap) -> Result<(), SourceError> {
-    match header_str(headers, CONTENT_ENCODING.as_str()) {
-        None => Ok(()),
-        Some(coding) if coding.trim().eq_ignore_ascii_case("identity") => Ok(()),
-        Some(coding) => Err(SourceError::BadResponse {
-            url: m.shown.clone(),
-            reason: format!("body has Content-Encoding {coding:?}"),
-        }),
-    }
-}
-
-/// Parses `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`: `None`).
-fn content_range(headers: &HeaderMap) -> Option<(u64, u64, Option<u64>)> {
-    parse_content_range(header_str(headers, CONTENT_RANGE.as_str())?)
 }
 
 #[cfg(test)]

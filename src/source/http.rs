@@ -49,26 +49,26 @@
 //! return at once. Opening retries only [`HttpOptions::open_retries`] times, so that a wrong
 //! URL fails fast.
 
+mod attempt;
 mod check;
 mod probe;
+mod read;
 pub mod url;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use reqwest::header::{IF_MATCH, IF_UNMODIFIED_SINCE, RANGE};
 use reqwest::{Client, Url};
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
-use tokio::time::Instant;
 
-use self::check::header_label;
+use self::attempt::chain;
 use self::probe::probe_with_retries;
 pub use self::url::{identity_url, redact_url};
-use super::retry::{Backoff, Deadline};
+use super::retry::Backoff;
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
 
 /// Kind string of [`HttpSource`] identities.
@@ -446,282 +446,6 @@ fn build_client(opts: &HttpOptions) -> Result<Client, SourceError> {
     builder
         .build()
         .map_err(|e| SourceError::Invalid(format!("cannot set up the HTTP client: {}", chain(&e))))
-}
-
-impl Inner {
-    /// Fills `buf` with `[offset, offset + buf.len())`, retrying transient errors across
-    /// the mirrors still in use until the deadline.
-    async fn read_range(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let backoff = self.opts.backoff();
-        let deadline = Deadline::after(self.opts.deadline);
-        let mut done = 0usize;
-        // Failures since the last progress; every `usable` failures make one round.
-        let mut failures: u32 = 0;
-        let mut mirror = self.usable_from(self.preferred.load(Ordering::Relaxed))?;
-        loop {
-            let before = done;
-            let error = match self
-                .fetch_once(mirror, offset, buf, &mut done, &deadline)
-                .await
-            {
-                Ok(()) => return Ok(()),
-                // A refused mirror is out; the others may still serve the range.
-                Err(e) if self.refused[mirror].get().is_some() => e,
-                Err(e) if !e.is_transient() => return Err(e),
-                Err(e) => e,
-            };
-            if done == buf.len() {
-                // Every byte arrived and was checked; only the end of the exchange failed.
-                return Ok(());
-            }
-            if done > before {
-                failures = 0;
-            }
-            failures = failures.saturating_add(1);
-            let next = self.usable_from(mirror + 1)?;
-            // Steer other readers away from the failing mirror (unless one already did).
-            let _ =
-                self.preferred
-                    .compare_exchange(mirror, next, Ordering::Relaxed, Ordering::Relaxed);
-            let usable = self.usable_count().max(1);
-            let round_done = failures as usize % usable == 0;
-            let delay = if round_done {
-                backoff.delay(failures / usable as u32 - 1)
-            } else {
-                Duration::ZERO
-            };
-            if !deadline.allows(delay) {
-                tracing::warn!(
-                    url = %self.mirrors[mirror].shown,
-                    offset,
-                    len = buf.len(),
-                    error = %error,
-                    "giving up on range: retry deadline passed"
-                );
-                return Err(error);
-            }
-            tracing::warn!(
-                url = %self.mirrors[mirror].shown,
-                next = %self.mirrors[next].shown,
-                offset = offset + done as u64,
-                len = buf.len() - done,
-                failures,
-                delay_ms = delay.as_millis() as u64,
-                error = %error,
-                "range request failed, retrying"
-            );
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            mirror = next;
-        }
-    }
-
-    /// The first mirror still in use at or after `start` (wrapping around); when every
-    /// mirror was refused, the first one's refusal.
-    fn usable_from(&self, start: usize) -> Result<usize, SourceError> {
-        let n = self.mirrors.len();
-        (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| self.refused[i].get().is_none())
-            .ok_or_else(|| {
-                let reason = self.refused.iter().find_map(|r| r.get()).cloned();
-                SourceError::Invalid(reason.unwrap_or_else(|| "no usable mirror".into()))
-            })
-    }
-
-    fn usable_count(&self) -> usize {
-        self.refused.iter().filter(|r| r.get().is_none()).count()
-    }
-
-    /// Stops using mirror `index`: it answered a range request without the pinned
-    /// validator, so nothing proves its bytes belong to the pinned image. Logs once.
-    fn refuse(&self, index: usize) -> SourceError {
-        let m = &self.mirrors[index];
-        let label = header_label(&self.pin);
-        let pinned = match &self.pin {
-            Pin::ETag(etag) => etag,
-            Pin::LastModified(date) => date,
-        };
-        let reason = format!(
-            "{}: the server answered a range request without the pinned {label} ({pinned}): \
-             nothing proves the bytes are those of the pinned image (a server that ignores \
-             the precondition and drops {label} can serve a replaced image), so this server \
-             is not used",
-            m.shown
-        );
-        if self.refused[index].set(reason.clone()).is_ok() {
-            tracing::warn!(url = %m.shown, "{reason}");
-        }
-        SourceError::Invalid(reason)
-    }
-
-    /// One ranged `GET` for `buf[*done..]` (image bytes from `offset + *done`) on `mirror`,
-    /// within the attempt budget (capped by `deadline`). Advances `*done` by the bytes
-    /// received and verified, even when the transfer breaks off later, so that a retry asks
-    /// only for the rest.
-    async fn fetch_once(
-        &self,
-        mirror: usize,
-        offset: u64,
-        buf: &mut [u8],
-        done: &mut usize,
-        deadline: &Deadline,
-    ) -> Result<(), SourceError> {
-        let m = &self.mirrors[mirror];
-        let want = &mut buf[*done..];
-        let start = offset + *done as u64;
-        let end = start + want.len() as u64 - 1;
-        let clock = Clock::start(&self.opts, want.len() as u64, deadline.end());
-        let mut request = self
-            .client
-            .get(m.url.clone())
-            .header(RANGE, format!("bytes={start}-{end}"));
-        request = match &self.pin {
-            Pin::ETag(etag) => request.header(IF_MATCH, etag),
-            Pin::LastModified(date) => request.header(IF_UNMODIFIED_SINCE, date),
-        };
-        let mut response = clock
-            .run(m, request.send())
-            .await?
-            .map_err(|e| request_error(&self.opts, m, e))?;
-        self.check_response(mirror, &response, start, end)?;
-
-        let mut pos = 0usize;
-        let outcome = loop {
-            let piece = match clock.run(m, response.chunk()).await {
-                Ok(Ok(Some(piece))) => piece,
-                Ok(Ok(None)) => break Ok(()),
-                Ok(Err(e)) => break Err(request_error(&self.opts, m, e)),
-                Err(timeout) => break Err(timeout),
-            };
-            let Some(slot) = want.get_mut(pos..pos + piece.len()) else {
-                // Framing is broken: do not trust any byte of this response.
-                return Err(SourceError::BadResponse {
-                    url: m.shown.clone(),
-                    reason: format!(
-                        "body longer than the {} bytes requested at {start}",
-                        want.len()
-                    ),
-                });
-            };
-            slot.copy_from_slice(&piece);
-            pos += piece.len();
-        };
-        *done += pos;
-        outcome?;
-        if pos != want.len() {
-            return Err(SourceError::Transfer {
-                url: m.shown.clone(),
-                reason: format!(
-                    "body ended after {pos} of {} bytes requested at {start}",
-                    want.len()
-                ),
-            });
-        }
-        Ok(())
-    }
-}
-
-/// Time limits of one attempt: each wait at most the stall limit, all of them together at
-/// most the attempt budget (see [`HttpOptions::attempt_budget`]).
-struct Clock {
-    stall: Duration,
-    started: Instant,
-    end: Instant,
-}
-
-impl Clock {
-    /// Starts the clock of an attempt for `len` bytes; `cap` (the read's deadline) ends it
-    /// earlier.
-    fn start(opts: &HttpOptions, len: u64, cap: Option<std::time::Instant>) -> Clock {
-        let started = Instant::now();
-        let budget_end = started
-            .checked_add(opts.attempt_budget(len))
-            .unwrap_or_else(far_future);
-        let end = match cap {
-            Some(cap) => budget_end.min(Instant::from_std(cap)),
-            None => budget_end,
-        };
-        Clock {
-            stall: opts.request_timeout,
-            started,
-            end,
-        }
-    }
-
-    /// Awaits `fut` within the stall limit and the rest of the budget.
-    async fn run<F: Future>(&self, mirror: &Mirror, fut: F) -> Result<F::Output, SourceError> {
-        let stall_end = Instant::now()
-            .checked_add(self.stall)
-            .unwrap_or_else(far_future);
-        let stalled = stall_end <= self.end;
-        tokio::time::timeout_at(stall_end.min(self.end), fut)
-            .await
-            .map_err(|_| SourceError::Timeout {
-                url: mirror.shown.clone(),
-                secs: ceil_secs(if stalled {
-                    self.stall
-                } else {
-                    self.started.elapsed()
-                }),
-            })
-    }
-}
-
-/// An instant no timer reaches (about 30 years from now).
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
-}
-
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
-/// Classifies a reqwest error: connection problems are `Unreachable`, broken transfers are
-/// `Transfer`, both transient; a client that cannot even build the request is `Invalid`.
-fn request_error(opts: &HttpOptions, mirror: &Mirror, e: reqwest::Error) -> SourceError {
-    let url = mirror.shown.clone();
-    // reqwest's message names the URL it was requesting, query string included.
-    let e = e.without_url();
-    let reason = chain(&e);
-    if let Some(refused) = url::refused_redirect(&e) {
-        return SourceError::Invalid(format!("{url}: {refused}"));
-    }
-    if e.is_timeout() {
-        SourceError::Timeout {
-            url,
-            secs: ceil_secs(opts.connect_timeout),
-        }
-    } else if e.is_builder() {
-        SourceError::Invalid(format!("{url}: {reason}"))
-    } else if e.is_redirect() {
-        SourceError::Invalid(format!("{url}: redirect loop: {reason}"))
-    } else if e.is_connect() {
-        SourceError::Unreachable { url, reason }
-    } else if e.is_body() || e.is_decode() {
-        SourceError::Transfer { url, reason }
-    } else {
-        // Request errors without a connect failure: typically a pooled connection that
-        // the server closed as we reused it.
-        SourceError::Unreachable { url, reason }
-    }
-}
-
-/// An error and all its causes on one line (reqwest's own message omits the cause, which
-/// is where "Connection refused" lives).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

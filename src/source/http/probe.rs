@@ -4,8 +4,9 @@
 use reqwest::header::{CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE};
 use reqwest::{Client, StatusCode};
 
+use super::attempt::{request_error, Clock};
 use super::check::{check_identity_coding, content_range, header_str, status_error};
-use super::{request_error, Clock, HttpOptions, Mirror, Pin, Probe};
+use super::{HttpOptions, Mirror, Pin, Probe};
 use crate::source::http_parse::is_strong_etag;
 use crate::source::SourceError;
 

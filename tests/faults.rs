@@ -573,6 +573,29 @@ fn mirror_failover() {
     drop(srv);
 }
 
+/// The first mirror drips its answers one byte every 300 ms: never a stall for
+/// `--request-timeout 1`, but each attempt's total budget runs out and the reads complete
+/// from the second mirror (issue 11). On a stall limit alone the reads would never end.
+#[test]
+fn dripping_mirror_is_abandoned_for_the_next() {
+    let w = World::new(185, 2 * 1024 * 1024);
+    let healthy = FaultProxy::start(w.nginx.port());
+    let second = healthy.url("t.img");
+    let srv = w.serve(&["--target", &second]);
+    w.proxy.set_plan(
+        0,
+        vec![Rule::new(When::Always, Fault::Drip { every_ms: 300 })],
+    );
+    let mut c = connect(&w);
+    let t = Instant::now();
+    let pass = read_pass(&mut c, 0, w.target.len(), 4, Duration::from_secs(60));
+    assert_clean(&pass, &w.target, 0, "read with a dripping first mirror");
+    assert!(w.proxy.hits() > 0, "the first mirror was never tried");
+    assert!(healthy.requests() > 0, "the second mirror was never used");
+    println!("whole device read in {:.1} s", t.elapsed().as_secs_f64());
+    drop(srv);
+}
+
 /// A chunk-store target served in process (StoreSource over the proxy, Engine,
 /// VhostBlkServer): chunk objects with a flipped bit fail their BLAKE3 hash and are fetched
 /// again, so a few corrupt responses end in success; when every response is corrupt the

@@ -37,9 +37,9 @@ fn assert_no_secret_bytes(what: &str, bytes: &[u8]) {
     }
 }
 
-/// Runs `streamboot -v ARGS` and returns (success, stdout, stderr).
+/// Runs `streamboot -vvv ARGS` (debug logs of every crate) and returns (success, stdout, stderr).
 fn run(args: &[&str]) -> (bool, Vec<u8>, Vec<u8>) {
-    let mut all = vec!["-v"];
+    let mut all = vec!["-vvv"];
     all.extend_from_slice(args);
     let out = cli(&all);
     (out.status.success(), out.stdout, out.stderr)
@@ -119,7 +119,7 @@ fn url_secrets_never_reach_disk_status_or_logs() {
     let ctl = dir.path().join("ctl.sock");
     let log = dir.path().join("serve.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
-        .args(["-v", "serve", d, "--socket", s, "--target", &secret_url])
+        .args(["-vvv", "serve", d, "--socket", s, "--target", &secret_url])
         .arg("--control")
         .arg(&ctl)
         .stdout(Stdio::null())
@@ -127,10 +127,24 @@ fn url_secrets_never_reach_disk_status_or_logs() {
         .spawn()
         .expect("start serve");
     let status = wait_for_status(&ctl, &log);
+    // Let background hydration send a few requests (with the secrets) first.
+    std::thread::sleep(Duration::from_millis(500));
     let _ = child.kill();
     let _ = child.wait();
     assert_no_secret("control API status", status.to_string().as_bytes());
-    assert_no_secret("serve -v log", &std::fs::read(&log).unwrap());
+    let log_text = std::fs::read(&log).unwrap();
+    assert_no_secret("serve -vvv log", &log_text);
+    // The log did name the target (redacted), so the check above looked at URL lines.
+    let shown = format!("***@127.0.0.1:{}", proxy.url("").split(':').nth(2).unwrap());
+    assert!(
+        String::from_utf8_lossy(&log_text).contains(shown.trim_end_matches('/')),
+        "the serve log never names the target: {}",
+        String::from_utf8_lossy(&log_text)
+    );
+    assert!(
+        proxy.requests() > 3,
+        "serve sent no request with the secrets"
+    );
     assert_no_secret_bytes("the disk image after serve", &std::fs::read(&disk).unwrap());
 }
 
@@ -148,4 +162,32 @@ fn wait_for_status(ctl: &Path, log: &Path) -> serde_json::Value {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A failing `prepare` names the target in its one-line error without the secrets.
+/// Needs the lead's call site: `src/cli/lifecycle.rs` builds the "opening target ..."
+/// context from the raw `--target` strings (prepare and `open_pinned`); with
+/// `streamboot::target::shown_urls` there, remove the `ignore`.
+#[test]
+#[ignore = "needs redact in src/cli/lifecycle.rs (opening target context), wired at merge"]
+fn failing_prepare_error_shows_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, common::random_bytes(3, 1 << 20)).unwrap();
+    let url = format!(
+        "http://user:secret@127.0.0.1:{}/t.img?X-Amz-Signature=topsecret",
+        common::dead_port()
+    );
+    let (ok, out, err) = run(&[
+        "prepare",
+        disk.to_str().unwrap(),
+        "--target",
+        &url,
+        "--connect-timeout",
+        "1",
+    ]);
+    assert!(!ok, "prepare succeeded against a dead port");
+    assert_no_secret("prepare stdout", &out);
+    assert_no_secret("prepare error", &err);
+    assert!(String::from_utf8_lossy(&err).contains("cannot reach"));
 }

@@ -38,9 +38,10 @@
 //! # Faults
 //! Each attempt has a stall limit ([`HttpOptions::request_timeout`], the longest wait for
 //! any piece of the answer) and a total budget ([`HttpOptions::attempt_budget`]: at least
-//! `request_timeout`, more for long ranges at [`HttpOptions::min_rate`], never past the read's
-//! deadline), so a server dripping a byte now and then cannot hold a read forever: the attempt
-//! ends as [`SourceError::Timeout`] and the retry logic below takes over.
+//! `request_timeout`, more for long ranges at [`HttpOptions::min_rate`]), so a server
+//! dripping a byte now and then cannot hold an attempt forever: it ends as
+//! [`SourceError::Timeout`] and the retry logic below takes over (the next mirror, or, with
+//! a deadline, an error once it passed).
 //!
 //! Transient errors ([`SourceError::is_transient`]) are retried: the next mirror at once,
 //! then, after a full round of mirrors failed, with exponential backoff and jitter. Reads keep
@@ -99,7 +100,8 @@ pub struct HttpOptions {
     pub open_retries: u32,
     /// How long one `read_at` may keep retrying transient errors. `None`: retry forever
     /// (the guest's request waits for the network to come back). The bound is approximate:
-    /// an attempt already running when it passes can take up to `request_timeout` more.
+    /// an attempt already running when it passes can take up to its budget more
+    /// ([`HttpOptions::attempt_budget`]).
     pub deadline: Option<Duration>,
     /// First backoff delay after a full round of mirrors failed (doubles each round).
     pub backoff_base: Duration,

@@ -51,11 +51,6 @@ impl Deadline {
         }
     }
 
-    /// When the deadline passes (`None`: never). An attempt running then is cut short.
-    pub fn end(&self) -> Option<Instant> {
-        self.end
-    }
-
     /// True when sleeping `delay` and then trying again would still start before the
     /// deadline.
     pub fn allows(&self, delay: Duration) -> bool {

@@ -18,17 +18,12 @@ pub(super) struct Clock {
 }
 
 impl Clock {
-    /// Starts the clock of an attempt for `len` bytes; `cap` (the read's deadline) ends it
-    /// earlier.
-    pub(super) fn start(opts: &HttpOptions, len: u64, cap: Option<std::time::Instant>) -> Clock {
+    /// Starts the clock of an attempt for `len` bytes.
+    pub(super) fn start(opts: &HttpOptions, len: u64) -> Clock {
         let started = Instant::now();
-        let budget_end = started
+        let end = started
             .checked_add(opts.attempt_budget(len))
             .unwrap_or_else(far_future);
-        let end = match cap {
-            Some(cap) => budget_end.min(Instant::from_std(cap)),
-            None => budget_end,
-        };
         Clock {
             stall: opts.request_timeout,
             started,

@@ -42,7 +42,7 @@ pub(super) async fn probe_with_retries(
 /// One probe: `GET` with `Range: bytes=0-0`; learns size and validator. The answer must
 /// carry a strong `ETag` or a `Last-Modified`, else the image cannot be pinned.
 async fn probe(client: &Client, opts: &HttpOptions, mirror: &Mirror) -> Result<Probe, SourceError> {
-    let clock = Clock::start(opts, 1, None);
+    let clock = Clock::start(opts, 1);
     let request = client.get(mirror.url.clone()).header(RANGE, "bytes=0-0");
     let mut response = clock
         .run(mirror, request.send())

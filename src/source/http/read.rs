@@ -24,10 +24,7 @@ impl Inner {
         let mut mirror = self.usable_from(self.preferred.load(Ordering::Relaxed))?;
         loop {
             let before = done;
-            let error = match self
-                .fetch_once(mirror, offset, buf, &mut done, &deadline)
-                .await
-            {
+            let error = match self.fetch_once(mirror, offset, buf, &mut done).await {
                 Ok(()) => return Ok(()),
                 // A refused mirror is out; the others may still serve the range.
                 Err(e) if self.refused[mirror].get().is_some() => e,
@@ -121,7 +118,7 @@ impl Inner {
     }
 
     /// One ranged `GET` for `buf[*done..]` (image bytes from `offset + *done`) on `mirror`,
-    /// within the attempt budget (capped by `deadline`). Advances `*done` by the bytes
+    /// within the attempt budget. Advances `*done` by the bytes
     /// received and verified, even when the transfer breaks off later, so that a retry asks
     /// only for the rest.
     async fn fetch_once(
@@ -130,13 +127,12 @@ impl Inner {
         offset: u64,
         buf: &mut [u8],
         done: &mut usize,
-        deadline: &Deadline,
     ) -> Result<(), SourceError> {
         let m = &self.mirrors[mirror];
         let want = &mut buf[*done..];
         let start = offset + *done as u64;
         let end = start + want.len() as u64 - 1;
-        let clock = Clock::start(&self.opts, want.len() as u64, deadline.end());
+        let clock = Clock::start(&self.opts, want.len() as u64);
         let mut request = self
             .client
             .get(m.url.clone())

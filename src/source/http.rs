@@ -470,6 +470,18 @@ mod tests {
         }
         let m = Mirror::parse("https://user:secret@example.org/img.raw").unwrap();
         assert!(!m.shown.contains("secret"), "{}", m.shown);
+        assert!(m.has_secrets);
+        let m = Mirror::parse("https://example.org/img.raw?X-Amz-Signature=secret").unwrap();
+        assert!(!m.shown.contains("secret") && m.has_secrets, "{}", m.shown);
+        assert!(
+            !Mirror::parse("https://example.org/img.raw")
+                .unwrap()
+                .has_secrets
+        );
+        let bad = Mirror::parse("ftp://user:secret@example.org/x?sig=secret")
+            .err()
+            .unwrap();
+        assert!(!bad.to_string().contains("secret"), "{bad}");
         assert!(Mirror::parse(" http://127.0.0.1:8080/a ").is_ok());
     }
 
@@ -487,5 +499,25 @@ mod tests {
             ..HttpOptions::default()
         };
         assert!(inverted.validate().is_err());
+        let no_rate = HttpOptions {
+            min_rate: 0,
+            ..HttpOptions::default()
+        };
+        assert!(no_rate.validate().is_err());
+    }
+
+    #[test]
+    fn attempt_budget_grows_with_the_range() {
+        let opts = HttpOptions {
+            request_timeout: Duration::from_secs(30),
+            min_rate: 64 << 10,
+            ..HttpOptions::default()
+        };
+        assert_eq!(opts.attempt_budget(1), Duration::from_secs(30));
+        assert_eq!(opts.attempt_budget(4 << 20), Duration::from_secs(64));
+        assert_eq!(
+            opts.attempt_budget(u64::MAX),
+            Duration::from_millis(u64::MAX / (64 << 10))
+        );
     }
 }

@@ -313,3 +313,52 @@ fn missing_credentials_get_a_clear_error() {
         HttpSource::open(&[ok], None, quick()).expect("with credentials");
     }
 }
+
+/// At open, a mirror that does not send the kind of validator the others pin by is refused
+/// with the reason, not as "different images".
+#[test]
+fn mirror_without_the_pinned_kind_of_validator_is_refused_at_open() {
+    let nginx = Nginx::start();
+    nginx.put("disk.img", &random_bytes(10, 64 * KIB));
+    let err = HttpSource::open(
+        &[nginx.url("disk.img"), nginx.url("lmonly/disk.img")],
+        None,
+        quick(),
+    )
+    .expect_err("the second mirror sends no ETag");
+    assert!(!err.is_transient());
+    let text = err.to_string();
+    assert!(
+        text.contains("lmonly/disk.img") && text.contains("sends no strong ETag"),
+        "unclear: {text}"
+    );
+}
+
+/// Reopening a disk pinned by ETag on a server that no longer sends one: refused at open,
+/// saying why. Pinned by Last-Modified on a server that now also sends an ETag: still the
+/// same image, accepted.
+#[test]
+fn reopening_checks_the_recorded_kind_of_validator() {
+    let nginx = Nginx::start();
+    let data = random_bytes(11, 64 * KIB);
+    nginx.put("disk.img", &data);
+    let by_etag = HttpSource::open(&[nginx.url("disk.img")], None, quick())
+        .unwrap()
+        .identity()
+        .clone();
+    let by_date = HttpSource::open(&[nginx.url("lmonly/disk.img")], None, quick())
+        .unwrap()
+        .identity()
+        .clone();
+    assert!(by_date.validator.starts_with("lm:"), "{by_date:?}");
+
+    let err = HttpSource::open(&[nginx.url("lmonly/disk.img")], Some(&by_etag), quick())
+        .expect_err("no ETag any more");
+    assert!(matches!(err, SourceError::Invalid(_)), "{err:?}");
+    assert!(err.to_string().contains("sends no strong ETag"), "{err}");
+
+    let src = HttpSource::open(&[nginx.url("disk.img")], Some(&by_date), quick())
+        .expect("Last-Modified pin on a server that also sends an ETag");
+    assert_eq!(src.identity(), &by_date);
+    assert!(read(&src, 100, 1000).unwrap() == data[100..1100]);
+}

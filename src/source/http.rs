@@ -6,8 +6,9 @@
 //! some servers and caches answer `HEAD` differently from `GET`, and the probe must prove
 //! that ranges really work). The answer fixes the image size (`Content-Range` total) and the
 //! validator: the strong `ETag` when there is one, otherwise `lm:` + `Last-Modified`. An image
-//! with neither cannot be pinned and is refused. All reachable mirrors must report the same
-//! identity.
+//! with neither cannot be pinned and is refused. Reopening a pinned image uses the kind of
+//! validator recorded then. All reachable mirrors must send that kind of validator (a mirror
+//! that does not is refused, saying so) and report the same identity.
 //!
 //! Every later range request carries the validator as a precondition (`If-Match`, or
 //! `If-Unmodified-Since`) and every response is checked before one byte reaches the caller:
@@ -67,7 +68,7 @@ use reqwest::{Client, Url};
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
 use self::attempt::chain;
-use self::probe::probe_with_retries;
+use self::probe::{pin_mirrors, probe_with_retries};
 pub use self::url::{identity_url, redact_url};
 use super::retry::Backoff;
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
@@ -215,13 +216,6 @@ impl Pin {
     }
 }
 
-/// What a probe learned about one mirror.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Probe {
-    size: u64,
-    pin: Pin,
-}
-
 /// A pinned raw image served over HTTP(S) by one or more mirrors. See the module docs.
 pub struct HttpSource {
     /// Owned runtime; `None` only during drop.
@@ -301,50 +295,11 @@ impl HttpSource {
                     .map(|m| probe_with_retries(&client, &opts, m)),
             ),
         );
-        let mut pinned: Option<(usize, Probe)> = None;
-        let mut first_transient: Option<SourceError> = None;
-        for (i, result) in probes.into_iter().enumerate() {
-            match result {
-                Ok(probe) => match &pinned {
-                    None => pinned = Some((i, probe)),
-                    Some((j, first)) if *first != probe => {
-                        return Err(SourceError::Invalid(format!(
-                            "mirrors serve different images: {} has size {} validator {}, \
-                             {} has size {} validator {}",
-                            mirrors[*j].shown,
-                            first.size,
-                            first.pin.validator(),
-                            mirrors[i].shown,
-                            probe.size,
-                            probe.pin.validator()
-                        )));
-                    }
-                    Some(_) => {}
-                },
-                Err(e) if !e.is_transient() => return Err(e),
-                Err(e) => {
-                    if mirrors.len() > 1 {
-                        tracing::warn!(
-                            url = %mirrors[i].shown,
-                            error = %e,
-                            "mirror unavailable at open; it will be tried again on failover"
-                        );
-                    }
-                    first_transient.get_or_insert(e);
-                }
-            }
-        }
-        let (first_ok, probe) = match pinned {
-            Some(p) => p,
-            None => {
-                return Err(first_transient
-                    .unwrap_or_else(|| SourceError::Invalid("no mirror could be probed".into())))
-            }
-        };
+        let (first_ok, size, pin) = pin_mirrors(&mirrors, probes, expected)?;
         let identity = SourceIdentity {
             kind: HTTP_KIND.to_string(),
-            size: probe.size,
-            validator: probe.pin.validator(),
+            size,
+            validator: pin.validator(),
         };
         if let Some(expected) = expected {
             if *expected != identity {
@@ -363,7 +318,7 @@ impl HttpSource {
                 client,
                 mirrors,
                 identity,
-                pin: probe.pin,
+                pin,
                 opts,
                 preferred: AtomicUsize::new(first_ok),
                 refused: (0..urls.len()).map(|_| OnceLock::new()).collect(),

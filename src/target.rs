@@ -6,12 +6,22 @@
 //! docs/chunk-store.md). A new chunk-store target is trusted only through a signing key
 //! (or an explicit insecure opt-out); a prepared disk pins the index hash, so reopening
 //! it later needs no key: an index whose hash differs is refused.
+//!
+//! # Recorded identity and secrets
+//! The superblock records what identifies the target, never what grants access to it: each
+//! URL in its [`identity_url`] form (no `user:password@`, no query string, no fragment),
+//! next to the kind, size and validator that pin the image. A target that needs credentials
+//! or a presigned query string is reopened by giving the full URL again at run time
+//! (`serve --target URL`, or `--target` of `hydrate`/`commit`); the pinned validator, not
+//! the URL, decides whether it is the same image. Errors show URLs only in their
+//! [`redact_url`] form.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use boot_relocator::{Superblock, TargetRecord};
 
+use crate::source::http::{identity_url, redact_url};
 use crate::source::store::{IndexTrust, StoreSource, StoreSourceOptions};
 use crate::source::{
     FileSource, HttpOptions, HttpSource, RemoteSource, SourceError, SourceIdentity,
@@ -62,7 +72,8 @@ pub fn open_target(
     }
     if first.contains("://") && !first.starts_with("file://") {
         return Err(SourceError::Invalid(format!(
-            "{first}: unsupported URL scheme (http, https, file or a path)"
+            "{}: unsupported URL scheme (http, https, file or a path)",
+            redact_url(first)
         )));
     }
     let path = first.strip_prefix("file://").unwrap_or(first);
@@ -87,9 +98,10 @@ pub fn open_store(
         ));
     };
     let url = url.strip_prefix("file://").unwrap_or(url);
+    let shown = redact_url(url);
     if !is_store_target(url) {
         return Err(SourceError::Invalid(format!(
-            "{url}: a chunk-store target is the location of an index file (…/indexes/NAME.idx)"
+            "{shown}: a chunk-store target is the location of an index file (…/indexes/NAME.idx)"
         )));
     }
     let trust = match (expected, trust) {
@@ -97,7 +109,7 @@ pub fn open_store(
         (None, Some(t)) => t.clone(),
         (None, None) => {
             return Err(SourceError::Invalid(format!(
-                "{url}: a chunk-store index must be verified: give --trusted-key FILE.pub \
+                "{shown}: a chunk-store index must be verified: give --trusted-key FILE.pub \
                  (or --insecure-unverified-index to skip the check)"
             )))
         }
@@ -119,7 +131,7 @@ pub fn open_store(
         let found = src.identity();
         if found != want {
             return Err(SourceError::Changed {
-                url: url.to_string(),
+                url: shown,
                 expected: want.to_string(),
                 found: found.to_string(),
             });
@@ -137,12 +149,20 @@ pub fn pinned_identity(sb: &Superblock) -> SourceIdentity {
     }
 }
 
-/// What to record in the superblock for a source opened from `urls`.
+/// What to record in the superblock for a source opened from `urls`: the pinned identity
+/// and the URLs without their secrets ([`identity_url`]; see the module docs).
 pub fn target_record(src: &dyn RemoteSource, urls: &[String]) -> TargetRecord {
     let id = src.identity();
     TargetRecord {
         kind: id.kind.clone(),
         validator: id.validator.clone(),
-        urls: urls.to_vec(),
+        urls: urls.iter().map(|u| identity_url(u)).collect(),
     }
+}
+
+/// The recorded target URLs as shown to a user (status text, JSON, control API): each in
+/// its [`redact_url`] form, so that even a disk prepared before secrets were stripped
+/// never shows them.
+pub fn shown_urls(urls: &[String]) -> Vec<String> {
+    urls.iter().map(|u| redact_url(u)).collect()
 }

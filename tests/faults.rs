@@ -440,6 +440,63 @@ fn image_replaced_mid_migration_stops_fetching() {
     println!("last_error: {last}");
 }
 
+/// The image is replaced underneath a server that ignores `If-Match` and strips `ETag`
+/// (issue 11): no read may return a byte of the other image; the reads that need the
+/// remote fail, and the log and status say that the server sent no ETag.
+#[test]
+fn server_without_validators_is_refused_not_mixed() {
+    let w = World::new(165, 4 * 1024 * 1024);
+    let mut other = w.target.clone();
+    for (i, b) in other.iter_mut().enumerate() {
+        *b ^= (i % 251) as u8 | 1;
+    }
+    w.nginx.replace(
+        "other.img",
+        &other,
+        std::time::SystemTime::now() - Duration::from_secs(3600),
+    );
+    let srv = w.serve(&[]);
+    let mut c = connect(&w);
+    let half = w.target.len() / 2;
+    assert_clean(
+        &read_pass(&mut c, 0, half, 4, Duration::from_secs(20)),
+        &w.target,
+        0,
+        "first half before the replacement",
+    );
+    w.proxy.set_plan(
+        165,
+        vec![Rule::new(
+            When::Always,
+            Fault::Unvalidated("/other.img".into()),
+        )],
+    );
+    let pass = read_pass(&mut c, half, w.target.len(), 4, Duration::from_secs(20));
+    assert!(w.proxy.hits() > 0, "the replacement was never served");
+    for off in (half..w.target.len()).step_by(REQ) {
+        let end = (off + REQ).min(w.target.len());
+        if !pass.failed.iter().any(|f| f.0 == off) {
+            assert!(
+                pass.data[off - half..end - half] == w.target[off..end],
+                "read at {off} returned bytes of the other image"
+            );
+        }
+    }
+    assert!(
+        pass.failed.len() * REQ >= (half - (512 << 10)),
+        "reads of the unvalidated server did not fail: {} failed",
+        pass.failed.len()
+    );
+    let status = streamboot::control::client::get_status(&w.control()).expect("status");
+    let last = status["last_error"].as_str().unwrap_or_default();
+    assert!(last.contains("without the pinned ETag"), "status: {status}");
+    assert!(
+        srv.log().contains("without the pinned ETag"),
+        "no clear log line: {}",
+        srv.log()
+    );
+}
+
 /// A permanent error status: 404 fails at once, 500 after `--fetch-deadline`; only the
 /// reads of the affected range fail, and after the server recovers they succeed.
 #[test]
@@ -513,6 +570,29 @@ fn mirror_failover() {
     assert!(healthy.requests() > 0, "the second mirror was never used");
     let status = streamboot::control::client::get_status(&w.control()).expect("status");
     assert!(status["last_error"].is_null(), "{status}");
+    drop(srv);
+}
+
+/// The first mirror drips its answers one byte every 300 ms: never a stall for
+/// `--request-timeout 1`, but each attempt's total budget runs out and the reads complete
+/// from the second mirror (issue 11). On a stall limit alone the reads would never end.
+#[test]
+fn dripping_mirror_is_abandoned_for_the_next() {
+    let w = World::new(185, 2 * 1024 * 1024);
+    let healthy = FaultProxy::start(w.nginx.port());
+    let second = healthy.url("t.img");
+    let srv = w.serve(&["--target", &second]);
+    w.proxy.set_plan(
+        0,
+        vec![Rule::new(When::Always, Fault::Drip { every_ms: 300 })],
+    );
+    let mut c = connect(&w);
+    let t = Instant::now();
+    let pass = read_pass(&mut c, 0, w.target.len(), 4, Duration::from_secs(60));
+    assert_clean(&pass, &w.target, 0, "read with a dripping first mirror");
+    assert!(w.proxy.hits() > 0, "the first mirror was never tried");
+    assert!(healthy.requests() > 0, "the second mirror was never used");
+    println!("whole device read in {:.1} s", t.elapsed().as_secs_f64());
     drop(srv);
 }
 

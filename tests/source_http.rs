@@ -25,7 +25,7 @@ fn quick() -> HttpOptions {
         deadline: Some(Duration::from_secs(10)),
         backoff_base: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
-        http2: false,
+        ..HttpOptions::default()
     }
 }
 

@@ -6,8 +6,9 @@
 //! some servers and caches answer `HEAD` differently from `GET`, and the probe must prove
 //! that ranges really work). The answer fixes the image size (`Content-Range` total) and the
 //! validator: the strong `ETag` when there is one, otherwise `lm:` + `Last-Modified`. An image
-//! with neither cannot be pinned and is refused. All reachable mirrors must report the same
-//! identity.
+//! with neither cannot be pinned and is refused. Reopening a pinned image uses the kind of
+//! validator recorded then. All reachable mirrors must send that kind of validator (a mirror
+//! that does not is refused, saying so) and report the same identity.
 //!
 //! Every later range request carries the validator as a precondition (`If-Match`, or
 //! `If-Unmodified-Since`) and every response is checked before one byte reaches the caller:
@@ -15,6 +16,18 @@
 //! coding, the validator echoed unchanged, and the body exactly as long as requested. A
 //! changed image (412, a different validator or total) is [`SourceError::Changed`], which is
 //! permanent: the migration stops rather than mixing two images.
+//!
+//! The echoed validator is required, not only compared: a server that ignores `If-Match`
+//! and drops `ETag` could serve a replaced image unnoticed. A mirror that answers a range
+//! request without the pinned validator is refused for the rest of the source's life (a
+//! warning says why); the other mirrors carry on, and when none is left every read fails
+//! with [`SourceError::Invalid`] naming the missing header.
+//!
+//! # Redirects and secrets
+//! Redirects are followed only within the origin (scheme, host, port) of the URL given; a
+//! redirect to another origin needs [`HttpOptions::allow_cross_origin_redirects`], and one
+//! from https to http is always refused. No `Referer` is sent. URLs appear in errors and
+//! logs only in their [`redact_url`] form (no userinfo, no query string).
 //!
 //! # Threads and I/O
 //! The source owns a small multi-thread tokio runtime (2 workers) that drives the pooled
@@ -24,6 +37,13 @@
 //! caller's slice, with no intermediate whole-body buffer.
 //!
 //! # Faults
+//! Each attempt has a stall limit ([`HttpOptions::request_timeout`], the longest wait for
+//! any piece of the answer) and a total budget ([`HttpOptions::attempt_budget`]: at least
+//! `request_timeout`, more for long ranges at [`HttpOptions::min_rate`]), so a server
+//! dripping a byte now and then cannot hold an attempt forever: it ends as
+//! [`SourceError::Timeout`] and the retry logic below takes over (the next mirror, or, with
+//! a deadline, an error once it passed).
+//!
 //! Transient errors ([`SourceError::is_transient`]) are retried: the next mirror at once,
 //! then, after a full round of mirrors failed, with exponential backoff and jitter. Reads keep
 //! retrying until [`HttpOptions::deadline`] (default: forever, the guest waits); bytes received
@@ -31,21 +51,26 @@
 //! return at once. Opening retries only [`HttpOptions::open_retries`] times, so that a wrong
 //! URL fails fast.
 
+mod attempt;
+mod check;
+mod probe;
+mod read;
+pub mod url;
+
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use reqwest::header::{
-    HeaderMap, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_MATCH,
-    IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE,
-};
-use reqwest::{Client, Response, StatusCode, Url};
+use reqwest::{Client, Url};
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
-use super::http_parse::{is_strong_etag, parse_content_length, parse_content_range};
-use super::retry::{Backoff, Deadline};
+use self::attempt::chain;
+use self::probe::{pin_mirrors, probe_with_retries};
+pub use self::url::{identity_url, redact_url};
+use super::retry::Backoff;
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
 
 /// Kind string of [`HttpSource`] identities.
@@ -64,12 +89,20 @@ pub struct HttpOptions {
     /// each further piece of the body. A slow but steady transfer never hits it; a stalled
     /// connection is abandoned and the range retried (on the next mirror if any).
     pub request_timeout: Duration,
+    /// Slowest transfer rate (bytes per second) an attempt is granted: the total budget of
+    /// one attempt for `len` bytes is `max(request_timeout, len / min_rate)`
+    /// ([`HttpOptions::attempt_budget`]). Bytes received before the budget ran out are kept.
+    pub min_rate: u64,
+    /// Follow redirects to another origin (scheme, host or port) than the URL given. A
+    /// redirect from https to http is refused even then.
+    pub allow_cross_origin_redirects: bool,
     /// Retries of the probe of each mirror at open, after the first attempt. Small, so a bad
     /// URL or a dead server is reported quickly.
     pub open_retries: u32,
     /// How long one `read_at` may keep retrying transient errors. `None`: retry forever
     /// (the guest's request waits for the network to come back). The bound is approximate:
-    /// an attempt already running when it passes can take up to `request_timeout` more.
+    /// an attempt already running when it passes can take up to its budget more
+    /// ([`HttpOptions::attempt_budget`]).
     pub deadline: Option<Duration>,
     /// First backoff delay after a full round of mirrors failed (doubles each round).
     pub backoff_base: Duration,
@@ -80,11 +113,16 @@ pub struct HttpOptions {
     pub http2: bool,
 }
 
+/// Default [`HttpOptions::min_rate`]: 64 KiB/s (a 4 MiB range gets 64 s).
+pub const DEFAULT_MIN_RATE: u64 = 64 << 10;
+
 impl Default for HttpOptions {
     fn default() -> Self {
         HttpOptions {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            min_rate: DEFAULT_MIN_RATE,
+            allow_cross_origin_redirects: false,
             open_retries: 2,
             deadline: None,
             backoff_base: Duration::from_millis(200),
@@ -101,12 +139,24 @@ impl HttpOptions {
                 "HTTP options: connect_timeout and request_timeout must be non-zero".into(),
             ));
         }
+        if self.min_rate == 0 {
+            return Err(SourceError::Invalid(
+                "HTTP options: min_rate must be non-zero".into(),
+            ));
+        }
         if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
             return Err(SourceError::Invalid(
                 "HTTP options: backoff_base must be non-zero and at most backoff_max".into(),
             ));
         }
         Ok(())
+    }
+
+    /// Total time one attempt to fetch `len` bytes may take:
+    /// `max(request_timeout, len / min_rate)`.
+    pub fn attempt_budget(&self, len: u64) -> Duration {
+        let transfer = Duration::from_millis(len.saturating_mul(1000) / self.min_rate.max(1));
+        self.request_timeout.max(transfer)
     }
 
     fn backoff(&self) -> Backoff {
@@ -120,31 +170,30 @@ impl HttpOptions {
 /// One URL of the image.
 struct Mirror {
     url: Url,
-    /// The URL as shown in logs and errors (password hidden).
+    /// The URL as shown in logs and errors ([`redact_url`]: no userinfo, no query).
     shown: String,
+    /// The URL carries a userinfo or a query string.
+    has_secrets: bool,
 }
 
 impl Mirror {
     fn parse(raw: &str) -> Result<Self, SourceError> {
+        let shown = redact_url(raw.trim());
         let url = Url::parse(raw.trim())
-            .map_err(|e| SourceError::Invalid(format!("{raw:?}: not a URL ({e})")))?;
+            .map_err(|e| SourceError::Invalid(format!("{shown:?}: not a URL ({e})")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(SourceError::Invalid(format!(
-                "{raw:?}: scheme {:?} not supported (use http:// or https://)",
+                "{shown:?}: scheme {:?} not supported (use http:// or https://)",
                 url.scheme()
             )));
         }
         if url.host_str().is_none_or(|h| h.is_empty()) {
-            return Err(SourceError::Invalid(format!("{raw:?}: URL has no host")));
-        }
-        let mut shown = url.clone();
-        if shown.password().is_some() {
-            // Cannot fail: the URL has a host, so it can carry credentials.
-            let _ = shown.set_password(Some("***"));
+            return Err(SourceError::Invalid(format!("{shown:?}: URL has no host")));
         }
         Ok(Mirror {
+            has_secrets: url::has_secrets(&url),
             url,
-            shown: shown.to_string(),
+            shown,
         })
     }
 }
@@ -167,13 +216,6 @@ impl Pin {
     }
 }
 
-/// What a probe learned about one mirror.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Probe {
-    size: u64,
-    pin: Pin,
-}
-
 /// A pinned raw image served over HTTP(S) by one or more mirrors. See the module docs.
 pub struct HttpSource {
     /// Owned runtime; `None` only during drop.
@@ -191,6 +233,8 @@ struct Inner {
     opts: HttpOptions,
     /// Mirror to try first; moves on when it fails.
     preferred: AtomicUsize,
+    /// Per mirror: why it is no longer used (it answered without the pinned validator).
+    refused: Vec<OnceLock<String>>,
 }
 
 impl fmt::Debug for HttpSource {
@@ -251,50 +295,11 @@ impl HttpSource {
                     .map(|m| probe_with_retries(&client, &opts, m)),
             ),
         );
-        let mut pinned: Option<(usize, Probe)> = None;
-        let mut first_transient: Option<SourceError> = None;
-        for (i, result) in probes.into_iter().enumerate() {
-            match result {
-                Ok(probe) => match &pinned {
-                    None => pinned = Some((i, probe)),
-                    Some((j, first)) if *first != probe => {
-                        return Err(SourceError::Invalid(format!(
-                            "mirrors serve different images: {} has size {} validator {}, \
-                             {} has size {} validator {}",
-                            mirrors[*j].shown,
-                            first.size,
-                            first.pin.validator(),
-                            mirrors[i].shown,
-                            probe.size,
-                            probe.pin.validator()
-                        )));
-                    }
-                    Some(_) => {}
-                },
-                Err(e) if !e.is_transient() => return Err(e),
-                Err(e) => {
-                    if mirrors.len() > 1 {
-                        tracing::warn!(
-                            url = %mirrors[i].shown,
-                            error = %e,
-                            "mirror unavailable at open; it will be tried again on failover"
-                        );
-                    }
-                    first_transient.get_or_insert(e);
-                }
-            }
-        }
-        let (first_ok, probe) = match pinned {
-            Some(p) => p,
-            None => {
-                return Err(first_transient
-                    .unwrap_or_else(|| SourceError::Invalid("no mirror could be probed".into())))
-            }
-        };
+        let (first_ok, size, pin) = pin_mirrors(&mirrors, probes, expected)?;
         let identity = SourceIdentity {
             kind: HTTP_KIND.to_string(),
-            size: probe.size,
-            validator: probe.pin.validator(),
+            size,
+            validator: pin.validator(),
         };
         if let Some(expected) = expected {
             if *expected != identity {
@@ -313,14 +318,15 @@ impl HttpSource {
                 client,
                 mirrors,
                 identity,
-                pin: probe.pin,
+                pin,
                 opts,
                 preferred: AtomicUsize::new(first_ok),
+                refused: (0..urls.len()).map(|_| OnceLock::new()).collect(),
             },
         })
     }
 
-    /// The mirrors' URLs as shown in logs (passwords hidden), in the order given.
+    /// The mirrors' URLs as shown in logs ([`redact_url`]), in the order given.
     pub fn urls(&self) -> Vec<String> {
         self.inner.mirrors.iter().map(|m| m.shown.clone()).collect()
     }
@@ -404,6 +410,9 @@ fn build_client(opts: &HttpOptions) -> Result<Client, SourceError> {
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .pool_idle_timeout(Some(Duration::from_secs(60)))
         .user_agent(concat!("streamboot/", env!("CARGO_PKG_VERSION")));
+    builder = builder
+        .redirect(url::redirect_policy(opts.allow_cross_origin_redirects))
+        .referer(false);
     builder = if opts.http2 {
         builder.http2_adaptive_window(true)
     } else {
@@ -412,421 +421,6 @@ fn build_client(opts: &HttpOptions) -> Result<Client, SourceError> {
     builder
         .build()
         .map_err(|e| SourceError::Invalid(format!("cannot set up the HTTP client: {}", chain(&e))))
-}
-
-/// Probes `mirror`, retrying transient errors `opts.open_retries` times.
-async fn probe_with_retries(
-    client: &Client,
-    opts: &HttpOptions,
-    mirror: &Mirror,
-) -> Result<Probe, SourceError> {
-    let backoff = opts.backoff();
-    let mut retry = 0;
-    loop {
-        match probe(client, opts, mirror).await {
-            Ok(p) => return Ok(p),
-            Err(e) if e.is_transient() && retry < opts.open_retries => {
-                let delay = backoff.delay(retry);
-                tracing::warn!(
-                    url = %mirror.shown,
-                    error = %e,
-                    retry = retry + 1,
-                    of = opts.open_retries,
-                    delay_ms = delay.as_millis() as u64,
-                    "probe failed, retrying"
-                );
-                tokio::time::sleep(delay).await;
-                retry += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// One probe: `GET` with `Range: bytes=0-0`; learns size and validator.
-async fn probe(client: &Client, opts: &HttpOptions, mirror: &Mirror) -> Result<Probe, SourceError> {
-    let request = client.get(mirror.url.clone()).header(RANGE, "bytes=0-0");
-    let mut response = timed(opts, mirror, request.send())
-        .await?
-        .map_err(|e| request_error(opts, mirror, e))?;
-    match response.status() {
-        StatusCode::PARTIAL_CONTENT => {}
-        StatusCode::OK => {
-            return Err(SourceError::NoRangeSupport {
-                url: mirror.shown.clone(),
-            })
-        }
-        StatusCode::RANGE_NOT_SATISFIABLE => {
-            return Err(SourceError::Invalid(format!(
-                "{}: the image is empty (the server cannot serve its first byte)",
-                mirror.shown
-            )))
-        }
-        status => {
-            return Err(SourceError::Status {
-                url: mirror.shown.clone(),
-                status: status.as_u16(),
-            })
-        }
-    }
-    let headers = response.headers();
-    check_identity_coding(mirror, headers)?;
-    let size = match content_range(headers) {
-        Some((0, 0, Some(total))) if total > 0 => total,
-        _ => {
-            return Err(SourceError::BadResponse {
-                url: mirror.shown.clone(),
-                reason: format!(
-                    "probe for bytes 0-0 answered Content-Range {:?}",
-                    header_str(headers, CONTENT_RANGE.as_str())
-                ),
-            })
-        }
-    };
-    let pin = match (
-        header_str(headers, ETAG.as_str()),
-        header_str(headers, LAST_MODIFIED.as_str()),
-    ) {
-        (Some(etag), _) if is_strong_etag(etag) => Pin::ETag(etag.to_string()),
-        (_, Some(date)) if !date.is_empty() => Pin::LastModified(date.to_string()),
-        (etag, _) => {
-            return Err(SourceError::Invalid(format!(
-                "{}: the image cannot be pinned: the server sends {} and no Last-Modified, \
-                 so a change of the image during the migration could not be detected",
-                mirror.shown,
-                match etag {
-                    Some(weak) => format!("only a weak ETag ({weak})"),
-                    None => "no ETag".to_string(),
-                }
-            )))
-        }
-    };
-    // Drain the one-byte body so the connection goes back to the pool.
-    let mut body_len = 0usize;
-    while let Some(piece) = timed(opts, mirror, response.chunk())
-        .await?
-        .map_err(|e| request_error(opts, mirror, e))?
-    {
-        body_len += piece.len();
-        if body_len > 1 {
-            break;
-        }
-    }
-    if body_len != 1 {
-        return Err(SourceError::BadResponse {
-            url: mirror.shown.clone(),
-            reason: format!(
-                "probe for 1 byte returned {}",
-                if body_len == 0 {
-                    "no byte"
-                } else {
-                    "more than 1 byte"
-                }
-            ),
-        });
-    }
-    Ok(Probe { size, pin })
-}
-
-impl Inner {
-    /// Fills `buf` with `[offset, offset + buf.len())`, retrying transient errors across
-    /// mirrors until the deadline.
-    async fn read_range(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let mirrors = self.mirrors.len();
-        let backoff = self.opts.backoff();
-        let deadline = Deadline::after(self.opts.deadline);
-        let mut done = 0usize;
-        // Failures since the last progress; every `mirrors` failures make one round.
-        let mut failures: u32 = 0;
-        let mut mirror = self.preferred.load(Ordering::Relaxed) % mirrors;
-        loop {
-            let before = done;
-            let error = match self.fetch_once(mirror, offset, buf, &mut done).await {
-                Ok(()) => return Ok(()),
-                Err(e) if !e.is_transient() => return Err(e),
-                Err(e) => e,
-            };
-            if done == buf.len() {
-                // Every byte arrived and was checked; only the end of the exchange failed.
-                return Ok(());
-            }
-            if done > before {
-                failures = 0;
-            }
-            failures = failures.saturating_add(1);
-            let next = (mirror + 1) % mirrors;
-            // Steer other readers away from the failing mirror (unless one already did).
-            let _ =
-                self.preferred
-                    .compare_exchange(mirror, next, Ordering::Relaxed, Ordering::Relaxed);
-            let round_done = failures as usize % mirrors == 0;
-            let delay = if round_done {
-                backoff.delay(failures / mirrors as u32 - 1)
-            } else {
-                Duration::ZERO
-            };
-            if !deadline.allows(delay) {
-                tracing::warn!(
-                    url = %self.mirrors[mirror].shown,
-                    offset,
-                    len = buf.len(),
-                    error = %error,
-                    "giving up on range: retry deadline passed"
-                );
-                return Err(error);
-            }
-            tracing::warn!(
-                url = %self.mirrors[mirror].shown,
-                next = %self.mirrors[next].shown,
-                offset = offset + done as u64,
-                len = buf.len() - done,
-                failures,
-                delay_ms = delay.as_millis() as u64,
-                error = %error,
-                "range request failed, retrying"
-            );
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            mirror = next;
-        }
-    }
-
-    /// One ranged `GET` for `buf[*done..]` (image bytes from `offset + *done`) on `mirror`.
-    /// Advances `*done` by the bytes received and verified, even when the transfer breaks
-    /// off later, so that a retry asks only for the rest.
-    async fn fetch_once(
-        &self,
-        mirror: usize,
-        offset: u64,
-        buf: &mut [u8],
-        done: &mut usize,
-    ) -> Result<(), SourceError> {
-        let m = &self.mirrors[mirror];
-        let want = &mut buf[*done..];
-        let start = offset + *done as u64;
-        let end = start + want.len() as u64 - 1;
-        let mut request = self
-            .client
-            .get(m.url.clone())
-            .header(RANGE, format!("bytes={start}-{end}"));
-        request = match &self.pin {
-            Pin::ETag(etag) => request.header(IF_MATCH, etag),
-            Pin::LastModified(date) => request.header(IF_UNMODIFIED_SINCE, date),
-        };
-        let mut response = timed(&self.opts, m, request.send())
-            .await?
-            .map_err(|e| request_error(&self.opts, m, e))?;
-        self.check_response(m, &response, start, end)?;
-
-        let mut pos = 0usize;
-        let outcome = loop {
-            let piece = match timed(&self.opts, m, response.chunk()).await {
-                Ok(Ok(Some(piece))) => piece,
-                Ok(Ok(None)) => break Ok(()),
-                Ok(Err(e)) => break Err(request_error(&self.opts, m, e)),
-                Err(timeout) => break Err(timeout),
-            };
-            let Some(slot) = want.get_mut(pos..pos + piece.len()) else {
-                // Framing is broken: do not trust any byte of this response.
-                return Err(SourceError::BadResponse {
-                    url: m.shown.clone(),
-                    reason: format!(
-                        "body longer than the {} bytes requested at {start}",
-                        want.len()
-                    ),
-                });
-            };
-            slot.copy_from_slice(&piece);
-            pos += piece.len();
-        };
-        *done += pos;
-        outcome?;
-        if pos != want.len() {
-            return Err(SourceError::Transfer {
-                url: m.shown.clone(),
-                reason: format!(
-                    "body ended after {pos} of {} bytes requested at {start}",
-                    want.len()
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// Checks everything but the body of an answer to a ranged request for `start..=end`.
-    fn check_response(
-        &self,
-        m: &Mirror,
-        response: &Response,
-        start: u64,
-        end: u64,
-    ) -> Result<(), SourceError> {
-        let headers = response.headers();
-        let changed = |found: String| SourceError::Changed {
-            url: m.shown.clone(),
-            expected: self.identity.to_string(),
-            found,
-        };
-        match response.status() {
-            StatusCode::PARTIAL_CONTENT => {}
-            StatusCode::PRECONDITION_FAILED => {
-                let found = match header_str(headers, ETAG.as_str()) {
-                    Some(etag) => format!("ETag {etag} (412 Precondition Failed)"),
-                    None => "a different version (412 Precondition Failed)".to_string(),
-                };
-                return Err(changed(found));
-            }
-            StatusCode::RANGE_NOT_SATISFIABLE => {
-                return Err(changed(format!(
-                    "a shorter image (416 Range Not Satisfiable, Content-Range {:?})",
-                    header_str(headers, CONTENT_RANGE.as_str())
-                )));
-            }
-            StatusCode::OK => {
-                // Never hand out a 200 body: it is not the range asked for.
-                if let Some(found) = self.validator_mismatch(headers) {
-                    return Err(changed(found));
-                }
-                return Err(SourceError::NoRangeSupport {
-                    url: m.shown.clone(),
-                });
-            }
-            status => {
-                return Err(SourceError::Status {
-                    url: m.shown.clone(),
-                    status: status.as_u16(),
-                })
-            }
-        }
-        if let Some(found) = self.validator_mismatch(headers) {
-            return Err(changed(found));
-        }
-        check_identity_coding(m, headers)?;
-        match content_range(headers) {
-            Some((s, e, Some(total))) if s == start && e == end && total == self.identity.size => {}
-            Some((_, _, Some(total))) if total != self.identity.size => {
-                return Err(changed(format!("size {total}")));
-            }
-            _ => {
-                return Err(SourceError::BadResponse {
-                    url: m.shown.clone(),
-                    reason: format!(
-                        "asked for bytes {start}-{end}/{}, got Content-Range {:?}",
-                        self.identity.size,
-                        header_str(headers, CONTENT_RANGE.as_str())
-                    ),
-                })
-            }
-        }
-        if let Some(length) = header_str(headers, CONTENT_LENGTH.as_str()) {
-            if parse_content_length(length) != Some(end - start + 1) {
-                return Err(SourceError::BadResponse {
-                    url: m.shown.clone(),
-                    reason: format!(
-                        "asked for {} bytes, got Content-Length {length:?}",
-                        end - start + 1
-                    ),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Describes the validator a response carries when it differs from the pinned one.
-    /// A response without the header is accepted: the precondition already guards it.
-    fn validator_mismatch(&self, headers: &HeaderMap) -> Option<String> {
-        match &self.pin {
-            Pin::ETag(pinned) => match header_str(headers, ETAG.as_str()) {
-                Some(etag) if etag != pinned => Some(format!("ETag {etag}")),
-                _ => None,
-            },
-            Pin::LastModified(pinned) => match header_str(headers, LAST_MODIFIED.as_str()) {
-                Some(date) if date != pinned => Some(format!("Last-Modified {date}")),
-                _ => None,
-            },
-        }
-    }
-}
-
-/// Awaits `fut` for at most `opts.request_timeout`.
-async fn timed<F: Future>(
-    opts: &HttpOptions,
-    mirror: &Mirror,
-    fut: F,
-) -> Result<F::Output, SourceError> {
-    tokio::time::timeout(opts.request_timeout, fut)
-        .await
-        .map_err(|_| SourceError::Timeout {
-            url: mirror.shown.clone(),
-            secs: ceil_secs(opts.request_timeout),
-        })
-}
-
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
-/// Classifies a reqwest error: connection problems are `Unreachable`, broken transfers are
-/// `Transfer`, both transient; a client that cannot even build the request is `Invalid`.
-fn request_error(opts: &HttpOptions, mirror: &Mirror, e: reqwest::Error) -> SourceError {
-    let url = mirror.shown.clone();
-    let reason = chain(&e);
-    if e.is_timeout() {
-        SourceError::Timeout {
-            url,
-            secs: ceil_secs(opts.connect_timeout),
-        }
-    } else if e.is_builder() {
-        SourceError::Invalid(format!("{url}: {reason}"))
-    } else if e.is_redirect() {
-        SourceError::Invalid(format!("{url}: redirect loop: {reason}"))
-    } else if e.is_connect() {
-        SourceError::Unreachable { url, reason }
-    } else if e.is_body() || e.is_decode() {
-        SourceError::Transfer { url, reason }
-    } else {
-        // Request errors without a connect failure: typically a pooled connection that
-        // the server closed as we reused it.
-        SourceError::Unreachable { url, reason }
-    }
-}
-
-/// An error and all its causes on one line (reqwest's own message omits the cause, which
-/// is where "Connection refused" lives).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// Refuses a body with a content coding: its bytes would not be image bytes.
-fn check_identity_coding(m: &Mirror, headers: &HeaderMap) -> Result<(), SourceError> {
-    match header_str(headers, CONTENT_ENCODING.as_str()) {
-        None => Ok(()),
-        Some(coding) if coding.trim().eq_ignore_ascii_case("identity") => Ok(()),
-        Some(coding) => Err(SourceError::BadResponse {
-            url: m.shown.clone(),
-            reason: format!("body has Content-Encoding {coding:?}"),
-        }),
-    }
-}
-
-/// Parses `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`: `None`).
-fn content_range(headers: &HeaderMap) -> Option<(u64, u64, Option<u64>)> {
-    parse_content_range(header_str(headers, CONTENT_RANGE.as_str())?)
 }
 
 #[cfg(test)]
@@ -849,6 +443,18 @@ mod tests {
         }
         let m = Mirror::parse("https://user:secret@example.org/img.raw").unwrap();
         assert!(!m.shown.contains("secret"), "{}", m.shown);
+        assert!(m.has_secrets);
+        let m = Mirror::parse("https://example.org/img.raw?X-Amz-Signature=secret").unwrap();
+        assert!(!m.shown.contains("secret") && m.has_secrets, "{}", m.shown);
+        assert!(
+            !Mirror::parse("https://example.org/img.raw")
+                .unwrap()
+                .has_secrets
+        );
+        let bad = Mirror::parse("ftp://user:secret@example.org/x?sig=secret")
+            .err()
+            .unwrap();
+        assert!(!bad.to_string().contains("secret"), "{bad}");
         assert!(Mirror::parse(" http://127.0.0.1:8080/a ").is_ok());
     }
 
@@ -866,5 +472,25 @@ mod tests {
             ..HttpOptions::default()
         };
         assert!(inverted.validate().is_err());
+        let no_rate = HttpOptions {
+            min_rate: 0,
+            ..HttpOptions::default()
+        };
+        assert!(no_rate.validate().is_err());
+    }
+
+    #[test]
+    fn attempt_budget_grows_with_the_range() {
+        let opts = HttpOptions {
+            request_timeout: Duration::from_secs(30),
+            min_rate: 64 << 10,
+            ..HttpOptions::default()
+        };
+        assert_eq!(opts.attempt_budget(1), Duration::from_secs(30));
+        assert_eq!(opts.attempt_budget(4 << 20), Duration::from_secs(64));
+        assert_eq!(
+            opts.attempt_budget(u64::MAX),
+            Duration::from_millis(u64::MAX / (64 << 10))
+        );
     }
 }

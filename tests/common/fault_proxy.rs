@@ -38,6 +38,19 @@ pub enum Fault {
     FlipBit { at: usize, bit: u8 },
     /// Forward the request for this upstream path instead (the image was replaced).
     Path(String),
+    /// The image was replaced by this upstream path on a server that ignores
+    /// preconditions (`If-Match`, `If-Unmodified-Since` are dropped from the request) and
+    /// sends no validators (`ETag` and `Last-Modified` are dropped from the answer).
+    Unvalidated(String),
+    /// Answer `302 Found` with this `Location`.
+    Redirect(String),
+    /// Answer `status` unless the request head contains every one of these strings,
+    /// compared without case (a server that wants credentials or a signed query string);
+    /// else forward unchanged.
+    Require { needles: Vec<String>, status: u16 },
+    /// Send the headers, then the body one byte every `every_ms` milliseconds (never a
+    /// stall long enough for a per-read timeout), until the body ends or the client leaves.
+    Drip { every_ms: u64 },
 }
 
 /// Which requests a rule applies to. Requests are counted from 1 since the last
@@ -54,6 +67,8 @@ pub enum When {
     Prob(f64),
     /// Requests whose `Range` overlaps `[start, end)` (requests without `Range` never).
     Overlaps(u64, u64),
+    /// Requests for this path (query string included, as sent).
+    Path(String),
 }
 
 /// One line of the plan: apply `fault` to requests matching `when`, at most `limit` times.
@@ -97,7 +112,7 @@ impl Plan {
     }
 
     /// Counts the request and returns the fault of the first matching rule, if any.
-    fn pick(&mut self, range: Option<(u64, u64)>) -> Option<Fault> {
+    fn pick(&mut self, range: Option<(u64, u64)>, path: &str) -> Option<Fault> {
         self.requests += 1;
         let n = self.requests;
         for (rule, hits) in &mut self.rules {
@@ -110,6 +125,7 @@ impl Plan {
                 When::EveryNth(k) => k > 0 && n % k == 0,
                 When::Prob(p) => self.rng.random_bool(p),
                 When::Overlaps(s, e) => range.is_some_and(|(a, b)| a < e && b >= s),
+                When::Path(ref p) => p == path,
             };
             if matched {
                 *hits += 1;
@@ -341,11 +357,12 @@ fn serve_client(shared: &Shared, stream: TcpStream) {
         };
         let Ok(Some(mut head)) = head else { return };
         shared.requests.fetch_add(1, Ordering::SeqCst);
-        let fault = shared.plan.lock().unwrap().pick(parse_range(&head));
+        let path = head.first.split(' ').nth(1).unwrap_or_default().to_string();
+        let fault = shared.plan.lock().unwrap().pick(parse_range(&head), &path);
         if fault.is_some() {
             shared.hits.fetch_add(1, Ordering::SeqCst);
         }
-        if let Some(Fault::Path(path)) = &fault {
+        if let Some(Fault::Path(path) | Fault::Unvalidated(path)) = &fault {
             let mut parts = head.first.splitn(3, ' ');
             let (method, _, version) = (parts.next(), parts.next(), parts.next());
             head.first = format!(
@@ -354,27 +371,33 @@ fn serve_client(shared: &Shared, stream: TcpStream) {
                 version.unwrap_or("HTTP/1.1")
             );
         }
-        match fault {
+        if let Some(Fault::Unvalidated(_)) = &fault {
+            for name in ["if-match", "if-unmodified-since", "if-none-match"] {
+                head.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+            }
+        }
+        let answer = match &fault {
             Some(Fault::Reset) => {
                 reset(&out);
                 return;
             }
-            Some(Fault::Status(code)) => {
-                let body = format!("fault proxy: injected {code}\n");
-                let head = Head {
-                    first: format!("HTTP/1.1 {code} Injected"),
-                    headers: vec![
-                        ("Content-Type".into(), "text/plain".into()),
-                        ("Content-Length".into(), body.len().to_string()),
-                    ],
-                };
-                if out.write_all(&head.encode()).is_err() || out.write_all(body.as_bytes()).is_err()
-                {
-                    return;
-                }
-                continue;
+            Some(Fault::Status(code)) => Some((*code, Vec::new())),
+            Some(Fault::Redirect(location)) => {
+                Some((302, vec![("Location".to_string(), location.clone())]))
             }
-            _ => {}
+            Some(Fault::Require { needles, status }) => {
+                // Header names arrive in any case (hyper sends them in lower case).
+                let text = String::from_utf8_lossy(&head.encode()).to_ascii_lowercase();
+                let present = |n: &String| text.contains(&n.to_ascii_lowercase());
+                (!needles.iter().all(present)).then_some((*status, Vec::new()))
+            }
+            _ => None,
+        };
+        if let Some((code, extra)) = answer {
+            if answer_status(&mut out, code, extra).is_err() {
+                return;
+            }
+            continue;
         }
         let Ok((mut rhead, mut body)) = forward(shared.upstream, &mut head) else {
             reset(&out);
@@ -408,12 +431,57 @@ fn serve_client(shared: &Shared, stream: TcpStream) {
                 let i = at % body.len();
                 body[i] ^= 1 << (bit % 8);
             }
+            Some(Fault::Unvalidated(_)) => {
+                for name in ["etag", "last-modified"] {
+                    rhead.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+                }
+            }
+            Some(Fault::Drip { every_ms }) => {
+                drip(shared, &mut out, &rhead, &body, every_ms);
+                return;
+            }
             _ => {}
         }
         if out.write_all(&rhead.encode()).is_err() || out.write_all(&body).is_err() {
             return;
         }
     }
+}
+
+/// Answers `code` with a short text body and `extra` headers, keeping the connection.
+fn answer_status(
+    out: &mut TcpStream,
+    code: u16,
+    extra: Vec<(String, String)>,
+) -> std::io::Result<()> {
+    let body = format!("fault proxy: injected {code}\n");
+    let mut headers = vec![
+        ("Content-Type".to_string(), "text/plain".to_string()),
+        ("Content-Length".to_string(), body.len().to_string()),
+    ];
+    headers.extend(extra);
+    let head = Head {
+        first: format!("HTTP/1.1 {code} Injected"),
+        headers,
+    };
+    out.write_all(&head.encode())?;
+    out.write_all(body.as_bytes())
+}
+
+/// Sends `rhead`, then `body` one byte every `every_ms` ms; closes the connection at the
+/// end, when the client goes away, or when the proxy stops.
+fn drip(shared: &Shared, out: &mut TcpStream, rhead: &Head, body: &[u8], every_ms: u64) {
+    if out.write_all(&rhead.encode()).is_err() {
+        return;
+    }
+    for byte in body {
+        if shared.stop.load(Ordering::SeqCst) || out.write_all(std::slice::from_ref(byte)).is_err()
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(every_ms));
+    }
+    let _ = out.shutdown(Shutdown::Both);
 }
 
 /// `bytes a-b/t` moved `shift` bytes later.

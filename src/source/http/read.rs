@@ -1,0 +1,184 @@
+//! Reading a range: retries across the mirrors still in use, one attempt at a time, and the
+//! refusal of a mirror that answers without the pinned validator.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use reqwest::header::{IF_MATCH, IF_UNMODIFIED_SINCE, RANGE};
+
+use super::attempt::{request_error, Clock};
+use super::check::header_label;
+use super::{Inner, Pin};
+use crate::source::retry::Deadline;
+use crate::source::SourceError;
+
+impl Inner {
+    /// Fills `buf` with `[offset, offset + buf.len())`, retrying transient errors across
+    /// the mirrors still in use until the deadline.
+    pub(super) async fn read_range(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let backoff = self.opts.backoff();
+        let deadline = Deadline::after(self.opts.deadline);
+        let mut done = 0usize;
+        // Failures since the last progress; every `usable` failures make one round.
+        let mut failures: u32 = 0;
+        let mut mirror = self.usable_from(self.preferred.load(Ordering::Relaxed))?;
+        loop {
+            let before = done;
+            let error = match self.fetch_once(mirror, offset, buf, &mut done).await {
+                Ok(()) => return Ok(()),
+                // A refused mirror is out; the others may still serve the range.
+                Err(e) if self.refused[mirror].get().is_some() => e,
+                Err(e) if !e.is_transient() => return Err(e),
+                Err(e) => e,
+            };
+            if done == buf.len() {
+                // Every byte arrived and was checked; only the end of the exchange failed.
+                return Ok(());
+            }
+            if done > before {
+                failures = 0;
+            }
+            failures = failures.saturating_add(1);
+            let next = self.usable_from(mirror + 1)?;
+            // Steer other readers away from the failing mirror (unless one already did).
+            let _ =
+                self.preferred
+                    .compare_exchange(mirror, next, Ordering::Relaxed, Ordering::Relaxed);
+            let usable = self.usable_count().max(1);
+            let round_done = failures as usize % usable == 0;
+            let delay = if round_done {
+                backoff.delay(failures / usable as u32 - 1)
+            } else {
+                Duration::ZERO
+            };
+            if !deadline.allows(delay) {
+                tracing::warn!(
+                    url = %self.mirrors[mirror].shown,
+                    offset,
+                    len = buf.len(),
+                    error = %error,
+                    "giving up on range: retry deadline passed"
+                );
+                return Err(error);
+            }
+            tracing::warn!(
+                url = %self.mirrors[mirror].shown,
+                next = %self.mirrors[next].shown,
+                offset = offset + done as u64,
+                len = buf.len() - done,
+                failures,
+                delay_ms = delay.as_millis() as u64,
+                error = %error,
+                "range request failed, retrying"
+            );
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            mirror = next;
+        }
+    }
+
+    /// The first mirror still in use at or after `start` (wrapping around); when every
+    /// mirror was refused, the first one's refusal.
+    fn usable_from(&self, start: usize) -> Result<usize, SourceError> {
+        let n = self.mirrors.len();
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| self.refused[i].get().is_none())
+            .ok_or_else(|| {
+                let reason = self.refused.iter().find_map(|r| r.get()).cloned();
+                SourceError::Invalid(reason.unwrap_or_else(|| "no usable mirror".into()))
+            })
+    }
+
+    fn usable_count(&self) -> usize {
+        self.refused.iter().filter(|r| r.get().is_none()).count()
+    }
+
+    /// Stops using mirror `index`: it answered a range request without the pinned
+    /// validator, so nothing proves its bytes belong to the pinned image. Logs once.
+    pub(super) fn refuse(&self, index: usize) -> SourceError {
+        let m = &self.mirrors[index];
+        let label = header_label(&self.pin);
+        let pinned = match &self.pin {
+            Pin::ETag(etag) => etag,
+            Pin::LastModified(date) => date,
+        };
+        let reason = format!(
+            "{}: the server answered a range request without the pinned {label} ({pinned}): \
+             nothing proves the bytes are those of the pinned image (a server that ignores \
+             the precondition and drops {label} can serve a replaced image), so this server \
+             is not used",
+            m.shown
+        );
+        if self.refused[index].set(reason.clone()).is_ok() {
+            tracing::warn!(url = %m.shown, "{reason}");
+        }
+        SourceError::Invalid(reason)
+    }
+
+    /// One ranged `GET` for `buf[*done..]` (image bytes from `offset + *done`) on `mirror`,
+    /// within the attempt budget. Advances `*done` by the bytes
+    /// received and verified, even when the transfer breaks off later, so that a retry asks
+    /// only for the rest.
+    async fn fetch_once(
+        &self,
+        mirror: usize,
+        offset: u64,
+        buf: &mut [u8],
+        done: &mut usize,
+    ) -> Result<(), SourceError> {
+        let m = &self.mirrors[mirror];
+        let want = &mut buf[*done..];
+        let start = offset + *done as u64;
+        let end = start + want.len() as u64 - 1;
+        let clock = Clock::start(&self.opts, want.len() as u64);
+        let mut request = self
+            .client
+            .get(m.url.clone())
+            .header(RANGE, format!("bytes={start}-{end}"));
+        request = match &self.pin {
+            Pin::ETag(etag) => request.header(IF_MATCH, etag),
+            Pin::LastModified(date) => request.header(IF_UNMODIFIED_SINCE, date),
+        };
+        let mut response = clock
+            .run(m, request.send())
+            .await?
+            .map_err(|e| request_error(&self.opts, m, e))?;
+        self.check_response(mirror, &response, start, end)?;
+
+        let mut pos = 0usize;
+        let outcome = loop {
+            let piece = match clock.run(m, response.chunk()).await {
+                Ok(Ok(Some(piece))) => piece,
+                Ok(Ok(None)) => break Ok(()),
+                Ok(Err(e)) => break Err(request_error(&self.opts, m, e)),
+                Err(timeout) => break Err(timeout),
+            };
+            let Some(slot) = want.get_mut(pos..pos + piece.len()) else {
+                // Framing is broken: do not trust any byte of this response.
+                return Err(SourceError::BadResponse {
+                    url: m.shown.clone(),
+                    reason: format!(
+                        "body longer than the {} bytes requested at {start}",
+                        want.len()
+                    ),
+                });
+            };
+            slot.copy_from_slice(&piece);
+            pos += piece.len();
+        };
+        *done += pos;
+        outcome?;
+        if pos != want.len() {
+            return Err(SourceError::Transfer {
+                url: m.shown.clone(),
+                reason: format!(
+                    "body ended after {pos} of {} bytes requested at {start}",
+                    want.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+}

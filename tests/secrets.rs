@@ -165,11 +165,7 @@ fn wait_for_status(ctl: &Path, log: &Path) -> serde_json::Value {
 }
 
 /// A failing `prepare` names the target in its one-line error without the secrets.
-/// Needs the lead's call site: `src/cli/lifecycle.rs` builds the "opening target ..."
-/// context from the raw `--target` strings (prepare and `open_pinned`); with
-/// `streamboot::target::shown_urls` there, remove the `ignore`.
 #[test]
-#[ignore = "needs redact in src/cli/lifecycle.rs (opening target context), wired at merge"]
 fn failing_prepare_error_shows_no_secret() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");

@@ -44,6 +44,15 @@ pub struct NetArgs {
     /// retrying while the request waits).
     #[arg(long)]
     pub fetch_deadline: Option<u64>,
+    /// Slowest rate (bytes/s) one request attempt is granted: its time budget is
+    /// max(--request-timeout, length / rate); a server dripping slower is retried or left
+    /// for a mirror.
+    #[arg(long, default_value = "64K", value_parser = size::parse_size)]
+    pub min_rate: u64,
+    /// Follow redirects to another origin (scheme, host, port); https to http is always
+    /// refused.
+    #[arg(long)]
+    pub allow_cross_origin_redirects: bool,
 }
 
 impl NetArgs {
@@ -53,6 +62,8 @@ impl NetArgs {
             connect_timeout: Duration::from_secs(self.connect_timeout),
             request_timeout: Duration::from_secs(self.request_timeout),
             deadline: self.fetch_deadline.map(Duration::from_secs),
+            min_rate: self.min_rate,
+            allow_cross_origin_redirects: self.allow_cross_origin_redirects,
             ..HttpOptions::default()
         }
     }

@@ -275,7 +275,7 @@ impl Engine {
             max_trial_starts: sb.max_trial_starts,
             target_kind: sb.target.kind.clone(),
             target_validator: sb.target.validator.clone(),
-            target_urls: sb.target.urls.clone(),
+            target_urls: crate::target::shown_urls(&sb.target.urls),
             ..Status::default()
         };
         let sb_seeded = sb.seeded_bytes;
@@ -908,7 +908,7 @@ pub fn offline_status(meta: &MetaStore) -> Status {
         max_trial_starts: sb.max_trial_starts,
         target_kind: sb.target.kind.clone(),
         target_validator: sb.target.validator.clone(),
-        target_urls: sb.target.urls.clone(),
+        target_urls: crate::target::shown_urls(&sb.target.urls),
         bytes_seeded: sb.seeded_bytes,
         ..Status::default()
     };

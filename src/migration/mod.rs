@@ -216,7 +216,7 @@ fn open_pinned(
     };
     open_source(&urls, Some(&pinned_identity(sb)), &offline_http(http)).map_err(|source| {
         MigrationError::Target {
-            urls: urls.join(", "),
+            urls: crate::target::shown_urls(&urls).join(", "),
             source,
         }
     })

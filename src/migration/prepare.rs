@@ -272,7 +272,7 @@ fn fresh(
 fn open_target(o: &PrepareOptions, trust: Option<&IndexTrust>) -> Result<Target> {
     let http = super::offline_http(&o.http);
     let opening = |source| MigrationError::Target {
-        urls: o.targets.join(", "),
+        urls: crate::target::shown_urls(&o.targets).join(", "),
         source,
     };
     Ok(match trust {

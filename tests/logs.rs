@@ -1,0 +1,36 @@
+//! What `serve` writes to a log file: plain text, no terminal escape codes.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn serve_logs_to_a_file_carry_no_ansi_escapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("plain.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("vu.sock");
+    let log = dir.path().join("serve.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
+        .arg("serve")
+        .arg(&disk)
+        .arg("--socket")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(20), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: sending a signal to our own child process by pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("vhost-user-blk listening"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "escape codes in a log file: {text:?}"
+    );
+}

@@ -255,3 +255,45 @@ fn read_only_serve_of_a_prepared_disk() {
     assert_eq!(v["start_counter"], 1, "{v}");
     assert_eq!(v["chunks_missing"], 0, "fetched chunks were not kept: {v}");
 }
+
+/// A discard covering whole missing chunks makes them zero chunks: never downloaded,
+/// not on demand, not by hydration, not by commit (issue 14).
+#[test]
+fn discarded_missing_chunks_are_never_fetched() {
+    let nginx = Nginx::start();
+    let s = Setup::new(&nginx, 60, None, &[]);
+    let (sock, ctl) = (s.sock(), s.ctl());
+    let srv = Served::start(
+        &s.disk,
+        &sock,
+        &["--control", ctl.to_str().unwrap(), "--no-hydrate"],
+    );
+    let mut c = Client::connect(&sock, 1, 1 << 20).unwrap();
+    // Chunks 1.5 .. 8.5: only the whole chunks 2..8 become zero.
+    let (from, to) = (CHUNK * 3 / 2, CHUNK * 17 / 2);
+    assert_eq!(c.discard(from as u64, (to - from) as u64), 0);
+    let got = read(&mut c, (2 * CHUNK) as u64, 6 * CHUNK);
+    assert!(
+        got.iter().all(|&b| b == 0),
+        "discarded chunks do not read as zeros"
+    );
+    let v = streamboot::control::client::get_status(&ctl).unwrap();
+    assert_eq!(
+        v["bytes_fetched_demand"], 0,
+        "a discarded chunk was fetched: {v}"
+    );
+    // The partly discarded chunks still hold the target.
+    assert!(read(&mut c, CHUNK as u64, CHUNK) == s.target[CHUNK..2 * CHUNK]);
+    drop(c);
+    streamboot::control::client::confirm(&ctl).unwrap();
+    srv.stop();
+    cli_ok(&["commit", s.disk.to_str().unwrap()]);
+    let disk = std::fs::read(&s.disk).unwrap();
+    let mut want = s.target.clone();
+    want[2 * CHUNK..8 * CHUNK].fill(0);
+    // Commit fetched everything still missing; the discarded chunks stayed zeros.
+    assert!(
+        disk == want,
+        "committed disk is not the target with zeroed chunks"
+    );
+}

@@ -875,6 +875,40 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// A discard covering whole chunks that are still missing makes them zero chunks:
+    /// space the guest gave up is never downloaded (discarded contents are unspecified;
+    /// zeros are a valid answer). Local chunks keep their contents.
+    fn discard_missing(&self, offset: u64, len: u64) {
+        if self.to_home.load(Ordering::Acquire) {
+            return; // commit moves chunks home; let it fetch rather than race it
+        }
+        let cs = self.chunk_size();
+        let first = offset.div_ceil(cs);
+        let end = offset + len;
+        for c in first..self.layout.chunk_count() {
+            let chunk_end = (c * cs + cs).min(self.layout.target_size);
+            if chunk_end > end {
+                break;
+            }
+            let _g = self.stripe(c).write();
+            let mut m = self.meta.lock();
+            let e = m.store.entry(c);
+            if e.loc == Location::Missing {
+                self.set_entry(
+                    &mut m.store,
+                    c,
+                    Entry {
+                        loc: Location::Zero,
+                        dirty: false,
+                        ..e
+                    },
+                );
+            }
+        }
+    }
+}
+
 /// Counts entries by kind into a status.
 fn tally(s: &mut Status, entries: &[Entry], layout: &Layout) {
     for (c, e) in entries.iter().enumerate() {
@@ -939,11 +973,11 @@ impl BlockBackend for Engine {
         })
     }
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        // Contents of discarded ranges stay readable as before: nothing to do but check.
         check_range(offset, len, self.layout.target_size)?;
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
+        self.discard_missing(offset, len);
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {

@@ -145,6 +145,12 @@ impl Client {
         self.wait(0, 1).expect("write completion")[0].ret
     }
 
+    /// One synchronous discard on queue 0; returns its `ret`.
+    pub fn discard(&mut self, offset: u64, len: u64) -> i32 {
+        self.queues[0].discard(offset, len, 0, ReqFlags::empty());
+        self.wait(0, 1).expect("discard completion")[0].ret
+    }
+
     /// One synchronous flush on queue 0; returns its `ret`.
     pub fn flush(&mut self) -> i32 {
         self.submit_flush(0, 0);

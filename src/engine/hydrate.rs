@@ -17,6 +17,8 @@ use super::{Engine, EngineError, FlightResult};
 pub struct RateLimit {
     bytes_per_sec: AtomicU64,
     bucket: Mutex<(f64, Instant)>,
+    /// Bytes taken and not given back (while limited): what the limiter let through.
+    taken: AtomicU64,
 }
 
 impl RateLimit {
@@ -25,6 +27,7 @@ impl RateLimit {
         Self {
             bytes_per_sec: AtomicU64::new(bytes_per_sec),
             bucket: Mutex::new((0.0, Instant::now())),
+            taken: AtomicU64::new(0),
         }
     }
     /// Changes the rate.
@@ -35,22 +38,34 @@ impl RateLimit {
     pub fn get(&self) -> u64 {
         self.bytes_per_sec.load(Ordering::Relaxed)
     }
-    /// Blocks until `n` bytes may be sent.
-    pub fn acquire(&self, n: u64) {
-        self.acquire_unless(n, &AtomicBool::new(false));
+    /// Bytes the limiter let through so far (taken minus given back), counted while a
+    /// rate was set.
+    pub fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
     }
 
-    /// Gives back `n` bytes taken but not sent.
+    /// Blocks until `n` bytes may be sent.
+    pub fn acquire(&self, n: u64) {
+        self.acquire_unless(n, &|| false);
+    }
+
+    /// Gives back `n` bytes taken but not sent: the next request may use them at once.
     pub fn refund(&self, n: u64) {
         if n > 0 && self.get() > 0 {
             self.bucket.lock().0 += n as f64;
+            let _ = self
+                .taken
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                    Some(t.saturating_sub(n))
+                });
         }
     }
 
-    /// Like [`Self::acquire`], but gives up (returning false) as soon as `stop` is set.
-    pub fn acquire_unless(&self, n: u64, stop: &AtomicBool) -> bool {
+    /// Like [`Self::acquire`], but gives up (returning false, nothing taken) as soon as
+    /// `give_up` says so.
+    pub fn acquire_unless(&self, n: u64, give_up: &dyn Fn() -> bool) -> bool {
         loop {
-            if stop.load(Ordering::Relaxed) {
+            if give_up() {
                 return false;
             }
             let rate = self.get();
@@ -66,6 +81,7 @@ impl RateLimit {
                 b.1 = now;
                 if b.0 >= n as f64 || b.0 >= rate as f64 / 4.0 {
                     b.0 -= n as f64;
+                    self.taken.fetch_add(n, Ordering::Relaxed);
                     return true;
                 }
                 (n as f64 - b.0) / rate as f64
@@ -211,6 +227,7 @@ impl Hydrator {
         let bytes = AtomicU64::new(0);
         let requests = AtomicU64::new(0);
         let area_full = AtomicBool::new(false);
+        let exhausted = AtomicBool::new(false);
         let failure: Mutex<Option<String>> = Mutex::new(None);
         let total_missing = engine.status().chunks_missing * engine.chunk_size();
         std::thread::scope(|s| {
@@ -233,21 +250,26 @@ impl Hydrator {
                     // Wait for the rate limit before claiming anything, so a stop (or a
                     // guest waiting on a claimed chunk) never waits on the limiter.
                     let budget = self.opts.request_bytes.max(engine.chunk_size());
-                    if !self.rate.acquire_unless(budget, &self.stop) {
+                    let give_up =
+                        || self.stop.load(Ordering::Relaxed) || exhausted.load(Ordering::Relaxed);
+                    if !self.rate.acquire_unless(budget, &give_up) {
                         return;
                     }
                     let Some((first, count, flight)) = self.next_claim(engine, &cur) else {
+                        // Nothing left to claim: the budget goes back, and the other
+                        // workers stop waiting for budget they would not use.
+                        exhausted.store(true, Ordering::Relaxed);
+                        self.rate.refund(budget);
                         return;
                     };
-                    self.rate
-                        .refund(budget.saturating_sub(count * engine.chunk_size()));
+                    let len = ((first + count) * engine.chunk_size())
+                        .min(engine.layout.target_size)
+                        - first * engine.chunk_size();
+                    self.rate.refund(budget.saturating_sub(len));
                     let r = engine.fetch_run(first, count, false);
                     match &r {
                         FlightResult::Mapped => {
-                            let n = ((first + count) * engine.chunk_size())
-                                .min(engine.layout.target_size)
-                                - first * engine.chunk_size();
-                            let done = bytes.fetch_add(n, Ordering::Relaxed) + n;
+                            let done = bytes.fetch_add(len, Ordering::Relaxed) + len;
                             requests.fetch_add(1, Ordering::Relaxed);
                             progress(done, total_missing);
                         }

@@ -146,7 +146,7 @@ impl BlockBackend for SwitchDisk {
 }
 
 /// How long stopping hydration waits for a fetch in flight.
-const HYDRATOR_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+const HYDRATOR_STOP_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// A listener for `(event, message)` state events.
 type EventListener = Box<dyn Fn(&str, &str) + Send + Sync>;

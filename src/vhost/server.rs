@@ -28,7 +28,7 @@ use super::VhostError;
 
 /// How long a shutdown waits for requests of the departed frontend (they are cancelled
 /// first; only a source that ignores cancellation is still running then).
-const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Largest number of queues (the worker map is a 64-bit mask).
 pub const MAX_QUEUES: u16 = 64;

@@ -167,7 +167,10 @@ fn cross_origin_redirect_is_refused_unless_allowed() {
         )],
     );
     let err = HttpSource::open(&[proxy.url("disk.img")], None, quick()).expect_err("redirect");
-    assert!(matches!(err, SourceError::Invalid(_)), "{err:?}");
+    assert!(
+        matches!(err, SourceError::RedirectRefused { .. }),
+        "{err:?}"
+    );
     let text = err.to_string();
     assert!(text.contains("another origin"), "{text}");
     assert!(!text.contains("topsecret"), "secret in the error: {text}");
@@ -354,7 +357,7 @@ fn reopening_checks_the_recorded_kind_of_validator() {
 
     let err = HttpSource::open(&[nginx.url("lmonly/disk.img")], Some(&by_etag), quick())
         .expect_err("no ETag any more");
-    assert!(matches!(err, SourceError::Invalid(_)), "{err:?}");
+    assert!(matches!(err, SourceError::Unvalidated { .. }), "{err:?}");
     assert!(err.to_string().contains("sends no strong ETag"), "{err}");
 
     let src = HttpSource::open(&[nginx.url("disk.img")], Some(&by_date), quick())

@@ -21,7 +21,7 @@
 //! and drops `ETag` could serve a replaced image unnoticed. A mirror that answers a range
 //! request without the pinned validator is refused for the rest of the source's life (a
 //! warning says why); the other mirrors carry on, and when none is left every read fails
-//! with [`SourceError::Invalid`] naming the missing header.
+//! with [`SourceError::Unvalidated`] naming the missing header.
 //!
 //! # Redirects and secrets
 //! Redirects are followed only within the origin (scheme, host, port) of the URL given; a

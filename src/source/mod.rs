@@ -89,6 +89,21 @@ pub enum SourceError {
     /// Local I/O failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The server refused the request for lack of (valid) credentials: HTTP 401/403.
+    /// Permanent until the operator gives a working URL or credentials.
+    #[error("{url}: server answered HTTP {status}: {hint}")]
+    Unauthorized {
+        url: String,
+        status: u16,
+        hint: &'static str,
+    },
+    /// A redirect leaves the origin (or downgrades https to http) without permission.
+    #[error("{url}: {reason}")]
+    RedirectRefused { url: String, reason: String },
+    /// The server does not prove that it serves the pinned image (no pinned validator on
+    /// its answers): it is not used.
+    #[error("{url}: {reason}")]
+    Unvalidated { url: String, reason: String },
     /// The caller cancelled the read (its requester went away, or shutdown). Never retried.
     #[error("fetch cancelled")]
     Cancelled,
@@ -111,6 +126,9 @@ impl SourceError {
             | SourceError::Changed { .. }
             | SourceError::OutOfRange { .. }
             | SourceError::Invalid(_)
+            | SourceError::Unauthorized { .. }
+            | SourceError::RedirectRefused { .. }
+            | SourceError::Unvalidated { .. }
             | SourceError::Cancelled => false,
         }
     }

@@ -71,7 +71,10 @@ pub(super) fn request_error(opts: &HttpOptions, mirror: &Mirror, e: reqwest::Err
     let e = e.without_url();
     let reason = chain(&e);
     if let Some(refused) = url::refused_redirect(&e) {
-        return SourceError::Invalid(format!("{url}: {refused}"));
+        return SourceError::RedirectRefused {
+            url,
+            reason: refused.to_string(),
+        };
     }
     if e.is_timeout() {
         SourceError::Timeout {

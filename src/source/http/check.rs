@@ -125,26 +125,18 @@ pub(super) fn header_label(pin: &Pin) -> &'static str {
 /// The error for an unexpected status; 401 and 403 say how to give credentials.
 pub(super) fn status_error(m: &Mirror, status: StatusCode) -> SourceError {
     match status {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-            let what = format!(
-                "{}: server answered HTTP {} {}",
-                m.shown,
-                status.as_u16(),
-                status.canonical_reason().unwrap_or_default()
-            );
-            SourceError::Invalid(if m.has_secrets {
-                format!(
-                    "{what}: the credentials or the signature (query string) of the URL were \
-                     refused (expired presigned URL?); give a valid URL with --target"
-                )
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => SourceError::Unauthorized {
+            url: m.shown.clone(),
+            status: status.as_u16(),
+            hint: if m.has_secrets {
+                "the credentials or the signature (query string) of the URL were refused \
+                     (expired presigned URL?); give a valid URL with --target"
             } else {
-                format!(
-                    "{what}: the server wants credentials or a signed URL; streamboot never \
-                     records them on the disk, so give the full URL (user:password@ or \
-                     presigned query string) with --target"
-                )
-            })
-        }
+                "the server wants credentials or a signed URL; streamboot never records \
+                     them on the disk, so give the full URL (user:password@ or presigned \
+                     query string) with --target"
+            },
+        },
         status => SourceError::Status {
             url: m.shown.clone(),
             status: status.as_u16(),

@@ -102,7 +102,10 @@ pub(super) fn pin_mirrors(
 /// `None` cannot happen: a probe carries at least one validator).
 fn missing_validator(m: &Mirror, want: Option<&Pin>, by_mirror: bool) -> SourceError {
     let Some(want) = want else {
-        return SourceError::Invalid(format!("{}: the server sends no validator", m.shown));
+        return SourceError::Unvalidated {
+            url: m.shown.clone(),
+            reason: "the server sends no validator".into(),
+        };
     };
     let label = header_label(want);
     let by = if by_mirror {
@@ -110,17 +113,19 @@ fn missing_validator(m: &Mirror, want: Option<&Pin>, by_mirror: bool) -> SourceE
     } else {
         "the disk"
     };
-    SourceError::Invalid(format!(
-        "{}: the image is pinned by {label} ({by} recorded {}), but this server sends no \
-         {}{label}: nothing would prove that it serves the pinned image, so it is not used",
-        m.shown,
-        want.validator(),
-        if matches!(want, Pin::ETag(_)) {
-            "strong "
-        } else {
-            ""
-        }
-    ))
+    SourceError::Unvalidated {
+        url: m.shown.clone(),
+        reason: format!(
+            "the image is pinned by {label} ({by} recorded {}), but this server sends no \
+             {}{label}: nothing would prove that it serves the pinned image, so it is not used",
+            want.validator(),
+            if matches!(want, Pin::ETag(_)) {
+                "strong "
+            } else {
+                ""
+            }
+        ),
+    }
 }
 
 /// Probes `mirror`, retrying transient errors `opts.open_retries` times.

@@ -86,8 +86,13 @@ impl Inner {
             .map(|i| (start + i) % n)
             .find(|&i| self.refused[i].get().is_none())
             .ok_or_else(|| {
-                let reason = self.refused.iter().find_map(|r| r.get()).cloned();
-                SourceError::Invalid(reason.unwrap_or_else(|| "no usable mirror".into()))
+                match (0..n).find_map(|i| self.refused[i].get().map(|r| (i, r.clone()))) {
+                    Some((i, reason)) => SourceError::Unvalidated {
+                        url: self.mirrors[i].shown.clone(),
+                        reason,
+                    },
+                    None => SourceError::Invalid("no usable mirror".into()),
+                }
             })
     }
 
@@ -105,16 +110,18 @@ impl Inner {
             Pin::LastModified(date) => date,
         };
         let reason = format!(
-            "{}: the server answered a range request without the pinned {label} ({pinned}): \
+            "the server answered a range request without the pinned {label} ({pinned}): \
              nothing proves the bytes are those of the pinned image (a server that ignores \
              the precondition and drops {label} can serve a replaced image), so this server \
-             is not used",
-            m.shown
+             is not used"
         );
         if self.refused[index].set(reason.clone()).is_ok() {
-            tracing::warn!(url = %m.shown, "{reason}");
+            tracing::warn!(url = %m.shown, "{}: {reason}", m.shown);
         }
-        SourceError::Invalid(reason)
+        SourceError::Unvalidated {
+            url: m.shown.clone(),
+            reason,
+        }
     }
 
     /// One ranged `GET` for `buf[*done..]` (image bytes from `offset + *done`) on `mirror`,

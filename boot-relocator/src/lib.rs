@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod format;
+mod lock;
 pub mod meta;
 pub mod partition;
 pub mod relocate;

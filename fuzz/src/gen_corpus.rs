@@ -110,7 +110,7 @@ fn superblocks() -> Vec<(String, Vec<u8>)> {
             start_counter: (i % 3) as u8,
             ..base.clone()
         };
-        out.push((format!("sb-{}", state.name()), sb.encode()));
+        out.push((format!("sb-{}", state.name()), sb.encode(&boot_relocator::HostKey::from_bytes(streamboot_fuzz::FUZZ_HOST_KEY))));
     }
     let store = Superblock {
         target: TargetRecord {
@@ -131,7 +131,7 @@ fn superblocks() -> Vec<(String, Vec<u8>)> {
         },
         ..base.clone()
     };
-    out.push(("sb-store-4k".into(), store.encode()));
+    out.push(("sb-store-4k".into(), store.encode(&boot_relocator::HostKey::from_bytes(streamboot_fuzz::FUZZ_HOST_KEY))));
     out.push(("sb-zero-block".into(), vec![0u8; 4096]));
     out
 }

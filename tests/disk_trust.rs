@@ -152,6 +152,10 @@ fn forged_superblock_on_a_plain_disk_is_guest_data() {
         let d = disk.to_str().unwrap();
         let status = cli_ok(&["status", d]);
         assert!(status.contains("plain disk"), "{name}: {status}");
+        let st = FileStorage::open(&disk, false).unwrap();
+        let ignored = MetaStore::unverified_superblocks(&st).unwrap();
+        assert_eq!(ignored.len(), 2, "{name}: {ignored:?}");
+        drop(st);
         for op in [
             &["rollback", d][..],
             &["commit", "--force", d],

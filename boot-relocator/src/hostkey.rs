@@ -25,6 +25,12 @@ pub const HOST_KEY_LEN: usize = 32;
 #[derive(Clone, PartialEq, Eq)]
 pub struct HostKey([u8; HOST_KEY_LEN]);
 
+impl Drop for HostKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl std::fmt::Debug for HostKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("HostKey(..)")
@@ -74,12 +80,12 @@ impl HostKey {
                 ),
             ));
         }
-        let mut bytes = Vec::with_capacity(HOST_KEY_LEN + 1);
+        let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(HOST_KEY_LEN + 1));
         Read::by_ref(&mut f)
             .take(HOST_KEY_LEN as u64 + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| key_err(path, e))?;
-        let key: [u8; HOST_KEY_LEN] = bytes.try_into().map_err(|_| {
+        let key: [u8; HOST_KEY_LEN] = bytes.as_slice().try_into().map_err(|_| {
             key_err(
                 path,
                 io::Error::new(
@@ -126,8 +132,8 @@ fn create(path: &Path) -> io::Result<()> {
             .mode(0o700)
             .create(d)?;
     }
-    let mut key = [0u8; HOST_KEY_LEN];
-    random(&mut key)?;
+    let mut key = zeroize::Zeroizing::new([0u8; HOST_KEY_LEN]);
+    random(&mut key[..])?;
     let tmp = path.with_file_name(format!(
         ".{}.{}.tmp",
         path.file_name()
@@ -140,13 +146,13 @@ fn create(path: &Path) -> io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
-    let published =
-        f.write_all(&key)
-            .and_then(|()| f.sync_all())
-            .and_then(|()| match fs::hard_link(&tmp, path) {
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-                r => r,
-            });
+    let published = f
+        .write_all(&key[..])
+        .and_then(|()| f.sync_all())
+        .and_then(|()| match fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            r => r,
+        });
     let _ = fs::remove_file(&tmp);
     published?;
     if let Some(d) = dir {

@@ -191,6 +191,18 @@ impl MetaStore {
             .map(|(sb, _)| sb))
     }
 
+    /// On a disk that reads as plain, what was found and ignored at the end of it (copies
+    /// with a magic that this host's key does not verify: guest data, another host's
+    /// disk, format v1), for a hint in `status`. Empty on a prepared disk.
+    pub fn unverified_superblocks(storage: &dyn Storage) -> Result<Vec<String>> {
+        let len = storage.len().ctx(|| "reading disk size".into())?;
+        let scan = read_superblocks(storage, len, HostKey::load()?.as_ref())?;
+        Ok(match scan.current {
+            Some(_) => Vec::new(),
+            None => scan.foreign,
+        })
+    }
+
     /// Writes a fresh superblock (state `Preparing`, phase `Reserved`) into both copies,
     /// which also extends a regular file to the layout's length. `boot` lists the
     /// boot-set chunks, flagged in the map that [`Self::init_map`] writes. The host key

@@ -414,3 +414,56 @@ fn format_v1_disk_is_plain_until_adopted() {
     cli_ok(&["rollback", fx.d()]);
     assert_eq!(sha256_file(&fx.disk), sha256(&fx.source));
 }
+
+/// Runs the binary with `STREAMBOOT_HOST_KEY` set; returns (success, stdout + stderr).
+fn cli_with_key(key: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_streamboot"))
+        .args(args)
+        .env("STREAMBOOT_HOST_KEY", key)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `STREAMBOOT_HOST_KEY` names the key: the first prepare creates it (0600); a host with
+/// another key sees the disk as plain (moving a disk needs its key); with the key, the
+/// disk is prepared again and rolls back.
+#[test]
+fn host_key_from_the_environment_and_disks_moved_between_hosts() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fx::new(50);
+    let key = fx.dir.path().join("keys/host.key");
+    let t = fx.target_path();
+    let (ok, out) = cli_with_key(&key, &["prepare", fx.d(), "--target", t.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (ok, out) = cli_with_key(&key, &["status", fx.d()]);
+    assert!(ok && out.contains("state:        prepared"), "{out}");
+    // Another host (another key): guest data as far as it can tell.
+    let other = fx.dir.path().join("other.key");
+    let before = sha256_file(&fx.disk);
+    let (ok, out) = cli_with_key(&other, &["status", fx.d()]);
+    assert!(ok && out.contains("plain disk"), "{out}");
+    let (ok, out) = cli_with_key(&other, &["rollback", fx.d()]);
+    assert!(!ok && out.contains("not a prepared disk"), "{out}");
+    assert_eq!(sha256_file(&fx.disk), before);
+    // A key file others can read is refused, naming it.
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, out) = cli_with_key(&key, &["status", fx.d()]);
+    assert!(
+        !ok && out.contains("host key") && out.contains("chmod 600"),
+        "{out}"
+    );
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, out) = cli_with_key(&key, &["rollback", fx.d()]);
+    assert!(ok, "{out}");
+    assert_eq!(sha256_file(&fx.disk), sha256(&fx.source));
+}

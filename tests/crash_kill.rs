@@ -273,22 +273,20 @@ fn sigkill_at_random_points() {
         }
         match state_of(&d) {
             None => {
-                // A kill between the superblocks' two writes (body, then magic: see
-                // docs/reliability.md, "Power loss") can leave the file extended to the
-                // layout's length with no valid superblock: the source bytes must be intact
-                // and the extension zeros but for the magic-less superblock copies in its
-                // last 8 KiB.
+                // A kill before the first superblock body reached the file: nothing
+                // changed. (A kill after it leaves a verifiable body without its magic,
+                // which reads as an interrupted prepare and is undone below; the file is
+                // never left extended: issue 11.)
                 let img = std::fs::read(&d).unwrap();
-                assert!(img.len() >= SOURCE_LEN, "round {round}: plain disk shrank");
                 assert_eq!(
-                    sha256(&img[..SOURCE_LEN]),
+                    img.len(),
+                    SOURCE_LEN,
+                    "round {round}: killed prepare left a plain disk of another size"
+                );
+                assert_eq!(
+                    sha256(&img),
                     src_sha,
                     "round {round}: killed prepare left a changed plain disk"
-                );
-                assert!(
-                    img.len() == SOURCE_LEN
-                        || img[SOURCE_LEN..img.len() - 8192].iter().all(|&b| b == 0),
-                    "round {round}: killed prepare left non-zero bytes after the source"
                 );
             }
             Some(_) if round % 2 == 0 => {

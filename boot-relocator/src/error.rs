@@ -1,6 +1,7 @@
 //! Errors of the boot relocator and metadata store.
 
 use std::io;
+use std::path::PathBuf;
 
 use crate::format::State;
 
@@ -38,6 +39,13 @@ pub enum RelocError {
     /// Invalid arguments.
     #[error("{0}")]
     Invalid(String),
+    /// The host key (see [`crate::hostkey`]) cannot be read or created.
+    #[error("host key {}: {source}", path.display())]
+    HostKey {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// Fetching target data failed.
     #[error("fetching target chunk {chunk}: {reason}")]
     Fetch { chunk: u64, reason: String },

@@ -1,11 +1,19 @@
-//! On-disk format v1 of the released area: superblocks and map pages.
+//! On-disk format v2 of the released area: superblocks and map pages.
 //!
 //! Byte layout is documented in `docs/format.md`; this module is its single source of
 //! truth in code. Every structure is a 4 KiB block with a magic, a CRC32C over the whole
 //! block (with the CRC field zeroed), a generation number and the migration's UUID, so
 //! that torn writes, stale blocks of an earlier migration and random bytes are rejected.
+//! A superblock also carries a MAC under the host key ([`crate::hostkey`]): the guest
+//! owns the last 8 KiB of a plain-served disk, so nothing there is ours unless it
+//! verifies.
 
 use std::fmt;
+
+use crate::hostkey::HostKey;
+
+mod map;
+pub use map::{decode_page, encode_page, DecodedPage, Entry, Location};
 
 /// Size of every metadata block.
 pub const BLOCK: usize = 4096;
@@ -14,7 +22,12 @@ pub const SB_MAGIC: [u8; 8] = *b"SBOOT-SB";
 /// Map page magic.
 pub const PAGE_MAGIC: [u8; 4] = *b"SBMP";
 /// Format version written by this code.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The previous, unauthenticated format (read only to adopt a disk).
+pub const LEGACY_VERSION: u32 = 1;
+/// Bytes 224..256 of a superblock: BLAKE3 keyed hash under the host key.
+const MAC_AT: usize = 224;
+const MAC_LEN: usize = 32;
 /// Smallest and largest chunk size (log2).
 pub const MIN_CHUNK_SHIFT: u8 = 12;
 /// Largest chunk size (log2): 4 MiB.
@@ -271,21 +284,21 @@ pub struct Superblock {
     pub seeded_bytes: u64,
 }
 
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
+pub(crate) fn put_u32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
-fn put_u64(b: &mut [u8], at: usize, v: u64) {
+pub(crate) fn put_u64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
-fn get_u32(b: &[u8], at: usize) -> u32 {
+pub(crate) fn get_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
-fn get_u64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn get_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// CRC32C of a block with its 4-byte CRC field (at `crc_at`) taken as zero.
-fn block_crc(b: &[u8], crc_at: usize) -> u32 {
+pub(crate) fn block_crc(b: &[u8], crc_at: usize) -> u32 {
     let c = crc32c::crc32c(&b[..crc_at]);
     let c = crc32c::crc32c_append(c, &[0; 4]);
     crc32c::crc32c_append(c, &b[crc_at + 4..])
@@ -296,16 +309,39 @@ fn block_crc(b: &[u8], crc_at: usize) -> u32 {
 pub enum SbDecodeError {
     /// No magic: this block never held a superblock.
     NoMagic,
-    /// Magic present but the block is damaged or from another format version.
+    /// Magic present but the block is damaged (torn, or bytes that merely start with the
+    /// magic): nothing in it can be trusted.
     Damaged(String),
+    /// A format-v1 superblock (no MAC): written by an older streamboot, or by a guest.
+    Legacy,
+    /// Checksum intact but the MAC does not verify under this host's key: guest data, or
+    /// a disk prepared on another host.
+    Unverified,
+    /// The MAC verifies but the content is not usable (a bug or a newer streamboot).
+    Invalid(String),
+}
+
+/// MAC of a superblock block: over the whole block with the CRC and MAC fields zero.
+fn block_mac(b: &[u8], key: &HostKey) -> [u8; MAC_LEN] {
+    let mut c = b.to_vec();
+    c[12..16].fill(0);
+    c[MAC_AT..MAC_AT + MAC_LEN].fill(0);
+    key.mac(&c)
 }
 
 impl Superblock {
-    /// Encodes into a 4 KiB block.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Encodes into a 4 KiB block, authenticated with `key`.
+    pub fn encode(&self, key: &HostKey) -> Vec<u8> {
+        let mut b = self.encode_fields(VERSION);
+        Self::seal_block(&mut b, key);
+        b
+    }
+
+    /// Encodes the fields (no MAC, no CRC) with format `version`.
+    fn encode_fields(&self, version: u32) -> Vec<u8> {
         let mut b = vec![0u8; BLOCK];
         b[0..8].copy_from_slice(&SB_MAGIC);
-        put_u32(&mut b, 8, VERSION);
+        put_u32(&mut b, 8, version);
         put_u64(&mut b, 16, self.generation);
         b[24..40].copy_from_slice(&self.uuid);
         b[40] = self.state.to_u8();
@@ -344,26 +380,80 @@ impl Superblock {
         let urls = encode_urls(&self.target.urls);
         b[146..148].copy_from_slice(&(urls.len() as u16).to_le_bytes());
         b[URLS_AT..URLS_AT + urls.len()].copy_from_slice(&urls);
+        b
+    }
+
+    /// Puts the MAC under `key` and then the CRC into any 4 KiB block (fuzzing and
+    /// tests: lets arbitrary bytes reach the field checks behind the MAC).
+    pub fn seal_block(b: &mut [u8], key: &HostKey) {
+        assert_eq!(b.len(), BLOCK);
+        let mac = block_mac(b, key);
+        b[MAC_AT..MAC_AT + MAC_LEN].copy_from_slice(&mac);
+        let crc = block_crc(b, 12);
+        put_u32(b, 12, crc);
+    }
+
+    /// Encodes as format v1 (no MAC): only for tests of adoption and of forged blocks.
+    pub fn encode_legacy_v1(&self) -> Vec<u8> {
+        let mut b = self.encode_fields(LEGACY_VERSION);
         let crc = block_crc(&b, 12);
         put_u32(&mut b, 12, crc);
         b
     }
 
-    /// Decodes and verifies a 4 KiB block.
-    pub fn decode(b: &[u8]) -> Result<Self, SbDecodeError> {
+    /// Decodes a 4 KiB block and verifies its checksum and its MAC under `key` (`None`:
+    /// no host key exists, so nothing verifies).
+    pub fn decode(b: &[u8], key: Option<&HostKey>) -> Result<Self, SbDecodeError> {
         if b.len() != BLOCK || b[0..8] != SB_MAGIC {
             return Err(SbDecodeError::NoMagic);
         }
-        let bad = |m: &str| SbDecodeError::Damaged(m.to_string());
         if get_u32(b, 12) != block_crc(b, 12) {
-            return Err(bad("checksum mismatch"));
+            return Err(SbDecodeError::Damaged("checksum mismatch".into()));
         }
-        let version = get_u32(b, 8);
-        if version != VERSION {
-            return Err(SbDecodeError::Damaged(format!(
-                "format version {version} not supported (this build reads {VERSION})"
-            )));
+        match get_u32(b, 8) {
+            LEGACY_VERSION => return Err(SbDecodeError::Legacy),
+            VERSION => {}
+            v => {
+                return Err(SbDecodeError::Damaged(format!(
+                    "format version {v} not supported (this build reads {VERSION})"
+                )))
+            }
         }
+        let key = key.ok_or(SbDecodeError::Unverified)?;
+        if b[MAC_AT..MAC_AT + MAC_LEN] != block_mac(b, key) {
+            return Err(SbDecodeError::Unverified);
+        }
+        Self::parse(b).map_err(SbDecodeError::Invalid)
+    }
+
+    /// Decodes a format-v1 block (checksum only: nothing proves who wrote it). Only for
+    /// an explicit adoption of a disk prepared by an older streamboot.
+    pub fn decode_legacy_v1(b: &[u8]) -> Result<Self, SbDecodeError> {
+        if b.len() != BLOCK || b[0..8] != SB_MAGIC {
+            return Err(SbDecodeError::NoMagic);
+        }
+        if get_u32(b, 12) != block_crc(b, 12) {
+            return Err(SbDecodeError::Damaged("checksum mismatch".into()));
+        }
+        if get_u32(b, 8) != LEGACY_VERSION {
+            return Err(SbDecodeError::Damaged("not a format-v1 superblock".into()));
+        }
+        Self::parse(b).map_err(SbDecodeError::Invalid)
+    }
+
+    /// Decodes a copy whose magic is missing: the body `MetaStore::create` writes before
+    /// the magic. Accepted only when it verifies with the magic put back.
+    pub fn decode_body_without_magic(b: &[u8], key: &HostKey) -> Option<Self> {
+        if b.len() != BLOCK || b[0..8] != [0; 8] {
+            return None;
+        }
+        let mut c = b.to_vec();
+        c[0..8].copy_from_slice(&SB_MAGIC);
+        Self::decode(&c, Some(key)).ok()
+    }
+
+    fn parse(b: &[u8]) -> Result<Self, String> {
+        let bad = |m: &str| m.to_string();
         let state = State::from_u8(b[40]).ok_or_else(|| bad("unknown state"))?;
         let phase = match b[44] {
             0 => PreparePhase::Reserved,
@@ -382,9 +472,7 @@ impl Superblock {
             slot_offset: f(6),
             slot_count: f(7),
         };
-        layout
-            .validate()
-            .map_err(|e| SbDecodeError::Damaged(format!("layout: {e}")))?;
+        layout.validate().map_err(|e| format!("layout: {e}"))?;
         let kind_end = b[128..144].iter().position(|&x| x == 0).unwrap_or(16);
         let kind = std::str::from_utf8(&b[128..128 + kind_end])
             .map_err(|_| bad("kind not UTF-8"))?
@@ -442,248 +530,5 @@ fn decode_urls(b: &[u8]) -> Option<Vec<String>> {
         .collect()
 }
 
-/// What the target image's chunk `c` currently is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Location {
-    /// Not local: fetch from the remote source.
-    Missing,
-    /// Known to be all zeros; nothing stored.
-    Zero,
-    /// At its home address on the disk.
-    Home,
-    /// In slot `n` of the released area.
-    Slot(u32),
-}
-
-/// One map entry: where target chunk `c` is, and where the source chunk saved from its
-/// home address is (for boot chunks that were relocated).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Entry {
-    /// Where the target chunk lives.
-    pub loc: Location,
-    /// The chunk holds guest writes (never evicted; only in a slot or home).
-    pub dirty: bool,
-    /// Slot holding the source chunk saved from this chunk's home address.
-    pub saved: Option<u32>,
-    /// The chunk belongs to the boot set relocated by `prepare`.
-    pub boot: bool,
-}
-
-impl Entry {
-    /// A chunk nobody has touched.
-    pub const MISSING: Entry = Entry {
-        loc: Location::Missing,
-        dirty: false,
-        saved: None,
-        boot: false,
-    };
-
-    fn encode(&self, b: &mut [u8]) {
-        b.fill(0);
-        let (kind, slot) = match self.loc {
-            Location::Missing => (0, 0),
-            Location::Zero => (1, 0),
-            Location::Home => (2, 0),
-            Location::Slot(s) => (3, s),
-        };
-        b[0] = kind;
-        b[1] = (self.dirty as u8) | ((self.saved.is_some() as u8) << 1) | ((self.boot as u8) << 2);
-        put_u32(b, 4, slot);
-        put_u32(b, 8, self.saved.unwrap_or(0));
-    }
-
-    fn decode(b: &[u8], slot_count: u64) -> Result<Self, String> {
-        let slot = get_u32(b, 4);
-        let loc = match b[0] {
-            0 => Location::Missing,
-            1 => Location::Zero,
-            2 => Location::Home,
-            3 => Location::Slot(slot),
-            k => return Err(format!("unknown entry kind {k}")),
-        };
-        if b[1] & !7 != 0 || b[2..4] != [0, 0] || b[12..16] != [0; 4] {
-            return Err("reserved entry bits set".into());
-        }
-        let saved = (b[1] & 2 != 0).then(|| get_u32(b, 8));
-        for s in [matches!(loc, Location::Slot(_)).then_some(slot), saved]
-            .into_iter()
-            .flatten()
-        {
-            if s as u64 >= slot_count {
-                return Err(format!("slot {s} out of range"));
-            }
-        }
-        Ok(Entry {
-            loc,
-            dirty: b[1] & 1 != 0,
-            saved,
-            boot: b[1] & 4 != 0,
-        })
-    }
-}
-
-/// Encodes map page `index` with `entries` (at most [`ENTRIES_PER_PAGE`]; the rest of the
-/// page is zero).
-pub fn encode_page(index: u64, generation: u64, uuid: &[u8; 16], entries: &[Entry]) -> Vec<u8> {
-    assert!(entries.len() <= ENTRIES_PER_PAGE);
-    let mut b = vec![0u8; BLOCK];
-    b[0..4].copy_from_slice(&PAGE_MAGIC);
-    put_u64(&mut b, 8, generation);
-    put_u64(&mut b, 16, index);
-    b[24..40].copy_from_slice(uuid);
-    put_u32(&mut b, 40, entries.len() as u32);
-    for (i, e) in entries.iter().enumerate() {
-        let at = PAGE_HEADER + i * ENTRY_SIZE;
-        e.encode(&mut b[at..at + ENTRY_SIZE]);
-    }
-    let crc = block_crc(&b, 4);
-    put_u32(&mut b, 4, crc);
-    b
-}
-
-/// A decoded, verified map page.
-#[derive(Debug)]
-pub struct DecodedPage {
-    /// Generation of this copy.
-    pub generation: u64,
-    /// Entries in order.
-    pub entries: Vec<Entry>,
-}
-
-/// Decodes a map page copy, checking magic, CRC, page index, UUID and entry count.
-pub fn decode_page(
-    b: &[u8],
-    index: u64,
-    uuid: &[u8; 16],
-    expected_entries: usize,
-    slot_count: u64,
-) -> Result<DecodedPage, String> {
-    if b.len() != BLOCK || b[0..4] != PAGE_MAGIC {
-        return Err("no page magic".into());
-    }
-    if get_u32(b, 4) != block_crc(b, 4) {
-        return Err("checksum mismatch".into());
-    }
-    if get_u64(b, 16) != index || b[24..40] != uuid[..] {
-        return Err("page of another index or migration".into());
-    }
-    if get_u32(b, 40) as usize != expected_entries {
-        return Err("entry count mismatch".into());
-    }
-    if expected_entries > ENTRIES_PER_PAGE {
-        return Err(format!("{expected_entries} entries do not fit in a page"));
-    }
-    let entries = (0..expected_entries)
-        .map(|i| {
-            let at = PAGE_HEADER + i * ENTRY_SIZE;
-            Entry::decode(&b[at..at + ENTRY_SIZE], slot_count)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(DecodedPage {
-        generation: get_u64(b, 8),
-        entries,
-    })
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn layout() -> Layout {
-        Layout {
-            chunk_shift: 16,
-            disk_len: 1 << 30,
-            source_size: 100 << 20,
-            target_size: (120 << 20) + 5,
-            area_offset: 121 << 20,
-            map_offset: 121 << 20,
-            map_pages: ((120u64 << 20) + 5)
-                .div_ceil(1 << 16)
-                .div_ceil(ENTRIES_PER_PAGE as u64),
-            slot_offset: 122 << 20,
-            slot_count: 1000,
-        }
-    }
-
-    fn sb() -> Superblock {
-        Superblock {
-            generation: 7,
-            uuid: [9; 16],
-            state: State::Trial,
-            phase: PreparePhase::MapReady,
-            start_counter: 2,
-            max_trial_starts: 3,
-            layout: layout(),
-            target: TargetRecord {
-                kind: "http".into(),
-                validator: "\"abc-123\"".into(),
-                urls: vec!["http://127.0.0.1:1/a.img".into(), "http://m/b".into()],
-            },
-            created_unix: 1_700_000_000,
-            seeded_bytes: 5 << 20,
-        }
-    }
-
-    #[test]
-    fn superblock_round_trips() {
-        let s = sb();
-        assert_eq!(Superblock::decode(&s.encode()).unwrap(), s);
-    }
-
-    #[test]
-    fn superblock_rejects_every_single_bit_flip() {
-        let b = sb().encode();
-        for byte in (0..BLOCK).step_by(7) {
-            let mut c = b.clone();
-            c[byte] ^= 0x10;
-            assert!(Superblock::decode(&c).is_err(), "flip at {byte} accepted");
-        }
-    }
-
-    #[test]
-    fn superblock_without_magic_is_not_damaged() {
-        assert_eq!(
-            Superblock::decode(&[0u8; BLOCK]),
-            Err(SbDecodeError::NoMagic)
-        );
-    }
-
-    #[test]
-    fn page_round_trips_and_checks_identity() {
-        let entries: Vec<Entry> = (0..ENTRIES_PER_PAGE as u32)
-            .map(|i| Entry {
-                loc: match i % 4 {
-                    0 => Location::Missing,
-                    1 => Location::Zero,
-                    2 => Location::Home,
-                    _ => Location::Slot(i),
-                },
-                dirty: i % 3 == 0 && i % 4 >= 2,
-                saved: (i % 5 == 0).then_some(i + 1),
-                boot: i % 7 == 0,
-            })
-            .collect();
-        let p = encode_page(3, 42, &[1; 16], &entries);
-        let d = decode_page(&p, 3, &[1; 16], entries.len(), 1000).unwrap();
-        assert_eq!(d.generation, 42);
-        assert_eq!(d.entries, entries);
-        assert!(decode_page(&p, 4, &[1; 16], entries.len(), 1000).is_err());
-        assert!(decode_page(&p, 3, &[2; 16], entries.len(), 1000).is_err());
-        assert!(decode_page(&p, 3, &[1; 16], entries.len(), 10).is_err());
-        let mut torn = p.clone();
-        torn[2000] ^= 1;
-        assert!(decode_page(&torn, 3, &[1; 16], entries.len(), 1000).is_err());
-    }
-
-    /// A page (checksum intact) whose entry count is past the page's capacity, with a
-    /// caller expecting that count: an error, not a slice past the end of the block.
-    #[test]
-    fn page_with_more_entries_than_fit_is_refused() {
-        let n = ENTRIES_PER_PAGE + 1;
-        let mut p = encode_page(0, 1, &[1; 16], &[]);
-        p[40..44].copy_from_slice(&(n as u32).to_le_bytes());
-        let crc = block_crc(&p, 4);
-        p[4..8].copy_from_slice(&crc.to_le_bytes());
-        assert!(decode_page(&p, 0, &[1; 16], n, 1000).is_err());
-    }
-}
+mod tests;

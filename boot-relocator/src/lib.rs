@@ -1,13 +1,17 @@
 //! The boot relocator and streamboot's on-disk format.
 //!
 //! - [`storage`]: positional disk I/O (file or block device) behind a trait.
-//! - [`format`]: byte layout of superblocks and map pages (format v1).
+//! - [`format`]: byte layout of superblocks and map pages (format v2).
+//! - [`hostkey`]: the host key that authenticates superblocks.
 //! - [`meta`]: the metadata store and its durability protocol.
 //! - [`partition`]: which disk ranges a partition table says are in use.
 //! - [`relocate`]: prepare (relocate boot chunks), rollback, removal of the area.
 
+mod adopt;
 pub mod error;
 pub mod format;
+pub mod hostkey;
+mod lock;
 pub mod meta;
 pub mod partition;
 pub mod relocate;
@@ -15,6 +19,7 @@ pub mod storage;
 
 pub use error::{RelocError, Result};
 pub use format::{Entry, Layout, Location, PreparePhase, State, Superblock, TargetRecord};
+pub use hostkey::HostKey;
 pub use meta::{MetaStore, PageBatch};
 pub use relocate::{plan, prepare, remove_area, resume_prepare, rollback, Plan, PrepareSpec};
 pub use storage::{FileStorage, Storage};

@@ -1,18 +1,23 @@
-//! The metadata store: superblock pair, double-buffered map pages, slot allocator.
+//! The metadata store: superblock pair, mirrored map pages, slot allocator.
 //!
 //! Durability protocol (see `docs/format.md`):
 //! - A map commit first *snapshots* the dirty pages, then syncs the disk (so the data of
 //!   every mapping in the snapshot is durable: a mapping is published only after its data
-//!   write returned), then writes each page into its older copy, then syncs again.
-//!   Commits are serialized, so a copy is never overwritten before the other copy of the
-//!   same page is durable: one valid, durable version of every page always survives.
+//!   write returned), then writes each page into copy 0, syncs, into copy 1, syncs.
+//!   A commit is acknowledged only when both copies hold it, so when one copy fails its
+//!   checksum later the other one is *current*, never an older version: the older copy
+//!   is used only when it is proven current this way (see [`MetaStore::open`]).
 //! - A released slot is *quarantined* until a commit that contains its unmapping has
 //!   completed; only then can it be handed out again. A durable map entry therefore never
 //!   points at a slot whose contents changed underneath it.
-//! - The superblock alternates between its two copies the same way, with a generation
-//!   number deciding which copy is current.
+//! - The superblock is written the same way: copy 0, sync, copy 1, sync, both with the
+//!   same generation. A pair found out of step (a crash between the two writes) is
+//!   brought in step by `open` before anything acts on it.
+//! - A superblock is ours only when its MAC verifies under the host key
+//!   ([`crate::hostkey`]); anything else at the end of a disk is guest data.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::{IoContext, RelocError, Result};
@@ -20,12 +25,13 @@ use crate::format::{
     decode_page, encode_page, Entry, Layout, Location, PreparePhase, SbDecodeError, State,
     Superblock, BLOCK, ENTRIES_PER_PAGE, SB_MAGIC,
 };
+use crate::hostkey::HostKey;
 use crate::storage::Storage;
 
 /// Encoded pages to write in one commit, and the slots it will release.
 #[derive(Debug, Default)]
 pub struct PageBatch {
-    pages: Vec<(u64, u8, Vec<u8>)>,
+    pages: Vec<(u64, Vec<u8>)>,
     released: Vec<u32>,
 }
 
@@ -40,7 +46,8 @@ impl PageBatch {
         self.pages.len()
     }
 
-    /// Syncs data, writes the pages, syncs again. Call without holding engine locks.
+    /// Syncs data, writes the pages into copy 0, syncs, into copy 1, syncs. Call
+    /// without holding engine locks.
     pub fn write(&self, storage: &dyn Storage, layout: &Layout) -> Result<()> {
         storage
             .sync()
@@ -48,24 +55,26 @@ impl PageBatch {
         if self.pages.is_empty() {
             return Ok(());
         }
-        for (index, copy, bytes) in &self.pages {
-            storage
-                .write_at(layout.page_addr(*index, *copy), bytes)
-                .ctx(|| format!("writing map page {index}"))?;
+        for copy in 0..2u8 {
+            for (index, bytes) in &self.pages {
+                storage
+                    .write_at(layout.page_addr(*index, copy), bytes)
+                    .ctx(|| format!("writing map page {index}"))?;
+            }
+            storage.sync().ctx(|| "syncing map pages".into())?;
         }
-        storage.sync().ctx(|| "syncing map pages".into())
+        Ok(())
     }
 }
 
 /// In-memory view of a prepared disk's metadata, and the only code that writes it.
 pub struct MetaStore {
     storage: Arc<dyn Storage>,
+    key: HostKey,
     sb: Superblock,
-    sb_copy: u8,
     entries: Vec<Entry>,
-    page_copy: Vec<u8>,
-    dirty_pages: BTreeSet<u64>,
-    next_page_gen: u64,
+    pub(crate) dirty_pages: BTreeSet<u64>,
+    pub(crate) next_page_gen: u64,
     free: Vec<u32>,
     quarantine: Vec<u32>,
 }
@@ -79,71 +88,154 @@ impl std::fmt::Debug for MetaStore {
     }
 }
 
+/// What the two superblock copies of a disk say.
+pub(crate) struct SbScan {
+    /// The current superblock, and whether both copies hold it.
+    pub(crate) current: Option<(Superblock, bool)>,
+    /// Copies with a magic that are not ours (guest data, another host's, format v1).
+    pub(crate) foreign: Vec<String>,
+}
+
+static WARNED_FOREIGN: AtomicBool = AtomicBool::new(false);
+
 /// Reads both superblock copies of a disk of `disk_len` bytes.
-fn read_superblocks(storage: &dyn Storage, disk_len: u64) -> Result<Option<(Superblock, u8)>> {
+pub(crate) fn read_superblocks(
+    storage: &dyn Storage,
+    disk_len: u64,
+    key: Option<&HostKey>,
+) -> Result<SbScan> {
+    let mut scan = SbScan {
+        current: None,
+        foreign: Vec::new(),
+    };
     if disk_len < 2 * BLOCK as u64 {
-        return Ok(None);
+        return Ok(scan);
     }
-    let mut found: Option<(Superblock, u8)> = None;
-    let mut damaged = Vec::new();
+    let mut ours: [Option<Superblock>; 2] = [None, None];
+    let mut unusable = Vec::new();
     for k in 0..2u8 {
         let mut b = vec![0u8; BLOCK];
         storage
             .read_at(Layout::sb_addr(disk_len, k), &mut b)
             .ctx(|| "reading superblock".into())?;
-        match Superblock::decode(&b) {
-            Ok(sb) if sb.layout.disk_len != disk_len => damaged.push(format!(
+        match Superblock::decode(&b, key) {
+            Ok(sb) if sb.layout.disk_len != disk_len => unusable.push(format!(
                 "copy {k} was written for a disk of {} bytes, this one has {disk_len}",
                 sb.layout.disk_len
             )),
-            Ok(sb) => {
-                if found
-                    .as_ref()
-                    .is_none_or(|(f, _)| sb.generation > f.generation)
-                {
-                    found = Some((sb, k));
-                }
+            Ok(sb) => ours[k as usize] = Some(sb),
+            Err(SbDecodeError::NoMagic) => {
+                // The body of an interrupted prepare's first write (its magic follows).
+                ours[k as usize] = key
+                    .and_then(|key| Superblock::decode_body_without_magic(&b, key))
+                    .filter(|sb| {
+                        sb.layout.disk_len == disk_len
+                            && sb.state == State::Preparing
+                            && sb.phase == PreparePhase::Reserved
+                    });
             }
-            Err(SbDecodeError::NoMagic) => {}
-            Err(SbDecodeError::Damaged(why)) => damaged.push(format!("copy {k}: {why}")),
+            Err(SbDecodeError::Invalid(why)) => unusable.push(format!("copy {k}: {why}")),
+            Err(SbDecodeError::Damaged(why)) => scan.foreign.push(format!("copy {k}: {why}")),
+            Err(SbDecodeError::Legacy) => scan
+                .foreign
+                .push(format!("copy {k}: format v1 (unauthenticated)")),
+            Err(SbDecodeError::Unverified) => scan.foreign.push(format!(
+                "copy {k}: MAC does not verify under this host's key"
+            )),
         }
     }
-    match found {
-        Some(x) => Ok(Some(x)),
-        None if damaged.is_empty() => Ok(None),
-        None => Err(RelocError::Corrupt(format!(
-            "both superblock copies are damaged ({})",
-            damaged.join("; ")
-        ))),
+    let [a, b] = ours;
+    scan.current = match (a, b) {
+        (Some(a), Some(b)) if a == b => Some((a, true)),
+        (Some(a), Some(b)) => Some((if a.generation >= b.generation { a } else { b }, false)),
+        (Some(x), None) | (None, Some(x)) => Some((x, false)),
+        (None, None) if !unusable.is_empty() => {
+            return Err(RelocError::Corrupt(format!(
+                "no usable superblock copy ({})",
+                unusable.join("; ")
+            )))
+        }
+        (None, None) => None,
+    };
+    if scan.current.is_none()
+        && !scan.foreign.is_empty()
+        && !WARNED_FOREIGN.swap(true, Ordering::Relaxed)
+    {
+        tracing::warn!(
+            "ignoring streamboot-like bytes at the end of the disk ({}): they do not verify \
+             under this host's key ({}), so they are guest data and the disk is plain. A disk \
+             prepared on another host needs that host's key; one prepared before format v2 \
+             must be adopted explicitly",
+            scan.foreign.join("; "),
+            HostKey::path().display()
+        );
     }
+    Ok(scan)
 }
 
 impl MetaStore {
-    /// Reads the superblock of `storage` without loading the map. `Ok(None)`: plain disk.
+    /// Reads the superblock of `storage` without loading the map. `Ok(None)`: plain disk
+    /// (no superblock this host's key verifies). The key comes from [`HostKey::load`].
     pub fn probe(storage: &dyn Storage) -> Result<Option<Superblock>> {
+        Self::probe_with_key(storage, HostKey::load()?.as_ref())
+    }
+
+    /// [`Self::probe`] with an explicit key (`None`: no key, nothing verifies).
+    pub fn probe_with_key(
+        storage: &dyn Storage,
+        key: Option<&HostKey>,
+    ) -> Result<Option<Superblock>> {
         let len = storage.len().ctx(|| "reading disk size".into())?;
-        Ok(read_superblocks(storage, len)?.map(|(sb, _)| sb))
+        Ok(read_superblocks(storage, len, key)?
+            .current
+            .map(|(sb, _)| sb))
+    }
+
+    /// On a disk that reads as plain, what was found and ignored at the end of it (copies
+    /// with a magic that this host's key does not verify: guest data, another host's
+    /// disk, format v1), for a hint in `status`. Empty on a prepared disk.
+    pub fn unverified_superblocks(storage: &dyn Storage) -> Result<Vec<String>> {
+        let len = storage.len().ctx(|| "reading disk size".into())?;
+        let scan = read_superblocks(storage, len, HostKey::load()?.as_ref())?;
+        Ok(match scan.current {
+            Some(_) => Vec::new(),
+            None => scan.foreign,
+        })
     }
 
     /// Writes a fresh superblock (state `Preparing`, phase `Reserved`) into both copies,
     /// which also extends a regular file to the layout's length. `boot` lists the
-    /// boot-set chunks, flagged in the map that [`Self::init_map`] writes.
+    /// boot-set chunks, flagged in the map that [`Self::init_map`] writes. The host key
+    /// is created if this host has none yet.
     ///
     /// The copies are written without their magic and synced first; the magics follow
     /// in a second write. A power cut can tear a write at sector granularity, and a torn
-    /// copy that carries the magic would make the disk read as corrupted: this way a copy
-    /// either has no magic (the disk is plain) or is whole.
+    /// copy that carries the magic would not verify: this way a copy either has no magic
+    /// or is whole. A body without its magic still verifies (MAC), so `open` recognises
+    /// an interrupted first write and the area can be removed (the file truncated back).
     pub fn create(storage: Arc<dyn Storage>, sb: Superblock, boot: &[u64]) -> Result<Self> {
+        Self::create_with_key(storage, HostKey::load_or_create()?, sb, boot)
+    }
+
+    /// [`Self::create`] with an explicit key.
+    pub fn create_with_key(
+        storage: Arc<dyn Storage>,
+        key: HostKey,
+        sb: Superblock,
+        boot: &[u64],
+    ) -> Result<Self> {
         let l = sb.layout;
-        let one = sb.encode();
+        let one = sb.encode(&key);
         let magic = SB_MAGIC.len();
-        let mut both = one.clone();
-        both.extend_from_slice(&one);
-        both[..magic].fill(0);
-        both[BLOCK..BLOCK + magic].fill(0);
-        storage
-            .write_at(Layout::sb_addr(l.disk_len, 0), &both)
-            .ctx(|| "writing superblocks".into())?;
+        let mut body = one.clone();
+        body[..magic].fill(0);
+        // Copy 1 first: that one-page write gives a file its final length, so a kill at
+        // any point leaves either the old length or a verifiable body at the end.
+        for k in [1, 0] {
+            storage
+                .write_at(Layout::sb_addr(l.disk_len, k), &body)
+                .ctx(|| "writing superblocks".into())?;
+        }
         storage.sync().ctx(|| "syncing superblocks".into())?;
         for k in 0..2 {
             storage
@@ -155,13 +247,13 @@ impl MetaStore {
         for &c in boot {
             entries[c as usize].boot = true;
         }
-        Ok(Self::from_parts(storage, sb, 1, entries))
+        Ok(Self::from_parts(storage, key, sb, entries))
     }
 
-    fn from_parts(
+    pub(crate) fn from_parts(
         storage: Arc<dyn Storage>,
+        key: HostKey,
         sb: Superblock,
-        sb_copy: u8,
         entries: Vec<Entry>,
     ) -> Self {
         let l = sb.layout;
@@ -180,10 +272,9 @@ impl MetaStore {
             .collect();
         Self {
             storage,
+            key,
             sb,
-            sb_copy,
             entries,
-            page_copy: vec![0; l.map_pages as usize],
             dirty_pages: BTreeSet::new(),
             next_page_gen: 2,
             free,
@@ -191,7 +282,7 @@ impl MetaStore {
         }
     }
 
-    /// Writes every map page (all entries missing) into copy 0 and records phase
+    /// Writes every map page (all entries missing) into both copies and records phase
     /// `MapReady` in the superblock.
     pub fn init_map(&mut self) -> Result<()> {
         let l = self.sb.layout;
@@ -200,11 +291,13 @@ impl MetaStore {
         let mut i = 0;
         while i < l.map_pages {
             let n = PAGES_PER_WRITE.min(l.map_pages - i);
-            // Copies 0 and 1 interleave, so write page copy 0 and a zero copy 1 together.
+            // Copies 0 and 1 interleave: write both copies of n pages together (nothing
+            // refers to the map before the superblock's phase says it is ready).
             let mut buf = Vec::with_capacity((2 * n) as usize * BLOCK);
             for p in i..i + n {
-                buf.extend_from_slice(&encode_page(p, 1, &uuid, &self.page_entries(p)));
-                buf.extend_from_slice(&[0u8; BLOCK]);
+                let page = encode_page(p, 1, &uuid, &self.page_entries(p));
+                buf.extend_from_slice(&page);
+                buf.extend_from_slice(&page);
             }
             self.storage
                 .write_at(l.page_addr(i, 0), &buf)
@@ -212,85 +305,54 @@ impl MetaStore {
             i += n;
         }
         self.storage.sync().ctx(|| "syncing map".into())?;
-        self.page_copy.fill(0);
         self.update_sb(|sb| sb.phase = PreparePhase::MapReady)
     }
 
-    /// Opens the metadata of a prepared disk. `Ok(None)`: a plain disk.
+    /// Opens the metadata of a prepared disk. `Ok(None)`: a plain disk (no superblock
+    /// this host's key verifies: see [`HostKey::load`]).
+    ///
+    /// A copy (superblock or map page) that fails its checks is replaced by the other
+    /// one, which the write protocol proves current; on a writable disk both copies are
+    /// made equal again before this returns, so nothing ever acts on a state that only
+    /// one copy holds.
     pub fn open(storage: Arc<dyn Storage>) -> Result<Option<Self>> {
+        match HostKey::load()? {
+            Some(key) => Self::open_with_key(storage, key),
+            None => {
+                // Without a key nothing verifies; still note foreign bytes for the log.
+                let len = storage.len().ctx(|| "reading disk size".into())?;
+                read_superblocks(storage.as_ref(), len, None)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// [`Self::open`] with an explicit key.
+    pub fn open_with_key(storage: Arc<dyn Storage>, key: HostKey) -> Result<Option<Self>> {
         let len = storage.len().ctx(|| "reading disk size".into())?;
-        let Some((sb, sb_copy)) = read_superblocks(storage.as_ref(), len)? else {
+        let Some((sb, in_sync)) = read_superblocks(storage.as_ref(), len, Some(&key))?.current
+        else {
             return Ok(None);
         };
-        let l = sb.layout;
-        let n = l.chunk_count() as usize;
+        let n = sb.layout.chunk_count() as usize;
         if sb.state == State::Preparing && sb.phase == PreparePhase::Reserved {
-            let mut m = Self::from_parts(storage, sb, sb_copy, vec![Entry::MISSING; n]);
-            m.page_copy.fill(1);
-            return Ok(Some(m));
+            return Ok(Some(Self::from_parts(
+                storage,
+                key,
+                sb,
+                vec![Entry::MISSING; n],
+            )));
         }
-        let mut entries = Vec::with_capacity(n);
-        let mut page_copy = vec![0u8; l.map_pages as usize];
-        let mut max_gen = 1;
-        const PAGES_PER_READ: u64 = 256;
-        let mut buf = vec![0u8; (2 * PAGES_PER_READ) as usize * BLOCK];
-        let mut i = 0;
-        while i < l.map_pages {
-            let cnt = PAGES_PER_READ.min(l.map_pages - i);
-            let bytes = &mut buf[..(2 * cnt) as usize * BLOCK];
-            storage
-                .read_at(l.page_addr(i, 0), bytes)
-                .ctx(|| "reading map".into())?;
-            for p in i..i + cnt {
-                let want = (n - (p as usize * ENTRIES_PER_PAGE)).min(ENTRIES_PER_PAGE);
-                let mut best: Option<(crate::format::DecodedPage, u8)> = None;
-                let mut errs = Vec::new();
-                for k in 0..2u8 {
-                    let at = (2 * (p - i) + k as u64) as usize * BLOCK;
-                    match decode_page(&bytes[at..at + BLOCK], p, &sb.uuid, want, l.slot_count) {
-                        Ok(d) => {
-                            if best
-                                .as_ref()
-                                .is_none_or(|(b, _)| d.generation > b.generation)
-                            {
-                                best = Some((d, k));
-                            }
-                        }
-                        Err(e) => errs.push(e),
-                    }
-                }
-                let (page, k) = best.ok_or_else(|| {
-                    RelocError::Corrupt(format!(
-                        "map page {p} has no valid copy ({})",
-                        errs.join("; ")
-                    ))
-                })?;
-                max_gen = max_gen.max(page.generation);
-                page_copy[p as usize] = k;
-                entries.extend(page.entries);
-            }
-            i += cnt;
-        }
-        let mut seen = vec![false; l.slot_count as usize];
-        for (c, e) in entries.iter().enumerate() {
-            let slots = [
-                match e.loc {
-                    Location::Slot(s) => Some(s),
-                    _ => None,
-                },
-                e.saved,
-            ];
-            for s in slots.into_iter().flatten() {
-                if std::mem::replace(&mut seen[s as usize], true) {
-                    return Err(RelocError::Corrupt(format!(
-                        "slot {s} is referenced twice (chunk {c})"
-                    )));
-                }
-            }
-        }
-        let mut m = Self::from_parts(storage, sb, sb_copy, entries);
-        m.page_copy = page_copy;
+        let (entries, stale, max_gen) = read_map(storage.as_ref(), &sb)?;
+        let mut m = Self::from_parts(storage, key, sb, entries);
         m.next_page_gen = max_gen + 1;
+        if (!in_sync || !stale.is_empty()) && m.storage.is_writable() {
+            m.dirty_pages.extend(stale);
+            m.commit()?;
+            if !in_sync {
+                m.write_sb(m.sb.clone())?;
+            }
+        }
         Ok(Some(m))
     }
 
@@ -380,10 +442,7 @@ impl MetaStore {
         self.next_page_gen += 1;
         let pages = std::mem::take(&mut self.dirty_pages)
             .into_iter()
-            .map(|p| {
-                let copy = 1 - self.page_copy[p as usize];
-                (p, copy, encode_page(p, gen, &uuid, &self.page_entries(p)))
-            })
+            .map(|p| (p, encode_page(p, gen, &uuid, &self.page_entries(p))))
             .collect();
         PageBatch {
             pages,
@@ -391,20 +450,16 @@ impl MetaStore {
         }
     }
 
-    /// Records a written batch (second half of a commit): pages now live in their new
-    /// copies and the batch's quarantined slots become free.
+    /// Records a written batch (second half of a commit): the batch's quarantined slots
+    /// become free.
     pub fn finish_batch(&mut self, batch: PageBatch) {
-        for (p, copy, _) in batch.pages {
-            self.page_copy[p as usize] = copy;
-        }
         self.free.extend(batch.released);
     }
 
     /// Puts a batch that failed to write back: its pages are dirty again and its slots
     /// stay quarantined.
     pub fn abort_batch(&mut self, batch: PageBatch) {
-        self.dirty_pages
-            .extend(batch.pages.iter().map(|(p, _, _)| *p));
+        self.dirty_pages.extend(batch.pages.iter().map(|(p, _)| *p));
         self.quarantine.extend(batch.released);
     }
 
@@ -427,7 +482,7 @@ impl MetaStore {
         }
     }
 
-    /// Applies `f` to a copy of the superblock and writes it durably into the older copy.
+    /// Applies `f` to a copy of the superblock and writes it durably into both copies.
     /// Pending map changes are committed first, so the superblock never runs ahead of
     /// the map it describes.
     pub fn update_sb(&mut self, f: impl FnOnce(&mut Superblock)) -> Result<()> {
@@ -435,13 +490,20 @@ impl MetaStore {
         let mut sb = self.sb.clone();
         f(&mut sb);
         sb.generation += 1;
-        let copy = 1 - self.sb_copy;
-        self.storage
-            .write_at(Layout::sb_addr(sb.layout.disk_len, copy), &sb.encode())
-            .ctx(|| "writing superblock".into())?;
-        self.storage.sync().ctx(|| "syncing superblock".into())?;
+        self.write_sb(sb)
+    }
+
+    /// Writes `sb` into copy 0, syncs, into copy 1, syncs: a torn write leaves the other
+    /// copy whole, and once this returns both copies hold `sb`.
+    fn write_sb(&mut self, sb: Superblock) -> Result<()> {
+        let bytes = sb.encode(&self.key);
+        for copy in 0..2u8 {
+            self.storage
+                .write_at(Layout::sb_addr(sb.layout.disk_len, copy), &bytes)
+                .ctx(|| "writing superblock".into())?;
+            self.storage.sync().ctx(|| "syncing superblock".into())?;
+        }
         self.sb = sb;
-        self.sb_copy = copy;
         Ok(())
     }
 
@@ -449,4 +511,84 @@ impl MetaStore {
     pub fn set_state(&mut self, state: State) -> Result<()> {
         self.update_sb(|sb| sb.state = state)
     }
+}
+
+/// Reads the map of `sb`: the entries, the pages whose two copies differ (to rewrite),
+/// and the highest page generation seen.
+pub(crate) fn read_map(
+    storage: &dyn Storage,
+    sb: &Superblock,
+) -> Result<(Vec<Entry>, Vec<u64>, u64)> {
+    let l = sb.layout;
+    let n = l.chunk_count() as usize;
+    let mut entries = Vec::with_capacity(n);
+    let mut stale = Vec::new();
+    let mut max_gen = 1;
+    const PAGES_PER_READ: u64 = 256;
+    let mut buf = vec![0u8; (2 * PAGES_PER_READ) as usize * BLOCK];
+    let mut i = 0;
+    while i < l.map_pages {
+        let cnt = PAGES_PER_READ.min(l.map_pages - i);
+        let bytes = &mut buf[..(2 * cnt) as usize * BLOCK];
+        storage
+            .read_at(l.page_addr(i, 0), bytes)
+            .ctx(|| "reading map".into())?;
+        for p in i..i + cnt {
+            let want = (n - (p as usize * ENTRIES_PER_PAGE)).min(ENTRIES_PER_PAGE);
+            let at = |k: u64| (2 * (p - i) + k) as usize * BLOCK;
+            let copies = [0, 1].map(|k| {
+                decode_page(
+                    &bytes[at(k)..at(k) + BLOCK],
+                    p,
+                    &sb.uuid,
+                    want,
+                    l.slot_count,
+                )
+            });
+            let page = match copies {
+                [Ok(a), Ok(b)] => {
+                    if a.generation != b.generation || a.entries != b.entries {
+                        // A commit was cut between its two writes: it was never
+                        // acknowledged, either copy is acceptable; take the newer.
+                        stale.push(p);
+                    }
+                    if b.generation > a.generation {
+                        b
+                    } else {
+                        a
+                    }
+                }
+                [Ok(x), Err(_)] | [Err(_), Ok(x)] => {
+                    stale.push(p);
+                    x
+                }
+                [Err(a), Err(b)] => {
+                    return Err(RelocError::Corrupt(format!(
+                        "map page {p} has no valid copy ({a}; {b})"
+                    )))
+                }
+            };
+            max_gen = max_gen.max(page.generation);
+            entries.extend(page.entries);
+        }
+        i += cnt;
+    }
+    let mut seen = vec![false; l.slot_count as usize];
+    for (c, e) in entries.iter().enumerate() {
+        let slots = [
+            match e.loc {
+                Location::Slot(s) => Some(s),
+                _ => None,
+            },
+            e.saved,
+        ];
+        for s in slots.into_iter().flatten() {
+            if std::mem::replace(&mut seen[s as usize], true) {
+                return Err(RelocError::Corrupt(format!(
+                    "slot {s} is referenced twice (chunk {c})"
+                )));
+            }
+        }
+    }
+    Ok((entries, stale, max_gen))
 }

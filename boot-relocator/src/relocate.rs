@@ -123,6 +123,16 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
             )),
             (None, true) => used_end,
         };
+    if source_size < dev_len && !storage.is_block_device() {
+        // The area and the superblocks would land on the file's last bytes, which are
+        // part of the source: nothing proves they are unused.
+        return Err(RelocError::Invalid(format!(
+            "--source-size {source_size} is smaller than the disk file ({dev_len} bytes): the \
+             released area would overwrite its last {} bytes; on a regular file the source is \
+             the whole file (truncate the file first if its end is really unused)",
+            dev_len - source_size
+        )));
+    }
     if source_size > dev_len && storage.is_block_device() {
         if spec.source_size.is_some() {
             return Err(RelocError::Invalid(format!(

@@ -2,12 +2,20 @@
 //!
 //! Everything that touches the disk goes through [`Storage`], so that tests can put a
 //! simulated volatile write cache (power loss) between the engine and the file.
+//!
+//! [`FileStorage`] is *fail-stop* on sync errors: Linux reports a failed writeback once
+//! and may drop the dirty pages, so a retried `fdatasync` can succeed with the data
+//! lost. The first failed sync takes the disk out of service: every later write and sync
+//! fails, naming that first failure.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
 
 /// Positional, thread-safe access to a disk.
 pub trait Storage: Send + Sync {
@@ -25,6 +33,10 @@ pub trait Storage: Send + Sync {
     /// True when the length is zero.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
+    }
+    /// False when opened read-only (metadata repairs are then left for a writable open).
+    fn is_writable(&self) -> bool {
+        true
     }
     /// True for a block device: its length is fixed and it cannot be truncated.
     fn is_block_device(&self) -> bool;
@@ -51,6 +63,11 @@ pub struct FileStorage {
     file: File,
     path: PathBuf,
     block_device: bool,
+    writable: bool,
+    /// The first failed sync: the disk is out of service from then on.
+    failed: OnceLock<String>,
+    /// Locks held on the disk's other names (loop backing file, whole disk, ...).
+    related_locks: Mutex<Vec<File>>,
 }
 
 impl FileStorage {
@@ -62,23 +79,57 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             block_device,
+            writable,
+            failed: OnceLock::new(),
+            related_locks: Mutex::new(Vec::new()),
         })
     }
 
     /// Takes an exclusive advisory lock on the disk (flock), so two streamboot
     /// processes never change one disk at once. Returns false when another holds it.
+    ///
+    /// The lock covers the disk's identity, not only this name: a loop device also locks
+    /// its backing file, a partition locks its whole disk (shared, so that two partitions
+    /// of one disk can be used at once), and a regular file locks the loop devices it is
+    /// attached to (see [`crate::lock`]).
     pub fn try_lock(&self) -> io::Result<bool> {
-        // SAFETY: plain syscall on an fd we own; no memory is passed.
-        let rc = unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(true);
+        if !crate::lock::flock(&self.file, true)? {
+            return Ok(false);
         }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            Ok(false)
-        } else {
-            Err(e)
+        match crate::lock::lock_related(&self.file) {
+            Ok(Some(held)) => {
+                *self.related_locks.lock() = held;
+                Ok(true)
+            }
+            other => {
+                crate::lock::unlock(&self.file);
+                other.map(|_| false)
+            }
         }
+    }
+
+    /// Fails once a sync has failed (see the module documentation).
+    fn in_service(&self) -> io::Result<()> {
+        match self.failed.get() {
+            None => Ok(()),
+            Some(first) => Err(io::Error::other(format!(
+                "{} is out of service since a sync failed ({first}); nothing more is written \
+                 to it: check the device, then restart",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// Records the first sync failure.
+    fn sync_failed(&self, e: io::Error) -> io::Error {
+        let first = self.failed.get_or_init(|| e.to_string());
+        io::Error::new(
+            e.kind(),
+            format!(
+                "syncing {} failed ({first}): the disk is out of service",
+                self.path.display()
+            ),
+        )
     }
 
     /// The path this storage was opened from.
@@ -118,11 +169,13 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.in_service()?;
         self.file.write_all_at(buf, offset)
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.in_service()?;
+        self.file.sync_data().map_err(|e| self.sync_failed(e))
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {
@@ -150,7 +203,12 @@ impl Storage for FileStorage {
         self.block_device
     }
 
+    fn is_writable(&self) -> bool {
+        self.writable
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.in_service()?;
         if self.block_device {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -158,10 +216,11 @@ impl Storage for FileStorage {
             ));
         }
         self.file.set_len(len)?;
-        self.file.sync_all()
+        self.file.sync_all().map_err(|e| self.sync_failed(e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.in_service()?;
         if len == 0 {
             return Ok(());
         }

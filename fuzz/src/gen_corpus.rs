@@ -66,6 +66,11 @@ fn layout() -> Layout {
     }
 }
 
+/// The host key the superblock target checks under.
+fn fuzz_host_key() -> boot_relocator::HostKey {
+    boot_relocator::HostKey::from_bytes(streamboot_fuzz::FUZZ_HOST_KEY)
+}
+
 fn superblocks() -> Vec<(String, Vec<u8>)> {
     let base = Superblock {
         generation: 7,
@@ -84,6 +89,7 @@ fn superblocks() -> Vec<(String, Vec<u8>)> {
             ],
         },
         created_unix: 1_700_000_000,
+        seeded_bytes: 0,
     };
     let mut out = Vec::new();
     for (i, state) in [
@@ -110,7 +116,7 @@ fn superblocks() -> Vec<(String, Vec<u8>)> {
             start_counter: (i % 3) as u8,
             ..base.clone()
         };
-        out.push((format!("sb-{}", state.name()), sb.encode()));
+        out.push((format!("sb-{}", state.name()), sb.encode(&fuzz_host_key())));
     }
     let store = Superblock {
         target: TargetRecord {
@@ -131,7 +137,7 @@ fn superblocks() -> Vec<(String, Vec<u8>)> {
         },
         ..base.clone()
     };
-    out.push(("sb-store-4k".into(), store.encode()));
+    out.push(("sb-store-4k".into(), store.encode(&fuzz_host_key())));
     out.push(("sb-zero-block".into(), vec![0u8; 4096]));
     out
 }

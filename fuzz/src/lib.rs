@@ -17,6 +17,9 @@ pub fn fix_block_crc(b: &mut [u8], crc_at: usize) {
     b[crc_at..crc_at + 4].copy_from_slice(&c.to_le_bytes());
 }
 
+/// The host key the superblock seeds are sealed with and the superblock target uses.
+pub const FUZZ_HOST_KEY: [u8; 32] = [0x5b; 32];
+
 /// The key the index seeds are signed with and the index target trusts.
 pub fn trusted_key() -> SigningKey {
     SigningKey::from_bytes(&[7u8; 32])

@@ -401,15 +401,14 @@ fn format_v1_disk_is_plain_until_adopted() {
         img[at..at + BLOCK].copy_from_slice(&sb.encode_legacy_v1());
     }
     fs::write(&fx.disk, &img).unwrap();
-    assert!(cli_ok(&["status", fx.d()]).contains("plain disk"));
+    let st = cli_ok(&["status", fx.d()]);
+    assert!(st.contains("plain disk"), "{st}");
+    assert!(st.contains("ignored") && st.contains("adopt"), "no hint: {st}");
     refuses(&fx.disk, &["rollback", fx.d()], "not a prepared disk");
-    {
-        let st: Arc<dyn Storage> = Arc::new(FileStorage::open(&fx.disk, true).unwrap());
-        let m = MetaStore::adopt_legacy(st.clone()).unwrap();
-        assert_eq!(m.state(), State::Confirmed);
-        drop(m);
-        assert!(MetaStore::adopt_legacy(st).is_err(), "adopted twice");
-    }
+    let out = cli_ok(&["adopt", fx.d()]);
+    assert!(out.contains("adopted") && out.contains("confirmed"), "{out}");
+    let again = cli_err(&["adopt", fx.d()]);
+    assert_eq!(again.lines().count(), 1, "{again}");
     assert!(cli_ok(&["status", fx.d()]).contains("state:        confirmed"));
     cli_ok(&["rollback", fx.d()]);
     assert_eq!(sha256_file(&fx.disk), sha256(&fx.source));

@@ -118,6 +118,16 @@ pub fn run(cli: &Cli) -> Result<()> {
             true => Ok(()),
             false => rollback(cli, disk),
         },
+        Command::Adopt { disk } => {
+            let r = migration::adopt(disk)?;
+            emit(cli, ok_json(&r), || {
+                format!(
+                    "{}: adopted (format v2, authenticated with this host's key); {}",
+                    disk.display(),
+                    super::report::status_text(&r.status)
+                )
+            })
+        }
         Command::Serve(a) => super::serve::run(a, cli.json),
         Command::Export(a) => super::export::run(a, cli.json),
         Command::Publish(a) => super::store::publish(a, cli.json),
@@ -181,7 +191,16 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
 fn status(cli: &Cli, disk: &Path) -> Result<()> {
     let r = migration::status(disk)?;
     emit(cli, ok_json(&r), || match &r.status {
-        None => format!("{}: plain disk (not prepared)", disk.display()),
+        None if r.ignored_superblocks.is_empty() => {
+            format!("{}: plain disk (not prepared)", disk.display())
+        }
+        None => format!(
+            "{}: plain disk (not prepared); superblock-like bytes at its end were ignored \
+             (guest data, a disk prepared on another host: copy its host key, or a format-v1 \
+             disk: `streamboot adopt`): {}",
+            disk.display(),
+            r.ignored_superblocks.join("; ")
+        ),
         Some(s) => super::report::status_text(s),
     })
 }

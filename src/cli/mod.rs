@@ -117,6 +117,13 @@ pub enum Command {
     /// pair, serves v2 over loopback HTTP, prepares, serves (a VM boots it when QEMU is
     /// installed, else a blkio client reads it), confirms, commits and verifies.
     Demo(demo::DemoArgs),
+    /// Trust a disk prepared on this host by a streamboot before format v2: rewrite its
+    /// metadata authenticated with this host's key. Only for disks you know were prepared
+    /// here (the metadata sits where a guest can write).
+    Adopt {
+        /// Disk (raw file or block device).
+        disk: PathBuf,
+    },
     /// Restore the source bit for bit and remove the released area. Guest writes to the
     /// target are discarded.
     Rollback {

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use boot_relocator::{MetaStore, RelocError, State, Storage};
 
 pub use ops::{
-    commit, confirm, hydrate, rollback, status, CommitOptions, CommitReport, ConfirmReport,
-    HydrateOutcome, HydrateRequest, RollbackReport, StatusReport,
+    adopt, commit, confirm, hydrate, rollback, status, AdoptReport, CommitOptions, CommitReport,
+    ConfirmReport, HydrateOutcome, HydrateRequest, RollbackReport, StatusReport,
 };
 pub use prepare::{prepare, PrepareOptions, PrepareReport, DEFAULT_BOOT_RANGE, DEFAULT_CHUNK_SIZE};
 pub use transitions::{device_start, transition, Conflict, Next, Op, Reason};

@@ -25,14 +25,51 @@ pub struct StatusReport {
     /// The migration's status (prepared disks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// A plain disk that ends in superblock-like bytes this host's key does not verify
+    /// (guest data, another host's disk, or a format-v1 disk to `adopt`): what was seen.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ignored_superblocks: Vec<String>,
 }
 
 /// The disk's migration status (a plain disk reports `prepared: false`).
 pub fn status(disk: &Path) -> Result<StatusReport> {
-    let meta = read_meta(disk, open_disk(disk)?)?;
+    let storage = open_disk(disk)?;
+    let meta = read_meta(disk, storage.clone())?;
+    let ignored_superblocks = match meta {
+        Some(_) => Vec::new(),
+        None => MetaStore::unverified_superblocks(storage.as_ref()).map_err(|source| {
+            MigrationError::Read {
+                path: disk.to_path_buf(),
+                source,
+            }
+        })?,
+    };
     Ok(StatusReport {
         prepared: meta.is_some(),
         status: meta.as_ref().map(offline_status),
+        ignored_superblocks,
+    })
+}
+
+/// What `adopt` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdoptReport {
+    /// The disk's status once adopted.
+    pub status: Status,
+}
+
+/// Adopts a disk prepared by a streamboot before format v2 (unauthenticated superblocks)
+/// on this host: its metadata is rewritten in format v2 under this host's key. Only for
+/// disks the operator knows were prepared here: adoption is what makes a guest-writable
+/// superblock trusted.
+pub fn adopt(disk: &Path) -> Result<AdoptReport> {
+    let meta =
+        MetaStore::adopt_legacy(open_disk(disk)?).map_err(|source| MigrationError::Read {
+            path: disk.to_path_buf(),
+            source,
+        })?;
+    Ok(AdoptReport {
+        status: offline_status(&meta),
     })
 }
 

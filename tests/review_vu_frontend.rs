@@ -1,0 +1,439 @@
+//! Review repros for issue 10 driven by a hand-written vhost-user frontend (the `vhost`
+//! crate's `Frontend`): the message sequences QEMU sends, which libblkio cannot produce
+//! (backend channel with REPLY_ACK, GET_VRING_BASE while a start is being decided).
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use common::blkio_client::Client;
+use common::disk::cli_ok;
+use common::nginx::Nginx;
+use common::serve::Served;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM: usize = 1 << 20;
+const QSIZE: u16 = 16;
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const HDR: u64 = 0x3000;
+const DATA: u64 = 0x4000;
+const STATUS: u64 = 0x5000;
+
+/// Guest memory: a shared memfd mapping (the frontend's "userspace address" is the
+/// mapping, guest physical addresses start at 0).
+struct GuestMem {
+    fd: i32,
+    ptr: *mut u8,
+}
+
+impl GuestMem {
+    fn new() -> GuestMem {
+        // SAFETY: plain syscalls on a fresh memfd; the mapping lives as long as the test.
+        unsafe {
+            let fd = libc::memfd_create(c"guest".as_ptr(), 0);
+            assert!(fd >= 0);
+            assert_eq!(libc::ftruncate(fd, MEM as i64), 0);
+            let ptr = libc::mmap(
+                std::ptr::null_mut(),
+                MEM,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            assert_ne!(ptr, libc::MAP_FAILED);
+            GuestMem {
+                fd,
+                ptr: ptr.cast(),
+            }
+        }
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) {
+        assert!(gpa as usize + bytes.len() <= MEM);
+        // SAFETY: in bounds of the mapping (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(gpa as usize), bytes.len())
+        }
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa as usize + len <= MEM);
+        let mut v = vec![0u8; len];
+        // SAFETY: in bounds of the mapping (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), v.as_mut_ptr(), len) }
+        v
+    }
+
+    fn read_u16(&self, gpa: u64) -> u16 {
+        assert!(gpa as usize + 2 <= MEM);
+        // SAFETY: in bounds of the mapping; volatile because the backend writes it.
+        unsafe { std::ptr::read_volatile(self.ptr.add(gpa as usize).cast::<u16>()) }
+    }
+
+    fn uva(&self, gpa: u64) -> u64 {
+        self.ptr as u64 + gpa
+    }
+}
+
+/// Connects like QEMU: negotiates REPLY_ACK and the backend channel (whose other end is
+/// returned and never read, as QEMU does not read it while it waits for a reply on the
+/// frontend channel), sets up ring 0 at position 0 and enables it.
+fn connect_like_qemu(
+    sock: &Path,
+    mem: &GuestMem,
+    kick: &EventFd,
+    call: &EventFd,
+) -> (Frontend, UnixStream) {
+    let mut fe = Frontend::connect(sock, 1).expect("connect");
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    let want = VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ;
+    assert!(pf.contains(want), "backend offers {pf:?}");
+    fe.set_protocol_features(want).unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    fe.set_backend_request_fd(&ours).unwrap();
+    // VERSION_1 and VHOST_USER_F_PROTOCOL_FEATURES; no EVENT_IDX.
+    let ack = features & ((1 << 32) | (1 << 30));
+    fe.set_features(ack).unwrap();
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM as u64,
+        userspace_addr: mem.uva(0),
+        mmap_offset: 0,
+        mmap_handle: mem.fd,
+    }])
+    .unwrap();
+    start_ring(&fe, mem, kick, call);
+    drop(ours);
+    (fe, theirs)
+}
+
+/// A device start as QEMU sends it (docs/architecture.md): ring 0 at position 0, enabled.
+/// The driver's ring memory is fresh (a reset zeroed it).
+fn start_ring(fe: &Frontend, mem: &GuestMem, kick: &EventFd, call: &EventFd) {
+    start_ring_at(fe, mem, kick, call, 0);
+}
+
+/// A device start with ring 0 at position `base` (0: after a reset; otherwise the same
+/// driver carrying on, as after a pause or a backend restart).
+fn start_ring_at(fe: &Frontend, mem: &GuestMem, kick: &EventFd, call: &EventFd, base: u16) {
+    mem.write(AVAIL, &[0u8; 64]);
+    mem.write(USED, &[0u8; 256]);
+    mem.write(AVAIL + 2, &base.to_le_bytes());
+    mem.write(USED + 2, &base.to_le_bytes());
+    fe.set_vring_num(0, QSIZE).unwrap();
+    fe.set_vring_base(0, base).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: mem.uva(DESC),
+            used_ring_addr: mem.uva(USED),
+            avail_ring_addr: mem.uva(AVAIL),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_kick(0, kick).unwrap();
+    fe.set_vring_call(0, call).unwrap();
+    let mut fe = fe.clone();
+    fe.set_vring_enable(0, true).unwrap();
+}
+
+/// A device stop as QEMU sends it at a guest reset: disable, then GET_VRING_BASE.
+fn stop_ring(fe: &Frontend) {
+    let mut fe = fe.clone();
+    fe.set_vring_enable(0, false).unwrap();
+    fe.get_vring_base(0).unwrap();
+}
+
+/// Reads sector 0 through ring 0 (fresh ring: avail idx 1) and returns the 4 KiB read.
+fn read_sector0(mem: &GuestMem, kick: &EventFd) -> Vec<u8> {
+    submit_read(mem, kick);
+    let t = std::time::Instant::now();
+    while mem.read_u16(USED + 2) != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "read never completed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    mem.read(DATA, 4096)
+}
+
+/// Puts one 4 KiB read of sector 0 on ring 0 (avail idx 1) and kicks.
+fn submit_read(mem: &GuestMem, kick: &EventFd) {
+    let desc = |addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = Vec::with_capacity(16);
+        d.extend_from_slice(&addr.to_le_bytes());
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&flags.to_le_bytes());
+        d.extend_from_slice(&next.to_le_bytes());
+        d
+    };
+    let mut table = desc(HDR, 16, 1, 1);
+    table.extend(desc(DATA, 4096, 1 | 2, 2));
+    table.extend(desc(STATUS, 1, 2, 0));
+    mem.write(DESC, &table);
+    let mut hdr = [0u8; 16]; // VIRTIO_BLK_T_IN, sector 0
+    hdr[8..].copy_from_slice(&0u64.to_le_bytes());
+    mem.write(HDR, &hdr);
+    mem.write(STATUS, &[0xff]);
+    mem.write(AVAIL + 4, &0u16.to_le_bytes()); // ring[0] = head 0
+    mem.write(AVAIL, &[0, 0, 1, 0]); // flags 0, idx 1
+    kick.write(1).unwrap();
+}
+
+/// BUG: after a fallback changes the capacity (target 4 MiB -> source 3 MiB) the backend
+/// never tells the frontend. `refresh_limits` calls `handle_config_change` on the
+/// `vhost::vhost_user::Backend`, which in vhost 0.18 does not implement it (the trait's
+/// default returns ENOSYS: "cannot announce the new capacity to the frontend: Function not
+/// implemented"), so no `BACKEND_CONFIG_CHANGE_MSG` is ever sent although BACKEND_REQ is
+/// negotiated. QEMU caches the config at connect, so the guest keeps the target's
+/// capacity while the device serves the source: reads past 3 MiB fail, or with a larger
+/// source its tail is invisible (a GPT backup header, the last partition).
+#[test]
+fn fallback_announces_the_new_capacity_on_the_backend_channel() {
+    let nginx = Nginx::start();
+    let source = common::random_bytes(41, 3 << 20);
+    let target = common::random_bytes(42, 4 << 20);
+    nginx.put("t.img", &target);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, &source).unwrap();
+    let url = nginx.url("t.img");
+    cli_ok(&[
+        "prepare",
+        disk.to_str().unwrap(),
+        "--target",
+        &url,
+        "--max-trial-starts",
+        "1",
+        "--boot-range",
+        "0..64K",
+    ]);
+    let sock = dir.path().join("vu.sock");
+    let mut srv = Served::start(&disk, &sock, &["--no-hydrate"]);
+    {
+        // Boot 1 uses the only trial start.
+        let mut c = Client::connect(&sock, 1, 1 << 16).unwrap();
+        assert_eq!(c.read(0, 0, 4096), 0);
+    }
+    // Boot 2 (same frontend protocol as QEMU): a fresh start at the limit falls back.
+    let mem = GuestMem::new();
+    let kick = EventFd::new(0).unwrap();
+    let call = EventFd::new(0).unwrap();
+    let (fe, mut backend_channel) = connect_like_qemu(&sock, &mem, &kick, &call);
+    submit_read(&mem, &kick);
+    let t = std::time::Instant::now();
+    while mem.read_u16(USED + 2) != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "read never completed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        mem.read(DATA, 4096) == source[..4096],
+        "the start did not fall back"
+    );
+    // The frontend must hear of the new capacity.
+    backend_channel
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut hdr = [0u8; 12];
+    let got = std::io::Read::read_exact(&mut backend_channel, &mut hdr);
+    drop(fe);
+    srv.sigterm_within(Duration::from_secs(10));
+    assert!(
+        got.is_ok(),
+        "no message on the backend channel after the capacity changed 4 MiB -> 3 MiB: {got:?}"
+    );
+    // VHOST_USER_BACKEND_CONFIG_CHANGE_MSG = 2
+    assert_eq!(u32::from_le_bytes(hdr[..4].try_into().unwrap()), 2);
+}
+
+/// BUG (contents switch under a running guest): a guest booted by firmware from the disk
+/// (SeaBIOS/OVMF driving virtio-blk, the normal way to boot a disk image) makes two fresh
+/// device starts per boot: the firmware's (it reads the boot loader, kernel and initrd)
+/// and the kernel's (virtio-blk probe resets the device). docs/architecture.md says so
+/// ("one more fresh start per boot") but the counting ignores it: with the default
+/// `--max-trial-starts 3` the 4th fresh start, the *kernel's* start of the second boot,
+/// falls back. The firmware of that boot loaded the target's boot loader, kernel and
+/// initrd; the kernel then mounts the source's root: a mixed boot, and the target
+/// kernel/initrd may write (journal replay, fsck, initrd scripts) to the source.
+///
+/// This drives the exact vhost-user sequence of two firmware boots in one QEMU process
+/// (start, read, stop, start, read, ...) and checks that each boot's two starts see the
+/// same contents.
+#[test]
+fn firmware_boot_never_switches_between_its_firmware_and_kernel_starts() {
+    let nginx = Nginx::start();
+    let source = common::random_bytes(51, 3 << 20);
+    let target = common::random_bytes(52, 3 << 20);
+    nginx.put("t.img", &target);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, &source).unwrap();
+    let url = nginx.url("t.img");
+    // The default --max-trial-starts (3).
+    cli_ok(&[
+        "prepare",
+        disk.to_str().unwrap(),
+        "--target",
+        &url,
+        "--boot-range",
+        "0..64K",
+    ]);
+    let sock = dir.path().join("vu.sock");
+    let srv = Served::start(&disk, &sock, &["--no-hydrate"]);
+    let mem = GuestMem::new();
+    let kick = EventFd::new(0).unwrap();
+    let call = EventFd::new(0).unwrap();
+    let (fe, _backend_channel) = connect_like_qemu(&sock, &mem, &kick, &call);
+    let mut seen = Vec::new();
+    for boot in 0..2 {
+        for stage in ["firmware", "kernel"] {
+            if !(boot == 0 && stage == "firmware") {
+                stop_ring(&fe);
+                start_ring(&fe, &mem, &kick, &call);
+            }
+            let got = read_sector0(&mem, &kick);
+            let what = if got == target[..4096] {
+                "target"
+            } else if got == source[..4096] {
+                "source"
+            } else {
+                "neither"
+            };
+            eprintln!("boot {boot} {stage} start: {what}");
+            seen.push((boot, stage, what));
+        }
+    }
+    drop(fe);
+    srv.stop();
+    for boot in 0..2 {
+        let stages: Vec<_> = seen.iter().filter(|s| s.0 == boot).collect();
+        assert_eq!(
+            stages[0].2, stages[1].2,
+            "boot {boot}: the firmware read the {} but the kernel the {} ({seen:?})",
+            stages[0].2, stages[1].2
+        );
+    }
+}
+
+/// BUG (race, contents can switch under a running guest): the start gate classifies a
+/// start in `before_processing`, outside the queue's `processing` lock, and `classify`
+/// answers *Fresh* when no ring is ready at all. A kick the worker already took from epoll
+/// when the frontend stops the ring (`GET_VRING_BASE`: a VM pause, snapshot, migration,
+/// or a reset) is handled after `ring_stopped` cleared the gate: it sees no ready ring,
+/// reports a fresh start (counted; at the limit a fallback) and leaves the gate "running",
+/// so the real next start (the same guest resuming, ring positions not 0) is never
+/// classified and the guest carries on on whatever the spurious start switched to.
+///
+/// Here the driver only ever pauses and resumes (every start has ring position 5, a
+/// resumed start) while a thread keeps kicking; no start may be counted.
+fn pause_resume_under_kicks(qemu_order: bool) {
+    let nginx = Nginx::start();
+    let source = common::random_bytes(61, 3 << 20);
+    let target = common::random_bytes(62, 3 << 20);
+    nginx.put("t.img", &target);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, &source).unwrap();
+    let url = nginx.url("t.img");
+    cli_ok(&[
+        "prepare",
+        disk.to_str().unwrap(),
+        "--target",
+        &url,
+        "--max-trial-starts",
+        "250",
+        "--boot-range",
+        "0..64K",
+    ]);
+    let sock = dir.path().join("vu.sock");
+    let srv = Served::start(&disk, &sock, &["--no-hydrate"]);
+    let mem = GuestMem::new();
+    let kick = std::sync::Arc::new(EventFd::new(0).unwrap());
+    let call = EventFd::new(0).unwrap();
+    let mut fe = Frontend::connect(&sock, 1).expect("connect");
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(
+        VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ,
+    )
+    .unwrap();
+    fe.set_features(features & ((1 << 32) | (1 << 30))).unwrap();
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM as u64,
+        userspace_addr: mem.uva(0),
+        mmap_offset: 0,
+        mmap_handle: mem.fd,
+    }])
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let kicker = {
+        let (kick, stop) = (kick.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = kick.write(1);
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let t = std::time::Instant::now();
+    let mut cycles = 0;
+    while t.elapsed() < Duration::from_secs(20) {
+        start_ring_at(&fe, &mem, &kick, &call, 5);
+        std::thread::sleep(Duration::from_micros(200));
+        // Pause: the ring stops. QEMU sends SET_VRING_ENABLE 0 first; the spec does not
+        // require it (GET_VRING_BASE stops the ring).
+        if qemu_order {
+            fe.set_vring_enable(0, false).unwrap();
+        }
+        assert_eq!(fe.get_vring_base(0).unwrap(), 5);
+        cycles += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    kicker.join().unwrap();
+    drop(fe);
+    srv.stop();
+    let out = cli_ok(&["--json", "status", disk.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    eprintln!("{cycles} pause/resume cycles; status {v}");
+    assert!(
+        v["status"]["state"] == "trial" && v["status"]["start_counter"] == 0,
+        "pause/resume cycles counted as fresh trial starts (or fell back): {v}"
+    );
+}
+
+#[test]
+fn a_stop_racing_a_kick_is_never_a_fresh_start() {
+    pause_resume_under_kicks(false);
+}
+
+/// The same with QEMU's exact stop order (`SET_VRING_ENABLE 0`, then `GET_VRING_BASE`):
+/// the window is narrower (between the worker's `read_kick` and the start gate).
+#[test]
+fn a_stop_racing_a_kick_is_never_a_fresh_start_qemu_order() {
+    pause_resume_under_kicks(true);
+}

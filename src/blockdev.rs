@@ -79,9 +79,14 @@ pub trait BlockBackend: Send + Sync {
 /// How a guest driver started the device (see [`DeviceEvents::device_started`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceStart {
-    /// Fresh queues: a new VM, or the guest reset the device (a reboot inside the same
-    /// VMM process). The guest has no state that depends on what was served before.
-    Fresh,
+    /// A new boot: fresh queues of a new VM, or of a guest that reset the device (a
+    /// reboot inside the same VMM process). Nothing in the guest depends on what was
+    /// served before: the contents may switch here.
+    Boot,
+    /// Fresh queues of an operating system's driver taking over from the firmware's in
+    /// the same boot (the firmware read the boot loader and kernel through its own
+    /// driver): the boot continues, the contents must not change.
+    SameBoot,
     /// The queues continue where they were: the same running guest after a backend
     /// restart (VMM reconnect), a pause/resume or a migration. What the device presents
     /// must not change.

@@ -680,8 +680,9 @@ impl DeviceEvents for Service {
     }
 
     fn device_started(&self, start: DeviceStart) {
-        if start == DeviceStart::Resumed {
-            // The same guest carries on (backend restart, VM resume): nothing changes.
+        if start != DeviceStart::Boot {
+            // The same guest carries on (backend restart, VM resume, the OS taking over
+            // from the firmware): nothing changes.
             return;
         }
         let _op = self.ops.lock();

@@ -403,10 +403,16 @@ fn format_v1_disk_is_plain_until_adopted() {
     fs::write(&fx.disk, &img).unwrap();
     let st = cli_ok(&["status", fx.d()]);
     assert!(st.contains("plain disk"), "{st}");
-    assert!(st.contains("ignored") && st.contains("adopt"), "no hint: {st}");
+    assert!(
+        st.contains("ignored") && st.contains("adopt"),
+        "no hint: {st}"
+    );
     refuses(&fx.disk, &["rollback", fx.d()], "not a prepared disk");
     let out = cli_ok(&["adopt", fx.d()]);
-    assert!(out.contains("adopted") && out.contains("confirmed"), "{out}");
+    assert!(
+        out.contains("adopted") && out.contains("confirmed"),
+        "{out}"
+    );
     let again = cli_err(&["adopt", fx.d()]);
     assert_eq!(again.lines().count(), 1, "{again}");
     assert!(cli_ok(&["status", fx.d()]).contains("state:        confirmed"));

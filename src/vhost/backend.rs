@@ -66,8 +66,6 @@ struct Inner {
     /// Set once the frontend is gone: deferred requests not yet running are dropped
     /// (never acknowledged) instead of touching the disk or guest memory.
     departed: Arc<AtomicBool>,
-    /// The backend-initiated channel (`SET_BACKEND_REQ_FD`), to announce config changes.
-    backend_req: Mutex<Option<vhost::vhost_user::Backend>>,
 }
 
 /// The vhost-user-blk device for one frontend connection.
@@ -104,7 +102,6 @@ impl BlkBackend {
                 exit_fds: Mutex::new(Vec::new()),
                 start: StartTracker::new(usize::from(params.num_queues), events),
                 departed: Arc::new(AtomicBool::new(false)),
-                backend_req: Mutex::new(None),
             }),
         })
     }
@@ -129,28 +126,20 @@ impl BlkBackend {
     }
 
     /// Runs at a device start, before any request of it: the device may present another
-    /// capacity now (a fallback to the source); tell the frontend if it changed.
+    /// capacity now (a fallback to a source of another size). Requests are held to the new
+    /// one. The frontend keeps the capacity it read when it connected (QEMU reads the
+    /// config once per VMM process, and the vhost crate cannot send the backend's
+    /// config-change message): the guest sees the new size once its VMM process restarts.
     fn refresh_limits(&self) {
         let fresh = Limits::for_backend(self.inner.disk.as_ref());
         let old = std::mem::replace(&mut *self.inner.limits.write(), fresh);
-        if old.capacity_sectors == fresh.capacity_sectors {
-            return;
-        }
-        tracing::info!(
-            old = old.capacity_bytes(),
-            new = fresh.capacity_bytes(),
-            "device capacity changed"
-        );
-        use vhost::vhost_user::VhostUserFrontendReqHandler;
-        match self.inner.backend_req.lock().as_ref() {
-            Some(b) => {
-                if let Err(e) = b.handle_config_change() {
-                    tracing::warn!(error = %e, "cannot announce the new capacity to the frontend");
-                }
-            }
-            None => tracing::warn!(
-                "the frontend has no backend channel: the guest sees the new capacity at its next connection"
-            ),
+        if old.capacity_sectors != fresh.capacity_sectors {
+            tracing::warn!(
+                old = old.capacity_bytes(),
+                new = fresh.capacity_bytes(),
+                "device capacity changed; the VMM keeps the size it read at its start until \
+                 its process restarts (requests past the new end fail)"
+            );
         }
     }
 
@@ -200,6 +189,12 @@ impl BlkBackend {
         if !vring.get_ref().get_queue().ready() {
             return Ok(());
         }
+        // Under the processing lock with the ring ready: a stop (which waits for this
+        // lock) cannot slip in between, so a start is only ever seen on a live ring.
+        let acked = self.inner.acked_features.load(Ordering::Acquire);
+        self.inner
+            .start
+            .before_processing(acked, || self.refresh_limits());
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         loop {
             if event_idx {
@@ -386,10 +381,6 @@ impl VhostUserBackend for BlkBackend {
         self.inner.start.reset();
     }
 
-    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
-        *self.inner.backend_req.lock() = Some(backend);
-    }
-
     fn set_event_idx(&self, enabled: bool) {
         self.inner.event_idx.store(enabled, Ordering::Release);
     }
@@ -494,10 +485,7 @@ impl VhostUserBackend for BlkBackend {
         };
         self.inner.start.remember(q, vring);
         let result = match u64::from(device_event) {
-            0 => {
-                self.inner.start.before_processing(|| self.refresh_limits());
-                self.process_queue(q, vring)
-            }
+            0 => self.process_queue(q, vring),
             t if t == self.completion_token() => self.process_completions(q, vring),
             other => Err(io::Error::other(format!("unknown device event {other}"))),
         };

@@ -51,7 +51,6 @@ pub fn has_feature(features: u64, bit: u32) -> bool {
 /// vhost-user protocol features offered.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::REPLY_ACK

@@ -124,12 +124,13 @@ impl IoPool {
         *self.pending.count.lock()
     }
 
-    /// Blocks until every submitted job has finished.
-    pub(crate) fn wait_idle(&self) {
+    /// Waits up to `timeout` for every submitted job to finish; true when none is left.
+    pub(crate) fn wait_idle_for(&self, timeout: std::time::Duration) -> bool {
         let mut n = self.pending.count.lock();
-        while *n > 0 {
-            self.pending.idle.wait(&mut n);
+        if *n > 0 {
+            self.pending.idle.wait_for(&mut n, timeout);
         }
+        *n == 0
     }
 
     /// Finishes the queued jobs and stops the threads. A thread still running a job
@@ -194,7 +195,7 @@ mod tests {
             .map_err(|_| ())
             .unwrap();
         }
-        pool.wait_idle();
+        assert!(pool.wait_idle_for(std::time::Duration::from_secs(10)));
         assert_eq!(done.load(Ordering::SeqCst), 9);
         assert_eq!(pool.pending(), 0);
         pool.shutdown();

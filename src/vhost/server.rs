@@ -253,7 +253,7 @@ impl VhostBlkServer {
                 Err(e) => break Err(e),
             }
         };
-        self.drain_bounded();
+        self.drain();
         self.pool.shutdown();
         let flushed = self.disk.flush().map_err(VhostError::Flush);
         tracing::info!(
@@ -291,11 +291,7 @@ impl VhostBlkServer {
                 "waiting for in-flight requests of the departed frontend"
             );
         }
-        if self.shutdown.is_requested() {
-            self.drain_bounded();
-        } else {
-            self.pool.wait_idle();
-        }
+        self.drain();
         self.shutdown.set_connection(None);
         if let Some(ev) = &self.opts.events {
             ev.frontend_gone();
@@ -303,14 +299,28 @@ impl VhostBlkServer {
         result
     }
 
-    /// At shutdown: waits for the pool a bounded time. A request still running then
-    /// waits on a source that ignores cancellation; it was never acknowledged, and the
-    /// process exiting under it is a crash the disk format is built for.
-    fn drain_bounded(&self) {
-        let deadline = std::time::Instant::now() + SHUTDOWN_DRAIN;
-        while self.pool.pending() > 0 && std::time::Instant::now() < deadline {
+    /// Waits until no request of a departed frontend is left, cancelling those that wait
+    /// on the network again and again (a request that started its fetch after a cancel
+    /// is caught by the next one). Once shutdown is requested the wait is bounded: a
+    /// request still running then waits on a source that ignores cancellation; it was
+    /// never acknowledged, and the process exiting under it is a crash the disk format
+    /// is built for.
+    fn drain(&self) {
+        let mut deadline = None;
+        loop {
             self.disk.cancel_waiting();
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            if self
+                .pool
+                .wait_idle_for(std::time::Duration::from_millis(20))
+            {
+                return;
+            }
+            if self.shutdown.is_requested() {
+                let d = *deadline.get_or_insert_with(|| std::time::Instant::now() + SHUTDOWN_DRAIN);
+                if std::time::Instant::now() >= d {
+                    break;
+                }
+            }
         }
         if self.pool.pending() > 0 {
             tracing::warn!(

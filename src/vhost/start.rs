@@ -15,15 +15,31 @@
 //!
 //! So the first kick after the connection began or after every ring stopped is a device
 //! start, *fresh* when every ring that is set up starts at position 0, *resumed*
-//! otherwise. A resumed ring whose position wrapped to exactly 0 (a multiple of 65536
-//! requests on every ring) would read as fresh; the layer above treats a fresh start as
-//! a new boot, which at worst counts one trial start too many.
+//! otherwise. A kick that races a stop (the ring is no longer ready when the worker gets
+//! to it) starts nothing.
+//!
+//! Firmware that boots from the disk (SeaBIOS, OVMF) drives it with its own virtio driver
+//! first, then the kernel's driver resets and starts it again: two fresh starts in one
+//! boot. Firmware drivers do not negotiate `VIRTIO_RING_F_EVENT_IDX`; the drivers of
+//! operating systems (Linux, Windows' viostor) do. A fresh start of an OS driver right
+//! after a firmware start on the same connection continues that boot
+//! ([`DeviceStart::SameBoot`]); every other fresh start is a new boot
+//! ([`DeviceStart::Boot`]). So each boot counts once and the contents can only switch at
+//! its first start, before the firmware read anything.
+//!
+//! A resumed ring whose position wrapped to exactly 0 (a multiple of 65536 requests) on
+//! every ring reads as fresh: about one backend restart in 65536 with one queue. At the
+//! trial limit that would fall back under the running guest; the vhost-user protocol as
+//! the vhost crates implement it offers no stronger signal (QEMU's inflight-tracking
+//! memory would be one).
 
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
+
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use crate::blockdev::{DeviceEvents, DeviceStart};
 
@@ -37,6 +53,8 @@ pub(crate) struct StartTracker {
     /// True between a device start and the stop of every ring. Held while a start is
     /// decided, so no queue processes a request of a start before `device_started` ran.
     running: Mutex<bool>,
+    /// The last fresh start on this connection was a firmware driver's.
+    after_firmware: Mutex<bool>,
 }
 
 impl StartTracker {
@@ -45,6 +63,7 @@ impl StartTracker {
             events,
             vrings: Mutex::new(vec![None; num_queues]),
             running: Mutex::new(false),
+            after_firmware: Mutex::new(false),
         }
     }
 
@@ -61,37 +80,52 @@ impl StartTracker {
         self.vrings.lock().iter().filter(|v| v.is_some()).count()
     }
 
-    /// Called before a queue processes requests: on the first call of a start, decides
-    /// fresh or resumed and tells the layer above, then `after_start` runs (still before
-    /// any request of the start). Returns true when this call started the device.
-    pub(crate) fn before_processing(&self, after_start: impl FnOnce()) -> bool {
+    /// Called by a queue worker that holds its queue's processing lock and found its ring
+    /// ready, before it takes requests: on the first call of a start, decides what kind
+    /// of start it is and tells the layer above, then `after_start` runs (still before any
+    /// request of the start). `acked` are the driver's negotiated virtio features.
+    pub(crate) fn before_processing(&self, acked: u64, after_start: impl FnOnce()) {
         let mut running = self.running.lock();
         if *running {
-            return false;
+            return;
         }
-        let start = self.classify();
+        let Some(start) = self.classify(acked) else {
+            return; // no ring is ready: a kick that raced a stop
+        };
         tracing::info!(?start, "guest started the device");
         if let Some(ev) = &self.events {
             ev.device_started(start);
         }
         after_start();
         *running = true;
-        true
     }
 
-    /// Fresh when every ring that is set up starts at position 0.
-    fn classify(&self) -> DeviceStart {
-        let vrings = self.vrings.lock();
-        let resumed = vrings.iter().flatten().any(|v| {
+    /// `None` when no ring is ready; else fresh or resumed (module documentation).
+    fn classify(&self, acked: u64) -> Option<DeviceStart> {
+        let (mut any_ready, mut resumed) = (false, false);
+        for v in self.vrings.lock().iter().flatten() {
             let state = v.get_ref();
             let queue = state.get_queue();
-            queue.ready() && queue.next_avail() != 0
-        });
-        if resumed {
-            DeviceStart::Resumed
-        } else {
-            DeviceStart::Fresh
+            if queue.ready() {
+                any_ready = true;
+                resumed |= queue.next_avail() != 0;
+            }
         }
+        if !any_ready {
+            return None;
+        }
+        if resumed {
+            return Some(DeviceStart::Resumed);
+        }
+        let firmware = acked & (1 << VIRTIO_RING_F_EVENT_IDX) == 0;
+        let mut after_firmware = self.after_firmware.lock();
+        let start = if !firmware && *after_firmware {
+            DeviceStart::SameBoot
+        } else {
+            DeviceStart::Boot
+        };
+        *after_firmware = firmware;
+        Some(start)
     }
 
     /// Called when a ring stopped (`GET_VRING_BASE`) or the device was reset: once no

@@ -228,3 +228,50 @@ fn error_replies_do_not_reveal_host_paths() {
     assert_eq!(c.list().len(), 3);
     ex.stop();
 }
+
+#[test]
+fn a_client_taking_replies_a_byte_at_a_time_is_cut_at_the_reply_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = big_store(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let ex = export(d, &["--reply-timeout", "3s", "--reply-budget", "64M"]);
+    let mut c = Client::connect(ex.port);
+    assert_eq!(c.go("big"), Ok(img.len() as u64));
+    // Shrink our receive buffer so the kernel cannot take the whole reply for us.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&c.s);
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt on our own open socket with a valid int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    c.request(0, 1, 0, 32 * MIB as u32);
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut b = [0u8; 64];
+    let cut = loop {
+        match c.s.read(&mut b) {
+            Ok(0) => break true,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(e) => panic!("{e}"),
+        }
+        if started.elapsed() > Duration::from_secs(40) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        cut,
+        "a drip reader kept its reply for {:?}",
+        started.elapsed()
+    );
+    assert!(got < 32 * MIB, "the whole reply was taken");
+    ex.stop();
+}

@@ -162,7 +162,10 @@ fn two_related_images_share_chunks_and_read_back() {
     let again = publish(&pa, &st, "a", CS as u64, Some(&key), false).unwrap();
     assert_eq!(again.chunks_new, 0);
     assert_eq!((ra.identity.version, again.identity.version), (1, 2));
-    assert_ne!(again.index_hash, ra.index_hash, "a new version is a new index");
+    assert_ne!(
+        again.index_hash, ra.index_hash,
+        "a new version is a new index"
+    );
     let o = StoreSourceOptions::trusted(key.verifying_key());
     let sa2 = StoreSource::open(st.to_str().unwrap(), "a", o).unwrap();
     assert_eq!(sa2.index().entries(), sa_entries.as_slice());

@@ -60,7 +60,8 @@ pub struct ExportArgs {
     /// Time a client has for the whole handshake, from connect to choosing an export.
     #[arg(long, default_value = "30s", value_parser = parse_duration_secs)]
     pub handshake_timeout: u64,
-    /// Close a connection whose client does not take a reply for this long.
+    /// Close a connection whose client does not take a whole reply within this long
+    /// (a 32 MiB read then needs about 0.6 MB/s; slower links: smaller reads or more).
     #[arg(long, default_value = "60s", value_parser = parse_duration_secs)]
     pub reply_timeout: u64,
 }

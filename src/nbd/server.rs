@@ -39,8 +39,9 @@ pub struct ServerOptions {
     /// A connection with no request and no reply pending for this long is closed
     /// (`None`: never).
     pub idle_timeout: Option<Duration>,
-    /// A reply the client does not accept for this long (it stopped reading) ends the
-    /// connection, giving back its share of the reply budget.
+    /// A reply the client does not take whole within about this long (it stopped
+    /// reading, or reads a byte now and then) ends the connection, giving back its share
+    /// of the reply budget.
     pub reply_timeout: Duration,
     /// Bytes of reply buffers all connections together may hold; a read waits for its
     /// share before it allocates. Each connection may hold a quarter of it (at least
@@ -270,6 +271,7 @@ fn connection(
         }
         Err(e) => {
             tracing::warn!(%peer, error = %e, "negotiation failed: closing");
+            // A plain close: the error reply just sent (small) must reach the client.
             let _ = stream.shutdown(Shutdown::Both);
             return;
         }
@@ -290,11 +292,46 @@ fn connection(
         workers: READ_WORKERS,
         budget: Some(budget),
         idle_timeout: opts.idle_timeout,
+        reply_timeout: Some(opts.reply_timeout),
     };
     match transmit_with(&mut r, &mut w, export.as_ref(), structured, &topts) {
-        Ok(st) => tracing::info!(%peer, export = %name, reads = st.reads, bytes = st.bytes_read,
-                                 errors = st.errors, clean = st.disconnected, "closed"),
-        Err(e) => tracing::warn!(%peer, export = %name, error = %e, "connection ended"),
+        Ok(st) => {
+            tracing::info!(%peer, export = %name, reads = st.reads, bytes = st.bytes_read,
+                           errors = st.errors, clean = st.disconnected, "closed");
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        Err(e @ NbdError::Idle(_)) => {
+            // Nothing is pending: a plain close.
+            tracing::info!(%peer, export = %name, error = %e, "connection ended");
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        Err(e) => {
+            tracing::warn!(%peer, export = %name, error = %e, "connection ended");
+            abort(stream);
+        }
     }
-    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Makes the coming close of `stream` abortive (`SO_LINGER` 0: a reset): replies still
+/// queued for a client that stopped reading are dropped at once instead of occupying
+/// kernel memory until it reads them, and the client learns of the close right away.
+fn abort(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live `linger` and its
+    // exact size; the kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let _ = stream.shutdown(Shutdown::Both);
+    }
 }

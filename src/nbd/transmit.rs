@@ -116,6 +116,11 @@ pub struct TransmitOptions {
     /// harmless: the request being read is resumed where it stopped, after checking
     /// whether a worker's reply failed (which ends the connection).
     pub idle_timeout: Option<Duration>,
+    /// A reply must be taken whole by the client within about this long (checked after
+    /// each partial write; the caller also sets the socket's write timeout to it), else
+    /// the connection ends: a client reading a byte now and then cannot keep its share
+    /// of the budget. `None`: no limit.
+    pub reply_timeout: Option<Duration>,
 }
 
 /// Writes replies for one connection: each reply whole under one lock, so replies of
@@ -131,12 +136,28 @@ struct Replier<'a, W> {
     pending: AtomicUsize,
     /// Last request received or reply sent.
     activity: Mutex<Instant>,
+    reply_timeout: Option<Duration>,
 }
 
 impl<W: Write> Replier<'_, W> {
     fn send(&self, bytes: &[u8]) -> io::Result<()> {
         let mut w = self.out.lock();
-        w.write_all(bytes)?;
+        let started = Instant::now();
+        let mut at = 0;
+        while at < bytes.len() {
+            match w.write(&bytes[at..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            if at < bytes.len() && self.reply_timeout.is_some_and(|t| started.elapsed() > t) {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client did not take a reply in time",
+                ));
+            }
+        }
         w.flush()?;
         *self.activity.lock() = Instant::now();
         Ok(())
@@ -289,6 +310,7 @@ pub fn transmit_with<R: Read, W: Write + Send>(
         budget: opts.budget.clone(),
         pending: AtomicUsize::new(0),
         activity: Mutex::new(Instant::now()),
+        reply_timeout: opts.reply_timeout,
     };
     let (tx, rx) = mpsc::sync_channel::<Request>(2 * workers.max(1));
     let rx = Mutex::new(rx);

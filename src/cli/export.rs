@@ -89,6 +89,9 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
     if a.max_connections == 0 {
         bail!("--max-connections must be at least 1");
     }
+    if a.handshake_timeout == 0 || a.reply_timeout == 0 {
+        bail!("--handshake-timeout and --reply-timeout must be more than 0 seconds");
+    }
     if a.reply_budget < MAX_READ_CHARGE {
         bail!(
             "--reply-budget must be at least {} (one maximal read)",

@@ -270,5 +270,19 @@ fn a_prepared_disk_refuses_an_older_index() {
     ]);
     assert!(!ok, "serve started on a rolled-back index: {out}");
     assert!(out.contains("changed") || out.contains("pinned"), "{out}");
+    // Nor through `serve --target` naming a copy of the older index elsewhere.
+    std::fs::create_dir_all(dir.path().join("old/indexes")).unwrap();
+    let old_idx = dir.path().join("old/indexes/a.idx");
+    std::fs::copy(&old, &old_idx).unwrap();
+    let (ok, out) = run(&[
+        "serve",
+        disk.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+        "--target",
+        old_idx.to_str().unwrap(),
+    ]);
+    assert!(!ok, "serve --target accepted an older index: {out}");
+    assert!(out.contains("changed") || out.contains("pinned"), "{out}");
     assert!(std::fs::read(&disk).unwrap() == before, "disk changed");
 }

@@ -131,6 +131,9 @@ struct Replier<'a, W> {
     stats: Mutex<TransmitStats>,
     /// The first write error of a worker: the connection is broken.
     broken: Mutex<Option<io::Error>>,
+    /// Set with `broken` and never cleared (the reader takes the error out of `broken`):
+    /// reads still queued are dropped unanswered.
+    dead: std::sync::atomic::AtomicBool,
     budget: Option<ConnectionBudget>,
     /// Reads handed to workers and not answered yet.
     pending: AtomicUsize,
@@ -212,8 +215,9 @@ impl<W: Write> Replier<'_, W> {
     /// Like [`Replier::read`], for a worker: a write error is kept for the reader, and
     /// once the connection is broken queued reads are dropped unanswered.
     fn read_or_break(&self, export: &dyn Export, req: Request) {
-        if self.broken.lock().is_none() {
+        if !self.dead.load(Ordering::SeqCst) {
             if let Err(e) = self.read(export, req) {
+                self.dead.store(true, Ordering::SeqCst);
                 self.broken.lock().get_or_insert(e);
             }
         }
@@ -307,6 +311,7 @@ pub fn transmit_with<R: Read, W: Write + Send>(
         structured,
         stats: Mutex::new(TransmitStats::default()),
         broken: Mutex::new(None),
+        dead: std::sync::atomic::AtomicBool::new(false),
         budget: opts.budget.clone(),
         pending: AtomicUsize::new(0),
         activity: Mutex::new(Instant::now()),

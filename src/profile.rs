@@ -7,7 +7,6 @@
 //! profile or the new one, never a torn one. Consumers with another chunk size convert
 //! through byte ranges, so a profile recorded at 64 KiB serves a 16 KiB prepare too.
 
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -129,36 +128,16 @@ impl BootProfile {
         Ok(p)
     }
 
-    /// Writes the profile atomically: a reader sees the old file or the whole new one.
+    /// Writes the profile atomically: a reader sees the old file or the whole new one. The
+    /// temporary file has a random name and is created with `O_EXCL` in the same
+    /// directory, so nothing planted there beforehand (a symlink at a guessable name) is
+    /// followed.
     pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
-        let io = |source| ProfileError::Io {
+        let mut body = serde_json::to_vec_pretty(self).expect("a profile always serializes");
+        body.push(b'\n');
+        crate::store::layout::write_file_atomic(path, &body).map_err(|source| ProfileError::Io {
             path: path.into(),
             source,
-        };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let name = path.file_name().ok_or_else(|| ProfileError::Invalid {
-            path: path.into(),
-            reason: "not a file name".into(),
-        })?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        let body = serde_json::to_vec_pretty(self).expect("a profile always serializes");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
         })
     }
 

@@ -281,3 +281,63 @@ fn live_missing(disk: &Path, ctl: &Path) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("no chunks_missing in {v}"))
 }
+
+/// `serve --record-profile` saves through a temporary file with a random name created
+/// with `O_EXCL`: a symlink planted at the old predictable name (`.NAME.tmp<pid>`) by
+/// someone who can write to the profile's directory is not followed, so the file it
+/// points to is never written.
+#[test]
+fn record_profile_does_not_follow_a_planted_symlink() {
+    let nginx = Nginx::start();
+    let target = common::random_bytes(81, 2 * 1024 * 1024);
+    nginx.put("t.img", &target);
+    let dir = tempfile::tempdir().unwrap();
+    let d = new_disk(dir.path(), "d.img", 80, 1_000_000);
+    cli_ok(&[
+        "prepare",
+        d.to_str().unwrap(),
+        "--target",
+        &nginx.url("t.img"),
+    ]);
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, b"precious\n").unwrap();
+    let prof = dir.path().join("boot.profile");
+    let (sock, ctl) = (dir.path().join("vu.sock"), dir.path().join("ctl.sock"));
+    let (p, c) = (prof.to_str().unwrap(), ctl.to_str().unwrap());
+    let srv = Served::start(
+        &d,
+        &sock,
+        &["--no-hydrate", "--record-profile", p, "--control", c],
+    );
+    let pid = srv.0.as_ref().unwrap().id();
+    // The name the old code wrote to, with File::create (which follows symlinks).
+    let planted = dir.path().join(format!(".boot.profile.tmp{pid}"));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    {
+        let mut client = Client::connect(&sock, 1, CS).unwrap();
+        read_check(&mut client, &target, 5 * CS, 4096);
+        cli_ok(&["confirm", d.to_str().unwrap(), "--control", c]);
+    }
+    srv.stop();
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        b"precious\n",
+        "victim written"
+    );
+    let meta = std::fs::symlink_metadata(&prof).unwrap();
+    assert!(meta.file_type().is_file(), "the profile is a regular file");
+    assert_eq!(chunks_of(&profile_json(&prof)), vec![5]);
+    assert!(
+        std::fs::symlink_metadata(&planted)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the planted link is left alone"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}

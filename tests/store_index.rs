@@ -9,6 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use store_common::*;
 use streamboot::source::store::{IndexTrust, StoreSource, StoreSourceOptions};
 use streamboot::source::SourceError;
+use streamboot::store::identity::IDENTITY_LEN;
 use streamboot::store::index::{HEADER_LEN, TRAILER_LEN};
 use streamboot::store::{self, publish, Index, IndexError, Trust};
 
@@ -38,12 +39,18 @@ fn published_index_layout_and_hash() {
     let key = key(1);
     let (_, _, bytes) = published(tmp.path(), &key);
     assert_eq!(&bytes[..8], b"SBSTIDX\n");
-    assert_eq!(bytes.len(), HEADER_LEN + 384 * 33 + TRAILER_LEN);
+    assert_eq!(&bytes[8..10], &[2, 0], "format version 2");
+    assert_eq!(
+        bytes.len(),
+        HEADER_LEN + IDENTITY_LEN + 384 * 33 + TRAILER_LEN
+    );
     let vk = key.verifying_key();
     let p = Index::parse(&bytes, Trust::Key(&vk)).unwrap();
     assert!(p.verified);
     assert_eq!(p.index.image_size(), 24 * MIB as u64);
     assert_eq!(p.index.chunk_count(), 384);
+    let id = p.index.identity().expect("identity block");
+    assert_eq!((id.name.as_str(), id.version, id.expires), ("a", 1, None));
     assert_eq!(p.hash.0, *blake3::hash(&bytes).as_bytes());
     // Re-encoding the parsed index with the same key gives the same bytes (ed25519 is
     // deterministic), so the hash pins the content and signature exactly.

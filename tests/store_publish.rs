@@ -143,6 +143,7 @@ fn two_related_images_share_chunks_and_read_back() {
     assert_eq!(s.total.unreferenced_objects, 0);
 
     // Round trips through StoreSource, with and without the cache.
+    let mut sa_entries = Vec::new();
     for cache in [0, 16] {
         let mut o = StoreSourceOptions::trusted(key.verifying_key());
         o.cache_chunks = cache;
@@ -153,12 +154,21 @@ fn two_related_images_share_chunks_and_read_back() {
         assert_eq!(sa.identity().kind, "store");
         assert_eq!(sa.identity().validator, ra.index_hash);
         assert_eq!(sb.identity().validator, rb.index_hash);
+        sa_entries = sa.index().entries().to_vec();
     }
 
     // Publishing the same image again writes nothing new.
+    // It is a new publication: the next version, so a new index hash, same chunks.
     let again = publish(&pa, &st, "a", CS as u64, Some(&key), false).unwrap();
     assert_eq!(again.chunks_new, 0);
-    assert_eq!(again.index_hash, ra.index_hash, "deterministic index");
+    assert_eq!((ra.identity.version, again.identity.version), (1, 2));
+    assert_ne!(
+        again.index_hash, ra.index_hash,
+        "a new version is a new index"
+    );
+    let o = StoreSourceOptions::trusted(key.verifying_key());
+    let sa2 = StoreSource::open(st.to_str().unwrap(), "a", o).unwrap();
+    assert_eq!(sa2.index().entries(), sa_entries.as_slice());
     assert_eq!(objects_on_disk(&st).len(), all.len());
 }
 

@@ -29,6 +29,8 @@ fn main() -> Result<()> {
         ("superblock", superblocks()),
         ("map_page", map_pages()),
         ("store_index", indexes()?),
+        // The same indexes (format 2: their identity blocks) for the header target.
+        ("index_header", indexes()?),
         ("virtio_blk", virtio_requests()),
         ("http_headers", http_headers()),
         ("nbd_negotiate", nbd_handshakes()),

@@ -4,14 +4,18 @@ use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::size::{human, parse_size};
+use super::store::parse_duration_secs;
+use crate::nbd::server::MAX_READ_CHARGE;
 use crate::nbd::{ChunkCache, NbdServer, ServerHandle, ServerOptions, StoreCatalog};
 use crate::source::store::StoreSourceOptions;
+use crate::store::seen::SeenVersions;
 
 /// Arguments of `export`.
 #[derive(Debug, Args)]
@@ -39,6 +43,27 @@ pub struct ExportArgs {
     /// Clients served at once (more are closed right away).
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
+    /// File that remembers the highest index version served per image (created if
+    /// missing): an older index is refused even after a restart. Default: remembered
+    /// for the life of the process only.
+    #[arg(long, value_name = "FILE")]
+    pub seen_versions: Option<PathBuf>,
+    /// Memory for reply buffers shared by all clients (at least 37M); a read waits for
+    /// its share rather than allocate. One client may hold a quarter of it.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub reply_budget: u64,
+    /// Close a connection with no request and no reply pending for this long (0: never;
+    /// a client that stays connected while idle, e.g. a root file system over NBD, then
+    /// needs to reconnect, like QEMU's `reconnect-delay`).
+    #[arg(long, default_value = "15m", value_parser = parse_duration_secs)]
+    pub idle_timeout: u64,
+    /// Time a client has for the whole handshake, from connect to choosing an export.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_secs)]
+    pub handshake_timeout: u64,
+    /// Close a connection whose client does not take a whole reply within this long
+    /// (a 32 MiB read then needs about 0.6 MB/s; slower links: smaller reads or more).
+    #[arg(long, default_value = "60s", value_parser = parse_duration_secs)]
+    pub reply_timeout: u64,
 }
 
 /// Runs the NBD server until SIGTERM/SIGINT.
@@ -64,6 +89,15 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
     if a.max_connections == 0 {
         bail!("--max-connections must be at least 1");
     }
+    if a.handshake_timeout == 0 || a.reply_timeout == 0 {
+        bail!("--handshake-timeout and --reply-timeout must be more than 0 seconds");
+    }
+    if a.reply_budget < MAX_READ_CHARGE {
+        bail!(
+            "--reply-budget must be at least {} (one maximal read)",
+            human(MAX_READ_CHARGE)
+        );
+    }
     let listen: SocketAddr = a
         .listen
         .to_socket_addrs()
@@ -72,7 +106,15 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
         .ok_or_else(|| anyhow!("--listen {}: no address", a.listen))?;
     let only = (!a.images.is_empty()).then(|| a.images.clone());
     let cache = Arc::new(ChunkCache::new(a.cache_size));
-    let catalog = Arc::new(StoreCatalog::new(&a.store, only, opts, cache).map_err(|e| anyhow!(e))?);
+    let seen = match &a.seen_versions {
+        Some(p) => SeenVersions::persistent(p).context("--seen-versions")?,
+        None => SeenVersions::in_memory(),
+    };
+    let catalog = Arc::new(
+        StoreCatalog::new(&a.store, only, opts, cache)
+            .map_err(|e| anyhow!(e))?
+            .with_seen_versions(seen),
+    );
     let names = catalog
         .open_all()
         .map_err(|e| anyhow!(e))
@@ -82,7 +124,10 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
         catalog,
         ServerOptions {
             max_connections: a.max_connections,
-            ..ServerOptions::default()
+            handshake_timeout: Duration::from_secs(a.handshake_timeout),
+            idle_timeout: (a.idle_timeout > 0).then(|| Duration::from_secs(a.idle_timeout)),
+            reply_timeout: Duration::from_secs(a.reply_timeout),
+            reply_budget: a.reply_budget,
         },
     )
     .with_context(|| format!("listening on {listen}"))?;

@@ -32,6 +32,33 @@ pub struct PublishArgs {
     /// Boot profile (from `serve --record-profile`) to embed in the index.
     #[arg(long, value_name = "FILE")]
     pub boot_profile: Option<PathBuf>,
+    /// Version recorded in the signed index (default: one more than the store's current
+    /// index of this name). Must be above the current one: clients refuse older versions.
+    #[arg(long = "version", value_name = "N")]
+    pub image_version: Option<u64>,
+    /// The index expires this long after publishing (e.g. 3600, 90m, 12h, 30d); readers
+    /// that check the signature refuse it then. Default: never.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
+    pub valid_for: Option<u64>,
+}
+
+/// Parses `N`, `Ns`, `Nm`, `Nh` or `Nd` into seconds (0 allowed).
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let mult = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?}: expected a duration such as 3600, 90m, 12h, 30d"))
 }
 
 /// `store` subcommands.
@@ -71,6 +98,11 @@ pub fn publish(a: &PublishArgs, json_out: bool) -> Result<()> {
     let mut opts = store::PublishOptions::new(a.chunk_size);
     opts.key = key.as_ref();
     opts.compress = a.compress;
+    opts.version = a.image_version;
+    if a.valid_for == Some(0) {
+        anyhow::bail!("--valid-for must be more than 0 seconds");
+    }
+    opts.valid_for = a.valid_for;
     if let Some(path) = &a.boot_profile {
         opts.boot_profile = crate::profile::store_profile(path, &a.image, a.chunk_size)
             .context("--boot-profile")?;
@@ -78,7 +110,7 @@ pub fn publish(a: &PublishArgs, json_out: bool) -> Result<()> {
     let r = store::publish_with(&a.image, &a.store, &a.name, &opts)
         .with_context(|| format!("publishing {}", a.image.display()))?;
     emit(json_out, json!({"ok": true, "report": r}), || {
-        format!("published {}: {r:?}", a.name)
+        format!("published {} version {}: {r:?}", a.name, r.identity.version)
     });
     Ok(())
 }

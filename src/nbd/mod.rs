@@ -7,21 +7,28 @@
 //!   single-flight misses.
 //! - [`store`]: the catalog of a store's images, read through the verified
 //!   [`crate::source::store::StoreSource`].
-//! - [`server`]: the TCP server (a thread per connection, bounded).
+//! - [`transmit`]: the transmission phase (requests and replies).
+//! - [`budget`]: the memory budget of reply buffers shared by all connections.
+//! - [`server`]: the TCP server (a thread per connection, bounded; handshake deadline,
+//!   idle timeout).
 
+pub mod budget;
 pub mod cache;
 pub mod proto;
 pub mod server;
 pub mod store;
+pub mod transmit;
 
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 
+pub use budget::{ConnectionBudget, ReplyBudget};
 pub use cache::ChunkCache;
-pub use proto::{negotiate, transmit, Negotiated, TransmitStats};
+pub use proto::{negotiate, Negotiated};
 pub use server::{NbdServer, ServerHandle, ServerOptions};
 pub use store::StoreCatalog;
+pub use transmit::{transmit, transmit_with, TransmitOptions, TransmitStats};
 
 /// A read-only image served over NBD.
 pub trait Export: Send + Sync {
@@ -38,10 +45,11 @@ pub trait Export: Send + Sync {
 
 /// The exports a server offers, by name.
 pub trait Catalog: Send + Sync {
-    /// Names for `NBD_OPT_LIST`.
+    /// Names for `NBD_OPT_LIST` (an `Err` goes to the log only).
     fn names(&self) -> Result<Vec<String>, String>;
     /// The export called `name` (`""` is the default export), `None` if there is none,
-    /// `Err` when it exists but cannot be opened (the message goes to the client).
+    /// `Err` when it exists but cannot be opened (the message goes to the log only: it
+    /// may name host paths; the client gets a generic one).
     fn open(&self, name: &str) -> Result<Option<Arc<dyn Export>>, String>;
 }
 
@@ -66,6 +74,10 @@ pub enum NbdError {
     RequestTooLong(u32),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("idle for {0:?}: closing")]
+    Idle(std::time::Duration),
+    #[error("handshake not finished within {0:?}")]
+    HandshakeDeadline(std::time::Duration),
 }
 
 /// A catalog of in-memory images: for protocol tests and fuzzing of [`negotiate`] and

@@ -10,11 +10,11 @@
 //! waits for the bytes of the rounded-up last sector).
 
 use std::io::{self, Read, Write};
-use std::sync::{mpsc, Arc};
-
-use parking_lot::Mutex;
+use std::sync::Arc;
 
 use super::{Catalog, Export, NbdError};
+
+pub use super::transmit::{transmit, transmit_with, Request, TransmitOptions, TransmitStats};
 
 /// `NBDMAGIC`: first word of the server's greeting.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -328,7 +328,12 @@ pub fn negotiate<S: Read + Write>(
                         }
                         option_reply(stream, opt, REP_ACK, &[])?;
                     }
-                    Err(reason) => option_error(stream, opt, REP_ERR_POLICY, &reason)?,
+                    Err(reason) => {
+                        // Details (paths, URLs) stay in the log; the peer gets a generic
+                        // message.
+                        tracing::warn!(%reason, "cannot list the exports");
+                        option_error(stream, opt, REP_ERR_POLICY, "cannot list the exports")?
+                    }
                 }
             }
             OPT_INFO | OPT_GO => {
@@ -347,7 +352,12 @@ pub fn negotiate<S: Read + Write>(
                         continue;
                     }
                     Err(reason) => {
-                        option_error(stream, opt, REP_ERR_UNKNOWN, &reason)?;
+                        tracing::warn!(export = %req.name, %reason, "export cannot be opened");
+                        let msg = format!(
+                            "export {:?} is not available (see the server log)",
+                            req.name
+                        );
+                        option_error(stream, opt, REP_ERR_UNKNOWN, &msg)?;
                         continue;
                     }
                 };
@@ -397,253 +407,4 @@ pub fn negotiate<S: Read + Write>(
         }
     }
     Err(NbdError::TooManyOptions)
-}
-
-/// One transmission request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Request {
-    /// Command flags (FUA, ...): accepted and ignored, the export is read-only.
-    pub flags: u16,
-    /// Command type.
-    pub kind: u16,
-    /// The client's cookie, echoed in the reply.
-    pub cookie: u64,
-    /// Byte offset.
-    pub offset: u64,
-    /// Byte length.
-    pub len: u32,
-}
-
-impl Request {
-    /// Parses the 28 bytes of a request.
-    pub fn parse(b: &[u8; REQUEST_LEN]) -> Result<Request, NbdError> {
-        let magic = u32::from_be_bytes(b[0..4].try_into().expect("4"));
-        if magic != REQUEST_MAGIC {
-            return Err(NbdError::BadMagic {
-                what: "request",
-                found: magic.into(),
-            });
-        }
-        Ok(Request {
-            flags: u16::from_be_bytes([b[4], b[5]]),
-            kind: u16::from_be_bytes([b[6], b[7]]),
-            cookie: u64::from_be_bytes(b[8..16].try_into().expect("8")),
-            offset: u64::from_be_bytes(b[16..24].try_into().expect("8")),
-            len: u32::from_be_bytes(b[24..28].try_into().expect("4")),
-        })
-    }
-}
-
-/// Writes a simple reply header for `cookie` into the first 16 bytes of `out`.
-fn reply_header(out: &mut [u8], error: u32, cookie: u64) {
-    out[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out[4..8].copy_from_slice(&error.to_be_bytes());
-    out[8..16].copy_from_slice(&cookie.to_be_bytes());
-}
-
-/// Writes a structured chunk header (DONE set) into the first 20 bytes of `out`.
-fn structured_header(out: &mut [u8], kind: u16, cookie: u64, payload_len: u32) {
-    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    out[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
-    out[6..8].copy_from_slice(&kind.to_be_bytes());
-    out[8..16].copy_from_slice(&cookie.to_be_bytes());
-    out[16..20].copy_from_slice(&payload_len.to_be_bytes());
-}
-
-/// Replies without data: success or an errno, in the negotiated reply style.
-fn status_reply(w: &mut impl Write, structured: bool, error: u32, cookie: u64) -> io::Result<()> {
-    if !structured {
-        let mut h = [0u8; SIMPLE_REPLY_LEN];
-        reply_header(&mut h, error, cookie);
-        w.write_all(&h)?;
-    } else if error == 0 {
-        let mut h = [0u8; STRUCTURED_REPLY_LEN];
-        structured_header(&mut h, REPLY_TYPE_NONE, cookie, 0);
-        w.write_all(&h)?;
-    } else {
-        // Payload: the error and an empty message.
-        let mut m = [0u8; STRUCTURED_REPLY_LEN + 6];
-        structured_header(&mut m, REPLY_TYPE_ERROR, cookie, 6);
-        m[STRUCTURED_REPLY_LEN..STRUCTURED_REPLY_LEN + 4].copy_from_slice(&error.to_be_bytes());
-        w.write_all(&m)?;
-    }
-    w.flush()
-}
-
-/// What a transmission phase did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TransmitStats {
-    /// Read requests answered with data.
-    pub reads: u64,
-    /// Bytes of data sent.
-    pub bytes_read: u64,
-    /// Requests answered with an error.
-    pub errors: u64,
-    /// True when the client ended with `NBD_CMD_DISC` (false: it just closed).
-    pub disconnected: bool,
-}
-
-/// Writes replies for one connection: each reply whole under one lock, so replies of
-/// concurrent reads never interleave on the wire.
-struct Replier<'a, W> {
-    out: Mutex<&'a mut W>,
-    structured: bool,
-    stats: Mutex<TransmitStats>,
-    /// The first write error of a worker: the connection is broken.
-    broken: Mutex<Option<io::Error>>,
-}
-
-impl<W: Write> Replier<'_, W> {
-    fn send(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut w = self.out.lock();
-        w.write_all(bytes)?;
-        w.flush()
-    }
-
-    /// A reply without data; counts it as an error unless `error` is 0.
-    fn status(&self, error: u32, cookie: u64) -> io::Result<()> {
-        if error != 0 {
-            self.stats.lock().errors += 1;
-        }
-        let mut w = self.out.lock();
-        status_reply(&mut **w, self.structured, error, cookie)
-    }
-
-    /// Serves a read (range and length already checked) and sends its reply.
-    fn read(&self, export: &dyn Export, req: Request) -> io::Result<()> {
-        // Structured: chunk header, then the offset, then the data.
-        let head = if self.structured {
-            STRUCTURED_REPLY_LEN + 8
-        } else {
-            SIMPLE_REPLY_LEN
-        };
-        let mut out = vec![0u8; head + req.len as usize];
-        match export.read_at(req.offset, &mut out[head..]) {
-            Ok(()) => {
-                if self.structured {
-                    structured_header(&mut out, REPLY_TYPE_OFFSET_DATA, req.cookie, req.len + 8);
-                    out[STRUCTURED_REPLY_LEN..head].copy_from_slice(&req.offset.to_be_bytes());
-                } else {
-                    reply_header(&mut out, 0, req.cookie);
-                }
-                self.send(&out)?;
-                let mut st = self.stats.lock();
-                st.reads += 1;
-                st.bytes_read += u64::from(req.len);
-                Ok(())
-            }
-            Err(reason) => {
-                tracing::warn!(offset = req.offset, len = req.len, %reason, "read failed");
-                self.status(EIO, req.cookie)
-            }
-        }
-    }
-
-    /// Like [`Replier::read`], for a worker: a write error is kept for the reader.
-    fn read_or_break(&self, export: &dyn Export, req: Request) {
-        if let Err(e) = self.read(export, req) {
-            self.broken.lock().get_or_insert(e);
-        }
-    }
-}
-
-/// Serves requests on `export` from `r`, replying on `w`, until `NBD_CMD_DISC` or the end
-/// of the stream. Reads outside the export or longer than [`MAX_REQUEST_LEN`] get
-/// `EINVAL`, a failed read `EIO`; writes, trims and write-zeroes `EPERM` (a write's payload
-/// is consumed first so the stream stays in sync); unknown commands `EINVAL`. A bad
-/// request magic, a write payload over the limit or an I/O error end the connection.
-///
-/// With `workers` > 0, that many threads serve reads concurrently (a read waiting on the
-/// network does not hold up reads of cached chunks) and replies may come out of order, as
-/// the protocol allows; with 0 every request is answered in order on this thread. After
-/// `NBD_CMD_DISC` or the end of input, reads already received are still answered.
-pub fn transmit<R: Read, W: Write + Send>(
-    r: &mut R,
-    w: &mut W,
-    export: &dyn Export,
-    structured: bool,
-    workers: usize,
-) -> Result<TransmitStats, NbdError> {
-    let rep = Replier {
-        out: Mutex::new(w),
-        structured,
-        stats: Mutex::new(TransmitStats::default()),
-        broken: Mutex::new(None),
-    };
-    let (tx, rx) = mpsc::sync_channel::<Request>(2 * workers.max(1));
-    let rx = Mutex::new(rx);
-    let result = std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| loop {
-                let Ok(req) = rx.lock().recv() else {
-                    break;
-                };
-                rep.read_or_break(export, req);
-            });
-        }
-        let dispatch = |req: Request| -> io::Result<()> {
-            if workers == 0 {
-                return rep.read(export, req);
-            }
-            tx.send(req)
-                .map_err(|_| io::Error::other("read workers stopped"))
-        };
-        let r = requests(r, &rep, export, dispatch);
-        drop(tx);
-        r
-    });
-    let stats = *rep.stats.lock();
-    result.map(|disconnected| TransmitStats {
-        disconnected,
-        ..stats
-    })
-}
-
-/// The request loop of [`transmit`]: answers everything but valid reads itself and hands
-/// those to `dispatch`. Ok(true) after `NBD_CMD_DISC`, Ok(false) at the end of input.
-fn requests<R: Read, W: Write>(
-    r: &mut R,
-    rep: &Replier<'_, W>,
-    export: &dyn Export,
-    dispatch: impl Fn(Request) -> io::Result<()>,
-) -> Result<bool, NbdError> {
-    loop {
-        if let Some(e) = rep.broken.lock().take() {
-            return Err(e.into());
-        }
-        let mut raw = [0u8; REQUEST_LEN];
-        match r.read_exact(&mut raw) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
-            Err(e) => return Err(e.into()),
-        }
-        let req = Request::parse(&raw)?;
-        match req.kind {
-            CMD_READ => {
-                let in_range = req
-                    .offset
-                    .checked_add(req.len.into())
-                    .is_some_and(|end| end <= export.size());
-                if req.len == 0 || req.len > MAX_REQUEST_LEN || !in_range {
-                    rep.status(EINVAL, req.cookie)?;
-                } else {
-                    dispatch(req)?;
-                }
-            }
-            CMD_WRITE => {
-                if req.len > MAX_REQUEST_LEN {
-                    return Err(NbdError::RequestTooLong(req.len));
-                }
-                let n = io::copy(&mut r.by_ref().take(req.len.into()), &mut io::sink())?;
-                if n != u64::from(req.len) {
-                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
-                }
-                rep.status(EPERM, req.cookie)?;
-            }
-            CMD_DISC => return Ok(true),
-            CMD_FLUSH => rep.status(0, req.cookie)?,
-            CMD_TRIM | CMD_WRITE_ZEROES => rep.status(EPERM, req.cookie)?,
-            _ => rep.status(EINVAL, req.cookie)?,
-        }
-    }
 }

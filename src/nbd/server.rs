@@ -3,27 +3,50 @@
 //! connection (peer, export, requests served, how it ended).
 
 use std::collections::HashMap;
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::{negotiate, transmit, Catalog, Negotiated};
+use super::budget::{ConnectionBudget, ReplyBudget};
+use super::proto::{MAX_REQUEST_LEN, STRUCTURED_REPLY_LEN};
+use super::transmit::{transmit_with, TransmitOptions};
+use super::{negotiate, Catalog, NbdError, Negotiated};
 
 /// Threads per connection serving reads concurrently.
 const READ_WORKERS: usize = 4;
+/// How often a connection waiting for a request wakes up to check its idle time and its
+/// workers' replies.
+const TICK: Duration = Duration::from_millis(500);
+/// Largest budget share of one read: the longest reply plus one 4 MiB chunk the export
+/// may load meanwhile. Every connection may take at least this much, so a maximal read
+/// always fits.
+pub const MAX_READ_CHARGE: u64 =
+    MAX_REQUEST_LEN as u64 + STRUCTURED_REPLY_LEN as u64 + 8 + (4 << 20);
 
 /// Limits of a server.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
     /// Connections served at once; more are closed right after accept.
     pub max_connections: usize,
-    /// Time a client has for each read during negotiation (a silent client is dropped).
+    /// Time a client has for the whole negotiation, from accept to the choice of an
+    /// export (a slow or silent client is dropped).
     pub handshake_timeout: Duration,
+    /// A connection with no request and no reply pending for this long is closed
+    /// (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// A reply the client does not take whole within about this long (it stopped
+    /// reading, or reads a byte now and then) ends the connection, giving back its share
+    /// of the reply budget.
+    pub reply_timeout: Duration,
+    /// Bytes of reply buffers all connections together may hold; a read waits for its
+    /// share before it allocates. Each connection may hold a quarter of it (at least
+    /// [`MAX_READ_CHARGE`]).
+    pub reply_budget: u64,
 }
 
 impl Default for ServerOptions {
@@ -31,7 +54,19 @@ impl Default for ServerOptions {
         ServerOptions {
             max_connections: 64,
             handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Some(Duration::from_secs(15 * 60)),
+            reply_timeout: Duration::from_secs(60),
+            reply_budget: 256 << 20,
         }
+    }
+}
+
+impl ServerOptions {
+    /// The share of the reply budget one connection may hold at once.
+    pub fn connection_cap(&self) -> u64 {
+        (self.reply_budget / 4)
+            .max(MAX_READ_CHARGE)
+            .min(self.reply_budget)
     }
 }
 
@@ -106,6 +141,7 @@ impl NbdServer {
     /// Serves until [`ServerHandle::shutdown`]; then closes every connection and waits
     /// for their threads.
     pub fn run(self) -> io::Result<ServerSummary> {
+        let budget = Arc::new(ReplyBudget::new(self.opts.reply_budget));
         let live: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut summary = ServerSummary::default();
@@ -143,10 +179,11 @@ impl NbdServer {
             let id = next_id;
             live.lock().insert(id, handle);
             let (live2, catalog, opts) = (live.clone(), self.catalog.clone(), self.opts.clone());
+            let share = ConnectionBudget::new(budget.clone(), self.opts.connection_cap());
             let t = std::thread::Builder::new()
                 .name(format!("nbd-{id}"))
                 .spawn(move || {
-                    connection(&stream, peer, catalog.as_ref(), &opts);
+                    connection(&stream, peer, catalog.as_ref(), &opts, share);
                     live2.lock().remove(&id);
                 });
             match t {
@@ -167,12 +204,61 @@ impl NbdServer {
     }
 }
 
+/// The client during the negotiation: every read and write must finish before one
+/// deadline for the whole handshake (each socket operation gets the time that is left),
+/// so a client sending a byte now and then cannot hold a slot.
+struct Deadline<'a> {
+    s: &'a TcpStream,
+    until: Instant,
+    limit: Duration,
+}
+
+impl Deadline<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                NbdError::HandshakeDeadline(self.limit),
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.s.set_read_timeout(Some(self.left()?))?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.s.set_write_timeout(Some(self.left()?))?;
+        self.s.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Runs one connection to its end, logging what happened.
-fn connection(stream: &TcpStream, peer: SocketAddr, catalog: &dyn Catalog, opts: &ServerOptions) {
+fn connection(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    catalog: &dyn Catalog,
+    opts: &ServerOptions,
+    budget: ConnectionBudget,
+) {
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(opts.handshake_timeout));
     tracing::info!(%peer, "connection");
-    let mut s = stream;
+    let mut s = Deadline {
+        s: stream,
+        until: Instant::now() + opts.handshake_timeout,
+        limit: opts.handshake_timeout,
+    };
     let (name, export, structured) = match negotiate(&mut s, catalog) {
         Ok(Negotiated::Export {
             name,
@@ -185,20 +271,67 @@ fn connection(stream: &TcpStream, peer: SocketAddr, catalog: &dyn Catalog, opts:
         }
         Err(e) => {
             tracing::warn!(%peer, error = %e, "negotiation failed: closing");
+            // A plain close: the error reply just sent (small) must reach the client.
+            let _ = stream.shutdown(Shutdown::Both);
             return;
         }
     };
     tracing::info!(%peer, export = %name, size = export.size(), structured, "transmission");
-    if let Err(e) = stream.set_read_timeout(None) {
-        tracing::warn!(%peer, error = %e, "cannot clear the read timeout");
+    // Reads wake up every tick (idle time, failed replies); a reply the client does not
+    // take within the reply timeout fails.
+    let timeouts = stream
+        .set_read_timeout(Some(TICK))
+        .and_then(|()| stream.set_write_timeout(Some(opts.reply_timeout)));
+    if let Err(e) = timeouts {
+        tracing::warn!(%peer, error = %e, "cannot set socket timeouts");
         return;
     }
     let mut r = BufReader::with_capacity(64 * 1024, stream);
     let mut w = stream;
-    match transmit(&mut r, &mut w, export.as_ref(), structured, READ_WORKERS) {
-        Ok(st) => tracing::info!(%peer, export = %name, reads = st.reads, bytes = st.bytes_read,
-                                 errors = st.errors, clean = st.disconnected, "closed"),
-        Err(e) => tracing::warn!(%peer, export = %name, error = %e, "connection ended"),
+    let topts = TransmitOptions {
+        workers: READ_WORKERS,
+        budget: Some(budget),
+        idle_timeout: opts.idle_timeout,
+        reply_timeout: Some(opts.reply_timeout),
+    };
+    match transmit_with(&mut r, &mut w, export.as_ref(), structured, &topts) {
+        Ok(st) => {
+            tracing::info!(%peer, export = %name, reads = st.reads, bytes = st.bytes_read,
+                           errors = st.errors, clean = st.disconnected, "closed");
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        Err(e @ NbdError::Idle(_)) => {
+            // Nothing is pending: a plain close.
+            tracing::info!(%peer, export = %name, error = %e, "connection ended");
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        Err(e) => {
+            tracing::warn!(%peer, export = %name, error = %e, "connection ended");
+            abort(stream);
+        }
     }
-    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Makes the coming close of `stream` abortive (`SO_LINGER` 0: a reset): replies still
+/// queued for a client that stopped reading are dropped at once instead of occupying
+/// kernel memory until it reads them, and the client learns of the close right away.
+fn abort(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live `linger` and its
+    // exact size; the kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let _ = stream.shutdown(Shutdown::Both);
+    }
 }

@@ -15,6 +15,7 @@ use crate::source::store::{StoreSource, StoreSourceOptions};
 use crate::source::RemoteSource;
 use crate::store::fetch::StoreLocation;
 use crate::store::layout::validate_name;
+use crate::store::seen::SeenVersions;
 use crate::store::StoreDir;
 
 /// One image of the store, served read-only.
@@ -81,6 +82,8 @@ pub struct StoreCatalog {
     /// Only these names are exported (`None`: every image of a directory store).
     only: Option<Vec<String>>,
     open: Mutex<HashMap<String, Arc<StoreImage>>>,
+    /// Highest index version accepted per image: an older one is refused (rollback).
+    seen: SeenVersions,
 }
 
 impl StoreCatalog {
@@ -111,7 +114,15 @@ impl StoreCatalog {
             cache,
             only,
             open: Mutex::new(HashMap::new()),
+            seen: SeenVersions::in_memory(),
         })
+    }
+
+    /// Remembers accepted versions in `seen` (e.g. a file, so that the rollback floor
+    /// survives restarts) instead of in memory only.
+    pub fn with_seen_versions(mut self, seen: SeenVersions) -> Self {
+        self.seen = seen;
+        self
     }
 
     /// Opens every image now (checking each index), so a bad key or a missing image is
@@ -131,8 +142,16 @@ impl StoreCatalog {
         }
         let source = StoreSource::open(&self.location, name, self.opts.clone())
             .map_err(|e| format!("image {name:?}: {e}"))?;
+        // Rollback: never an older version than one accepted before. (A version-1 index
+        // has none; StoreSource accepts it only without a signature check.)
+        if let Some(id) = source.image_identity() {
+            self.seen
+                .accept(name, id)
+                .map_err(|e| format!("image {name:?}: {e}"))?;
+        }
         tracing::info!(
             image = name,
+            version = source.image_identity().map(|i| i.version),
             size = source.size(),
             index = %source.index_hash(),
             signed_by = ?source.signer(),

@@ -476,3 +476,62 @@ fn a_slow_read_does_not_hold_up_the_next() {
     assert_eq!((rep[1].0, rep[1].1), (0, 1020));
     assert_eq!(rep[1].2, ex.data[4096..4116]);
 }
+
+/// Input that arrives in pieces with a read timeout (`WouldBlock`) between them, then
+/// times out forever: what a socket with a read timeout does.
+struct Stalling {
+    pieces: std::collections::VecDeque<Vec<u8>>,
+    stall_next: bool,
+}
+
+impl Read for Stalling {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let stall = self.stall_next;
+        self.stall_next = !stall;
+        if stall {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        match self.pieces.pop_front() {
+            Some(p) => {
+                buf[..p.len()].copy_from_slice(&p);
+                Ok(p.len())
+            }
+            None => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        }
+    }
+}
+
+#[test]
+fn a_request_split_by_read_timeouts_is_resumed_and_an_idle_client_is_dropped() {
+    let ex = MemoryExport(image());
+    let req = request(CMD_READ, 1050, 100, 50);
+    let pieces = [&req[..3], &req[3..20], &req[20..]]
+        .iter()
+        .map(|p| p.to_vec())
+        .collect();
+    let mut input = Stalling {
+        pieces,
+        stall_next: true,
+    };
+    let budget = Arc::new(ReplyBudget::new(1 << 20));
+    let opts = TransmitOptions {
+        workers: 1,
+        budget: Some(ConnectionBudget::new(budget.clone(), 1 << 20)),
+        idle_timeout: Some(std::time::Duration::from_millis(200)),
+        reply_timeout: None,
+    };
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    let err = transmit_with(&mut input, &mut out, &ex, false, &opts).unwrap_err();
+    assert!(matches!(err, NbdError::Idle(_)), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let rep = parse_simple(&out);
+    assert_eq!(rep.len(), 1);
+    assert_eq!((rep[0].0, rep[0].1), (0, 1050));
+    assert_eq!(rep[0].2, image()[100..150]);
+    assert_eq!(budget.used(), 0, "every share given back");
+}

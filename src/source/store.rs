@@ -16,6 +16,7 @@ use ed25519_dalek::VerifyingKey;
 use super::chunk_share::{ChunkShare, Claim};
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
 use crate::store::fetch::{FetchOptions, Fetcher, StoreLocation};
+use crate::store::identity::{now_unix, IdentityError, ImageIdentity};
 use crate::store::index::{ChunkEntry, ChunkHash, Index, IndexHash, Trust, MAX_INDEX_LEN};
 use crate::store::layout::{chunk_rel, index_rel, validate_name, INDEXES_DIR, INDEX_SUFFIX};
 use crate::store::{decode_object, max_object_len, KeyId};
@@ -103,8 +104,12 @@ impl StoreSource {
             reason: e.to_string(),
         })?;
         if !parsed.verified {
-            tracing::warn!("{what}: index signature NOT checked (explicit opt-out)");
+            tracing::warn!("{what}: index signature NOT checked (explicit opt-out or pinned hash)");
         }
+        check_identity(&parsed.index, name, parsed.verified).map_err(|e| SourceError::Verify {
+            what: what.clone(),
+            reason: e.to_string(),
+        })?;
         let index = parsed.index;
         let identity = SourceIdentity {
             kind: "store".into(),
@@ -150,6 +155,12 @@ impl StoreSource {
             b => b,
         };
         Self::open(base, name, opts)
+    }
+
+    /// The image identity of the index (name, version, times); `None` for a version-1
+    /// index, which only an open without a signature check accepts.
+    pub fn image_identity(&self) -> Option<&ImageIdentity> {
+        self.index.identity()
     }
 
     /// The parsed, verified index.
@@ -347,6 +358,20 @@ impl RemoteSource for StoreSource {
 
     fn name(&self) -> String {
         self.name.clone()
+    }
+}
+
+/// The identity rules of an open (docs/chunk-store.md section 2.7): the signed name must
+/// be the name asked for; when the signature was checked (the index is trusted through
+/// it) the index must also carry an identity (version 2) and must not have expired. An
+/// unverified open (explicit opt-out, or a disk whose pinned index hash vouches for the
+/// index) skips those two: expiry must not strand a disk prepared while it was valid.
+fn check_identity(index: &Index, name: &str, verified: bool) -> Result<(), IdentityError> {
+    match index.identity() {
+        Some(id) if verified => id.check(name, 0, now_unix()),
+        Some(id) => id.check(name, 0, 0),
+        None if verified => Err(IdentityError::Legacy),
+        None => Ok(()),
     }
 }
 

@@ -11,13 +11,19 @@ use std::fmt;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey, SIGNATURE_LENGTH};
 
+use super::identity::{ImageIdentity, IDENTITY_LEN};
 use super::sign::{key_id, KeyId, KEY_ID_LEN};
 
 /// First eight bytes of every index file.
 pub const MAGIC: [u8; 8] = *b"SBSTIDX\n";
-/// The only format version this code reads and writes.
-pub const VERSION: u16 = 1;
-/// Length of the fixed header.
+/// The format version this code writes: the header is followed by the identity block
+/// ([`ImageIdentity`]: image name, version, creation and expiry time).
+pub const VERSION: u16 = 2;
+/// The first format version, without an identity block: still parsed (gc, stats, disks
+/// pinned to such an index), refused where a signature is checked (see
+/// `docs/chunk-store.md` section 2.7).
+pub const LEGACY_VERSION: u16 = 1;
+/// Length of the fixed header (the identity block of a version-2 index follows it).
 pub const HEADER_LEN: usize = 40;
 /// Length of one per-chunk entry: 32-byte hash + 1 flag byte.
 pub const ENTRY_LEN: usize = 33;
@@ -146,10 +152,14 @@ pub enum IndexError {
     TooLarge { len: u64, max: u64 },
     #[error("not a streamboot index (bad magic)")]
     BadMagic,
-    #[error("unsupported index version {0} (this build reads version {VERSION})")]
+    #[error(
+        "unsupported index version {0} (this build reads versions {LEGACY_VERSION} and {VERSION})"
+    )]
     BadVersion(u16),
     #[error("bad index header: {0}")]
     BadHeader(&'static str),
+    #[error("bad index identity block: {0}")]
+    BadIdentity(&'static str),
     #[error("bad chunk size 2^{shift}: must be a power of two from 4 KiB to 4 MiB")]
     BadChunkSize { shift: u8 },
     #[error("chunk count {declared} does not match image size {image_size} in {chunk_size}-byte chunks ({expected})")]
@@ -186,6 +196,8 @@ pub struct Index {
     chunk_shift: u8,
     entries: Vec<ChunkEntry>,
     boot_profile: Vec<u32>,
+    /// `None` only for a version-1 index (parsed, never written by publish).
+    identity: Option<ImageIdentity>,
 }
 
 /// An index as read from a file: the content plus what pins and authenticates it.
@@ -206,9 +218,14 @@ fn chunks_for(image_size: u64, shift: u8) -> u64 {
     image_size.div_ceil(1u64 << shift)
 }
 
+/// Length of the header plus, for version 2, the identity block.
+fn head_len(identity: bool) -> usize {
+    HEADER_LEN + if identity { IDENTITY_LEN } else { 0 }
+}
+
 /// Total file length for the given counts; `None` on overflow.
-fn file_len(chunks: u64, profile_len: u64) -> Option<u64> {
-    (HEADER_LEN as u64)
+fn file_len(identity: bool, chunks: u64, profile_len: u64) -> Option<u64> {
+    (head_len(identity) as u64)
         .checked_add(chunks.checked_mul(ENTRY_LEN as u64)?)?
         .checked_add(profile_len.checked_mul(PROFILE_ENTRY_LEN as u64)?)?
         .checked_add(TRAILER_LEN as u64)
@@ -280,7 +297,22 @@ impl Index {
             chunk_shift: shift,
             entries,
             boot_profile,
+            identity: None,
         })
+    }
+
+    /// Returns a copy carrying `identity` (encoded as a version-2 index).
+    pub fn with_identity(&self, identity: ImageIdentity) -> Result<Self, IndexError> {
+        identity.validate()?;
+        Ok(Index {
+            identity: Some(identity),
+            ..self.clone()
+        })
+    }
+
+    /// The image identity; `None` for a version-1 index.
+    pub fn identity(&self) -> Option<&ImageIdentity> {
+        self.identity.as_ref()
     }
 
     /// Returns a copy with `profile` as the boot profile.
@@ -339,15 +371,18 @@ impl Index {
         &self.boot_profile
     }
 
-    /// Serializes the index; signs it when `key` is given.
+    /// Serializes the index (version 2 with its identity, version 1 without one); signs
+    /// it when `key` is given.
     pub fn encode(&self, key: Option<&SigningKey>) -> Vec<u8> {
         let chunks = self.entries.len();
+        let ident = self.identity.is_some();
         // Cannot overflow: the chunk count was bounded to u32::MAX by `new`/`parse`.
-        let len = file_len(chunks as u64, self.boot_profile.len() as u64)
+        let len = file_len(ident, chunks as u64, self.boot_profile.len() as u64)
             .expect("index length fits in u64") as usize;
         let mut out = Vec::with_capacity(len);
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        let version = if ident { VERSION } else { LEGACY_VERSION };
+        out.extend_from_slice(&version.to_le_bytes());
         let flags = if key.is_some() { HEADER_FLAG_SIGNED } else { 0 };
         out.extend_from_slice(&flags.to_le_bytes());
         out.push(self.chunk_shift);
@@ -357,6 +392,9 @@ impl Index {
         out.extend_from_slice(&(self.boot_profile.len() as u32).to_le_bytes());
         out.extend_from_slice(&[0u8; 4]);
         debug_assert_eq!(out.len(), HEADER_LEN);
+        if let Some(id) = &self.identity {
+            id.encode_into(&mut out);
+        }
         for e in &self.entries {
             match e {
                 ChunkEntry::Zero => {
@@ -401,12 +439,13 @@ impl Index {
                 found,
             })?;
         let h = Header::decode(header)?;
-
-        let needed =
-            file_len(h.chunks, u64::from(h.profile_len)).ok_or(IndexError::TooManyChunks {
+        let head = head_len(h.identity);
+        let needed = file_len(h.identity, h.chunks, u64::from(h.profile_len)).ok_or(
+            IndexError::TooManyChunks {
                 chunks: h.chunks,
                 max: u64::from(u32::MAX),
-            })?;
+            },
+        )?;
         if found < needed {
             return Err(IndexError::Truncated { needed, found });
         }
@@ -417,15 +456,20 @@ impl Index {
         }
         // From here on every offset is below `needed == bytes.len()`, so slicing is in
         // bounds and `usize` conversions cannot truncate.
+        let identity = match h.identity {
+            true => Some(ImageIdentity::decode(
+                bytes[HEADER_LEN..head]
+                    .try_into()
+                    .expect("identity block length"),
+            )?),
+            false => None,
+        };
         let trailer_at = bytes.len() - TRAILER_LEN;
         let (signer, verified) = check_trailer(bytes, trailer_at, h.signed, trust)?;
 
-        let table_end = HEADER_LEN + h.chunks as usize * ENTRY_LEN;
+        let table_end = head + h.chunks as usize * ENTRY_LEN;
         let mut entries = Vec::with_capacity(h.chunks as usize);
-        for (i, raw) in bytes[HEADER_LEN..table_end]
-            .chunks_exact(ENTRY_LEN)
-            .enumerate()
-        {
+        for (i, raw) in bytes[head..table_end].chunks_exact(ENTRY_LEN).enumerate() {
             entries.push(decode_entry(i as u64, raw)?);
         }
         let profile: Vec<u32> = bytes[table_end..trailer_at]
@@ -440,6 +484,7 @@ impl Index {
                 chunk_shift: h.shift,
                 entries,
                 boot_profile: profile,
+                identity,
             },
             hash: index_hash(bytes),
             signer,
@@ -450,6 +495,8 @@ impl Index {
 
 /// The decoded fixed header.
 struct Header {
+    /// Version 2: the identity block follows.
+    identity: bool,
     signed: bool,
     shift: u8,
     image_size: u64,
@@ -470,7 +517,7 @@ impl Header {
             return Err(IndexError::BadMagic);
         }
         let version = u16_at(8);
-        if version != VERSION {
+        if version != VERSION && version != LEGACY_VERSION {
             return Err(IndexError::BadVersion(version));
         }
         let flags = u16_at(10);
@@ -507,6 +554,7 @@ impl Header {
             });
         }
         Ok(Header {
+            identity: version == VERSION,
             signed: flags & HEADER_FLAG_SIGNED != 0,
             shift,
             image_size,
@@ -597,86 +645,5 @@ fn decode_entry(chunk: u64, raw: &[u8]) -> Result<ChunkEntry, IndexError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample() -> Index {
-        let entries = vec![
-            ChunkEntry::Stored {
-                hash: ChunkHash([7; 32]),
-                compressed: false,
-            },
-            ChunkEntry::Zero,
-            ChunkEntry::Stored {
-                hash: ChunkHash([9; 32]),
-                compressed: true,
-            },
-        ];
-        Index::new(4096 * 2 + 100, 4096, entries, vec![2, 0]).unwrap()
-    }
-
-    #[test]
-    fn round_trip_unsigned_and_signed() {
-        let idx = sample();
-        let bytes = idx.encode(None);
-        assert_eq!(
-            bytes.len(),
-            HEADER_LEN + 3 * ENTRY_LEN + 2 * 4 + TRAILER_LEN
-        );
-        let p = Index::parse(&bytes, Trust::Unverified).unwrap();
-        assert_eq!(p.index, idx);
-        assert_eq!(p.signer, None);
-        assert_eq!(
-            Index::parse(&bytes, Trust::AnyOf(&[])).unwrap_err(),
-            IndexError::Unsigned
-        );
-
-        let key = SigningKey::from_bytes(&[42; 32]);
-        let bytes = idx.encode(Some(&key));
-        let vk = key.verifying_key();
-        let p = Index::parse(&bytes, Trust::Key(&vk)).unwrap();
-        assert!(p.verified);
-        assert_eq!(p.index, idx);
-        assert_eq!(p.hash, index_hash(&bytes));
-        assert_eq!(idx.chunk_len(2), 100);
-        assert_eq!(idx.chunk_len(3), 0);
-    }
-
-    #[test]
-    fn every_single_byte_flip_is_rejected_when_signed() {
-        let key = SigningKey::from_bytes(&[1; 32]);
-        let vk = key.verifying_key();
-        let bytes = sample().encode(Some(&key));
-        for i in 0..bytes.len() {
-            for bit in [0x01u8, 0x80] {
-                let mut b = bytes.clone();
-                b[i] ^= bit;
-                assert!(Index::parse(&b, Trust::Key(&vk)).is_err(), "byte {i}");
-            }
-        }
-        for cut in 0..bytes.len() {
-            assert!(Index::parse(&bytes[..cut], Trust::Unverified).is_err());
-        }
-    }
-
-    #[test]
-    fn hostile_header_sizes_do_not_allocate() {
-        let mut b = sample().encode(None);
-        // A huge image with a consistent chunk count: must be refused by length, not by
-        // trying to allocate the table.
-        b[16..24].copy_from_slice(&(u64::MAX).to_le_bytes());
-        let chunks = u64::MAX.div_ceil(4096);
-        b[24..32].copy_from_slice(&chunks.to_le_bytes());
-        assert!(matches!(
-            Index::parse(&b, Trust::Unverified),
-            Err(IndexError::TooManyChunks { .. })
-        ));
-        let mut b = sample().encode(None);
-        b[16..24].copy_from_slice(&(u64::from(u32::MAX) * 4096).to_le_bytes());
-        b[24..32].copy_from_slice(&u64::from(u32::MAX).to_le_bytes());
-        assert!(matches!(
-            Index::parse(&b, Trust::Unverified),
-            Err(IndexError::Truncated { .. })
-        ));
-    }
-}
+#[path = "index_tests.rs"]
+mod tests;

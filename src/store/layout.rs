@@ -252,6 +252,36 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io(dir, e))
 }
 
+/// Replaces `dest` atomically with `data`: writes a new file with a random name next to it
+/// (`.NAME.<uuid>.tmp`, created with `O_EXCL`, so a file or symlink planted at a
+/// predictable name is never opened or followed), syncs it, renames it over `dest` and
+/// syncs the directory. A reader sees the old file or the whole new one; on error the
+/// temporary file is removed and `dest` is untouched.
+pub fn write_file_atomic(dest: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = dest
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
+    let tmp = dir.join(tmp_name);
+    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let result = (|| {
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, dest)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Creates `dir` if missing; returns true when it was created (its parent then needs a
 /// [`sync_dir`]).
 pub fn ensure_dir(dir: &Path) -> Result<bool, StoreError> {

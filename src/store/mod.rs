@@ -8,6 +8,8 @@
 //!
 //! - [`layout`]: paths, atomic writes, the store lock.
 //! - [`index`]: the index format (specified in `docs/chunk-store.md`).
+//! - [`identity`]: the signed image name, version and expiry of an index.
+//! - [`seen`]: the highest version a reader accepted per image (rollback protection).
 //! - [`sign`]: ed25519 key files and key ids.
 //! - [`publish()`]: cut an image into chunks and publish it.
 //! - [`gc()`]: delete chunk objects no index references.
@@ -16,9 +18,11 @@
 
 pub mod fetch;
 pub mod gc;
+pub mod identity;
 pub mod index;
 pub mod layout;
 pub mod publish;
+pub mod seen;
 pub mod sign;
 pub mod stats;
 
@@ -26,6 +30,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use gc::{gc, GcReport};
+pub use identity::{IdentityError, ImageIdentity};
 pub use index::{index_hash, ChunkEntry, ChunkHash, Index, IndexError, IndexHash, Trust};
 pub use layout::StoreDir;
 pub use publish::{publish, publish_with, set_boot_profile, PublishOptions, PublishReport};
@@ -51,6 +56,14 @@ pub enum StoreError {
     BadObject { path: PathBuf, reason: String },
     #[error("no image named {0:?} in the store")]
     NoSuchImage(String),
+    #[error("version {requested} of image {name:?} is not above the store's current version {current}: versions only grow (clients refuse an older one)")]
+    VersionNotNewer {
+        name: String,
+        requested: u64,
+        current: u64,
+    },
+    #[error("index {path}: cannot read the current version to number the new one ({source}); give --version N")]
+    Unnumbered { path: PathBuf, source: IndexError },
 }
 
 impl StoreError {

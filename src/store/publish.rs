@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 
+use super::identity::{now_unix, ImageIdentity};
 use super::index::{
     check_profile, ChunkEntry, ChunkHash, Index, Trust, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT,
 };
@@ -52,6 +53,12 @@ pub struct PublishOptions<'a> {
     pub boot_profile: Vec<u32>,
     /// Worker threads; 0 means one per CPU (at most 8).
     pub threads: usize,
+    /// Version of the image to write; `None`: one more than the store's current index
+    /// of that name (1 for a new name). Must be above the current one.
+    pub version: Option<u64>,
+    /// Seconds after creation when the index expires (readers that check the signature
+    /// refuse it from then on); `None`: never.
+    pub valid_for: Option<u64>,
 }
 
 impl<'a> PublishOptions<'a> {
@@ -64,6 +71,8 @@ impl<'a> PublishOptions<'a> {
             zstd_level: DEFAULT_ZSTD_LEVEL,
             boot_profile: Vec::new(),
             threads: 0,
+            version: None,
+            valid_for: None,
         }
     }
 }
@@ -80,6 +89,8 @@ pub struct PublishReport {
     pub index_hash: String,
     /// Key id of the signing key, if signed.
     pub signed_by: Option<String>,
+    /// Image name, version, creation and expiry time recorded in the index.
+    pub identity: ImageIdentity,
     /// Image size in bytes.
     pub image_size: u64,
     /// Chunk size in bytes.
@@ -188,6 +199,7 @@ pub fn publish_with(
 
     let store = StoreDir::create(store_dir)?;
     let _lock = store.lock_shared()?;
+    let identity = new_identity(&store, name, opts.version, opts.valid_for)?;
 
     let work = Work {
         store: &store,
@@ -276,12 +288,11 @@ pub fn publish_with(
             }
         }
     }
-    let index =
-        Index::new(image_size, cs, entries, opts.boot_profile.clone()).map_err(|source| {
-            StoreError::Index {
-                path: store.index_path(name),
-                source,
-            }
+    let index = Index::new(image_size, cs, entries, opts.boot_profile.clone())
+        .and_then(|i| i.with_identity(identity.clone()))
+        .map_err(|source| StoreError::Index {
+            path: store.index_path(name),
+            source,
         })?;
 
     let others = referenced_by_others(&store, name)?;
@@ -303,6 +314,7 @@ pub fn publish_with(
         index_path,
         index_hash: super::index_hash(&bytes).to_hex(),
         signed_by: opts.key.map(|k| key_id(&k.verifying_key()).to_string()),
+        identity,
         image_size,
         chunk_size: cs,
         chunks_total: chunks,
@@ -528,9 +540,69 @@ pub fn set_boot_profile(
         source,
     };
     let parsed = Index::parse(&bytes, trust).map_err(idx_err)?;
-    let index = parsed.index.with_boot_profile(profile).map_err(idx_err)?;
+    // A new index of the same image: the next version, created now, same lifetime.
+    let current = parsed.index.identity().map_or(0, |i| i.version);
+    let lifetime = parsed
+        .index
+        .identity()
+        .and_then(|i| Some(i.expires?.saturating_sub(i.created)));
+    let identity = identity_at(name, current + 1, lifetime);
+    let index = parsed
+        .index
+        .with_boot_profile(profile)
+        .and_then(|i| i.with_identity(identity))
+        .map_err(idx_err)?;
     let out = index.encode(key);
     store.write_atomic(&path, &out)?;
     layout::sync_dir(&store.indexes_dir())?;
     Ok(super::index_hash(&out))
+}
+
+/// The identity of a new index of `name`: `version`, or one more than the store's current
+/// index of that name (1 when there is none, or a version-1 index without a number).
+fn new_identity(
+    store: &StoreDir,
+    name: &str,
+    version: Option<u64>,
+    valid_for: Option<u64>,
+) -> Result<ImageIdentity, StoreError> {
+    let path = store.index_path(name);
+    let current = match std::fs::read(&path) {
+        Ok(b) => match Index::parse(&b, Trust::Unverified) {
+            Ok(p) => p.index.identity().map_or(0, |i| i.version),
+            // An unreadable current index does not block an explicit version.
+            Err(_) if version.is_some() => 0,
+            Err(source) => return Err(StoreError::Unnumbered { path, source }),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(StoreError::io(&path, e)),
+    };
+    let version = match version {
+        Some(v) if v > current => v,
+        Some(requested) => {
+            return Err(StoreError::VersionNotNewer {
+                name: name.to_owned(),
+                requested,
+                current,
+            })
+        }
+        None => current.checked_add(1).ok_or(StoreError::VersionNotNewer {
+            name: name.to_owned(),
+            requested: current,
+            current,
+        })?,
+    };
+    Ok(identity_at(name, version, valid_for))
+}
+
+/// `name` at `version`, created now, expiring `valid_for` seconds from now (a lifetime of
+/// 0 is one second: the expiry must follow the creation).
+fn identity_at(name: &str, version: u64, valid_for: Option<u64>) -> ImageIdentity {
+    let created = now_unix();
+    ImageIdentity {
+        name: name.to_owned(),
+        version,
+        created,
+        expires: valid_for.map(|s| created.saturating_add(s.max(1))),
+    }
 }

@@ -6,56 +6,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::blkio_client::Client;
 use common::disk::{cli_err, cli_ok, sha256};
 use common::nginx::Nginx;
+use common::serve::Served;
 
 const CS: usize = 64 << 10;
-
-/// A running `streamboot serve`; killed on drop.
-struct Served(Option<Child>);
-
-impl Served {
-    fn start(disk: &Path, socket: &Path, extra: &[&str]) -> Served {
-        let _ = std::fs::remove_file(socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
-            .arg("serve")
-            .arg(disk)
-            .arg("--socket")
-            .arg(socket)
-            .args(extra)
-            .env("STREAMBOOT_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start serve");
-        let t = Instant::now();
-        while !socket.exists() {
-            assert!(t.elapsed() < Duration::from_secs(20), "no socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Served(Some(child))
-    }
-
-    fn stop(mut self) {
-        let mut c = self.0.take().unwrap();
-        // SAFETY: sending a signal to our own child process by pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        assert!(c.wait().unwrap().success(), "serve failed");
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// Reads `len` bytes at `off` through the client and checks them against `target`.
 fn read_check(c: &mut Client, target: &[u8], off: usize, len: usize) {
@@ -309,7 +267,7 @@ fn record_profile_does_not_follow_a_planted_symlink() {
         &sock,
         &["--no-hydrate", "--record-profile", p, "--control", c],
     );
-    let pid = srv.0.as_ref().unwrap().id();
+    let pid = srv.pid();
     // The name the old code wrote to, with File::create (which follows symlinks).
     let planted = dir.path().join(format!(".boot.profile.tmp{pid}"));
     std::os::unix::fs::symlink(&victim, &planted).unwrap();

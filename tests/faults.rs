@@ -6,66 +6,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::blkio_client::Client;
 use common::disk::cli_ok;
 use common::fault_proxy::{Fault, FaultProxy, Rule, When};
 use common::nginx::Nginx;
+use common::serve::Served;
 
 /// Chunk size given to prepare (small, so a few MiB make many chunks and fetches).
 const CHUNK: usize = 64 << 10;
 /// Size of one guest read.
 const REQ: usize = 64 << 10;
-
-/// A running `streamboot serve` with its log in a file; killed on drop.
-struct Served {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Served {
-    fn start(disk: &Path, socket: &Path, log: &Path, extra: &[&str]) -> Served {
-        let _ = std::fs::remove_file(socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
-            .arg("serve")
-            .arg(disk)
-            .arg("--socket")
-            .arg(socket)
-            .args(extra)
-            .env("STREAMBOOT_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("create serve log"))
-            .spawn()
-            .expect("start serve");
-        let t = Instant::now();
-        while !socket.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "serve did not create its socket: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Served {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One test's world: nginx with the target, a proxy in front of it, a prepared disk.
 struct World {
@@ -131,10 +84,10 @@ impl World {
             ctl.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        Served::start(
+        Served::start_logged(
             &self.disk,
             &self.socket(),
-            &self.dir.path().join("serve.log"),
+            Some(&self.dir.path().join("serve.log")),
             &args,
         )
     }

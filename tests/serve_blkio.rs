@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -12,70 +11,7 @@ use rand::Rng;
 use common::blkio_client::Client;
 use common::disk::{cli_ok, sha256, sha256_file};
 use common::nginx::Nginx;
-
-/// A running `streamboot serve`; SIGTERM on drop.
-struct Served {
-    child: Option<Child>,
-    socket: PathBuf,
-}
-
-impl Served {
-    fn start(disk: &Path, socket: &Path, extra: &[&str]) -> Served {
-        let _ = std::fs::remove_file(socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
-            .arg("serve")
-            .arg(disk)
-            .arg("--socket")
-            .arg(socket)
-            .args(extra)
-            .env("STREAMBOOT_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start serve");
-        let t = Instant::now();
-        while !socket.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "serve did not create its socket"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Served {
-            child: Some(child),
-            socket: socket.to_path_buf(),
-        }
-    }
-
-    /// Stops with SIGTERM and checks the clean exit.
-    fn stop(mut self) {
-        let mut c = self.child.take().unwrap();
-        // SAFETY: sending a signal to our own child process by pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let st = c.wait().unwrap();
-        assert!(
-            st.success(),
-            "serve did not exit cleanly on SIGTERM: {st:?}"
-        );
-        assert!(!self.socket.exists(), "socket left behind");
-    }
-
-    /// Simulates a crash of the backend.
-    fn kill9(mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use common::serve::Served;
 
 /// Reads the whole device with `queues` queues and `depth` requests in flight each.
 fn read_all(sock: &Path, queues: usize, depth: usize, req: usize) -> Vec<u8> {

@@ -8,12 +8,23 @@ use std::time::{Duration, Instant};
 pub struct Served {
     pub child: Option<Child>,
     pub socket: PathBuf,
+    /// Where its log (stderr) goes, when not to the test's stderr.
+    pub log: Option<PathBuf>,
 }
 
 impl Served {
     /// Starts serve on `disk` with `socket` and `extra` arguments; waits for the socket.
     pub fn start(disk: &Path, socket: &Path, extra: &[&str]) -> Served {
+        Self::start_logged(disk, socket, None, extra)
+    }
+
+    /// Like [`Self::start`], with serve's log in the file `log`.
+    pub fn start_logged(disk: &Path, socket: &Path, log: Option<&Path>, extra: &[&str]) -> Served {
         let _ = std::fs::remove_file(socket);
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).expect("create serve log")),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
             .arg("serve")
             .arg(disk)
@@ -22,21 +33,44 @@ impl Served {
             .args(extra)
             .env("STREAMBOOT_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start serve");
+        let served = Served {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            log: log.map(Path::to_path_buf),
+        };
         let t = Instant::now();
         while !socket.exists() {
             assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "serve did not create its socket"
+                t.elapsed() < Duration::from_secs(30),
+                "serve did not create its socket: {}",
+                served.log()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        Served {
-            child: Some(child),
-            socket: socket.to_path_buf(),
-        }
+        served
+    }
+
+    /// Its log so far (empty when it logs to the test's stderr).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("serve running").id()
+    }
+
+    /// Simulates a crash of the backend (SIGKILL).
+    pub fn kill9(mut self) {
+        let mut c = self.child.take().expect("serve running");
+        c.kill().unwrap();
+        c.wait().unwrap();
     }
 
     /// Sends SIGTERM and waits at most `limit` for the exit; panics past it.

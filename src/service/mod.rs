@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use boot_relocator::{relocate, FileStorage, MetaStore, State, Storage};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
-use crate::blockdev::{BlockBackend, BlockError, DeviceEvents, DeviceStart};
+use crate::blockdev::{BlockBackend, BlockError};
 use crate::engine::{Engine, EngineError, EngineOptions, HydrateOptions, Hydrator, Status};
-use crate::migration::transitions::{device_start, transition, Next, Op};
+use crate::migration::transitions::{transition, Next, Op};
 use crate::plain::PlainDisk;
 use crate::source::HttpOptions;
 use crate::target::{open_source, pinned_identity};
@@ -80,113 +80,18 @@ pub struct ServiceConfig {
 /// What the disk presents (the control API's type).
 pub use crate::control::ServeMode as Mode;
 
-/// A block device whose backing can be replaced between VM connections. Requests hold
-/// a shared lock for their whole run, so a switch waits for requests in flight.
-pub struct SwitchDisk {
-    inner: RwLock<Arc<dyn BlockBackend>>,
-    /// The same backend as `inner`, reachable without waiting for requests in flight.
-    current: Mutex<Arc<dyn BlockBackend>>,
-}
+mod control_ops;
+mod events;
+mod switch;
 
-impl SwitchDisk {
-    fn new(b: Arc<dyn BlockBackend>) -> Self {
-        Self {
-            inner: RwLock::new(b.clone()),
-            current: Mutex::new(b),
-        }
-    }
-
-    /// Replaces the backend; the caller holds the write lock of `inner`.
-    fn replace(&self, slot: &mut Arc<dyn BlockBackend>, b: Arc<dyn BlockBackend>) {
-        *slot = b.clone();
-        *self.current.lock() = b;
-    }
-}
-
-impl BlockBackend for SwitchDisk {
-    fn capacity(&self) -> u64 {
-        self.inner.read().capacity()
-    }
-    fn read_only(&self) -> bool {
-        self.inner.read().read_only()
-    }
-    fn logical_block_size(&self) -> u32 {
-        self.inner.read().logical_block_size()
-    }
-    fn optimal_io_size(&self) -> u32 {
-        self.inner.read().optimal_io_size()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.inner.read().read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
-        self.inner.read().write_at(offset, buf)
-    }
-    fn flush(&self) -> Result<(), BlockError> {
-        self.inner.read().flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.inner.read().discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.inner.read().write_zeroes(offset, len)
-    }
-    fn device_id(&self) -> Vec<u8> {
-        self.inner.read().device_id()
-    }
-    fn is_local(&self, offset: u64, len: u64) -> bool {
-        self.inner.read().is_local(offset, len)
-    }
-    fn cancel_waiting(&self) {
-        // Not through `inner.read()`: a rollback waiting for the write lock must not keep
-        // this from reaching the requests it waits for.
-        let current = self.current.lock().clone();
-        current.cancel_waiting();
-    }
-}
+use switch::FailedDisk;
+pub use switch::SwitchDisk;
 
 /// How long stopping hydration waits for a fetch in flight.
 const HYDRATOR_STOP_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// A listener for `(event, message)` state events.
 type EventListener = Box<dyn Fn(&str, &str) + Send + Sync>;
-
-/// What is served after a rollback failed half-way: every request fails (never a mix of
-/// source and target bytes) until a restart resumes the rollback from the disk.
-struct FailedDisk {
-    capacity: u64,
-    why: String,
-}
-
-impl BlockBackend for FailedDisk {
-    fn capacity(&self) -> u64 {
-        self.capacity
-    }
-    fn read_only(&self) -> bool {
-        true
-    }
-    fn read_at(&self, _: u64, _: &mut [u8]) -> Result<(), BlockError> {
-        Err(BlockError::Unavailable(self.why.clone()))
-    }
-    fn write_at(&self, _: u64, _: &[u8]) -> Result<(), BlockError> {
-        Err(BlockError::Unavailable(self.why.clone()))
-    }
-    fn flush(&self) -> Result<(), BlockError> {
-        Err(BlockError::Unavailable(self.why.clone()))
-    }
-    fn discard(&self, _: u64, _: u64) -> Result<(), BlockError> {
-        Err(BlockError::Unavailable(self.why.clone()))
-    }
-    fn write_zeroes(&self, _: u64, _: u64) -> Result<(), BlockError> {
-        Err(BlockError::Unavailable(self.why.clone()))
-    }
-    fn device_id(&self) -> Vec<u8> {
-        b"streamboot-failed".to_vec()
-    }
-    fn is_local(&self, _: u64, _: u64) -> bool {
-        true
-    }
-}
 
 struct Background {
     hydrator: Option<(Arc<Hydrator>, JoinHandle<()>)>,
@@ -663,156 +568,5 @@ impl Service {
         }
         self.disk.flush()?;
         Ok(())
-    }
-}
-
-impl DeviceEvents for Service {
-    fn frontend_connected(&self) {
-        self.connected
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn frontend_gone(&self) {
-        // Every request of the frontend is done (the vhost layer waited): a rollback may
-        // run from now on. A disconnect is never a failed boot.
-        self.connected
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn device_started(&self, start: DeviceStart) {
-        if start != DeviceStart::Boot {
-            // The same guest carries on (backend restart, VM resume, the OS taking over
-            // from the firmware): nothing changes.
-            return;
-        }
-        let _op = self.ops.lock();
-        if let Some(r) = &self.recorder {
-            // A profile is one boot: a new boot before confirm starts it over.
-            r.restart();
-        }
-        let Some(e) = self.engine() else { return };
-        let (state, n) = e.with_meta(|m| (m.state(), m.superblock().start_counter));
-        let next = match device_start(state, n, self.max_trial) {
-            (Op::Fallback, Ok(_)) => return self.fall_back(n),
-            (_, Ok(Next::Enter(next))) => next,
-            _ => return, // confirmed or committing: no trial to count
-        };
-        let r = e.update_superblock(|sb| {
-            sb.state = next;
-            sb.start_counter = sb.start_counter.saturating_add(1);
-        });
-        match r {
-            Ok(()) => self.emit(
-                "trial-start",
-                &format!("trial start {} of {}", n.saturating_add(1), self.max_trial),
-            ),
-            Err(err) => tracing::error!("recording the trial start failed: {err}"),
-        }
-    }
-}
-
-impl Service {
-    /// A fresh device start with the trial starts used up: roll back; this start sees the
-    /// source. The caller holds `ops`; no request of the start has run yet.
-    fn fall_back(&self, starts: u8) {
-        tracing::warn!(
-            starts,
-            "trial start limit reached without confirm: falling back to the source"
-        );
-        match self.do_rollback("fell back", false) {
-            Ok(_) => {
-                *self.last_error.lock() = Some(
-                    "trial start limit reached without confirm: fell back to the source".into(),
-                );
-                self.emit("fallback", "fell back to the source at a device start");
-            }
-            Err(err) => {
-                tracing::error!("fallback failed: {err}");
-                *self.last_error.lock() = Some(format!("fallback failed: {err}"));
-            }
-        }
-    }
-}
-
-/// The control API's view of the service.
-impl crate::control::ControlOps for Service {
-    fn status(&self) -> crate::control::ServeStatus {
-        let engine = Service::status(self);
-        let hydration = match self.hydrator() {
-            Some(h) => crate::control::HydrationStatus {
-                paused: h.is_paused(),
-                rate_bytes_per_sec: h.rate.get(),
-                done: engine.chunks_missing == 0,
-            },
-            None => crate::control::HydrationStatus {
-                done: engine.chunks_missing == 0,
-                ..Default::default()
-            },
-        };
-        crate::control::ServeStatus {
-            engine,
-            mode: self.mode(),
-            vm_connected: self.vm_connected(),
-            hydration,
-            last_error: self.last_error(),
-        }
-    }
-
-    fn fetched_bytes(&self) -> crate::control::FetchedBytes {
-        use std::sync::atomic::Ordering::Relaxed;
-        match self.engine() {
-            Some(e) => crate::control::FetchedBytes {
-                demand: e.counters().fetched_demand.load(Relaxed),
-                background: e.counters().fetched_background.load(Relaxed),
-            },
-            None => crate::control::FetchedBytes::default(),
-        }
-    }
-
-    fn confirm(&self) -> Result<String, crate::control::ControlError> {
-        Service::confirm(self).map_err(control_error)
-    }
-
-    fn commit(&self) -> Result<String, crate::control::ControlError> {
-        let me = self.me.lock().upgrade().ok_or_else(|| {
-            crate::control::ControlError::Internal("service is shutting down".into())
-        })?;
-        Service::commit(&me).map_err(control_error)
-    }
-
-    fn rollback(&self) -> Result<String, crate::control::ControlError> {
-        Service::rollback(self).map_err(control_error)
-    }
-
-    fn set_hydration(
-        &self,
-        paused: Option<bool>,
-        rate: Option<u64>,
-    ) -> Result<String, crate::control::ControlError> {
-        let h = self.hydrator().ok_or_else(|| {
-            crate::control::ControlError::Conflict("no hydration is running".into())
-        })?;
-        if let Some(p) = paused {
-            h.set_paused(p);
-        }
-        if let Some(r) = rate {
-            h.rate.set(r);
-        }
-        Ok(format!(
-            "hydration {}, rate {}",
-            if h.is_paused() { "paused" } else { "running" },
-            match h.rate.get() {
-                0 => "unlimited".to_string(),
-                r => format!("{r} bytes/s"),
-            }
-        ))
-    }
-}
-
-fn control_error(e: ServiceError) -> crate::control::ControlError {
-    match e {
-        ServiceError::Conflict(m) => crate::control::ControlError::Conflict(m),
-        ServiceError::Transition(c) => crate::control::ControlError::Conflict(c.to_string()),
-        other => crate::control::ControlError::Internal(other.to_string()),
     }
 }

@@ -132,7 +132,7 @@ fn backend_restart_at_the_limit_is_not_a_failed_boot() {
 fn rollback_waits_for_every_request_of_a_departed_vm() {
     let nginx = Nginx::start();
     let base = seed();
-    for round in 0..4u64 {
+    for round in 0..8u64 {
         let seed = base.wrapping_add(round);
         let mut rng = common::test_rng(seed);
         let proxy = FaultProxy::start(nginx.port());

@@ -91,11 +91,12 @@ impl StoreDir {
         }
     }
 
-    /// Creates the store's directories if missing, durably.
+    /// Creates the store's directories if missing, durably. `chunks/` comes last, so a
+    /// directory with `chunks/` is a complete store to a concurrent reader (`gc`).
     pub fn create(root: &Path) -> Result<Self, StoreError> {
         let s = StoreDir::new(root);
         let mut created = false;
-        for p in [s.root.clone(), s.chunks_dir(), s.indexes_dir(), s.tmp_dir()] {
+        for p in [s.root.clone(), s.indexes_dir(), s.tmp_dir(), s.chunks_dir()] {
             match fs::create_dir(&p) {
                 Ok(()) => created = true,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => {}

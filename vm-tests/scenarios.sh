@@ -17,6 +17,9 @@
 #             that same QEMU process must boot v1 (which writes /fellback and powers off);
 #             serve log: trial start 2 of 2, fell back → disk plain, v1.img's size, its
 #             file system v1's + /fellback (host-side e2fsck + debugfs)
+#   reboot-loop-q35  the same on q35 + SeaBIOS, whose own virtio driver reads the disk
+#             before the kernel's driver restarts it: each boot counts once (serve log:
+#             start=Boot for the firmware, start=SameBoot for the kernel)
 #   backend-restart  target v2, --max-trial-starts 1, QEMU's vhost-user chardev with
 #             reconnect=1, the guest held running (sbtest.hold=1, commands on its console)
 #             after writing and syncing /before: SIGTERM serve → offline status still trial,
@@ -35,7 +38,7 @@
 #             temporary local overlay; the export is read-only) with the guest writing
 #             a file and verifying its files; the export's log shows the connection and
 #             no failed read; then qemu-img convert of the export == v2.img
-# Default: all seven, in that order. Prints each step, PASS/FAIL per scenario, a wall time
+# Default: all eight, in that order. Prints each step, PASS/FAIL per scenario, a wall time
 # table and "N passed, M failed"; exits 1 if any failed (INT/TERM: the running scenario
 # is stopped and cleaned up, exit 130). Work dirs and logs (console
 # logs, serve logs, nginx access logs, streamboot outputs, the status --control polls of
@@ -61,7 +64,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 : "${SB_LOAD_RATE:=2M}"
 : "${SB_STOP_WARN:=5}"
-all_scenarios=(migrate rollback fallback reboot-loop backend-restart load nbd)
+all_scenarios=(migrate rollback fallback reboot-loop reboot-loop-q35 backend-restart load nbd)
 
 usage() {
 	sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -406,7 +409,22 @@ scenario_fallback() {
 }
 
 scenario_reboot_loop() {
-	setup reboot-loop v2-noinit.img
+	reboot_loop reboot-loop
+}
+
+# The same on q35: SeaBIOS drives the disk through its own virtio driver (a device start
+# with a request, no EVENT_IDX) before the kernel's driver resets and restarts it. Each
+# boot must count once: the firmware start is the boot, the kernel's continues it.
+scenario_reboot_loop_q35() {
+	SB_MACHINE=q35 reboot_loop reboot-loop-q35
+	grep -q 'start=SameBoot' "$dir/vu.sock.log" ||
+		bad "serve log: no firmware + kernel start pair (start=SameBoot) on q35"
+	ok "serve log: each boot a firmware start (start=Boot) and the kernel's (start=SameBoot): $(grep -o 'start=[A-Za-z]*' "$dir/vu.sock.log" | tr '\n' ' ')"
+}
+
+# reboot_loop NAME: the reboot-loop scenario in work dir NAME, on SB_MACHINE.
+reboot_loop() {
+	setup "$1" v2-noinit.img
 	sb prepare prepare "$dir/disk.img" --target "$target_url" --max-trial-starts 2
 	ok "prepare --max-trial-starts 2: $(cat "$dir/prepare.out")"
 	serve_up --control "$ctl" --max-trial-starts 2

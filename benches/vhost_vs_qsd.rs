@@ -265,7 +265,9 @@ fn start_streamboot(
     disk: Arc<dyn BlockBackend>,
     sock: &Path,
 ) -> (ShutdownHandle, thread::JoinHandle<()>) {
-    let server = VhostBlkServer::bind(disk, ServeOptions::new(sock)).unwrap();
+    let mut opts = ServeOptions::new(sock);
+    opts.allow_unsealed_memory = true; // libblkio does not seal its buffers
+    let server = VhostBlkServer::bind(disk, opts).unwrap();
     let shutdown = server.shutdown_handle();
     let thread = thread::spawn(move || {
         server.run().unwrap();

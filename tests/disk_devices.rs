@@ -82,7 +82,7 @@ impl Served {
     fn start(disk: &str, socket: &Path) -> Served {
         let _ = fs::remove_file(socket);
         let child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
-            .args(["serve", disk, "--socket"])
+            .args(["serve", disk, "--allow-unsealed-memory", "--socket"])
             .arg(socket)
             .env("STREAMBOOT_LOG", "warn")
             .stdout(Stdio::null())

@@ -84,6 +84,7 @@ impl Served {
         let child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
             .arg("serve")
             .arg(disk)
+            .arg("--allow-unsealed-memory")
             .arg("--socket")
             .arg(socket)
             .env("STREAMBOOT_LOG", "warn")

@@ -589,6 +589,7 @@ fn flipped_bits_in_store_chunks_are_refetched_or_fail() {
     let engine = Arc::new(Engine::new(meta, source, EngineOptions::default()).expect("engine"));
     let sock = dir.path().join("vu.sock");
     let mut sopts = ServeOptions::new(&sock);
+    sopts.allow_unsealed_memory = true; // libblkio does not seal its buffers
     sopts.io_threads = 2;
     let backend: Arc<dyn BlockBackend> = engine.clone();
     let server = VhostBlkServer::bind(backend, sopts).expect("bind");

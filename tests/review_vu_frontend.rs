@@ -34,12 +34,21 @@ struct GuestMem {
 }
 
 impl GuestMem {
+    /// Sealed against growing and shrinking, as QEMU's memory-backend-memfd does.
     fn new() -> GuestMem {
+        Self::with_seals(true)
+    }
+
+    fn with_seals(sealed: bool) -> GuestMem {
         // SAFETY: plain syscalls on a fresh memfd; the mapping lives as long as the test.
         unsafe {
-            let fd = libc::memfd_create(c"guest".as_ptr(), 0);
+            let fd = libc::memfd_create(c"guest".as_ptr(), libc::MFD_ALLOW_SEALING);
             assert!(fd >= 0);
             assert_eq!(libc::ftruncate(fd, MEM as i64), 0);
+            if sealed {
+                let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+                assert_eq!(libc::fcntl(fd, libc::F_ADD_SEALS, seals), 0);
+            }
             let ptr = libc::mmap(
                 std::ptr::null_mut(),
                 MEM,
@@ -398,4 +407,63 @@ fn a_stop_racing_a_kick_is_never_a_fresh_start() {
 #[test]
 fn a_stop_racing_a_kick_is_never_a_fresh_start_qemu_order() {
     pause_resume_under_kicks(true);
+}
+
+/// Guest memory a frontend could truncate under the backend (SIGBUS) is refused at
+/// SET_MEM_TABLE unless `--allow-unsealed-memory`; sealed memory (as QEMU's memfd backend
+/// provides) is served, and the kernel then refuses to shrink it.
+#[test]
+fn unsealed_guest_memory_is_refused_and_sealed_memory_served() {
+    let nginx = Nginx::start();
+    let source = common::random_bytes(71, 3 << 20);
+    let target = common::random_bytes(72, 3 << 20);
+    nginx.put("t.img", &target);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, &source).unwrap();
+    let url = nginx.url("t.img");
+    cli_ok(&[
+        "prepare",
+        disk.to_str().unwrap(),
+        "--target",
+        &url,
+        "--boot-range",
+        "0..64K",
+    ]);
+    let sock = dir.path().join("vu.sock");
+    let srv = Served::start_strict(&disk, &sock, &["--no-hydrate"]);
+    {
+        let mem = GuestMem::with_seals(false);
+        let mut fe = Frontend::connect(&sock, 1).expect("connect");
+        fe.set_owner().unwrap();
+        fe.get_features().unwrap();
+        fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(
+            VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ,
+        )
+        .unwrap();
+        let ack = driver_features(&mut fe, true);
+        fe.set_features(ack).unwrap();
+        let r = fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM as u64,
+            userspace_addr: mem.uva(0),
+            mmap_offset: 0,
+            mmap_handle: mem.fd,
+        }]);
+        // Refused: an error reply, or the backend ends the connection.
+        let refused = r.is_err() || fe.get_features().is_err();
+        assert!(refused, "unsealed guest memory was accepted");
+    }
+    // The backend lives on; a frontend with sealed memory is served.
+    let mem = GuestMem::new();
+    let kick = EventFd::new(0).unwrap();
+    let call = EventFd::new(0).unwrap();
+    let fe = connect_like_qemu(&sock, &mem, &kick, &call);
+    assert!(read_sector0(&mem, &kick) == target[..4096]);
+    // SAFETY: ftruncate on our own memfd; the seal makes the kernel refuse it.
+    let shrink = unsafe { libc::ftruncate(mem.fd, 4096) };
+    assert_ne!(shrink, 0, "a sealed memfd could be shrunk");
+    drop(fe);
+    srv.stop();
 }

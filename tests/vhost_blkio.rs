@@ -36,6 +36,7 @@ impl Running {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vhost-blk.sock");
         let mut opts = ServeOptions::new(&path);
+        opts.allow_unsealed_memory = true; // libblkio does not seal its buffers
         opts.num_queues = num_queues;
         opts.io_threads = 2;
         let server = VhostBlkServer::bind(disk, opts).unwrap();

@@ -23,6 +23,7 @@ fn reconnections_do_not_leak_descriptors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sock");
     let mut opts = ServeOptions::new(&path);
+    opts.allow_unsealed_memory = true; // libblkio does not seal its buffers
     opts.num_queues = 4;
     let server = VhostBlkServer::bind(disk, opts).unwrap();
     let shutdown = server.shutdown_handle();

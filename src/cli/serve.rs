@@ -29,6 +29,11 @@ pub struct ServeArgs {
     /// Group given access to the sockets (mode 0660).
     #[arg(long)]
     pub socket_group: Option<String>,
+    /// Accept guest memory that is not sealed against shrinking (F_SEAL_SHRINK). QEMU's
+    /// memory-backend-memfd seals by default; a frontend that does not (libblkio) needs
+    /// this, and could then crash serve (SIGBUS) by truncating its memory.
+    #[arg(long)]
+    pub allow_unsealed_memory: bool,
     /// Trial starts (VM boots) without confirm before falling back to the source
     /// (default: the value given to prepare).
     #[arg(long)]
@@ -84,6 +89,7 @@ pub fn run(a: &ServeArgs, json: bool) -> Result<()> {
         control: a.control.clone(),
         notify: a.notify.clone(),
         signals: true,
+        allow_unsealed_memory: a.allow_unsealed_memory,
         ..DaemonOptions::new(service, a.socket.clone())
     })?;
     let svc = daemon.service();

@@ -163,7 +163,7 @@ struct Served {
 }
 
 impl Served {
-    fn start(disk: &Path, sock: &Path) -> Result<Self, DemoError> {
+    fn start(disk: &Path, sock: &Path, allow_unsealed_memory: bool) -> Result<Self, DemoError> {
         let service = ServiceConfig {
             disk: disk.to_path_buf(),
             read_only: false,
@@ -175,7 +175,10 @@ impl Served {
             record_profile: None,
             boot_profile: None,
         };
-        let daemon = Daemon::start(DaemonOptions::new(service, sock.to_path_buf()))?;
+        let daemon = Daemon::start(DaemonOptions {
+            allow_unsealed_memory,
+            ..DaemonOptions::new(service, sock.to_path_buf())
+        })?;
         let svc = daemon.service().clone();
         let (tx, events) = std::sync::mpsc::channel();
         let tx = parking_lot::Mutex::new(tx);
@@ -305,7 +308,8 @@ pub fn run(opts: &DemoOptions, hooks: &dyn Hooks) -> Result<Summary, DemoError> 
     // 4. serve, and a guest uses the disk.
     let sock = opts.work.join("vhost.sock");
     let serve_start = Instant::now();
-    let served = Served::start(&disk, &sock)?;
+    // QEMU's memfd memory is sealed; libblkio's buffers are not.
+    let served = Served::start(&disk, &sock, guest.is_none())?;
     hooks.info(&format!(
         "serving {} on {} (background hydration limited to {} bytes/s while the guest runs)",
         disk.display(),

@@ -34,6 +34,8 @@ pub struct DaemonOptions {
     pub notify: Option<String>,
     /// Stop on SIGTERM/SIGINT (a process that owns its signals: `serve`).
     pub signals: bool,
+    /// Accept guest memory not sealed against shrinking (`--allow-unsealed-memory`).
+    pub allow_unsealed_memory: bool,
 }
 
 impl DaemonOptions {
@@ -47,6 +49,7 @@ impl DaemonOptions {
             control: None,
             notify: None,
             signals: false,
+            allow_unsealed_memory: false,
         }
     }
 }
@@ -113,6 +116,7 @@ impl Daemon {
         opts.socket_group = o.socket_group.clone();
         opts.shutdown = Some(shutdown.clone());
         opts.events = Some(svc.clone());
+        opts.allow_unsealed_memory = o.allow_unsealed_memory;
         let server = VhostBlkServer::bind(svc.block_device(), opts).map_err(DaemonError::Socket)?;
         let notifier = Arc::new(Notifier::new(o.notify).map_err(DaemonError::Notify)?);
         {

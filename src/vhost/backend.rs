@@ -66,6 +66,10 @@ struct Inner {
     /// Set once the frontend is gone: deferred requests not yet running are dropped
     /// (never acknowledged) instead of touching the disk or guest memory.
     departed: Arc<AtomicBool>,
+    /// Accept guest memory not sealed against shrinking.
+    allow_unsealed: AtomicBool,
+    /// False once the frontend offered memory we refused: no ring is touched any more.
+    memory_ok: AtomicBool,
 }
 
 /// The vhost-user-blk device for one frontend connection.
@@ -102,6 +106,8 @@ impl BlkBackend {
                 exit_fds: Mutex::new(Vec::new()),
                 start: StartTracker::new(usize::from(params.num_queues), events),
                 departed: Arc::new(AtomicBool::new(false)),
+                allow_unsealed: AtomicBool::new(false),
+                memory_ok: AtomicBool::new(true),
             }),
         })
     }
@@ -118,6 +124,11 @@ impl BlkBackend {
         {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+    }
+
+    /// Accept guest memory not sealed against shrinking (`serve --allow-unsealed-memory`).
+    pub(crate) fn allow_unsealed_memory(&self, allow: bool) {
+        self.inner.allow_unsealed.store(allow, Ordering::Release);
     }
 
     /// The frontend is gone: drop deferred requests that have not started.
@@ -186,7 +197,7 @@ impl BlkBackend {
     fn process_queue(&self, q: usize, vring: &Vring) -> io::Result<()> {
         let ctx = &self.inner.queues[q];
         let _processing = ctx.processing.lock();
-        if !vring.get_ref().get_queue().ready() {
+        if !vring.get_ref().get_queue().ready() || !self.inner.memory_ok.load(Ordering::Acquire) {
             return Ok(());
         }
         // Under the processing lock with the ring ready: a stop (which waits for this
@@ -297,6 +308,10 @@ impl BlkBackend {
     fn process_completions(&self, q: usize, vring: &Vring) -> io::Result<()> {
         let ctx = &self.inner.queues[q];
         let done = ctx.take();
+        if !self.inner.memory_ok.load(Ordering::Acquire) {
+            ctx.finish(done.len());
+            return Ok(());
+        }
         let mut result = Ok(());
         for c in &done {
             if let Err(e) = self.add_used(vring, *c) {
@@ -426,10 +441,19 @@ impl VhostUserBackend for BlkBackend {
         ))
     }
 
-    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
-        // The crate updates the GuestMemoryAtomic it was created with, which is the one
-        // this backend holds a clone of: nothing to do.
-        Ok(())
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        // The crate updated the GuestMemoryAtomic it was created with (the one this
+        // backend holds a clone of) before calling us: check what it now maps. Refused
+        // memory stays mapped in the crate, so from then on no ring is touched.
+        let allow = self.inner.allow_unsealed.load(Ordering::Acquire);
+        let checked = super::memory::check_regions(&mem.memory(), allow);
+        if let Err(e) = &checked {
+            self.inner.memory_ok.store(false, Ordering::Release);
+            // Requests still queued are dropped as if the frontend had gone.
+            self.depart();
+            tracing::error!("{e}");
+        }
+        checked
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

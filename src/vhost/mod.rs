@@ -12,6 +12,7 @@
 
 mod backend;
 pub mod config;
+mod memory;
 mod pool;
 mod queue;
 pub mod server;

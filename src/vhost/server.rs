@@ -51,6 +51,8 @@ pub struct ServeOptions {
     pub shutdown: Option<ShutdownHandle>,
     /// Told of connections and device starts (trial boots are counted there).
     pub events: Option<Arc<dyn DeviceEvents>>,
+    /// Accept guest memory not sealed against shrinking (see `vhost::memory`).
+    pub allow_unsealed_memory: bool,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -76,6 +78,7 @@ impl ServeOptions {
             socket_group: None,
             shutdown: None,
             events: None,
+            allow_unsealed_memory: false,
         }
     }
 
@@ -277,6 +280,7 @@ impl VhostBlkServer {
             mem.clone(),
             self.opts.events.clone(),
         )?;
+        backend.allow_unsealed_memory(self.opts.allow_unsealed_memory);
         let result = self.run_daemon(&backend, mem);
         // The daemon and its workers are gone: release what they leaked. Requests of the
         // departed frontend are never acknowledged: drop those not started, cancel those

@@ -113,7 +113,9 @@ fn large_requests_in_flight_together_run_in_parallel_alone_inline() {
         state: Mutex::new(WatchState::default()),
     });
     let sock = dir.path().join("vhost-blk.sock");
-    let server = VhostBlkServer::bind(disk.clone(), ServeOptions::new(&sock)).unwrap();
+    let mut opts = ServeOptions::new(&sock);
+    opts.allow_unsealed_memory = true; // libblkio does not seal its buffers
+    let server = VhostBlkServer::bind(disk.clone(), opts).unwrap();
     let shutdown = server.shutdown_handle();
     let running = thread::spawn(move || server.run());
 

@@ -20,6 +20,18 @@ impl Served {
 
     /// Like [`Self::start`], with serve's log in the file `log`.
     pub fn start_logged(disk: &Path, socket: &Path, log: Option<&Path>, extra: &[&str]) -> Served {
+        // libblkio, the tests' frontend, maps buffers it does not seal.
+        let mut args = vec!["--allow-unsealed-memory"];
+        args.extend_from_slice(extra);
+        Self::spawn(disk, socket, log, &args)
+    }
+
+    /// Starts serve with exactly `extra` (guest memory must be sealed, as by default).
+    pub fn start_strict(disk: &Path, socket: &Path, extra: &[&str]) -> Served {
+        Self::spawn(disk, socket, None, extra)
+    }
+
+    fn spawn(disk: &Path, socket: &Path, log: Option<&Path>, extra: &[&str]) -> Served {
         let _ = std::fs::remove_file(socket);
         let stderr = match log {
             Some(p) => Stdio::from(std::fs::File::create(p).expect("create serve log")),

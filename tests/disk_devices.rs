@@ -15,7 +15,7 @@ mod common;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use boot_relocator::{FileStorage, Storage};
 use common::blkio_client::Client;
 use common::disk::{cli_err, cli_ok};
 use common::random_bytes;
+use common::serve::Served;
 use tempfile::TempDir;
 
 const MIB: usize = 1 << 20;
@@ -75,40 +76,6 @@ impl Drop for LoopDev {
     }
 }
 
-/// A running `streamboot serve`; killed on drop.
-struct Served(Child);
-
-impl Served {
-    fn start(disk: &str, socket: &Path) -> Served {
-        let _ = fs::remove_file(socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
-            .args(["serve", disk, "--allow-unsealed-memory", "--socket"])
-            .arg(socket)
-            .env("STREAMBOOT_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut s = Served(child);
-        let t = Instant::now();
-        while !socket.exists() {
-            if let Some(st) = s.0.try_wait().unwrap() {
-                panic!("serve {disk} exited: {st:?}");
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "serve has no socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        s
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `streamboot status DISK` must refuse because the disk is in use.
 fn in_use(disk: &str) {
     let err = cli_err(&["status", disk]);
@@ -127,12 +94,12 @@ fn a_file_and_its_loop_device_are_one_disk() {
     let lo = LoopDev::attach(&file, false);
     let sock = dir.path().join("s.sock");
     {
-        let _serve = Served::start(lo.path(), &sock);
+        let _serve = Served::start(Path::new(lo.path()), &sock, &[]);
         in_use(f);
         in_use(lo.path());
     }
     {
-        let _serve = Served::start(f, &sock);
+        let _serve = Served::start(Path::new(f), &sock, &[]);
         in_use(lo.path());
     }
     // Nothing holds it any more.
@@ -171,14 +138,14 @@ fn a_partition_and_its_whole_disk_are_one_disk() {
     }
     let sock = dir.path().join("s.sock");
     {
-        let _serve = Served::start(&p1, &sock);
+        let _serve = Served::start(Path::new(&p1), &sock, &[]);
         in_use(lo.path());
         in_use(file.to_str().unwrap());
         // Another partition of the same disk is another disk.
         assert!(cli_ok(&["status", &p2]).contains("plain disk"));
     }
     {
-        let _serve = Served::start(lo.path(), &sock);
+        let _serve = Served::start(Path::new(lo.path()), &sock, &[]);
         in_use(&p1);
         in_use(&p2);
     }
@@ -286,7 +253,7 @@ fn serve_fails_every_flush_after_the_first_failed_one() {
     };
     let dir = TempDir::new().unwrap();
     let sock = dir.path().join("s.sock");
-    let serve = Served::start(dev.lo.path(), &sock);
+    let serve = Served::start(Path::new(dev.lo.path()), &sock, &[]);
     let mut c = Client::connect(&sock, 1, 4 * MIB).unwrap();
     c.buf(0..4 * MIB).fill(9);
     for i in 0..2 {

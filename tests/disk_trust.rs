@@ -13,9 +13,8 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use boot_relocator::format::{encode_page, BLOCK};
 use boot_relocator::{
@@ -26,6 +25,7 @@ use common::blkio_client::Client;
 use common::disk::{cli_err, cli_ok, sha256, sha256_file};
 use common::nginx::Nginx;
 use common::random_bytes;
+use common::serve::Served;
 use streamboot::source::{FileSource, RemoteSource};
 use tempfile::TempDir;
 
@@ -73,42 +73,6 @@ fn forged(disk_len: u64, url: &str) -> Superblock {
         },
         created_unix: 0,
         seeded_bytes: 0,
-    }
-}
-
-/// A running `streamboot serve`; killed on drop.
-struct Served(Child);
-
-impl Served {
-    fn start(disk: &Path, socket: &Path) -> Served {
-        let child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
-            .arg("serve")
-            .arg(disk)
-            .arg("--allow-unsealed-memory")
-            .arg("--socket")
-            .arg(socket)
-            .env("STREAMBOOT_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start serve");
-        let mut s = Served(child);
-        let t = Instant::now();
-        while !socket.exists() {
-            if let Some(st) = s.0.try_wait().unwrap() {
-                panic!("serve exited before creating its socket: {st:?}");
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "serve has no socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        s
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -166,7 +130,7 @@ fn forged_superblock_on_a_plain_disk_is_guest_data() {
         }
         let socket = dir.path().join("vhost.sock");
         let _ = fs::remove_file(&socket);
-        let served = Served::start(&disk, &socket);
+        let served = Served::start(&disk, &socket, &[]);
         assert_eq!(read_device(&socket), img, "{name}: not served plain");
         drop(served);
         assert_eq!(fs::read(&disk).unwrap(), img, "{name}: disk changed");

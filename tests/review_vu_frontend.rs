@@ -203,32 +203,53 @@ fn submit_read(mem: &GuestMem, kick: &EventFd) {
     kick.write(1).unwrap();
 }
 
+/// A source disk prepared for a target on a real nginx (`--boot-range 0..64K` plus
+/// `prepare`), the seeds giving source and target bytes.
+struct Fixture {
+    _nginx: Nginx,
+    dir: tempfile::TempDir,
+    disk: std::path::PathBuf,
+    source: Vec<u8>,
+    target: Vec<u8>,
+}
+
+impl Fixture {
+    fn new(seed: u64, target_len: usize, prepare: &[&str]) -> Fixture {
+        let nginx = Nginx::start();
+        let source = common::random_bytes(seed, 3 << 20);
+        let target = common::random_bytes(seed + 1, target_len);
+        nginx.put("t.img", &target);
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, &source).unwrap();
+        let url = nginx.url("t.img");
+        let mut args = vec!["prepare", disk.to_str().unwrap(), "--target", &url];
+        args.extend_from_slice(prepare);
+        args.extend_from_slice(&["--boot-range", "0..64K"]);
+        cli_ok(&args);
+        Fixture {
+            _nginx: nginx,
+            dir,
+            disk,
+            source,
+            target,
+        }
+    }
+
+    fn sock(&self) -> std::path::PathBuf {
+        self.dir.path().join("vu.sock")
+    }
+}
+
 /// A fresh start of a running VMM process at the trial limit falls back before its first
 /// request: that request already reads the source. The capacity the VMM read at its start
 /// stays what it sees (the backend cannot announce a change); requests are held to the
 /// source's size.
 #[test]
 fn fallback_at_a_fresh_start_of_a_running_vmm_serves_the_source() {
-    let nginx = Nginx::start();
-    let source = common::random_bytes(41, 3 << 20);
-    let target = common::random_bytes(42, 4 << 20);
-    nginx.put("t.img", &target);
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, &source).unwrap();
-    let url = nginx.url("t.img");
-    cli_ok(&[
-        "prepare",
-        disk.to_str().unwrap(),
-        "--target",
-        &url,
-        "--max-trial-starts",
-        "1",
-        "--boot-range",
-        "0..64K",
-    ]);
-    let sock = dir.path().join("vu.sock");
-    let mut srv = Served::start(&disk, &sock, &["--no-hydrate"]);
+    let fx = Fixture::new(41, 4 << 20, &["--max-trial-starts", "1"]);
+    let (disk, sock, source) = (&fx.disk, fx.sock(), &fx.source);
+    let mut srv = Served::start(disk, &sock, &["--no-hydrate"]);
     {
         // Boot 1 uses the only trial start.
         let mut c = Client::connect(&sock, 1, 1 << 16).unwrap();
@@ -253,25 +274,9 @@ fn fallback_at_a_fresh_start_of_a_running_vmm_serves_the_source() {
 /// 1-3 see the target and boot 4 the source, each boot the same contents throughout.
 #[test]
 fn firmware_boot_never_switches_between_its_firmware_and_kernel_starts() {
-    let nginx = Nginx::start();
-    let source = common::random_bytes(51, 3 << 20);
-    let target = common::random_bytes(52, 3 << 20);
-    nginx.put("t.img", &target);
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, &source).unwrap();
-    let url = nginx.url("t.img");
-    // The default --max-trial-starts (3).
-    cli_ok(&[
-        "prepare",
-        disk.to_str().unwrap(),
-        "--target",
-        &url,
-        "--boot-range",
-        "0..64K",
-    ]);
-    let sock = dir.path().join("vu.sock");
-    let srv = Served::start(&disk, &sock, &["--no-hydrate"]);
+    let fx = Fixture::new(51, 3 << 20, &[]);
+    let (disk, sock, source, target) = (&fx.disk, fx.sock(), &fx.source, &fx.target);
+    let srv = Served::start(disk, &sock, &["--no-hydrate"]);
     let mem = GuestMem::new();
     let kick = EventFd::new(0).unwrap();
     let call = EventFd::new(0).unwrap();
@@ -319,26 +324,9 @@ fn firmware_boot_never_switches_between_its_firmware_and_kernel_starts() {
 /// Here the driver only ever pauses and resumes (every start has ring position 5, a
 /// resumed start) while a thread keeps kicking; no start may be counted.
 fn pause_resume_under_kicks(qemu_order: bool) {
-    let nginx = Nginx::start();
-    let source = common::random_bytes(61, 3 << 20);
-    let target = common::random_bytes(62, 3 << 20);
-    nginx.put("t.img", &target);
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, &source).unwrap();
-    let url = nginx.url("t.img");
-    cli_ok(&[
-        "prepare",
-        disk.to_str().unwrap(),
-        "--target",
-        &url,
-        "--max-trial-starts",
-        "250",
-        "--boot-range",
-        "0..64K",
-    ]);
-    let sock = dir.path().join("vu.sock");
-    let srv = Served::start(&disk, &sock, &["--no-hydrate"]);
+    let fx = Fixture::new(61, 3 << 20, &["--max-trial-starts", "250"]);
+    let (disk, sock) = (&fx.disk, fx.sock());
+    let srv = Served::start(disk, &sock, &["--no-hydrate"]);
     let mem = GuestMem::new();
     let kick = std::sync::Arc::new(EventFd::new(0).unwrap());
     let call = EventFd::new(0).unwrap();
@@ -414,24 +402,9 @@ fn a_stop_racing_a_kick_is_never_a_fresh_start_qemu_order() {
 /// provides) is served, and the kernel then refuses to shrink it.
 #[test]
 fn unsealed_guest_memory_is_refused_and_sealed_memory_served() {
-    let nginx = Nginx::start();
-    let source = common::random_bytes(71, 3 << 20);
-    let target = common::random_bytes(72, 3 << 20);
-    nginx.put("t.img", &target);
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, &source).unwrap();
-    let url = nginx.url("t.img");
-    cli_ok(&[
-        "prepare",
-        disk.to_str().unwrap(),
-        "--target",
-        &url,
-        "--boot-range",
-        "0..64K",
-    ]);
-    let sock = dir.path().join("vu.sock");
-    let srv = Served::start_strict(&disk, &sock, &["--no-hydrate"]);
+    let fx = Fixture::new(71, 3 << 20, &[]);
+    let (disk, sock, target) = (&fx.disk, fx.sock(), &fx.target);
+    let srv = Served::start_strict(disk, &sock, &["--no-hydrate"]);
     {
         let mem = GuestMem::with_seals(false);
         let mut fe = Frontend::connect(&sock, 1).expect("connect");

@@ -284,11 +284,10 @@ impl VhostBlkServer {
         let result = self.run_daemon(&backend, mem);
         // The daemon and its workers are gone: release what they leaked. Requests of the
         // departed frontend are never acknowledged: drop those not started, cancel those
-        // waiting on the network, and let the rest finish before anything else happens
+        // waiting on the network (`drain`), let the rest finish before anything else happens
         // (a rollback, the next connection), so none runs after a switch.
         backend.close_exit_events();
         backend.depart();
-        self.disk.cancel_waiting();
         if self.pool.pending() > 0 {
             tracing::info!(
                 pending = self.pool.pending(),

@@ -48,13 +48,20 @@ impl Served {
             .stderr(stderr)
             .spawn()
             .expect("start serve");
-        let served = Served {
+        let mut served = Served {
             child: Some(child),
             socket: socket.to_path_buf(),
             log: log.map(Path::to_path_buf),
         };
         let t = Instant::now();
         while !socket.exists() {
+            if let Some(st) = served.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "serve {} exited before creating its socket: {st:?} {}",
+                    disk.display(),
+                    served.log()
+                );
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(30),
                 "serve did not create its socket: {}",

@@ -53,6 +53,12 @@ pub struct ServeArgs {
     /// URL to POST each state change and the final success or failure to (JSON).
     #[arg(long)]
     pub notify: Option<String>,
+    /// Sign each notification with the key in FILE (HMAC-SHA256 header; never logged).
+    #[arg(long, value_name = "FILE", requires = "notify")]
+    pub notify_secret: Option<PathBuf>,
+    /// Serve GET /metrics (Prometheus, read-only) on this TCP address too.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Record the chunks the guest reads, from its connection until confirm (or until
     /// serve stops), as a boot profile in FILE (for prepare/serve/publish --boot-profile).
     #[arg(long, value_name = "FILE")]
@@ -88,6 +94,8 @@ pub fn run(a: &ServeArgs, json: bool) -> Result<()> {
         socket_group: a.socket_group.clone(),
         control: a.control.clone(),
         notify: a.notify.clone(),
+        notify_secret: a.notify_secret.clone(),
+        metrics_listen: a.metrics_listen,
         signals: true,
         allow_unsealed_memory: a.allow_unsealed_memory,
         ..DaemonOptions::new(service, a.socket.clone())

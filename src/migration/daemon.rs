@@ -10,7 +10,10 @@ use std::time::Duration;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::blockdev::BlockBackend;
-use crate::control::{BindError, ControlHandle, ControlServer, Notifier, NotifyError};
+use crate::control::notify::NotifySecret;
+use crate::control::{
+    BindError, ControlHandle, ControlServer, MetricsHandle, Notifier, NotifyError,
+};
 use crate::service::{Service, ServiceConfig, ServiceError};
 use crate::vhost::{ServeOptions, ServeSummary, ShutdownHandle, VhostBlkServer, VhostError};
 
@@ -32,6 +35,10 @@ pub struct DaemonOptions {
     pub control: Option<PathBuf>,
     /// URL to POST each state change to.
     pub notify: Option<String>,
+    /// File holding the key that signs the notifications (HMAC-SHA256).
+    pub notify_secret: Option<PathBuf>,
+    /// TCP address serving `GET /metrics` only.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Stop on SIGTERM/SIGINT (a process that owns its signals: `serve`).
     pub signals: bool,
     /// Accept guest memory not sealed against shrinking (`--allow-unsealed-memory`).
@@ -48,6 +55,8 @@ impl DaemonOptions {
             socket_group: None,
             control: None,
             notify: None,
+            notify_secret: None,
+            metrics_listen: None,
             signals: false,
             allow_unsealed_memory: false,
         }
@@ -98,6 +107,7 @@ pub struct Daemon {
     server: VhostBlkServer,
     shutdown: ShutdownHandle,
     control: Option<ControlHandle>,
+    metrics: Option<MetricsHandle>,
     notifier: Arc<Notifier>,
     disk: PathBuf,
 }
@@ -118,14 +128,27 @@ impl Daemon {
         opts.events = Some(svc.clone());
         opts.allow_unsealed_memory = o.allow_unsealed_memory;
         let server = VhostBlkServer::bind(svc.block_device(), opts).map_err(DaemonError::Socket)?;
-        let notifier = Arc::new(Notifier::new(o.notify).map_err(DaemonError::Notify)?);
+        let secret = o.notify_secret.as_deref().map(NotifySecret::from_file);
+        let secret = secret.transpose().map_err(DaemonError::Notify)?;
+        let nopts = crate::control::NotifyOptions {
+            secret,
+            ..Default::default()
+        };
+        let notifier = Notifier::with_options(o.notify, nopts).map_err(DaemonError::Notify)?;
+        let notifier = Arc::new(notifier);
         {
             let n = notifier.clone();
             let disk = disk.display().to_string();
             svc.on_event(move |ev, msg| {
                 n.notify(ev, serde_json::json!({"disk": disk, "message": msg}))
             });
+            svc.forward_fetch_errors();
         }
+        let label = disk.display().to_string();
+        let metrics = o
+            .metrics_listen
+            .map(|a| MetricsHandle::start(a, svc.clone(), &label));
+        let metrics = metrics.transpose().map_err(DaemonError::ControlStart)?;
         let control = match &o.control {
             Some(path) => {
                 let gid = o
@@ -136,6 +159,7 @@ impl Daemon {
                     .map_err(DaemonError::Vhost)?;
                 let ops: Arc<dyn crate::control::ControlOps> = svc.clone();
                 let c = ControlServer::bind(path, ops, gid).map_err(DaemonError::ControlBind)?;
+                let c = c.with_disk_label(label);
                 Some(c.spawn().map_err(DaemonError::ControlStart)?)
             }
             None => None,
@@ -148,6 +172,7 @@ impl Daemon {
             server,
             shutdown,
             control,
+            metrics,
             notifier,
             disk,
         })
@@ -175,6 +200,9 @@ impl Daemon {
         let stopped = self.svc.shutdown();
         if let Some(c) = self.control {
             c.shutdown();
+        }
+        if let Some(m) = self.metrics {
+            m.shutdown();
         }
         let st = self.svc.status();
         self.notifier.notify(

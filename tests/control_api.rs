@@ -729,7 +729,11 @@ fn parse_exposition(text: &str) -> Vec<Sample> {
     let mut helped: Option<String> = None;
     let mut typed: Option<String> = None;
     let mut samples = Vec::new();
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
     for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (name, help) = rest.split_once(' ').unwrap();
             assert!(!help.is_empty(), "empty help for {name}");
@@ -743,25 +747,27 @@ fn parse_exposition(text: &str) -> Vec<Sample> {
                 Some(name),
                 "TYPE {name} without HELP before it"
             );
-            assert!(["counter", "gauge"].contains(&kind), "type {kind}");
-            if kind == "counter" {
-                assert!(
-                    name.ends_with("_total"),
-                    "counter {name} must end in _total"
-                );
-            }
-            typed = Some(name.to_owned());
+            assert!(
+                ["counter", "gauge", "histogram"].contains(&kind),
+                "type {kind}"
+            );
+            typed = Some(format!("{name} {kind}"));
         } else {
             assert!(
                 !line.starts_with('#') && !line.is_empty(),
                 "stray line {line:?}"
             );
             let s = parse_sample(line);
-            assert_eq!(
-                typed.as_deref(),
-                Some(s.name.as_str()),
-                "sample before its HELP/TYPE: {line:?}"
-            );
+            let (family, kind) = typed.as_deref().unwrap().split_once(' ').unwrap();
+            let ok = match kind {
+                "counter" => s.name == format!("{family}_total"),
+                "histogram" => ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|x| s.name == format!("{family}{x}")),
+                _ => s.name == family,
+            };
+            assert!(ok, "sample outside its HELP/TYPE family: {line:?}");
+            assert_eq!(s.labels[0].0, "disk", "every sample has the disk label");
             samples.push(s);
         }
     }
@@ -773,7 +779,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         .iter()
         .find(|s| {
             s.name == name
-                && s.labels.len() == labels.len()
+                && s.labels.len() == labels.len() + 1
                 && labels
                     .iter()
                     .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
@@ -794,7 +800,7 @@ fn metrics_are_valid_prometheus_text() {
     assert_eq!(raw_answer.status, 200);
     assert_eq!(
         raw_answer.headers["content-type"],
-        "text/plain; version=0.0.4; charset=utf-8"
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
     );
     let text = client::get_metrics(&r.path).unwrap();
     let s = parse_exposition(&text);
@@ -810,7 +816,7 @@ fn metrics_are_valid_prometheus_text() {
         65.0
     );
     assert_eq!(value(&s, "streamboot_target_chunks", &[]), 100.0);
-    let fetched = "streamboot_bytes_fetched_total";
+    let fetched = "streamboot_fetched_bytes_total";
     assert_eq!(
         value(&s, fetched, &[("reason", "demand")]),
         (3 << 20) as f64
@@ -820,19 +826,19 @@ fn metrics_are_valid_prometheus_text() {
         (1 << 20) as f64
     );
     assert_eq!(
-        value(&s, "streamboot_bytes_seeded_total", &[]),
+        value(&s, "streamboot_seeded_bytes_total", &[]),
         (7 * CHUNK) as f64
     );
     assert_eq!(
-        value(&s, "streamboot_bytes_saved_source", &[]),
+        value(&s, "streamboot_saved_source_bytes", &[]),
         (10 * CHUNK) as f64
     );
     assert_eq!(value(&s, "streamboot_fetch_requests_total", &[]), 42.0);
     assert_eq!(value(&s, "streamboot_fetch_errors_total", &[]), 1.0);
     assert_eq!(value(&s, "streamboot_evictions_total", &[]), 2.0);
     assert_eq!(value(&s, "streamboot_state", &[("state", "trial")]), 1.0);
-    assert_eq!(value(&s, "streamboot_start_counter", &[]), 1.0);
-    assert_eq!(value(&s, "streamboot_max_trial_starts", &[]), 3.0);
+    assert_eq!(value(&s, "streamboot_trial_starts", &[]), 1.0);
+    assert_eq!(value(&s, "streamboot_trial_starts_limit", &[]), 3.0);
     assert_eq!(value(&s, "streamboot_hydration_paused", &[]), 1.0);
     assert_eq!(
         value(&s, "streamboot_hydration_rate_limit_bytes_per_second", &[]),

@@ -99,6 +99,8 @@ impl ControlOps for TestOps {
                 target_urls: vec!["http://127.0.0.1/img".into()],
                 first_read_ms: Some(12.5),
                 uptime_secs: 3.25,
+                start_time_secs: 1_700_000_000.5,
+                latency: Default::default(),
             },
             mode: ServeMode::Target,
             vm_connected: self.vm_connected.load(Ordering::SeqCst),
@@ -985,6 +987,7 @@ fn fast_retries() -> NotifyOptions {
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(200),
         request_timeout: Duration::from_secs(2),
+        secret: None,
     }
 }
 
@@ -1011,7 +1014,11 @@ fn notify_posts_json_events_in_order() {
     assert_eq!(hook.next(Duration::from_secs(10)).2["event"], "confirmed");
     let (_, _, last) = hook.next(Duration::from_secs(10));
     assert_eq!(last["event"], "committed");
-    assert_eq!(last.as_object().unwrap().len(), 2, "{last}");
+    assert_eq!(
+        last.as_object().unwrap().len(),
+        3,
+        "id, event, time: {last}"
+    );
     assert!(n.close(Duration::from_secs(5)));
     // After close, events are not sent (and the caller is not blocked).
     n.notify("late", Value::Null);
@@ -1067,16 +1074,16 @@ fn notify_retries_server_errors_but_not_client_errors() {
     n.notify("a", Value::Null);
     n.notify("b", Value::Null);
     n.notify("c", Value::Null);
-    let events: Vec<String> = (0..4)
-        .map(|_| {
-            hook.next(Duration::from_secs(10)).2["event"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
+    let posts: Vec<Value> = (0..4)
+        .map(|_| hook.next(Duration::from_secs(10)).2)
         .collect();
+    let events: Vec<&str> = posts.iter().map(|p| p["event"].as_str().unwrap()).collect();
     // a: 503, 500, then 400 (permanent, dropped); b and c delivered once each.
     assert_eq!(events, ["a", "a", "a", "b"]);
+    // The id is the event's, the same on every try (receivers deduplicate with it).
+    assert_eq!(posts[0]["id"], posts[1]["id"]);
+    assert_eq!(posts[0]["id"], posts[2]["id"]);
+    assert_ne!(posts[0]["id"], posts[3]["id"]);
     assert_eq!(hook.next(Duration::from_secs(10)).2["event"], "c");
     assert!(n.close(Duration::from_secs(5)));
     assert!(hook

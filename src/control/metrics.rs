@@ -99,10 +99,19 @@ fn histograms(
 
 impl prometheus_client::collector::Collector for Snapshot {
     fn encode(&self, mut enc: DescriptorEncoder) -> Res {
+        self.what_and_where(&mut enc)?;
+        self.transfers(&mut enc)?;
+        self.hydration(&mut enc)?;
+        self.latencies(&mut enc)
+    }
+}
+
+impl Snapshot {
+    /// What is served, its state, chunks and slots.
+    fn what_and_where(&self, e: Enc) -> Res {
         let r = &self.0;
         let s = &r.serve;
         let x = &s.engine;
-        let e = &mut enc;
         let b = |v: bool| if v { 1.0 } else { 0.0 };
         let mut m = e.encode_descriptor(
             "streamboot_info",
@@ -208,6 +217,14 @@ impl prometheus_client::collector::Collector for Snapshot {
                 ),
             ],
         )?;
+        Ok(())
+    }
+
+    /// Fetched and seeded bytes, fetches, evictions.
+    fn transfers(&self, e: Enc) -> Res {
+        let r = &self.0;
+        let s = &r.serve;
+        let x = &s.engine;
         counter(
             e,
             "streamboot_fetched",
@@ -253,6 +270,15 @@ impl prometheus_client::collector::Collector for Snapshot {
             None,
             &[("", "", x.evictions)],
         )?;
+        Ok(())
+    }
+
+    /// Rates, ETA, hydration, timing, errors.
+    fn hydration(&self, e: Enc) -> Res {
+        let r = &self.0;
+        let s = &r.serve;
+        let x = &s.engine;
+        let b = |v: bool| if v { 1.0 } else { 0.0 };
         gauges(
             e,
             "streamboot_fetch_rate",
@@ -318,6 +344,14 @@ impl prometheus_client::collector::Collector for Snapshot {
             None,
             b(s.last_error.is_some()),
         )?;
+        Ok(())
+    }
+
+    /// Latency histograms.
+    fn latencies(&self, e: Enc) -> Res {
+        let r = &self.0;
+        let s = &r.serve;
+        let x = &s.engine;
         let l = &x.latency;
         histograms(
             e,
@@ -394,7 +428,7 @@ mod tests {
             out.contains("target_validator=\"W/\\\"a\\\\b\\\"\\n\""),
             "{out}"
         );
-        assert!(out.contains("streamboot_guest_request_duration_seconds_bucket{disk=\"/dev/vd\\\"a\",op=\"read\",le=\"+Inf\"} 17\n"), "{out}");
+        assert!(out.contains("streamboot_guest_request_duration_seconds_bucket{disk=\"/dev/vd\\\"a\",le=\"+Inf\",op=\"read\"} 17\n"), "{out}");
         assert!(out.contains("streamboot_fetch_duration_seconds_count{disk=\"/dev/vd\\\"a\",reason=\"background\"} 0\n"), "{out}");
         assert!(!out.contains("uptime"), "{out}");
     }

@@ -150,7 +150,10 @@ impl Status {
     }
 }
 
-struct ErrorHook(Box<dyn Fn(bool, &str) + Send + Sync>);
+/// What a failed fetch is reported to: `(integrity, message)`.
+type ErrorFn = dyn Fn(bool, &str) + Send + Sync;
+
+struct ErrorHook(Box<ErrorFn>);
 
 impl std::fmt::Debug for ErrorHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

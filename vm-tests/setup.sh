@@ -36,6 +36,7 @@ requirements=(
 	"perl perl-base"
 	"timeout coreutils"
 	"curl curl"
+	"promtool prometheus"
 	"losetup mount"
 	"/boot/vmlinuz-* linux-image-amd64"
 )

@@ -373,3 +373,38 @@ fn fetch_error_event_when_nginx_stops() {
     drop(c);
     srv.stop();
 }
+
+#[test]
+fn a_bad_secret_file_is_refused_before_the_disk_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let empty = dir.path().join("empty.key");
+    std::fs::write(&empty, b"\n").unwrap();
+    let sock = dir.path().join("vu.sock");
+    for (secret, want) in [
+        (
+            dir.path().join("missing.key"),
+            "cannot read the notify secret",
+        ),
+        (empty, "is empty"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_streamboot"))
+            .args([
+                "serve",
+                disk.to_str().unwrap(),
+                "--socket",
+                sock.to_str().unwrap(),
+            ])
+            .args(["--notify", "http://127.0.0.1:1/x", "--notify-secret"])
+            .arg(&secret)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "one line: {err}");
+        assert!(lines[0].contains(want), "{err}");
+        assert!(!sock.exists(), "the socket was created before the check");
+    }
+}

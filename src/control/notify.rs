@@ -118,7 +118,7 @@ pub enum NotifyError {
         reason: String,
     },
     /// The secret file cannot be read (its content is never shown).
-    #[error("cannot read the notify secret {}: {source}", path.display())]
+    #[error("cannot read the notify secret {}", path.display())]
     Secret {
         /// The file.
         path: PathBuf,

@@ -84,7 +84,7 @@ pub enum BindError {
         source: io::Error,
     },
     /// The TCP metrics listener could not be bound.
-    #[error("metrics listener {addr}: {source}")]
+    #[error("metrics listener {addr}")]
     Tcp {
         /// The address asked for.
         addr: std::net::SocketAddr,

@@ -90,6 +90,9 @@ pub enum DaemonError {
     /// The control API could not start.
     #[error("starting the control API")]
     ControlStart(#[source] BindError),
+    /// The metrics listener could not start.
+    #[error("--metrics-listen")]
+    Metrics(#[source] BindError),
     /// The signal handlers could not be installed.
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
@@ -116,6 +119,15 @@ impl Daemon {
     /// Opens the service and binds the sockets.
     pub fn start(o: DaemonOptions) -> Result<Self, DaemonError> {
         let disk = o.service.disk.clone();
+        // Operator mistakes (secret file, URL) are refused before the disk is opened.
+        let secret = o.notify_secret.as_deref().map(NotifySecret::from_file);
+        let secret = secret.transpose().map_err(DaemonError::Notify)?;
+        let nopts = crate::control::NotifyOptions {
+            secret,
+            ..Default::default()
+        };
+        let notifier = Notifier::with_options(o.notify, nopts).map_err(DaemonError::Notify)?;
+        let notifier = Arc::new(notifier);
         let svc = Service::start(o.service).map_err(|source| DaemonError::Start {
             disk: disk.clone(),
             source,
@@ -128,14 +140,6 @@ impl Daemon {
         opts.events = Some(svc.clone());
         opts.allow_unsealed_memory = o.allow_unsealed_memory;
         let server = VhostBlkServer::bind(svc.block_device(), opts).map_err(DaemonError::Socket)?;
-        let secret = o.notify_secret.as_deref().map(NotifySecret::from_file);
-        let secret = secret.transpose().map_err(DaemonError::Notify)?;
-        let nopts = crate::control::NotifyOptions {
-            secret,
-            ..Default::default()
-        };
-        let notifier = Notifier::with_options(o.notify, nopts).map_err(DaemonError::Notify)?;
-        let notifier = Arc::new(notifier);
         {
             let n = notifier.clone();
             let disk = disk.display().to_string();
@@ -148,7 +152,7 @@ impl Daemon {
         let metrics = o
             .metrics_listen
             .map(|a| MetricsHandle::start(a, svc.clone(), &label));
-        let metrics = metrics.transpose().map_err(DaemonError::ControlStart)?;
+        let metrics = metrics.transpose().map_err(DaemonError::Metrics)?;
         let control = match &o.control {
             Some(path) => {
                 let gid = o

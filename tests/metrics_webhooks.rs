@@ -408,3 +408,38 @@ fn a_bad_secret_file_is_refused_before_the_disk_is_opened() {
         assert!(!sock.exists(), "the socket was created before the check");
     }
 }
+
+#[test]
+fn integrity_error_event_when_the_image_changes_on_the_server() {
+    let nginx = Nginx::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, _) = setup(&nginx, dir.path());
+    let (url, posts) = receiver();
+    let srv = Served::start(
+        &disk,
+        &dir.path().join("vu.sock"),
+        &["--no-hydrate", "--notify", &url],
+    );
+    let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+    nginx.replace("t.img", &common::random_bytes(99, 4 << 20), later);
+    let mut c = Client::connect(&srv.socket, 1, CHUNK).unwrap();
+    assert_ne!(
+        c.read(30 * CHUNK as u64, 0, CHUNK),
+        0,
+        "read of a changed image succeeded"
+    );
+    let (_, v) = wait_event(&posts, "integrity-error", Duration::from_secs(30));
+    assert!(v["message"].as_str().unwrap().contains("changed"), "{v}");
+    let fetch_errors = posts
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, b)| serde_json::from_slice::<Value>(b).unwrap()["event"] == "fetch-error")
+        .count();
+    assert_eq!(
+        fetch_errors, 0,
+        "a changed image is an integrity error, not a fetch error"
+    );
+    drop(c);
+    srv.stop();
+}

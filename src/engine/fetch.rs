@@ -142,7 +142,7 @@ impl Engine {
                 .read_at_cancellable(start, &mut bytes[..(end - start) as usize], cancel);
         if let Err(SourceError::Cancelled) = got {
             tracing::debug!(chunk = first, count, "fetch cancelled");
-            std::mem::forget(timer);
+            timer.discard();
             return FlightResult::Cancelled;
         }
         drop(timer);

@@ -214,6 +214,13 @@ pub struct Timer<'a> {
     start: Instant,
 }
 
+impl Timer<'_> {
+    /// Drops the timer without recording (an operation that did not complete).
+    pub fn discard(self) {
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for Timer<'_> {
     fn drop(&mut self) {
         self.hist.observe(self.start.elapsed());

@@ -443,3 +443,75 @@ fn integrity_error_event_when_the_image_changes_on_the_server() {
     drop(c);
     srv.stop();
 }
+
+/// `curl -s URL` (installed by vm-tests/setup.sh), parsed as JSON.
+fn curl_json(url: &str) -> Option<Value> {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", url])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_metrics_listener() {
+    let nginx = Nginx::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, _) = setup(&nginx, dir.path());
+    let addr = format!("127.0.0.1:{}", common::dead_port());
+    let srv = Served::start(
+        &disk,
+        &dir.path().join("vu.sock"),
+        &["--no-hydrate", "--metrics-listen", &addr],
+    );
+    let mut c = Client::connect(&srv.socket, 1, CHUNK).unwrap();
+    assert_eq!(c.read(5 * CHUNK as u64, 0, CHUNK), 0);
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: streamboot\n    \
+             static_configs:\n      - targets: ['{addr}']\n"
+        ),
+    )
+    .unwrap();
+    let web = format!("127.0.0.1:{}", common::dead_port());
+    let mut prom = Command::new("prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+        .spawn()
+        .expect("prometheus (Debian package prometheus; vm-tests/setup.sh installs it)");
+    let query = format!(
+        "http://{web}/api/v1/query?query=streamboot_fetched_bytes_total%7Breason%3D%22demand%22%7D"
+    );
+    let t = Instant::now();
+    let result = loop {
+        let r = curl_json(&query);
+        if let Some(v) = r.as_ref().and_then(|v| v["data"]["result"].get(0)).cloned() {
+            break v;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = prom.kill();
+            let log = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap();
+            panic!("Prometheus has no streamboot sample after 60 s: {r:?}\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let targets = curl_json(&format!("http://{web}/api/v1/targets")).unwrap();
+    let _ = prom.kill();
+    let _ = prom.wait();
+    let target = &targets["data"]["activeTargets"][0];
+    assert_eq!(target["health"], "up", "{target}");
+    assert_eq!(target["lastError"], "", "{target}");
+    assert_eq!(result["metric"]["disk"], disk.display().to_string());
+    let v: f64 = result["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(v >= CHUNK as f64, "{result}");
+    drop(c);
+    srv.stop();
+}

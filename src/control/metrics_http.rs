@@ -11,7 +11,7 @@ use http::{Method, StatusCode};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::server::{
@@ -107,6 +107,7 @@ async fn accept_loop(
     let sampler = tokio::spawn(sample_loop(shared.clone()));
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut conns = JoinSet::new();
+    let (closing_tx, closing_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         while conns.try_join_next().is_some() {}
@@ -126,24 +127,37 @@ async fn accept_loop(
             },
         };
         let shared = shared.clone();
+        let mut closing = closing_rx.clone();
         conns.spawn(async move {
             let _permit = permit;
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, req.method(), req.uri().path()).await) }
             });
-            let r = http1::Builder::new()
+            let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            // A scraper's idle keep-alive connection must not hold up shutdown.
+            let closed = async move {
+                let _ = closing.wait_for(|c| *c).await;
+            };
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                () = closed => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
             if let Err(e) = r {
                 tracing::debug!("metrics connection: {e}");
             }
         });
     }
     sampler.abort();
+    let _ = closing_tx.send(true);
     if tokio::time::timeout(SHUTDOWN_GRACE, async {
         while conns.join_next().await.is_some() {}
     })

@@ -27,7 +27,7 @@ pub enum InheritError {
     #[error("socket activation (LISTEN_FDS/LISTEN_PID)")]
     Env(#[source] io::Error),
     /// systemd passed more than one socket.
-    #[error("systemd passed {0} sockets; serve takes exactly one (the vhost-user socket)")]
+    #[error("LISTEN_FDS={0}: serve takes exactly one socket (the vhost-user socket)")]
     Count(usize),
     /// fd 0, 1 or 2.
     #[error("fd {0} is stdin, stdout or stderr, not a passed socket (passed sockets start at 3)")]

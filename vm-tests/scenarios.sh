@@ -64,7 +64,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 : "${SB_LOAD_RATE:=2M}"
 : "${SB_STOP_WARN:=5}"
-all_scenarios=(migrate rollback fallback reboot-loop reboot-loop-q35 backend-restart load nbd)
+all_scenarios=(migrate rollback fallback reboot-loop reboot-loop-q35 backend-restart load nbd libvirt)
 
 usage() {
 	sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -638,6 +638,122 @@ scenario_nbd() {
 	local t0=$EPOCHREALTIME
 	stop_export || bad "export did not exit 0 on SIGTERM"
 	ok "export stopped on SIGTERM, exit 0 ($(sb_since "$t0")s)"
+}
+
+# libvirt (issue 16): the domain XML of docs/libvirt.md (q35 + ACPI, memfd shared memory,
+# <disk type='vhostuser'> with <reconnect>), with the test kernel booted directly and the
+# console to a file, booted THROUGH LIBVIRT: its embedded QEMU driver (virsh -c
+# 'qemu:///embed?root=DIR', no libvirtd; DIR/etc/qemu.conf: guests as root, no cgroups,
+# namespaces or security driver, stdio to files: a container has none of those). The XML
+# must pass virt-xml-validate; domxml-to-native must show the shared memfd backend and
+# reconnect=1. prepare → serve --control → virsh create: the guest boots v2 (files ok) and
+# powers off → status --control: trial, 1 start → confirm --control → stop → confirmed.
+scenario_libvirt() {
+	setup libvirt v2.img
+	command -v virsh >/dev/null && command -v virt-xml-validate >/dev/null ||
+		bad "virsh or virt-xml-validate missing: run vm-tests/setup.sh"
+	sb prepare prepare "$dir/disk.img" --target "$target_url"
+	ok "prepare: $(cat "$dir/prepare.out")"
+	serve_up --control "$ctl"
+	local accel type=qemu cpu='' root xml=$dir/domain.xml step=1-v2-libvirt
+	accel=$(SB_MACHINE=q35 detect_accel) || bad "detect_accel failed"
+	[[ $accel == kvm ]] && type=kvm cpu="<cpu mode='host-passthrough'/>"
+	sb_guest_env || bad "no guest kernel"
+	# A short path: libvirt's monitor socket lives under it (unix socket paths ≤ 107 bytes).
+	root=$(mktemp -d /tmp/sb-libvirt.XXXXXX) || bad "mktemp"
+	ln -sfn "$root" "$dir/libvirt-root"
+	mkdir -p "$root/etc"
+	cat >"$root/etc/qemu.conf" <<-EOF
+		user = "root"
+		group = "root"
+		security_driver = "none"
+		cgroup_controllers = [ ]
+		namespaces = [ ]
+		stdio_handler = "file"
+	EOF
+	local uri="qemu:///embed?root=$root"
+	cat >"$xml" <<-EOF
+		<domain type='$type'>
+		  <name>sbtest</name>
+		  <memory unit='MiB'>$SB_MEM_MB</memory>
+		  <memoryBacking>
+		    <source type='memfd'/>
+		    <access mode='shared'/>
+		  </memoryBacking>
+		  <vcpu>1</vcpu>
+		  $cpu
+		  <os>
+		    <type arch='x86_64' machine='q35'>hvm</type>
+		    <kernel>$KERNEL</kernel>
+		    <initrd>$INITRD</initrd>
+		    <cmdline>$(SB_MACHINE=q35 sb_cmdline)</cmdline>
+		  </os>
+		  <features>
+		    <acpi/>
+		  </features>
+		  <on_poweroff>destroy</on_poweroff>
+		  <on_reboot>destroy</on_reboot>
+		  <on_crash>destroy</on_crash>
+		  <devices>
+		    <disk type='vhostuser' device='disk' snapshot='no'>
+		      <driver name='qemu' type='raw' queues='1'/>
+		      <source type='unix' path='$dir/vu.sock'>
+		        <reconnect enabled='yes' timeout='1'/>
+		      </source>
+		      <target dev='vda' bus='virtio'/>
+		      <boot order='1'/>
+		    </disk>
+		    <serial type='file'>
+		      <source path='$dir/$step.log'/>
+		    </serial>
+		  </devices>
+		</domain>
+	EOF
+	virt-xml-validate "$xml" domain >"$dir/validate.out" 2>&1 ||
+		bad "virt-xml-validate: $(tail -n2 "$dir/validate.out" | tr '\n' ' ')"
+	virsh -q -c "$uri" domxml-to-native qemu-argv "$xml" >"$dir/qemu-argv" 2>>"$dir/virsh.err" ||
+		bad "virsh domxml-to-native failed: $(grep -m1 'error' "$dir/virsh.err")"
+	grep -qF '"qom-type":"memory-backend-memfd","id":"pc.ram","share":true' "$dir/qemu-argv" ||
+		bad "libvirt's QEMU arguments have no shared memfd RAM ($dir/qemu-argv)"
+	grep -qF "socket,id=chr-vu-virtio-disk0,path=$dir/vu.sock,reconnect=1" "$dir/qemu-argv" ||
+		bad "libvirt's QEMU arguments have no vhost-user chardev with reconnect=1 ($dir/qemu-argv)"
+	ok "domain XML valid (virt-xml-validate); libvirt maps it to shared memfd RAM, vhost-user-blk-pci, reconnect=1"
+
+	# The boot, under the machine-wide VM lock: create, then wait for the guest's power-off
+	# ("Shutdown Finished") and the end of QEMU ("Stopped"); destroy in case it hung.
+	local lockfd=/dev/null t0 pid
+	if [[ -n $SB_VM_LOCK ]]; then
+		exec {lockfd}>>"$SB_VM_LOCK"
+		flock -w 900 "$lockfd" || bad "gave up waiting for the VM lock $SB_VM_LOCK"
+	fi
+	t0=$EPOCHREALTIME
+	timeout -k 5 $((SB_TIMEOUT + 30)) virsh -q -c "$uri" "create $xml; \
+		event --domain sbtest --event lifecycle --timeout $SB_TIMEOUT; \
+		event --domain sbtest --event lifecycle --timeout 10; destroy sbtest" \
+		>"$dir/virsh.out" 2>>"$dir/virsh.err"
+	SB_LAST_WALL=$(sb_since "$t0")
+	pid=$(cat "$root/run/qemu/sbtest.pid" 2>/dev/null)
+	if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+		kill -KILL "$pid"
+		bad "QEMU (pid $pid) still ran after virsh: killed ($dir/virsh.out)"
+	fi
+	[[ $lockfd == /dev/null ]] || exec {lockfd}>&-
+	times+=("$(printf '%-26s %6.2fs' "libvirt/$step" "$SB_LAST_WALL")")
+	grep -q 'Shutdown Finished' "$dir/virsh.out" ||
+		bad "the guest did not power off within ${SB_TIMEOUT}s: $(tr '\n' '|' <"$dir/virsh.out") $(grep -m1 'error' "$dir/virsh.err") (console $dir/$step.log, QEMU log $root/log/qemu/sbtest.log)"
+	sb_verdicts "$dir/$step.log" >"$dir/$step.verdicts"
+	expect "$step" "STREAMBOOT-VERDICT v2 files-ok" "STREAMBOOT-INFO version=2"
+	ok "v2 booted through libvirt (virsh create, $type) in ${SB_LAST_WALL}s: $(verdict "$step"), powered off"
+	serve_status status-after
+	[[ $st_mode == target && $st_state == trial && $st_starts == 1 ]] ||
+		bad "status --control after the libvirt boot: mode $st_mode, state $st_state, trial starts $st_starts (expected target, trial, 1)"
+	ok "status --control: target in trial, 1 trial start (firmware and kernel: one boot)"
+	online confirm-ctl confirm
+	grep -qx 'target confirmed' "$dir/confirm-ctl.out" || bad "confirm --control: $(cat "$dir/confirm-ctl.out")"
+	ok "confirm --control: target confirmed"
+	serve_down
+	state_is "$dir/disk.img" confirmed
+	rm -rf "$root"
 }
 
 # --- runner ---------------------------------------------------------------------------

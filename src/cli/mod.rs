@@ -64,8 +64,12 @@ impl NetArgs {
     pub fn http_options(&self) -> HttpOptions {
         let d = HttpOptions::default();
         HttpOptions {
-            connect_timeout: self.connect_timeout.map_or(d.connect_timeout, Duration::from_secs),
-            request_timeout: self.request_timeout.map_or(d.request_timeout, Duration::from_secs),
+            connect_timeout: self
+                .connect_timeout
+                .map_or(d.connect_timeout, Duration::from_secs),
+            request_timeout: self
+                .request_timeout
+                .map_or(d.request_timeout, Duration::from_secs),
             deadline: self.fetch_deadline.map(Duration::from_secs),
             min_rate: self.min_rate.unwrap_or(d.min_rate),
             allow_cross_origin_redirects: self.allow_cross_origin_redirects,

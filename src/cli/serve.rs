@@ -184,7 +184,10 @@ fn vhost_socket(a: &ServeArgs) -> Result<(Option<std::os::unix::net::UnixListene
         }
         None => Ok((
             None,
-            config::required(&a.socket, "--socket (or a socket passed by systemd, or --fd)")?,
+            config::required(
+                &a.socket,
+                "--socket (or a socket passed by systemd, or --fd)",
+            )?,
         )),
     }
 }

@@ -133,9 +133,7 @@ impl Daemon {
         opts.allow_unsealed_memory = o.allow_unsealed_memory;
         let server = match &o.listener {
             Some(l) => {
-                let l = l
-                    .try_clone()
-                    .map_err(DaemonError::Inherited)?;
+                let l = l.try_clone().map_err(DaemonError::Inherited)?;
                 VhostBlkServer::with_listener(svc.block_device(), opts, l)
             }
             None => VhostBlkServer::bind(svc.block_device(), opts),

@@ -13,8 +13,8 @@
 use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -81,8 +81,7 @@ pub fn inherited_listener(fd: RawFd) -> Result<UnixListener, InheritError> {
     // else in this process owns or closes a descriptor handed to `serve`.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let not = |what| InheritError::NotListening { fd, what };
-    if sockopt::socket_domain(borrowed).map_err(|_| not("not a socket"))? != AddressFamily::UNIX
-    {
+    if sockopt::socket_domain(borrowed).map_err(|_| not("not a socket"))? != AddressFamily::UNIX {
         return Err(not("not a unix socket"));
     }
     if sockopt::socket_type(borrowed).map_err(|_| not("not a socket"))? != SocketType::STREAM {

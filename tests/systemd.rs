@@ -482,3 +482,24 @@ fn libvirt_domain_xml_validates() {
         "virt-xml-validate accepted an invalid domain"
     );
 }
+
+#[test]
+fn unwritable_pidfile_is_a_one_line_error_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (disk, data) = plain_disk(dir.path());
+    let sock = dir.path().join("p.sock");
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg(&disk)
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--pidfile")
+        .arg(dir.path().join("no-such-dir/serve.pid"))
+        .env("STREAMBOOT_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(one_line(&out).contains("--pidfile"), "{out:?}");
+    assert!(!sock.exists(), "socket removed");
+    assert!(std::fs::read(&disk).unwrap() == data);
+}

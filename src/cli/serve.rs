@@ -143,7 +143,15 @@ pub fn run(cli: &ServeArgs, json: bool) -> Result<()> {
         sd_notify: true,
         ..DaemonOptions::new(service, socket.clone())
     })?;
-    let _pidfile = a.pidfile.as_deref().map(PidFile::write).transpose()?;
+    let _pidfile = match a.pidfile.as_deref().map(PidFile::write).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            // Stop as after SIGTERM (flushed, socket removed) before reporting.
+            daemon.shutdown_handle().shutdown();
+            let _ = daemon.run();
+            return Err(e);
+        }
+    };
     daemon.notify_ready();
     let svc = daemon.service();
     let st = svc.status();

@@ -247,7 +247,9 @@ fn status_line(svc: &Service) -> String {
 }
 
 fn sd_status(status: &str) {
-    send_sd(&[sd_notify::NotifyState::Status(status)]);
+    // One line: a newline would start another assignment of the protocol.
+    let line = status.replace(['\n', '\r'], " ");
+    send_sd(&[sd_notify::NotifyState::Status(&line)]);
 }
 
 /// Sends to `NOTIFY_SOCKET` (nothing when unset); a failure is logged, never fatal.

@@ -215,7 +215,8 @@ impl PidFile {
             .with_context(|| format!("--pidfile {}: not a file name", path.display()))?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
-        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        // A random name created with O_EXCL: nothing planted there is followed.
+        tmp_name.push(format!(".{:016x}.tmp", rand::random::<u64>()));
         let tmp = path.with_file_name(tmp_name);
         let written = (|| {
             let mut f = std::fs::OpenOptions::new()

@@ -503,3 +503,90 @@ fn unwritable_pidfile_is_a_one_line_error_and_leaves_nothing_behind() {
     assert!(!sock.exists(), "socket removed");
     assert!(std::fs::read(&disk).unwrap() == data);
 }
+
+/// A target URL with credentials comes from the file named by `target-file` in the
+/// config: serve fetches with them (the proxy answers 403 without), and shows them nowhere.
+#[test]
+fn target_file_of_the_config_carries_the_credentials() {
+    use common::fault_proxy::{Fault, FaultProxy, Rule, When};
+    let nginx = common::nginx::Nginx::start();
+    let target = common::random_bytes(3, 2 << 20);
+    nginx.put("t.img", &target);
+    let proxy = FaultProxy::start(nginx.port());
+    proxy.set_plan(
+        1,
+        vec![Rule::new(
+            When::Always,
+            Fault::Require {
+                needles: vec!["authorization: Basic dXNlcjpzZWNyZXQ=".into()],
+                status: 403,
+            },
+        )],
+    );
+    let secret_url = proxy
+        .url("t.img")
+        .replacen("http://", "http://user:secret@", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, common::random_bytes(4, 1 << 20)).unwrap();
+    let d = disk.to_str().unwrap();
+    common::disk::cli_ok(&[
+        "prepare",
+        d,
+        "--target",
+        &secret_url,
+        "--chunk-size",
+        "65536",
+    ]);
+
+    let url_file = dir.path().join("disk.target");
+    std::fs::write(
+        &url_file,
+        format!("# mirror with credentials\n{secret_url}\n"),
+    )
+    .unwrap();
+    let sock = dir.path().join("vu.sock");
+    let cfg = dir.path().join("disk.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "disk = {disk:?}\nsocket = {sock:?}\ntarget-file = [{url_file:?}]\n\
+             allow-unsealed-memory = true\nrequest-timeout = 5\n"
+        ),
+    )
+    .unwrap();
+    assert!(!std::fs::read_to_string(&cfg).unwrap().contains("secret"));
+    let notify = Notify::new(dir.path());
+    let log = dir.path().join("serve.log");
+    let mut child = Command::new(BIN)
+        .args(["-vvv", "serve", "--config"])
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .stdout(std::fs::File::create(dir.path().join("serve.out")).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let msgs = notify.until("READY=1", &mut child);
+    let mut c = Client::connect(&sock, 1, 1 << 20).expect("libblkio connects");
+    assert_eq!(c.capacity, target.len() as u64);
+    for off in (0..target.len()).step_by(1 << 20) {
+        assert_eq!(c.read(off as u64, 0, 1 << 20), 0, "read at {off}");
+        assert!(
+            c.buf(0..1 << 20) == &target[off..off + (1 << 20)],
+            "data at {off}"
+        );
+    }
+    drop(c);
+    sigterm(&child);
+    assert!(wait_exit(child).success());
+    for text in [
+        std::fs::read_to_string(&log).unwrap(),
+        std::fs::read_to_string(dir.path().join("serve.out")).unwrap(),
+        msgs.join("\n"),
+    ] {
+        assert!(
+            !text.contains("secret") && !text.contains("dXNlcjpzZWNyZXQ"),
+            "a secret leaked: {text}"
+        );
+    }
+}

@@ -321,6 +321,12 @@ fn config_errors_are_one_line_and_name_the_key() {
     assert!(err.contains("`queues`") && err.contains("line 3"), "{err}");
     let err = serve_config_fails(dir.path(), &format!("{head}rate = \"9Q\"\n"), &[]);
     assert!(err.contains("`rate`"), "{err}");
+    // A net option (flattened into serve's options) is named too.
+    let err = serve_config_fails(dir.path(), &format!("{head}min-rate = \"9Q\"\n"), &[]);
+    assert!(
+        err.contains("`min-rate`") && err.contains("line 3"),
+        "{err}"
+    );
     // Secrets are not accepted in the file, not even in a form the redaction hides.
     let err = serve_config_fails(
         dir.path(),

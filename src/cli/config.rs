@@ -74,6 +74,27 @@ pub(super) fn load(path: &Path) -> Result<ServeArgs> {
             path.display()
         );
     }
+    // Key by key first, so that an error names its key and line (serde's flatten, used
+    // for the net options, loses the position).
+    for (key, value) in &table {
+        let one = toml::Value::Table(toml::Table::from_iter([(key.clone(), value.clone())]));
+        if let Err(e) = one.try_into::<ServeArgs>() {
+            let line = text
+                .lines()
+                .position(|l| {
+                    l.trim_start()
+                        .strip_prefix(key.as_str())
+                        .is_some_and(|r| r.trim_start().starts_with('='))
+                })
+                .map(|n| format!(" (line {})", n + 1))
+                .unwrap_or_default();
+            bail!(
+                "config file {}: `{key}`: {}{line}",
+                path.display(),
+                e.message().trim().replace('\n', " ")
+            );
+        }
+    }
     let args: ServeArgs = toml::from_str(&text).map_err(at)?;
     for (key, url) in args
         .targets

@@ -111,7 +111,14 @@ pub fn run(cli: &ServeArgs, json: bool) -> Result<()> {
     }
     let notify = match (&a.notify, &a.notify_file) {
         (Some(_), Some(_)) => bail!("give --notify or --notify-file, not both"),
-        (_, Some(f)) => config::read_secret_urls(f)?.into_iter().next(),
+        (_, Some(f)) => match config::read_secret_urls(f)?.as_slice() {
+            [url] => Some(url.clone()),
+            urls => bail!(
+                "the URL file {} holds {} URLs; --notify-file takes one",
+                f.display(),
+                urls.len()
+            ),
+        },
         (n, None) => n.clone(),
     };
     let (listener, socket) = vhost_socket(&a)?;

@@ -109,18 +109,7 @@ pub fn run(cli: &ServeArgs, json: bool) -> Result<()> {
     for f in &a.target_files {
         targets.extend(config::read_secret_urls(f)?);
     }
-    let notify = match (&a.notify, &a.notify_file) {
-        (Some(_), Some(_)) => bail!("give --notify or --notify-file, not both"),
-        (_, Some(f)) => match config::read_secret_urls(f)?.as_slice() {
-            [url] => Some(url.clone()),
-            urls => bail!(
-                "the URL file {} holds {} URLs; --notify-file takes one",
-                f.display(),
-                urls.len()
-            ),
-        },
-        (n, None) => n.clone(),
-    };
+    let notify = notify_url(&a)?;
     let (listener, socket) = vhost_socket(&a)?;
     let boot_profile = a
         .boot_profile
@@ -180,6 +169,22 @@ pub fn run(cli: &ServeArgs, json: bool) -> Result<()> {
     std::io::stdout().flush().ok();
     daemon.run()?;
     Ok(())
+}
+
+/// `--notify URL`, or the one URL of `--notify-file FILE`.
+fn notify_url(a: &ServeArgs) -> Result<Option<String>> {
+    match (&a.notify, &a.notify_file) {
+        (Some(_), Some(_)) => bail!("give --notify or --notify-file, not both"),
+        (_, Some(f)) => match config::read_secret_urls(f)?.as_slice() {
+            [url] => Ok(Some(url.clone())),
+            urls => bail!(
+                "the URL file {} holds {} URLs; --notify-file takes one",
+                f.display(),
+                urls.len()
+            ),
+        },
+        (n, None) => Ok(n.clone()),
+    }
 }
 
 /// The socket to serve on: one handed over (`--fd`, or systemd's `LISTEN_FDS`) or

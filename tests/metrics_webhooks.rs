@@ -407,6 +407,19 @@ fn a_bad_secret_file_is_refused_before_the_disk_is_opened() {
         assert!(lines[0].contains(want), "{err}");
         assert!(!sock.exists(), "the socket was created before the check");
     }
+    // A secret with nothing to sign is an operator mistake, refused the same way.
+    let out = Command::new(env!("CARGO_BIN_EXE_streamboot"))
+        .args(["serve", disk.to_str().unwrap(), "--socket"])
+        .arg(&sock)
+        .arg("--notify-secret")
+        .arg(dir.path().join("missing.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("needs --notify"), "{err}");
+    assert!(!sock.exists(), "the socket was created before the check");
 }
 
 #[test]

@@ -39,6 +39,10 @@ requirements=(
 	"promtool prometheus"
 	"losetup mount"
 	"/boot/vmlinuz-* linux-image-amd64"
+	"systemd-analyze systemd"
+	"virt-xml-validate libvirt-clients"
+	"xmllint libxml2-utils"
+	"/etc/libvirt/qemu.conf libvirt-daemon-system"
 )
 
 # Prints the packages whose tool is missing (unique, in order).

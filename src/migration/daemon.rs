@@ -1,8 +1,10 @@
 //! The daemon wiring of `streamboot serve`, written once (the CLI's `serve` and the demo
 //! use it): opens the [`Service`] on the disk, binds the vhost-user-blk server on its
 //! block device, the control API, the `--notify` hooks, and (optionally) the signal
-//! thread that stops everything on SIGTERM/SIGINT.
+//! thread that stops everything on SIGTERM/SIGINT, and the service manager's
+//! notifications (sd_notify: `READY=1`, `STATUS=`, `STOPPING=1`).
 
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,8 +27,14 @@ const NOTIFY_CLOSE: Duration = Duration::from_secs(5);
 pub struct DaemonOptions {
     /// The service (disk, target, hydration, trial limit, profiles).
     pub service: ServiceConfig,
-    /// vhost-user socket to create.
+    /// vhost-user socket to create (with `listener`: its path, for the logs only).
     pub socket: PathBuf,
+    /// A listening socket handed over (systemd socket activation, `--fd`) to serve on
+    /// instead of creating `socket`.
+    pub listener: Option<Arc<UnixListener>>,
+    /// Tell the service manager (`NOTIFY_SOCKET`, when set) the state changes and
+    /// `STOPPING=1` at shutdown; `READY=1` is [`Daemon::notify_ready`].
+    pub sd_notify: bool,
     /// Number of virtqueues.
     pub queues: u16,
     /// Group given access to the sockets (mode 0660).
@@ -51,6 +59,8 @@ impl DaemonOptions {
         Self {
             service,
             socket,
+            listener: None,
+            sd_notify: false,
             queues: 1,
             socket_group: None,
             control: None,
@@ -78,6 +88,9 @@ pub enum DaemonError {
     /// The vhost-user socket could not be created.
     #[error("creating the vhost-user socket")]
     Socket(#[source] VhostError),
+    /// The socket handed over could not be taken (no descriptor left to duplicate it).
+    #[error("taking the passed vhost-user socket")]
+    Inherited(#[source] std::io::Error),
     /// Other vhost setup (shutdown handle, socket group).
     #[error(transparent)]
     Vhost(VhostError),
@@ -113,6 +126,7 @@ pub struct Daemon {
     metrics: Option<MetricsHandle>,
     notifier: Arc<Notifier>,
     disk: PathBuf,
+    sd_notify: bool,
 }
 
 impl Daemon {
@@ -139,7 +153,14 @@ impl Daemon {
         opts.shutdown = Some(shutdown.clone());
         opts.events = Some(svc.clone());
         opts.allow_unsealed_memory = o.allow_unsealed_memory;
-        let server = VhostBlkServer::bind(svc.block_device(), opts).map_err(DaemonError::Socket)?;
+        let server = match &o.listener {
+            Some(l) => {
+                let l = l.try_clone().map_err(DaemonError::Inherited)?;
+                VhostBlkServer::with_listener(svc.block_device(), opts, l)
+            }
+            None => VhostBlkServer::bind(svc.block_device(), opts),
+        }
+        .map_err(DaemonError::Socket)?;
         {
             let n = notifier.clone();
             let disk = disk.display().to_string();
@@ -153,6 +174,11 @@ impl Daemon {
             .metrics_listen
             .map(|a| MetricsHandle::start(a, svc.clone(), &label));
         let metrics = metrics.transpose().map_err(DaemonError::Metrics)?;
+        if o.sd_notify {
+            // Events can fire under the service's locks: the line is made from the event
+            // alone, without asking the service for its status.
+            svc.on_event(|ev, msg| sd_status(&format!("{ev}: {msg}")));
+        }
         let control = match &o.control {
             Some(path) => {
                 let gid = o
@@ -169,7 +195,7 @@ impl Daemon {
             None => None,
         };
         if o.signals {
-            spawn_signal_thread(shutdown.clone()).map_err(DaemonError::Signals)?;
+            spawn_signal_thread(shutdown.clone(), o.sd_notify).map_err(DaemonError::Signals)?;
         }
         Ok(Self {
             svc,
@@ -179,7 +205,21 @@ impl Daemon {
             metrics,
             notifier,
             disk,
+            sd_notify: o.sd_notify,
         })
+    }
+
+    /// Tells the service manager the daemon is ready (`READY=1`, with the state as
+    /// `STATUS=`): call once every socket exists, so a frontend started after it connects.
+    /// Without `sd_notify` (or without `NOTIFY_SOCKET`) nothing is sent.
+    pub fn notify_ready(&self) {
+        if self.sd_notify {
+            let status = status_line(&self.svc);
+            send_sd(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&status),
+            ]);
+        }
     }
 
     /// The service.
@@ -201,6 +241,12 @@ impl Daemon {
     /// stops the control API and sends the final notification (`stopped` or `failed`).
     pub fn run(self) -> Result<ServeSummary, DaemonError> {
         let summary = self.server.run();
+        if self.sd_notify {
+            send_sd(&[
+                sd_notify::NotifyState::Stopping,
+                sd_notify::NotifyState::Status("stopping: flushing the disk"),
+            ]);
+        }
         let stopped = self.svc.shutdown();
         if let Some(c) = self.control {
             c.shutdown();
@@ -226,7 +272,26 @@ impl Daemon {
     }
 }
 
-fn spawn_signal_thread(shutdown: ShutdownHandle) -> std::io::Result<()> {
+/// The state as the service manager shows it (`systemctl status`).
+fn status_line(svc: &Service) -> String {
+    let st = svc.status();
+    format!("{:?}, state {}", svc.mode(), st.state).to_lowercase()
+}
+
+fn sd_status(status: &str) {
+    // One line: a newline would start another assignment of the protocol.
+    let line = status.replace(['\n', '\r'], " ");
+    send_sd(&[sd_notify::NotifyState::Status(&line)]);
+}
+
+/// Sends to `NOTIFY_SOCKET` (nothing when unset); a failure is logged, never fatal.
+fn send_sd(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
+}
+
+fn spawn_signal_thread(shutdown: ShutdownHandle, sd_notify: bool) -> std::io::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     std::thread::Builder::new()
         .name("signals".into())
@@ -236,6 +301,12 @@ fn spawn_signal_thread(shutdown: ShutdownHandle) -> std::io::Result<()> {
                     signal = sig,
                     "shutting down: draining requests and flushing"
                 );
+                if sd_notify {
+                    send_sd(&[
+                        sd_notify::NotifyState::Stopping,
+                        sd_notify::NotifyState::Status("stopping: draining requests"),
+                    ]);
+                }
                 shutdown.shutdown();
             }
         })?;

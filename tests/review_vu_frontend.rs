@@ -496,7 +496,10 @@ fn segmented_request(
     kick.write(1).unwrap();
     let t = std::time::Instant::now();
     while mem.read_u16(USED + 2) != n + 1 {
-        assert!(t.elapsed() < Duration::from_secs(20), "request {n} never completed");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "request {n} never completed"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     mem.read(STATUS, 1)[0]
@@ -517,7 +520,8 @@ fn segments(total: usize, start: u64, lens: &[usize]) -> Vec<(u64, u32)> {
     }
     assert!(gpa <= MEM as u64, "segments run past guest memory");
     assert!(
-        out.iter().any(|&(g, l)| g < SPLIT && g + u64::from(l) > SPLIT),
+        out.iter()
+            .any(|&(g, l)| g < SPLIT && g + u64::from(l) > SPLIT),
         "no segment crosses the region boundary"
     );
     out
@@ -537,12 +541,42 @@ fn segmented_io_matches_reference(disk: &Path, sock: &Path, reference: &mut [u8]
     let mut rng = 7u64;
     // (write?, device offset, length, first guest address, segment lengths)
     let plan: [(bool, usize, usize, u64, &[usize]); 6] = [
-        (false, chunk - 1536, 150 << 10, SPLIT - 70_000, &[3000, 1, 40_000, 517, 65_536]),
-        (true, 5 * chunk - 4096, chunk + 8192, SPLIT - 3000, &[4000, 70_000, 5]),
-        (false, 3 * chunk + 512, 300 << 10, SPLIT - 200_000, &[65_536, 1000, 99_999]),
+        (
+            false,
+            chunk - 1536,
+            150 << 10,
+            SPLIT - 70_000,
+            &[3000, 1, 40_000, 517, 65_536],
+        ),
+        (
+            true,
+            5 * chunk - 4096,
+            chunk + 8192,
+            SPLIT - 3000,
+            &[4000, 70_000, 5],
+        ),
+        (
+            false,
+            3 * chunk + 512,
+            300 << 10,
+            SPLIT - 200_000,
+            &[65_536, 1000, 99_999],
+        ),
         (true, 2 * chunk + 1024, 2048, SPLIT - 1024, &[1500, 548]),
-        (false, 0, 400 << 10, SPLIT - 300_000, &[131_072, 12_345, 4096]),
-        (false, 5 * chunk - 8192, 2 * chunk, SPLIT - 9, &[10, 131_062]),
+        (
+            false,
+            0,
+            400 << 10,
+            SPLIT - 300_000,
+            &[131_072, 12_345, 4096],
+        ),
+        (
+            false,
+            5 * chunk - 8192,
+            2 * chunk,
+            SPLIT - 9,
+            &[10, 131_062],
+        ),
     ];
     for (n, &(write, off, len, start, lens)) in plan.iter().enumerate() {
         let segs = segments(len, start, lens);
@@ -598,5 +632,8 @@ fn multi_segment_requests_across_chunks_and_memory_regions_plain() {
     std::fs::write(&disk, &reference).unwrap();
     segmented_io_matches_reference(&disk, &dir.path().join("vu.sock"), &mut reference, &[]);
     // Writes reached the file itself.
-    assert!(std::fs::read(&disk).unwrap() == reference, "file differs from the reference");
+    assert!(
+        std::fs::read(&disk).unwrap() == reference,
+        "file differs from the reference"
+    );
 }

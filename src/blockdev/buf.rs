@@ -83,13 +83,23 @@ pub struct GuestBuf<'a>(Pieces<'a>);
 
 impl std::fmt::Debug for GuestBufMut<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GuestBufMut({} bytes in {} pieces)", self.0.len, self.0.pieces.len())
+        write!(
+            f,
+            "GuestBufMut({} bytes in {} pieces)",
+            self.0.len,
+            self.0.pieces.len()
+        )
     }
 }
 
 impl std::fmt::Debug for GuestBuf<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GuestBuf({} bytes in {} pieces)", self.0.len, self.0.pieces.len())
+        write!(
+            f,
+            "GuestBuf({} bytes in {} pieces)",
+            self.0.len,
+            self.0.pieces.len()
+        )
     }
 }
 
@@ -354,7 +364,8 @@ mod tests {
         let mut i = 0;
         while at < data.len() {
             let n = (i % 3 + 1).min(data.len() - at);
-            src.0.push(GuestBuf::from_slice(&data[at..at + n]).0.pieces[0].clone());
+            src.0
+                .push(GuestBuf::from_slice(&data[at..at + n]).0.pieces[0].clone());
             at += n;
             i += 1;
         }

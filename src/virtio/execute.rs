@@ -179,7 +179,11 @@ fn guest_read<G: GuestMemory<Bitmap = ()> + ?Sized>(
     for seg in segments {
         pieces_of(mem, seg, Permissions::Write, |s| buf.push(s))?;
     }
-    debug_assert_eq!(buf.len() as u64, len, "segments do not add up to the request");
+    debug_assert_eq!(
+        buf.len() as u64,
+        len,
+        "segments do not add up to the request"
+    );
     backend.read_into(offset, &buf)?;
     Ok(())
 }
@@ -200,7 +204,11 @@ fn guest_write<G: GuestMemory<Bitmap = ()> + ?Sized>(
     for seg in segments {
         pieces_of(mem, seg, Permissions::Read, |s| buf.push(s))?;
     }
-    debug_assert_eq!(buf.len() as u64, len, "segments do not add up to the request");
+    debug_assert_eq!(
+        buf.len() as u64,
+        len,
+        "segments do not add up to the request"
+    );
     backend.write_from(offset, &buf)?;
     Ok(())
 }

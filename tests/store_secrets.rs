@@ -68,7 +68,13 @@ fn prepare_on_a_failing_store_shows_no_secret() {
     // A store that answers 404 (nginx has no such store).
     let nginx = Nginx::start();
     let url = secret_url(nginx.port(), "nostore/indexes/a.idx");
-    fails_without_secrets(&["prepare", d, "--target", &url, "--insecure-unverified-index"]);
+    fails_without_secrets(&[
+        "prepare",
+        d,
+        "--target",
+        &url,
+        "--insecure-unverified-index",
+    ]);
     assert!(std::fs::read(&disk).unwrap() == common::random_bytes(3, 1 << 20));
 }
 
@@ -109,13 +115,27 @@ fn serve_on_a_failing_store_shows_no_secret() {
         "--name",
         "a",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, common::random_bytes(6, 3 << 20)).unwrap();
     let d = disk.to_str().unwrap();
     let url = secret_url(nginx.port(), "st/indexes/a.idx");
-    let out = cli(&["prepare", d, "--target", &url, "--insecure-unverified-index"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&[
+        "prepare",
+        d,
+        "--target",
+        &url,
+        "--insecure-unverified-index",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The store fails: its index is gone.
     std::fs::remove_file(store.join("indexes/a.idx")).unwrap();
     let sock = dir.path().join("vu.sock");

@@ -365,7 +365,7 @@ mod tests {
         while at < data.len() {
             let n = (i % 3 + 1).min(data.len() - at);
             src.0
-                .push(GuestBuf::from_slice(&data[at..at + n]).0.pieces[0].clone());
+                .push(GuestBuf::from_slice(&data[at..at + n]).0.pieces[0]);
             at += n;
             i += 1;
         }

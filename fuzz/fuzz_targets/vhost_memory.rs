@@ -21,9 +21,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use streamboot::vhost::memory::check_regions;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 const PAGE: u64 = 4096;
 /// Bytes of input per region.
@@ -37,7 +35,11 @@ struct Memfd {
 }
 
 fn memfd(size: u64, seal_bits: u8, allow_sealing: bool) -> Option<Memfd> {
-    let flags = if allow_sealing { libc::MFD_ALLOW_SEALING } else { 0 };
+    let flags = if allow_sealing {
+        libc::MFD_ALLOW_SEALING
+    } else {
+        0
+    };
     // SAFETY: memfd_create with a static NUL-terminated name; the fd is owned by `file`.
     let fd = unsafe { libc::memfd_create(c"fuzz-guest".as_ptr(), flags) };
     if fd < 0 {
@@ -112,7 +114,12 @@ fuzz_target!(|data: &[u8]| {
         } else {
             u64::from(r[7]) * PAGE + if f & 8 != 0 { u64::from(r[8]) } else { 0 }
         };
-        regions.push(Region { file, offset, size, gpa });
+        regions.push(Region {
+            file,
+            offset,
+            size,
+            gpa,
+        });
         truncate_to.push(u64::from(r[10]) * 256);
     }
 
@@ -123,7 +130,8 @@ fuzz_target!(|data: &[u8]| {
         let Ok(file) = files[r.file].file.try_clone() else {
             return;
         };
-        let Ok(mmap) = MmapRegion::<()>::from_file(FileOffset::new(file, r.offset), r.size as usize)
+        let Ok(mmap) =
+            MmapRegion::<()>::from_file(FileOffset::new(file, r.offset), r.size as usize)
         else {
             return;
         };
@@ -150,7 +158,9 @@ fuzz_target!(|data: &[u8]| {
     let verdict = check_regions(&mem, allow_unsealed);
     let safe = |r: &Region| {
         let f = &files[r.file];
-        r.offset.checked_add(r.size).is_some_and(|end| end <= f.size)
+        r.offset
+            .checked_add(r.size)
+            .is_some_and(|end| end <= f.size)
             && (allow_unsealed || f.shrink_sealed)
     };
     let expected = regions.iter().all(safe);

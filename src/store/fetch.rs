@@ -336,3 +336,26 @@ fn map_reqwest(url: &str, e: reqwest::Error, opts: &FetchOptions) -> SourceError
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_urls_keep_a_store_wide_query_and_show_no_secret() {
+        let plain = StoreLocation::parse("http://h/st/");
+        assert_eq!(plain.describe("indexes/a.idx"), "http://h/st/indexes/a.idx");
+        let base = "https://user:secret@h/st/?sv=1&sig=topsecret";
+        assert_eq!(
+            object_url(base, "indexes/a.idx"),
+            "https://user:secret@h/st/indexes/a.idx?sv=1&sig=topsecret"
+        );
+        let loc = StoreLocation::parse(base);
+        let shown = format!("{} {loc:?}", loc.describe("indexes/a.idx"));
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains("https://***@h/st/indexes/a.idx?***"),
+            "{shown}"
+        );
+    }
+}

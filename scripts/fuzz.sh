@@ -4,7 +4,10 @@
 # which RUSTC_BOOTSTRAP=1 lets stable rustc accept; the sanitizer is off (-s none, the
 # ASan runtime needs nightly), Rust's bounds checks and --debug-assertions still catch bugs.
 #
-#   scripts/fuzz.sh [SECONDS]          all targets
+#   scripts/fuzz.sh [SECONDS]          all targets: every [[bin]] of fuzz/Cargo.toml as
+#                                      `cargo fuzz list` names them (superblock, map_page,
+#                                      store_index, virtio_blk, http_headers, nbd_negotiate,
+#                                      index_header, vhost_memory)
 #   FUZZ_TARGETS="superblock map_page" scripts/fuzz.sh 600
 #   FUZZ_RUNS=1000000 scripts/fuzz.sh  each target for exactly that many executions
 #

@@ -3,6 +3,10 @@
 
 use std::io;
 
+mod buf;
+
+pub use buf::{read_storage, write_storage, GuestBuf, GuestBufMut};
+
 /// Errors a block backend reports to a front end.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -55,10 +59,18 @@ pub trait BlockBackend: Send + Sync {
     fn optimal_io_size(&self) -> u32 {
         4096
     }
-    /// Reads `buf.len()` bytes at `offset`.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError>;
-    /// Writes `buf` at `offset`.
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError>;
+    /// Reads `buf.len()` bytes at `offset` into `buf` (guest memory: volatile stores only).
+    fn read_into(&self, offset: u64, buf: &GuestBufMut<'_>) -> Result<(), BlockError>;
+    /// Writes the bytes of `buf` at `offset` (guest memory: volatile loads only).
+    fn write_from(&self, offset: u64, buf: &GuestBuf<'_>) -> Result<(), BlockError>;
+    /// Reads `buf.len()` bytes at `offset` into an owned buffer.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.read_into(offset, &GuestBufMut::from_slice(buf))
+    }
+    /// Writes an owned buffer at `offset`.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        self.write_from(offset, &GuestBuf::from_slice(buf))
+    }
     /// Makes every write acknowledged so far durable.
     fn flush(&self) -> Result<(), BlockError>;
     /// Hints that `[offset, offset+len)` is no longer needed; contents become unspecified

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use boot_relocator::{FileStorage, Storage};
 
-use crate::blockdev::{check_range, BlockBackend, BlockError};
+use crate::blockdev::{
+    check_range, read_storage, write_storage, BlockBackend, BlockError, GuestBuf, GuestBufMut,
+};
 
 /// A plain disk over a [`Storage`]: every range is local.
 pub struct PlainDisk {
@@ -91,14 +93,14 @@ impl BlockBackend for PlainDisk {
         self.optimal_io_size
     }
 
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    fn read_into(&self, offset: u64, buf: &GuestBufMut<'_>) -> Result<(), BlockError> {
         check_range(offset, buf.len() as u64, self.capacity)?;
-        Ok(self.storage.read_at(offset, buf)?)
+        Ok(read_storage(self.storage.as_ref(), offset, buf)?)
     }
 
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+    fn write_from(&self, offset: u64, buf: &GuestBuf<'_>) -> Result<(), BlockError> {
         self.writable(offset, buf.len() as u64)?;
-        Ok(self.storage.write_at(offset, buf)?)
+        Ok(write_storage(self.storage.as_ref(), offset, buf)?)
     }
 
     fn flush(&self) -> Result<(), BlockError> {

@@ -17,7 +17,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use common::blkio_client::Client;
-use streamboot::blockdev::{BlockBackend, BlockError};
+use streamboot::blockdev::{BlockBackend, BlockError, GuestBuf, GuestBufMut};
 use streamboot::plain::PlainDisk;
 use streamboot::vhost::{ServeOptions, ServeSummary, ShutdownHandle, VhostBlkServer, VhostError};
 
@@ -288,7 +288,7 @@ impl BlockBackend for SlowDisk {
     fn read_only(&self) -> bool {
         self.inner.read_only()
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    fn read_into(&self, offset: u64, buf: &GuestBufMut<'_>) -> Result<(), BlockError> {
         if self.overlaps(offset, buf.len() as u64) {
             self.waiting.fetch_add(1, Ordering::SeqCst);
             let mut open = self.open.lock();
@@ -299,10 +299,10 @@ impl BlockBackend for SlowDisk {
                 }
             }
         }
-        self.inner.read_at(offset, buf)
+        self.inner.read_into(offset, buf)
     }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
-        self.inner.write_at(offset, buf)
+    fn write_from(&self, offset: u64, buf: &GuestBuf<'_>) -> Result<(), BlockError> {
+        self.inner.write_from(offset, buf)
     }
     fn flush(&self) -> Result<(), BlockError> {
         self.flushes.fetch_add(1, Ordering::SeqCst);

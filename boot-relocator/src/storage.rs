@@ -40,6 +40,12 @@ pub trait Storage: Send + Sync {
     }
     /// True for a block device: its length is fixed and it cannot be truncated.
     fn is_block_device(&self) -> bool;
+    /// The open file behind this storage, for vectored I/O straight between the disk and
+    /// caller memory (`preadv`/`pwritev`); `None` (the default) sends callers through
+    /// `read_at`/`write_at`. When `write` is set, fails as `write_at` would (out of service).
+    fn direct_file(&self, _write: bool) -> io::Result<Option<&File>> {
+        Ok(None)
+    }
     /// Changes the length of a regular file (error on a block device).
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes `[offset, offset+len)` read as zeros. The default writes zero buffers;
@@ -201,6 +207,13 @@ impl Storage for FileStorage {
 
     fn is_block_device(&self) -> bool {
         self.block_device
+    }
+
+    fn direct_file(&self, write: bool) -> io::Result<Option<&File>> {
+        if write {
+            self.in_service()?;
+        }
+        Ok(Some(&self.file))
     }
 
     fn is_writable(&self) -> bool {

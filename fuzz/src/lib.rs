@@ -6,7 +6,7 @@
 
 use ed25519_dalek::SigningKey;
 use parking_lot::Mutex;
-use streamboot::blockdev::{BlockBackend, BlockError};
+use streamboot::blockdev::{BlockBackend, BlockError, GuestBuf, GuestBufMut};
 
 /// CRC32C of a 4 KiB block with its CRC field at `crc_at` taken as zero, written into that
 /// field (the same rule as boot-relocator's format; recomputed here independently).
@@ -102,14 +102,14 @@ impl BlockBackend for FuzzDisk {
     fn logical_block_size(&self) -> u32 {
         self.block_size
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    fn read_into(&self, offset: u64, buf: &GuestBufMut<'_>) -> Result<(), BlockError> {
         let o = self.check(offset, buf.len() as u64, false);
-        buf.copy_from_slice(&self.data.lock()[o..o + buf.len()]);
+        buf.copy_from(&self.data.lock()[o..o + buf.len()]);
         Ok(())
     }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+    fn write_from(&self, offset: u64, buf: &GuestBuf<'_>) -> Result<(), BlockError> {
         let o = self.check(offset, buf.len() as u64, true);
-        self.data.lock()[o..o + buf.len()].copy_from_slice(buf);
+        buf.copy_to(&mut self.data.lock()[o..o + buf.len()]);
         Ok(())
     }
     fn flush(&self) -> Result<(), BlockError> {

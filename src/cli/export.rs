@@ -14,6 +14,7 @@ use super::size::{human, parse_size};
 use super::store::parse_duration_secs;
 use crate::nbd::server::MAX_READ_CHARGE;
 use crate::nbd::{ChunkCache, NbdServer, ServerHandle, ServerOptions, StoreCatalog};
+use crate::source::http::redact_url;
 use crate::source::store::StoreSourceOptions;
 use crate::store::seen::SeenVersions;
 
@@ -118,7 +119,7 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
     let names = catalog
         .open_all()
         .map_err(|e| anyhow!(e))
-        .with_context(|| format!("opening the images of {}", a.store))?;
+        .with_context(|| format!("opening the images of {}", redact_url(&a.store)))?;
     let server = NbdServer::bind(
         listen,
         catalog,
@@ -142,7 +143,7 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
         println!(
             "exporting {} image(s) of {} on nbd://{addr}/ ({}; cache {})",
             names.len(),
-            a.store,
+            redact_url(&a.store),
             names.join(", "),
             human(a.cache_size)
         );

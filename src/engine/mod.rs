@@ -27,7 +27,9 @@ use bitvec::prelude::{BitVec, Lsb0};
 use boot_relocator::{Entry, Layout, Location, MetaStore, RelocError, State, Storage};
 use parking_lot::{Mutex, RwLock};
 
-use crate::blockdev::{check_range, BlockBackend, BlockError};
+use crate::blockdev::{
+    check_range, read_storage, write_storage, BlockBackend, BlockError, GuestBuf, GuestBufMut,
+};
 use crate::source::{CancellationToken, RemoteSource};
 
 pub use flight::FlightResult;
@@ -332,8 +334,14 @@ impl Engine {
         })
     }
 
-    /// Reads `buf.len()` bytes of the target at `offset`.
+    /// Reads `buf.len()` bytes of the target at `offset` into an owned buffer.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.read_into(offset, &GuestBufMut::from_slice(buf))
+    }
+
+    /// Reads `buf.len()` bytes of the target at `offset` into `buf` (guest memory): local
+    /// chunks with one `preadv` each, fetched bytes with volatile copies.
+    pub fn read_into(&self, offset: u64, buf: &GuestBufMut<'_>) -> Result<(), BlockError> {
         let _timer = self.counters.latency.read.timer();
         check_range(offset, buf.len() as u64, self.layout.target_size)?;
         self.counters.note_read(buf.len() as u64);
@@ -341,23 +349,23 @@ impl Engine {
             if let Some(rec) = &self.recorder {
                 rec.note(c);
             }
-            self.read_chunk(c, within, &mut buf[r])?;
+            self.read_chunk(c, within, &buf.range(r))?;
         }
         Ok(())
     }
 
-    fn read_chunk(&self, c: u64, within: u64, out: &mut [u8]) -> Result<(), BlockError> {
+    fn read_chunk(&self, c: u64, within: u64, out: &GuestBufMut<'_>) -> Result<(), BlockError> {
         loop {
             {
                 let _g = self.stripe(c).read();
                 let e = self.locate(c);
                 match e.loc {
                     Location::Home | Location::Slot(_) => {
-                        self.storage.read_at(self.addr(c, e.loc) + within, out)?;
+                        read_storage(self.storage.as_ref(), self.addr(c, e.loc) + within, out)?;
                         return Ok(());
                     }
                     Location::Zero => {
-                        out.fill(0);
+                        out.fill_zero();
                         return Ok(());
                     }
                     Location::Missing => {}
@@ -366,7 +374,7 @@ impl Engine {
             match self.fetch(c, true)? {
                 FlightResult::Uncached { first, bytes } => {
                     let at = ((c - first) * self.chunk_size() + within) as usize;
-                    out.copy_from_slice(&bytes[at..at + out.len()]);
+                    out.copy_from(&bytes[at..at + out.len()]);
                     Counters::add(&self.counters.uncached_reads, 1);
                     return Ok(());
                 }
@@ -377,8 +385,13 @@ impl Engine {
         }
     }
 
-    /// Writes `data` at `offset` of the target.
+    /// Writes `data` (an owned buffer) at `offset` of the target.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
+        self.write_from(offset, &GuestBuf::from_slice(data))
+    }
+
+    /// Writes `data` (guest memory) at `offset` of the target: one `pwritev` per chunk.
+    pub fn write_from(&self, offset: u64, data: &GuestBuf<'_>) -> Result<(), BlockError> {
         let _timer = self.counters.latency.write.timer();
         if self.read_only {
             return Err(BlockError::ReadOnly);
@@ -386,12 +399,12 @@ impl Engine {
         check_range(offset, data.len() as u64, self.layout.target_size)?;
         Counters::add(&self.counters.written_bytes, data.len() as u64);
         for (c, within, r) in self.pieces(offset, data.len()) {
-            self.write_chunk(c, within, &data[r])?;
+            self.write_chunk(c, within, &data.range(r))?;
         }
         Ok(())
     }
 
-    fn write_chunk(&self, c: u64, within: u64, data: &[u8]) -> Result<(), BlockError> {
+    fn write_chunk(&self, c: u64, within: u64, data: &GuestBuf<'_>) -> Result<(), BlockError> {
         let whole = within == 0 && data.len() == self.layout.target_len(c);
         loop {
             {
@@ -407,7 +420,7 @@ impl Engine {
                             }
                         }
                         drop(m);
-                        self.storage.write_at(self.addr(c, e.loc) + within, data)?;
+                        write_storage(self.storage.as_ref(), self.addr(c, e.loc) + within, data)?;
                         return Ok(());
                     }
                     Location::Zero | Location::Missing if whole => {}
@@ -437,16 +450,17 @@ impl Engine {
 
     /// Gives chunk `c` (missing or zero) a dirty slot holding `data` (a whole chunk) or
     /// zeros. After commit started the chunk goes straight home instead.
-    fn materialize(&self, c: u64, data: Option<&[u8]>) -> Result<(), BlockError> {
+    fn materialize(&self, c: u64, data: Option<&GuestBuf<'_>>) -> Result<(), BlockError> {
         let len = self.layout.target_len(c);
         let zeros;
         let bytes = match data {
-            Some(d) => d,
+            Some(d) => d.clone(),
             None => {
                 zeros = vec![0u8; len];
-                &zeros
+                GuestBuf::from_slice(&zeros)
             }
         };
+        let st = self.storage.as_ref();
         let home = self.to_home.load(Ordering::Acquire);
         let slot = if home {
             None
@@ -454,7 +468,7 @@ impl Engine {
             Some(self.get_slot(true)?)
         };
         if let Some(s) = slot {
-            self.storage.write_at(self.layout.slot_addr(s), bytes)?;
+            write_storage(st, self.layout.slot_addr(s), &bytes)?;
         }
         let _g = self.stripe(c).write();
         let mut m = self.meta.lock();
@@ -473,7 +487,7 @@ impl Engine {
             }
             (Location::Missing | Location::Zero, None) => {
                 drop(m);
-                self.storage.write_at(self.addr(c, Location::Home), bytes)?;
+                write_storage(st, self.addr(c, Location::Home), &bytes)?;
                 let mut m = self.meta.lock();
                 self.set_entry(
                     &mut m.store,
@@ -498,7 +512,7 @@ impl Engine {
                 }
                 drop(m);
                 if data.is_some() {
-                    self.storage.write_at(self.addr(c, loc), bytes)?;
+                    write_storage(st, self.addr(c, loc), &bytes)?;
                 }
             }
         }
@@ -608,11 +622,11 @@ impl BlockBackend for Engine {
     fn optimal_io_size(&self) -> u32 {
         self.chunk_size() as u32
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.read(offset, buf)
+    fn read_into(&self, offset: u64, buf: &GuestBufMut<'_>) -> Result<(), BlockError> {
+        Engine::read_into(self, offset, buf)
     }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
-        self.write(offset, buf)
+    fn write_from(&self, offset: u64, buf: &GuestBuf<'_>) -> Result<(), BlockError> {
+        Engine::write_from(self, offset, buf)
     }
     fn flush(&self) -> Result<(), BlockError> {
         let _timer = self.counters.latency.flush.timer();

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use boot_relocator::{Entry, Location};
 
 use super::Engine;
-use crate::blockdev::{check_range, BlockError};
+use crate::blockdev::{check_range, BlockError, GuestBuf};
 
 impl Engine {
     /// Makes `[offset, offset+len)` read as zeros; whole chunks become `zero` entries
@@ -27,7 +27,8 @@ impl Engine {
             if whole && !self.to_home.load(Ordering::Acquire) {
                 self.make_zero(c, |_| true);
             } else {
-                self.write_chunk(c, within, &vec![0u8; n as usize])?;
+                let zeros = vec![0u8; n as usize];
+                self.write_chunk(c, within, &GuestBuf::from_slice(&zeros))?;
             }
             pos += n;
         }

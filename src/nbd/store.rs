@@ -103,7 +103,8 @@ impl StoreCatalog {
         }
         if only.is_none() && matches!(StoreLocation::parse(location), StoreLocation::Http(_)) {
             return Err(format!(
-                "{location}: a store served over HTTP cannot be listed: name its images with --image"
+                "{}: a store served over HTTP cannot be listed: name its images with --image",
+                crate::source::http::redact_url(location)
             ));
         }
         // The shared cache replaces the source's own.
@@ -189,7 +190,10 @@ impl Catalog for StoreCatalog {
             (None, StoreLocation::Dir(dir)) => StoreDir::new(&dir)
                 .list_indexes()
                 .map_err(|e| format!("listing the store: {e}")),
-            (None, StoreLocation::Http(url)) => Err(format!("{url} cannot be listed")),
+            (None, StoreLocation::Http(url)) => Err(format!(
+                "{} cannot be listed",
+                crate::source::http::redact_url(&url)
+            )),
         }
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::blockdev::{BlockBackend, BlockError};
+use crate::blockdev::{BlockBackend, BlockError, GuestBuf, GuestBufMut};
 
 /// A block device whose backing can be replaced between VM connections. Requests hold
 /// a shared lock for their whole run, so a switch waits for requests in flight.
@@ -43,11 +43,11 @@ impl BlockBackend for SwitchDisk {
     fn optimal_io_size(&self) -> u32 {
         self.inner.read().optimal_io_size()
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.inner.read().read_at(offset, buf)
+    fn read_into(&self, offset: u64, buf: &GuestBufMut<'_>) -> Result<(), BlockError> {
+        self.inner.read().read_into(offset, buf)
     }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
-        self.inner.read().write_at(offset, buf)
+    fn write_from(&self, offset: u64, buf: &GuestBuf<'_>) -> Result<(), BlockError> {
+        self.inner.read().write_from(offset, buf)
     }
     fn flush(&self) -> Result<(), BlockError> {
         self.inner.read().flush()
@@ -86,10 +86,10 @@ impl BlockBackend for FailedDisk {
     fn read_only(&self) -> bool {
         true
     }
-    fn read_at(&self, _: u64, _: &mut [u8]) -> Result<(), BlockError> {
+    fn read_into(&self, _: u64, _: &GuestBufMut<'_>) -> Result<(), BlockError> {
         Err(BlockError::Unavailable(self.why.clone()))
     }
-    fn write_at(&self, _: u64, _: &[u8]) -> Result<(), BlockError> {
+    fn write_from(&self, _: u64, _: &GuestBuf<'_>) -> Result<(), BlockError> {
         Err(BlockError::Unavailable(self.why.clone()))
     }
     fn flush(&self) -> Result<(), BlockError> {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use ed25519_dalek::VerifyingKey;
 
 use super::chunk_share::{ChunkShare, Claim};
+use super::http::redact_url;
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
 use crate::store::fetch::{FetchOptions, Fetcher, StoreLocation};
 use crate::store::identity::{now_unix, IdentityError, ImageIdentity};
@@ -139,7 +140,8 @@ impl StoreSource {
     pub fn open_index(index_location: &str, opts: StoreSourceOptions) -> Result<Self, SourceError> {
         let bad = || {
             SourceError::Invalid(format!(
-                "{index_location}: expected <store>/{INDEXES_DIR}/<name>{INDEX_SUFFIX}"
+                "{}: expected <store>/{INDEXES_DIR}/<name>{INDEX_SUFFIX}",
+                redact_url(index_location)
             ))
         };
         let trimmed = index_location.trim_end_matches('/');

@@ -18,15 +18,25 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+use crate::source::http::redact_url;
 use crate::source::SourceError;
 
-/// Where a store is.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where a store is. Its `Debug` form hides a URL's secrets ([`redact_url`]).
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreLocation {
     /// A directory on a local file system.
     Dir(PathBuf),
     /// Base URL of a store served over HTTP(S) (no trailing slash).
     Http(String),
+}
+
+impl std::fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Dir(d) => f.debug_tuple("Dir").field(d).finish(),
+            StoreLocation::Http(base) => f.debug_tuple("Http").field(&redact_url(base)).finish(),
+        }
+    }
 }
 
 impl StoreLocation {
@@ -40,12 +50,26 @@ impl StoreLocation {
         }
     }
 
-    /// Human-readable location of the file at `rel` (a URL or a path).
+    /// Human-readable location of the file at `rel` (a path, or a URL without its
+    /// secrets: [`redact_url`]), for logs and errors.
     pub fn describe(&self, rel: &str) -> String {
         match self {
             StoreLocation::Dir(d) => d.join(rel).display().to_string(),
-            StoreLocation::Http(base) => format!("{base}/{rel}"),
+            StoreLocation::Http(base) => redact_url(&object_url(base, rel)),
         }
+    }
+}
+
+/// URL of the file at `rel` of the store at `base`. A query string on the base (a token
+/// valid for the whole store, such as a container SAS) goes after the file's path.
+fn object_url(base: &str, rel: &str) -> String {
+    let (path, query) = match base.split_once('?') {
+        Some((p, q)) => (p.trim_end_matches('/'), Some(q)),
+        None => (base, None),
+    };
+    match query {
+        Some(q) => format!("{path}/{rel}?{q}"),
+        None => format!("{path}/{rel}"),
     }
 }
 
@@ -111,7 +135,7 @@ impl Fetcher {
             StoreLocation::Dir(_) => None,
             StoreLocation::Http(base) => {
                 let invalid = |e: &dyn std::fmt::Display| {
-                    SourceError::Invalid(format!("{base}: cannot set up HTTP: {e}"))
+                    SourceError::Invalid(format!("{}: cannot set up HTTP: {e}", redact_url(base)))
                 };
                 let client = reqwest::Client::builder()
                     .connect_timeout(opts.connect_timeout)
@@ -161,7 +185,7 @@ impl Fetcher {
                 let client = &http.client;
                 let opts = &self.opts;
                 let fut = futures_util::stream::iter(reqs.iter())
-                    .map(|(rel, max)| get_with_retry(client, format!("{base}/{rel}"), *max, opts))
+                    .map(|(rel, max)| get_with_retry(client, object_url(base, rel), *max, opts))
                     .buffered(opts.concurrency.max(1))
                     .collect::<Vec<_>>();
                 let rt = http.rt.as_ref().expect("runtime lives until drop");
@@ -232,7 +256,8 @@ async fn get_with_retry(
         match get_once(client, &url, max_len, opts).await {
             Ok(b) => return Ok(b),
             Err(e) if e.is_transient() && attempt < attempts => {
-                tracing::debug!("{url}: attempt {attempt} failed ({e}); retrying");
+                // `e` names the URL in its redacted form already.
+                tracing::debug!("attempt {attempt} failed ({e}); retrying");
                 // Full jitter on the upper half keeps many clients from retrying in step.
                 let jitter = rand::random::<f64>() * 0.5 + 0.5;
                 tokio::time::sleep(delay.mul_f64(jitter)).await;
@@ -244,15 +269,18 @@ async fn get_with_retry(
     }
 }
 
-/// One GET of a whole file, body capped at `max_len`.
+/// One GET of a whole file, body capped at `max_len`. Errors name the URL without its
+/// secrets ([`redact_url`]).
 async fn get_once(
     client: &reqwest::Client,
-    url: &str,
+    raw_url: &str,
     max_len: u64,
     opts: &FetchOptions,
 ) -> Result<Vec<u8>, SourceError> {
+    let shown = redact_url(raw_url);
+    let url = shown.as_str();
     let map = |e: reqwest::Error| map_reqwest(url, e, opts);
-    let mut resp = client.get(url).send().await.map_err(map)?;
+    let mut resp = client.get(raw_url).send().await.map_err(map)?;
     let status = resp.status().as_u16();
     if status != 200 {
         return Err(SourceError::Status {
@@ -285,8 +313,10 @@ async fn get_once(
     Ok(body)
 }
 
-/// Classifies a reqwest error.
+/// Classifies a reqwest error; `url` is the redacted form (the error's own copy of the
+/// URL, which carries the secrets, is dropped).
 fn map_reqwest(url: &str, e: reqwest::Error, opts: &FetchOptions) -> SourceError {
+    let e = e.without_url();
     if e.is_timeout() {
         SourceError::Timeout {
             url: url.to_owned(),
@@ -304,5 +334,28 @@ fn map_reqwest(url: &str, e: reqwest::Error, opts: &FetchOptions) -> SourceError
             url: url.to_owned(),
             reason: e.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_urls_keep_a_store_wide_query_and_show_no_secret() {
+        let plain = StoreLocation::parse("http://h/st/");
+        assert_eq!(plain.describe("indexes/a.idx"), "http://h/st/indexes/a.idx");
+        let base = "https://user:secret@h/st/?sv=1&sig=topsecret";
+        assert_eq!(
+            object_url(base, "indexes/a.idx"),
+            "https://user:secret@h/st/indexes/a.idx?sv=1&sig=topsecret"
+        );
+        let loc = StoreLocation::parse(base);
+        let shown = format!("{} {loc:?}", loc.describe("indexes/a.idx"));
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains("https://***@h/st/indexes/a.idx?***"),
+            "{shown}"
+        );
     }
 }

@@ -10,8 +10,10 @@ use std::os::unix::io::AsRawFd;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-/// Checks every region of `mem`; the first unsafe one is the error.
-pub(crate) fn check_regions(mem: &GuestMemoryMmap<()>, allow_unsealed: bool) -> io::Result<()> {
+/// Checks every region of `mem`; the first unsafe one is the error. `serve` calls it on
+/// the memory the vhost-user crate built at every `SET_MEM_TABLE` / `ADD_MEM_REG`
+/// before it touches any of it (the `vhost_memory` fuzz target calls it the same way).
+pub fn check_regions(mem: &GuestMemoryMmap<()>, allow_unsealed: bool) -> io::Result<()> {
     for r in mem.iter() {
         let gpa = r.start_addr().0;
         let Some(fo) = r.file_offset() else {

@@ -7,12 +7,13 @@
 //! - [`socket`]: socket creation with safe permissions.
 //! - [`config`]: feature bits and the virtio-blk config space.
 //! - `backend`: the `VhostUserBackend` implementation (per-queue workers).
+//! - [`memory`]: the checks on guest memory a frontend shares (region sizes, seals).
 //! - `queue`, `pool`: out-of-order completion of requests that run off the queue worker
 //!   (they may wait on the network, or they are large and run in parallel).
 
 mod backend;
 pub mod config;
-mod memory;
+pub mod memory;
 mod pool;
 mod queue;
 pub mod server;

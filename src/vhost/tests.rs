@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use blkio_client::Client;
 
 use super::{ServeOptions, VhostBlkServer};
-use crate::blockdev::{BlockBackend, BlockError};
+use crate::blockdev::{BlockBackend, BlockError, GuestBuf, GuestBufMut};
 use crate::plain::PlainDisk;
 
 const MIB: usize = 1 << 20;
@@ -69,15 +69,15 @@ impl BlockBackend for Watched {
     fn read_only(&self) -> bool {
         false
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    fn read_into(&self, offset: u64, buf: &GuestBufMut<'_>) -> Result<(), BlockError> {
         self.enter(buf.len());
-        let r = self.inner.read_at(offset, buf);
+        let r = self.inner.read_into(offset, buf);
         self.leave();
         r
     }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+    fn write_from(&self, offset: u64, buf: &GuestBuf<'_>) -> Result<(), BlockError> {
         self.enter(buf.len());
-        let r = self.inner.write_at(offset, buf);
+        let r = self.inner.write_from(offset, buf);
         self.leave();
         r
     }

@@ -1,16 +1,14 @@
 //! Execution of a validated request against a [`BlockBackend`].
 //!
-//! Reads and writes move no data through the device: each data segment is looked up
-//! through vm-memory (bounds-checked, one host-contiguous [`VolatileSlice`] at a time) and
-//! handed to the backend as a byte slice over guest memory, so the backend's
-//! `pread`/`pwrite` goes straight between the disk (or page cache) and the guest's buffer,
-//! as qemu-storage-daemon's `preadv` does. See [`guest_read`] and [`guest_write`] for why
-//! that is sound.
+//! Reads and writes move no data through the device: the data segments are looked up
+//! through vm-memory (bounds-checked, host-contiguous [`VolatileSlice`]s) and handed to
+//! the backend as one [`GuestBuf`]/[`GuestBufMut`], so the backend's `preadv`/`pwritev`
+//! goes straight between the disk (or page cache) and the guest's buffers, as
+//! qemu-storage-daemon's does. No Rust reference is ever made over guest memory.
 
-use vm_memory::bitmap::{Bitmap, BS};
 use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
 
-use crate::blockdev::{BlockBackend, BlockError};
+use crate::blockdev::{BlockBackend, BlockError, GuestBuf, GuestBufMut};
 
 use super::request::{Request, RequestKind, Segment};
 use super::{Completion, Status, ID_BYTES};
@@ -30,7 +28,7 @@ impl Default for ExecOptions {
 }
 
 /// Runs `req`, writes its status byte and returns the completion for the used ring.
-pub fn execute<G: GuestMemory + ?Sized>(
+pub fn execute<G: GuestMemory<Bitmap = ()> + ?Sized>(
     req: &Request,
     mem: &G,
     backend: &dyn BlockBackend,
@@ -72,7 +70,7 @@ impl ExecError {
 }
 
 /// Executes the request; returns the number of data bytes written into guest memory.
-fn run<G: GuestMemory + ?Sized>(
+fn run<G: GuestMemory<Bitmap = ()> + ?Sized>(
     req: &Request,
     mem: &G,
     backend: &dyn BlockBackend,
@@ -130,25 +128,24 @@ fn run<G: GuestMemory + ?Sized>(
     }
 }
 
-/// Calls `f` on each host-contiguous piece of guest segment `seg` (one piece unless the
+/// Appends the host-contiguous pieces of guest segment `seg` (one piece unless the
 /// segment spans two memory regions), as vm-memory hands them out after checking them
-/// against the memory map for `access`; fails unless the pieces cover the whole segment.
-fn for_each_piece<G, F>(
-    mem: &G,
+/// against the memory map for `access`, to `push`; fails unless they cover the segment.
+fn pieces_of<'m, G>(
+    mem: &'m G,
     seg: &Segment,
     access: Permissions,
-    mut f: F,
+    mut push: impl FnMut(VolatileSlice<'m>),
 ) -> Result<(), ExecError>
 where
-    G: GuestMemory + ?Sized,
-    F: FnMut(&VolatileSlice<'_, BS<'_, G::Bitmap>>) -> Result<(), ExecError>,
+    G: GuestMemory<Bitmap = ()> + ?Sized,
 {
     let want = seg.len as usize;
     let mut got = 0usize;
     for slice in mem.get_slices(seg.addr, want, access)? {
         let slice = slice?;
         got += slice.len();
-        f(&slice)?;
+        push(slice);
     }
     if got != want {
         return Err(vm_memory::GuestMemoryError::PartialBuffer {
@@ -160,85 +157,59 @@ where
     Ok(())
 }
 
-/// Reads `len` device bytes at `offset` straight into the guest's `segments`: one
-/// `backend.read_at` per segment (per piece of it, when it spans two memory regions),
-/// on a slice over guest memory, at the device offset accumulated so far.
+/// Reads `len` device bytes at `offset` straight into the guest's `segments`: the
+/// segments become one [`GuestBufMut`] (volatile slices over guest memory, never a Rust
+/// reference) and the backend stores into it, with one `preadv` per contiguous device
+/// range for local data and volatile copies for fetched data.
 ///
 /// The parser checked every segment against guest memory; vm-memory checks each again
-/// where the pointer is made. Should that fail midway (the memory map changed between
-/// parsing and execution), the request ends with an error and the bytes already read
-/// are, as for any failed read, unspecified.
-fn guest_read<G: GuestMemory + ?Sized>(
+/// where the slice is made, before any byte moves. The guest may change its buffers while
+/// the backend stores into them, as during a real DMA transfer: those bytes are then
+/// unspecified, nothing else is affected. The slices borrow `mem`, the memory snapshot
+/// the caller holds for the whole request, which keeps every region mapped even if the
+/// frontend replaces the memory table meanwhile.
+fn guest_read<G: GuestMemory<Bitmap = ()> + ?Sized>(
     mem: &G,
     backend: &dyn BlockBackend,
     offset: u64,
     len: u64,
     segments: &[Segment],
 ) -> Result<(), ExecError> {
-    let mut pos = offset;
+    let mut buf = GuestBufMut::new();
     for seg in segments {
-        for_each_piece(mem, seg, Permissions::Write, |slice| {
-            let guard = slice.ptr_guard_mut();
-            let n = guard.len();
-            {
-                // Soundness: `guard` points at `n` bytes of guest memory that vm-memory
-                // found inside one mapped region (bounds-checked by `get_slices`, for
-                // writing). The mapping outlives `buf`: `mem` is the memory snapshot the
-                // caller holds for the whole request, which keeps every region of it
-                // mapped even if the frontend replaces the memory table meanwhile, and
-                // `guard` keeps any per-access mapping alive; `buf` ends with this block.
-                // The pointer is non-null and `n` lies within one mmap (< isize::MAX).
-                //
-                // Aliasing: these bytes are shared with the guest (and with any other
-                // request naming the same guest pages), which may change them at any
-                // time, as it may during a real DMA transfer. The slice exists only for
-                // this one backend call, which stores into it (pread, memcpy) and does not
-                // rely on reading back what it stored; a guest touching its own buffer
-                // meanwhile only makes those bytes of that buffer unspecified. Nothing
-                // outside the checked range is reachable through `buf`.
-                // SAFETY: sound for the reasons given just above.
-                let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), n) };
-                backend.read_at(pos, buf)?;
-            }
-            // The backend stored through a raw pointer, past vm-memory's dirty tracking.
-            slice.bitmap().mark_dirty(0, n);
-            pos += n as u64;
-            Ok(())
-        })?;
+        pieces_of(mem, seg, Permissions::Write, |s| buf.push(s))?;
     }
-    debug_assert_eq!(pos - offset, len, "segments do not add up to the request");
+    debug_assert_eq!(
+        buf.len() as u64,
+        len,
+        "segments do not add up to the request"
+    );
+    backend.read_into(offset, &buf)?;
     Ok(())
 }
 
-/// Writes the guest's `segments` (`len` bytes) at device offset `offset`: one
-/// `backend.write_at` per segment (per piece of it), on a slice over guest memory.
-/// Checked as in [`guest_read`]; a failure midway leaves the range partly written, as
-/// any failed write may.
-fn guest_write<G: GuestMemory + ?Sized>(
+/// Writes the guest's `segments` (`len` bytes) at device offset `offset`, taken straight
+/// from guest memory as one [`GuestBuf`] (`pwritev` for local data). Checked as in
+/// [`guest_read`]; bytes the guest changes meanwhile reach the disk unspecified, as with
+/// DMA from a buffer the driver did not leave alone. A failure midway leaves the range
+/// partly written, as any failed write may.
+fn guest_write<G: GuestMemory<Bitmap = ()> + ?Sized>(
     mem: &G,
     backend: &dyn BlockBackend,
     offset: u64,
     len: u64,
     segments: &[Segment],
 ) -> Result<(), ExecError> {
-    let mut pos = offset;
+    let mut buf = GuestBuf::new();
     for seg in segments {
-        for_each_piece(mem, seg, Permissions::Read, |slice| {
-            let guard = slice.ptr_guard();
-            let n = guard.len();
-            // Soundness: as in `guest_read`: `n` bytes inside one mapped region, checked for
-            // reading, kept mapped by `mem` and `guard` for longer than `buf` lives (this
-            // one call). The guest may change the bytes while the backend reads them
-            // (pwrite, memcpy); then what reaches the disk for those bytes is unspecified,
-            // as with DMA from a buffer the driver did not leave alone.
-            // SAFETY: sound for the reasons given just above.
-            let buf = unsafe { std::slice::from_raw_parts(guard.as_ptr(), n) };
-            backend.write_at(pos, buf)?;
-            pos += n as u64;
-            Ok(())
-        })?;
+        pieces_of(mem, seg, Permissions::Read, |s| buf.push(s))?;
     }
-    debug_assert_eq!(pos - offset, len, "segments do not add up to the request");
+    debug_assert_eq!(
+        buf.len() as u64,
+        len,
+        "segments do not add up to the request"
+    );
+    backend.write_from(offset, &buf)?;
     Ok(())
 }
 

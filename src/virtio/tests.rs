@@ -11,7 +11,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::blockdev::{check_range, BlockBackend, BlockError};
+use crate::blockdev::{check_range, BlockBackend, BlockError, GuestBuf, GuestBufMut};
 
 use super::*;
 
@@ -62,20 +62,20 @@ impl BlockBackend for MemDisk {
     fn logical_block_size(&self) -> u32 {
         self.block_size
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    fn read_into(&self, offset: u64, buf: &GuestBufMut<'_>) -> Result<(), BlockError> {
         check_range(offset, buf.len() as u64, CAPACITY)?;
         self.reads.lock().push((offset, buf.len()));
         if self.fail_reads {
             return Err(BlockError::Remote("unreachable".into()));
         }
         let o = offset as usize;
-        buf.copy_from_slice(&self.data.lock()[o..o + buf.len()]);
+        buf.copy_from(&self.data.lock()[o..o + buf.len()]);
         Ok(())
     }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+    fn write_from(&self, offset: u64, buf: &GuestBuf<'_>) -> Result<(), BlockError> {
         check_range(offset, buf.len() as u64, CAPACITY)?;
         let o = offset as usize;
-        self.data.lock()[o..o + buf.len()].copy_from_slice(buf);
+        buf.copy_to(&mut self.data.lock()[o..o + buf.len()]);
         self.log
             .lock()
             .push(format!("write {offset} {}", buf.len()));
@@ -737,7 +737,7 @@ fn locality_follows_the_backend() {
 }
 
 #[test]
-fn large_read_lands_in_guest_memory_one_call_per_segment() {
+fn large_read_lands_in_guest_memory_in_one_call() {
     let mem = memory();
     let disk = MemDisk::new();
     header(&mem, VIRTIO_BLK_T_IN, 8);
@@ -758,10 +758,8 @@ fn large_read_lands_in_guest_memory_one_call_per_segment() {
     assert_eq!(out.completion.status, Status::Ok);
     assert_eq!(out.completion.used_len, 3 * seg + 1);
     let s = seg as usize;
-    assert_eq!(
-        *disk.reads.lock(),
-        vec![(4096, s), (4096 + s as u64, s), (4096 + 2 * s as u64, s)]
-    );
+    // One backend call for the whole request, all segments in one buffer.
+    assert_eq!(*disk.reads.lock(), vec![(4096, 3 * s)]);
     let d = disk.data.lock();
     for (i, addr) in at.into_iter().enumerate() {
         let mut got = vec![0u8; s];
@@ -772,7 +770,7 @@ fn large_read_lands_in_guest_memory_one_call_per_segment() {
 }
 
 #[test]
-fn large_write_goes_to_the_backend_one_call_per_segment() {
+fn large_write_goes_to_the_backend_in_one_call() {
     let mem = memory();
     let disk = MemDisk::new();
     header(&mem, VIRTIO_BLK_T_OUT, 0);
@@ -794,14 +792,7 @@ fn large_write_goes_to_the_backend_one_call_per_segment() {
         &disk,
     );
     assert_eq!(out.completion.status, Status::Ok);
-    assert_eq!(
-        disk.log(),
-        vec![
-            "write 0 524288",
-            "write 524288 524288",
-            "write 1048576 524288"
-        ]
-    );
+    assert_eq!(disk.log(), vec!["write 0 1572864"]);
     let d = disk.data.lock();
     for i in 0..3usize {
         let s = seg as usize;
@@ -817,7 +808,7 @@ fn two_region_memory() -> GuestMemoryMmap<()> {
 }
 
 #[test]
-fn segments_spanning_two_memory_regions_are_split_at_the_boundary() {
+fn segments_spanning_two_memory_regions_reach_the_backend_whole() {
     let mem = two_region_memory();
     let disk = MemDisk::new();
     let boundary = (MEM_SIZE / 2) as u64;
@@ -829,7 +820,7 @@ fn segments_spanning_two_memory_regions_are_split_at_the_boundary() {
         &disk,
     );
     assert_eq!(out.completion.status, Status::Ok);
-    assert_eq!(*disk.reads.lock(), vec![(1024, 4096), (1024 + 4096, 8192)]);
+    assert_eq!(*disk.reads.lock(), vec![(1024, 12288)]);
     let mut got = vec![0u8; 12288];
     mem.read_slice(&mut got, GuestAddress(boundary - 4096))
         .unwrap();
@@ -845,7 +836,7 @@ fn segments_spanning_two_memory_regions_are_split_at_the_boundary() {
         &disk,
     );
     assert_eq!(out.completion.status, Status::Ok);
-    assert_eq!(disk.log(), vec!["write 32768 4096", "write 36864 8192"]);
+    assert_eq!(disk.log(), vec!["write 32768 12288"]);
     assert!(disk.data.lock()[32768..32768 + 12288]
         .iter()
         .all(|&b| b == 0x5a));
@@ -869,8 +860,8 @@ fn failed_read_reports_no_data() {
     );
     assert_eq!(out.completion.status, Status::IoErr);
     assert_eq!(out.completion.used_len, 1);
-    // The first segment failed: the second was never asked for.
-    assert_eq!(*disk.reads.lock(), vec![(0, 4096)]);
+    // One call for both segments, which failed.
+    assert_eq!(*disk.reads.lock(), vec![(0, 8192)]);
 }
 
 #[test]

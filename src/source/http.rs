@@ -52,6 +52,7 @@
 //! URL fails fast.
 
 mod attempt;
+mod auth;
 mod check;
 mod probe;
 mod read;
@@ -68,6 +69,8 @@ use reqwest::{Client, Url};
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
 use self::attempt::chain;
+use self::auth::Auth;
+pub use self::auth::HttpAuth;
 use self::probe::{pin_mirrors, probe_with_retries};
 pub use self::url::{identity_url, redact_url};
 use super::retry::Backoff;
@@ -111,6 +114,8 @@ pub struct HttpOptions {
     /// Allow HTTP/2 when a TLS server offers it. Off by default: over one connection,
     /// HTTP/2 flow control tends to cap bulk throughput below several HTTP/1.1 connections.
     pub http2: bool,
+    /// Extra headers, bearer token, trusted CAs and client certificate.
+    pub auth: HttpAuth,
 }
 
 /// Default [`HttpOptions::min_rate`]: 64 KiB/s (a 4 MiB range gets 64 s).
@@ -128,6 +133,7 @@ impl Default for HttpOptions {
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             http2: false,
+            auth: HttpAuth::default(),
         }
     }
 }
@@ -149,7 +155,7 @@ impl HttpOptions {
                 "HTTP options: backoff_base must be non-zero and at most backoff_max".into(),
             ));
         }
-        Ok(())
+        self.auth.validate()
     }
 
     /// Total time one attempt to fetch `len` bytes may take:
@@ -227,6 +233,7 @@ pub struct HttpSource {
 /// Everything the async request code needs (kept apart from the runtime that runs it).
 struct Inner {
     client: Client,
+    auth: Auth,
     mirrors: Vec<Mirror>,
     identity: SourceIdentity,
     pin: Pin,
@@ -280,6 +287,7 @@ impl HttpSource {
             .map(|u| Mirror::parse(u))
             .collect::<Result<Vec<_>, _>>()?;
         let client = build_client(&opts)?;
+        let auth = Auth::new(&opts.auth)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("streamboot-http")
@@ -292,7 +300,7 @@ impl HttpSource {
             join_all(
                 mirrors
                     .iter()
-                    .map(|m| probe_with_retries(&client, &opts, m)),
+                    .map(|m| probe_with_retries(&client, &auth, &opts, m)),
             ),
         );
         let (first_ok, size, pin) = pin_mirrors(&mirrors, probes, expected)?;
@@ -316,6 +324,7 @@ impl HttpSource {
             handle,
             inner: Inner {
                 client,
+                auth,
                 mirrors,
                 identity,
                 pin,
@@ -418,6 +427,8 @@ fn build_client(opts: &HttpOptions) -> Result<Client, SourceError> {
     } else {
         builder.http1_only()
     };
+    builder = builder.default_headers(opts.auth.header_map()?);
+    builder = opts.auth.apply_tls(builder)?;
     builder
         .build()
         .map_err(|e| SourceError::Invalid(format!("cannot set up the HTTP client: {}", chain(&e))))

@@ -17,7 +17,7 @@ pub mod http_parse;
 pub mod retry;
 
 pub use file::FileSource;
-pub use http::{HttpOptions, HttpSource};
+pub use http::{HttpAuth, HttpOptions, HttpSource};
 pub use tokio_util::sync::CancellationToken;
 
 /// What pins a remote image: a migration refuses to continue when this changes.
@@ -104,6 +104,15 @@ pub enum SourceError {
     /// its answers): it is not used.
     #[error("{url}: {reason}")]
     Unvalidated { url: String, reason: String },
+    /// TLS failed: the server's certificate is not trusted, or the server refused ours (or
+    /// wants one). Permanent until the operator gives the CA or the client certificate.
+    #[error("{url}: TLS: {reason}")]
+    Tls { url: String, reason: String },
+    /// HTTP 403 on a request for a pinned image: a presigned URL that expired, or access
+    /// withdrawn. Transient while serving (a refreshed URL, `POST /v1/target-urls`,
+    /// recovers; reads wait until the fetch deadline); opening fails at once.
+    #[error("{url}: server answered HTTP 403: expired or forbidden: {hint}")]
+    Forbidden { url: String, hint: &'static str },
     /// The caller cancelled the read (its requester went away, or shutdown). Never retried.
     #[error("fetch cancelled")]
     Cancelled,
@@ -117,7 +126,8 @@ impl SourceError {
             | SourceError::Timeout { .. }
             | SourceError::BadResponse { .. }
             | SourceError::Transfer { .. }
-            | SourceError::Verify { .. } => true,
+            | SourceError::Verify { .. }
+            | SourceError::Forbidden { .. } => true,
             SourceError::Status { status, .. } => {
                 matches!(*status, 408 | 429 | 500 | 502 | 503 | 504)
             }
@@ -129,6 +139,7 @@ impl SourceError {
             | SourceError::Unauthorized { .. }
             | SourceError::RedirectRefused { .. }
             | SourceError::Unvalidated { .. }
+            | SourceError::Tls { .. }
             | SourceError::Cancelled => false,
         }
     }

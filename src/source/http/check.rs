@@ -53,7 +53,13 @@ impl Inner {
                     url: m.shown.clone(),
                 });
             }
-            status => return Err(status_error(m, status)),
+            status => {
+                return Err(status_error(
+                    m,
+                    status,
+                    self.opts.auth.client_cert.is_some(),
+                ))
+            }
         }
         match self.validation(headers) {
             Validation::Same => {}
@@ -122,10 +128,29 @@ pub(super) fn header_label(pin: &Pin) -> &'static str {
     }
 }
 
-/// The error for an unexpected status; 401 and 403 say how to give credentials.
-pub(super) fn status_error(m: &Mirror, status: StatusCode) -> SourceError {
+/// The error for an unexpected status; 401 and 403 say how to give credentials, a 400
+/// over https without a client certificate that one may be needed (nginx answers so when
+/// `ssl_verify_client on` gets none).
+pub(super) fn status_error(m: &Mirror, status: StatusCode, client_cert: bool) -> SourceError {
     match status {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => SourceError::Unauthorized {
+        StatusCode::BAD_REQUEST if m.url.scheme() == "https" && !client_cert => SourceError::Tls {
+            url: m.shown.clone(),
+            reason: "server answered HTTP 400: it may require a client certificate \
+                     (mutual TLS); give --client-cert PEM --client-key PEM"
+                .into(),
+        },
+        StatusCode::FORBIDDEN => SourceError::Forbidden {
+            url: m.shown.clone(),
+            hint: if m.has_secrets {
+                "the signature (query string) or credentials of the URL were refused; give \
+                 a fresh URL (serve: POST /v1/target-urls or `streamboot target-urls`; \
+                 otherwise --target)"
+            } else {
+                "the server refuses access; give credentials (--header-file, \
+                 --bearer-token-file) or a signed URL with --target"
+            },
+        },
+        StatusCode::UNAUTHORIZED => SourceError::Unauthorized {
             url: m.shown.clone(),
             status: status.as_u16(),
             hint: if m.has_secrets {

@@ -148,10 +148,7 @@ impl Inner {
             Pin::ETag(etag) => request.header(IF_MATCH, etag),
             Pin::LastModified(date) => request.header(IF_UNMODIFIED_SINCE, date),
         };
-        let mut response = clock
-            .run(m, request.send())
-            .await?
-            .map_err(|e| request_error(&self.opts, m, e))?;
+        let mut response = self.auth.send(&clock, &self.opts, m, request).await?;
         self.check_response(mirror, &response, start, end)?;
 
         let mut pos = 0usize;

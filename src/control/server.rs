@@ -41,6 +41,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::rates::RateWindow;
+use super::targets::{parse_target_urls, SecretUrls};
 use super::{metrics, ControlError, ControlOps, FetchedBytes, StatusReport};
 use crate::vhost::socket::bind_socket;
 use crate::vhost::VhostError;
@@ -394,6 +395,7 @@ enum Action {
         paused: Option<bool>,
         rate: Option<u64>,
     },
+    TargetUrls(SecretUrls),
 }
 
 impl Action {
@@ -403,6 +405,7 @@ impl Action {
             Action::Commit => ops.commit(),
             Action::Rollback => ops.rollback(),
             Action::Hydration { paused, rate } => ops.set_hydration(paused, rate),
+            Action::TargetUrls(urls) => ops.set_target_urls(&urls.0),
         }
     }
 }
@@ -451,6 +454,7 @@ const ROUTES: &[(&str, Method)] = &[
     ("/v1/commit", Method::POST),
     ("/v1/rollback", Method::POST),
     ("/v1/hydration", Method::POST),
+    ("/v1/target-urls", Method::POST),
 ];
 
 async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
@@ -508,6 +512,8 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
                     paused: r.paused,
                     rate: r.rate,
                 })
+            } else if action == "/v1/target-urls" {
+                parse_target_urls(&body).map(Action::TargetUrls)
             } else {
                 parse_no_params(&body).map(|()| match action {
                     "/v1/confirm" => Action::Confirm,

@@ -54,6 +54,7 @@
 mod attempt;
 mod auth;
 mod check;
+mod mirrors;
 mod probe;
 mod read;
 pub mod url;
@@ -61,16 +62,19 @@ pub mod url;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::AtomicUsize;
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use parking_lot::RwLock;
 use reqwest::{Client, Url};
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
+use tokio::sync::Notify;
 
 use self::attempt::chain;
 use self::auth::Auth;
 pub use self::auth::HttpAuth;
+use self::mirrors::MirrorSet;
 use self::probe::{pin_mirrors, probe_with_retries};
 pub use self::url::{identity_url, redact_url};
 use super::retry::Backoff;
@@ -234,14 +238,15 @@ pub struct HttpSource {
 struct Inner {
     client: Client,
     auth: Auth,
-    mirrors: Vec<Mirror>,
+    /// The URLs in use; replaced as a whole by [`HttpSource::replace_urls`].
+    set: RwLock<Arc<MirrorSet>>,
+    /// Wakes reads waiting out a backoff when the URLs were replaced.
+    replaced: Notify,
     identity: SourceIdentity,
     pin: Pin,
     opts: HttpOptions,
     /// Mirror to try first; moves on when it fails.
     preferred: AtomicUsize,
-    /// Per mirror: why it is no longer used (it answered without the pinned validator).
-    refused: Vec<OnceLock<String>>,
 }
 
 impl fmt::Debug for HttpSource {
@@ -251,6 +256,7 @@ impl fmt::Debug for HttpSource {
                 "mirrors",
                 &self
                     .inner
+                    .mirror_set()
                     .mirrors
                     .iter()
                     .map(|m| m.shown.as_str())
@@ -325,19 +331,20 @@ impl HttpSource {
             inner: Inner {
                 client,
                 auth,
-                mirrors,
+                set: RwLock::new(Arc::new(MirrorSet::new(mirrors))),
+                replaced: Notify::new(),
                 identity,
                 pin,
                 opts,
                 preferred: AtomicUsize::new(first_ok),
-                refused: (0..urls.len()).map(|_| OnceLock::new()).collect(),
             },
         })
     }
 
     /// The mirrors' URLs as shown in logs ([`redact_url`]), in the order given.
     pub fn urls(&self) -> Vec<String> {
-        self.inner.mirrors.iter().map(|m| m.shown.clone()).collect()
+        let set = self.inner.mirror_set();
+        set.mirrors.iter().map(|m| m.shown.clone()).collect()
     }
 
     /// The options the source was opened with.
@@ -387,9 +394,14 @@ impl RemoteSource for HttpSource {
         })
     }
 
+    fn replace_urls(&self, urls: &[String]) -> Result<(), SourceError> {
+        block_on(&self.handle, self.inner.replace_urls(urls))
+    }
+
     fn name(&self) -> String {
-        let first = &self.inner.mirrors[0].shown;
-        match self.inner.mirrors.len() {
+        let set = self.inner.mirror_set();
+        let first = &set.mirrors[0].shown;
+        match set.mirrors.len() {
             1 => first.clone(),
             n => format!("{first} (+{} mirrors)", n - 1),
         }

@@ -109,8 +109,9 @@ pub enum SourceError {
     #[error("{url}: TLS: {reason}")]
     Tls { url: String, reason: String },
     /// HTTP 403 on a request for a pinned image: a presigned URL that expired, or access
-    /// withdrawn. Transient while serving (a refreshed URL, `POST /v1/target-urls`,
-    /// recovers; reads wait until the fetch deadline); opening fails at once.
+    /// withdrawn. Not transient (opening fails at once), but a read of an open source
+    /// waits and retries until its deadline ([`SourceError::awaits_refresh`]): a refreshed
+    /// URL (`POST /v1/target-urls`) recovers.
     #[error("{url}: server answered HTTP 403: expired or forbidden: {hint}")]
     Forbidden { url: String, hint: &'static str },
     /// The caller cancelled the read (its requester went away, or shutdown). Never retried.
@@ -126,8 +127,7 @@ impl SourceError {
             | SourceError::Timeout { .. }
             | SourceError::BadResponse { .. }
             | SourceError::Transfer { .. }
-            | SourceError::Verify { .. }
-            | SourceError::Forbidden { .. } => true,
+            | SourceError::Verify { .. } => true,
             SourceError::Status { status, .. } => {
                 matches!(*status, 408 | 429 | 500 | 502 | 503 | 504)
             }
@@ -140,8 +140,15 @@ impl SourceError {
             | SourceError::RedirectRefused { .. }
             | SourceError::Unvalidated { .. }
             | SourceError::Tls { .. }
+            | SourceError::Forbidden { .. }
             | SourceError::Cancelled => false,
         }
+    }
+
+    /// True for an error that new URLs of the same image can cure (an expired presigned
+    /// URL): reads of an open source retry it like a transient error until their deadline.
+    pub fn awaits_refresh(&self) -> bool {
+        matches!(self, SourceError::Forbidden { .. })
     }
 }
 
@@ -179,6 +186,16 @@ pub trait RemoteSource: Send + Sync + fmt::Debug {
     /// (a chunk store's index knows; a raw HTTP image does not: `None`).
     fn known_zero(&self, _offset: u64, _len: u64) -> Option<bool> {
         None
+    }
+
+    /// Replaces the URLs the image is fetched from while it is in use (a refreshed
+    /// presigned URL), after checking that they serve the pinned image (same identity);
+    /// otherwise nothing changes. Sources without replaceable URLs refuse.
+    fn replace_urls(&self, _urls: &[String]) -> Result<(), SourceError> {
+        Err(SourceError::Invalid(format!(
+            "{}: the location of this target cannot be replaced while serving",
+            self.name()
+        )))
     }
 
     /// A short human-readable name for logs (URL or path).

@@ -7,6 +7,7 @@ use reqwest::header::{
 };
 use reqwest::{Response, StatusCode};
 
+use super::mirrors::MirrorSet;
 use super::{Inner, Mirror, Pin};
 use crate::source::http_parse::{parse_content_length, parse_content_range};
 use crate::source::SourceError;
@@ -17,12 +18,13 @@ impl Inner {
     /// refused (see [`Inner::refuse`]).
     pub(super) fn check_response(
         &self,
+        set: &MirrorSet,
         index: usize,
         response: &Response,
         start: u64,
         end: u64,
     ) -> Result<(), SourceError> {
-        let m = &self.mirrors[index];
+        let m = &set.mirrors[index];
         let headers = response.headers();
         let changed = |found: String| SourceError::Changed {
             url: m.shown.clone(),
@@ -64,7 +66,7 @@ impl Inner {
         match self.validation(headers) {
             Validation::Same => {}
             Validation::Different(found) => return Err(changed(found)),
-            Validation::Missing => return Err(self.refuse(index)),
+            Validation::Missing => return Err(self.refuse(set, index)),
         }
         check_identity_coding(m, headers)?;
         match content_range(headers) {

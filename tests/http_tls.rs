@@ -387,3 +387,36 @@ fn bearer_token_file_is_reread_after_401() {
         "token in the log"
     );
 }
+
+/// Proxy variables are honoured (reqwest reads HTTP_PROXY/HTTPS_PROXY/ALL_PROXY and
+/// NO_PROXY), loopback targets included: NO_PROXY must name them to bypass the proxy.
+#[test]
+fn proxy_variables_are_honoured() {
+    let nginx = Nginx::start();
+    let (_dir, disk, _) = setup(&nginx, 9);
+    let proxy = common::fault_proxy::FaultProxy::start(nginx.port());
+    let run = |no_proxy: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_streamboot"))
+            .args(strs(&prepare(&disk, &nginx.url("t.img"), &[])))
+            .env("HTTP_PROXY", proxy.url(""))
+            .env("NO_PROXY", no_proxy)
+            .env_remove("http_proxy")
+            .env_remove("no_proxy")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run("127.0.0.1");
+    assert_eq!(
+        proxy.requests(),
+        0,
+        "NO_PROXY=127.0.0.1 still used the proxy"
+    );
+    cli_ok(&["rollback", disk.to_str().unwrap()]);
+    run("");
+    assert!(proxy.requests() > 0, "HTTP_PROXY was ignored");
+}

@@ -439,8 +439,7 @@ fn build_client(opts: &HttpOptions) -> Result<Client, SourceError> {
     } else {
         builder.http1_only()
     };
-    builder = builder.default_headers(opts.auth.header_map()?);
-    builder = opts.auth.apply_tls(builder)?;
+    builder = opts.auth.configure(builder)?;
     builder
         .build()
         .map_err(|e| SourceError::Invalid(format!("cannot set up the HTTP client: {}", chain(&e))))

@@ -81,6 +81,14 @@ impl HttpAuth {
         Ok(())
     }
 
+    /// Applies the extra headers and the trust settings to another client reaching the
+    /// same servers (for the chunk-store fetcher). The bearer token is not included: it
+    /// is sent per request and read again after a 401 (see `Auth::send`).
+    pub fn configure(&self, builder: ClientBuilder) -> Result<ClientBuilder, SourceError> {
+        self.validate()?;
+        self.apply_tls(builder.default_headers(self.header_map()?))
+    }
+
     /// The extra headers (inline, then from the files), values marked sensitive.
     pub(super) fn header_map(&self) -> Result<HeaderMap, SourceError> {
         let mut map = HeaderMap::new();

@@ -420,3 +420,35 @@ fn proxy_variables_are_honoured() {
     run("");
     assert!(proxy.requests() > 0, "HTTP_PROXY was ignored");
 }
+
+/// `--system-roots` trusts the OS store (rustls-native-certs, which honours
+/// `SSL_CERT_FILE`: the test points it at its CA instead of changing the host's store);
+/// without the option the OS store is not consulted.
+#[test]
+fn system_roots_option_uses_the_os_store() {
+    let pki = Pki::new();
+    let nginx = Nginx::start_custom("ssl", &pki.nginx_tls());
+    let (_dir, disk, _) = setup(&nginx, 11);
+    let url = nginx.https_url("t.img");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_streamboot"))
+            .args(strs(&prepare(&disk, &url, extra)))
+            .env("SSL_CERT_FILE", pki.path("ca.pem"))
+            .env_remove("SSL_CERT_DIR")
+            .output()
+            .unwrap()
+    };
+    let before = sha256_file(&disk);
+    let out = run(&[]);
+    assert!(
+        !out.status.success(),
+        "the OS store was used without --system-roots"
+    );
+    assert_eq!(sha256_file(&disk), before);
+    let out = run(&["--system-roots", "--no-default-roots"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

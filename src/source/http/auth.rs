@@ -122,8 +122,8 @@ impl HttpAuth {
         &self,
         mut builder: ClientBuilder,
     ) -> Result<ClientBuilder, SourceError> {
+        // With rustls, these two decide which built-in roots are loaded.
         builder = builder
-            .tls_built_in_root_certs(!self.no_default_roots)
             .tls_built_in_webpki_certs(!self.no_default_roots)
             .tls_built_in_native_certs(self.system_roots);
         for file in &self.cacerts {

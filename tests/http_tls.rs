@@ -252,6 +252,39 @@ fn client_certificate_is_sent_when_required() {
     assert!(err.contains("client.ext"), "{err}");
     assert_eq!(sha256_file(&disk), before);
 
+    // A certificate the server does not trust (self-signed): refused, clearly.
+    pki.openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "rogue.key",
+        "-out",
+        "rogue.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=rogue",
+    ]);
+    let err = cli_err(&strs(&prepare(
+        &disk,
+        &url,
+        &[
+            "--cacert",
+            &ca,
+            "--client-cert",
+            &pki.arg("rogue.pem"),
+            "--client-key",
+            &pki.arg("rogue.key"),
+        ],
+    )));
+    assert!(err.contains("refused the client certificate"), "{err}");
+    assert_eq!(sha256_file(&disk), before);
+
     cli_ok(&strs(&prepare(
         &disk,
         &url,
@@ -451,4 +484,40 @@ fn system_roots_option_uses_the_os_store() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A chunk-store target behind HTTPS with a private CA: the store fetcher trusts what
+/// `--cacert` says, like the raw-image source.
+#[test]
+fn chunk_store_target_uses_the_same_tls_options() {
+    let pki = Pki::new();
+    let nginx = Nginx::start_custom("ssl", &pki.nginx_tls());
+    let (dir, disk, _) = setup(&nginx, 13);
+    let image = dir.path().join("v.img");
+    std::fs::write(&image, common::random_bytes(14, 3 << 20)).unwrap();
+    let key = dir.path().join("k");
+    cli_ok(&["keygen", key.to_str().unwrap()]);
+    let store = nginx.root().join("store");
+    cli_ok(&[
+        "publish",
+        image.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--name",
+        "v",
+        "--key",
+        &format!("{}.key", key.display()),
+    ]);
+    let url = nginx.https_url("store/indexes/v.idx");
+    let public = format!("{}.pub", key.display());
+    let d = disk.to_str().unwrap();
+    let before = sha256_file(&disk);
+    let base = ["prepare", d, "--target", &url, "--trusted-key", &public];
+    let out = cli(&base);
+    assert!(!out.status.success(), "an unknown CA was trusted");
+    assert_eq!(sha256_file(&disk), before);
+    let ca = pki.arg("ca.pem");
+    let mut with_ca = base.to_vec();
+    with_ca.extend(["--cacert", ca.as_str()]);
+    cli_ok(&with_ca);
 }

@@ -131,15 +131,20 @@ pub(super) fn header_label(pin: &Pin) -> &'static str {
 }
 
 /// The error for an unexpected status; 401 and 403 say how to give credentials, a 400
-/// over https without a client certificate that one may be needed (nginx answers so when
-/// `ssl_verify_client on` gets none).
+/// over https that the client certificate may be missing or refused (nginx with
+/// `ssl_verify_client on` answers so after a TLS 1.3 handshake).
 pub(super) fn status_error(m: &Mirror, status: StatusCode, client_cert: bool) -> SourceError {
     match status {
-        StatusCode::BAD_REQUEST if m.url.scheme() == "https" && !client_cert => SourceError::Tls {
+        StatusCode::BAD_REQUEST if m.url.scheme() == "https" => SourceError::Tls {
             url: m.shown.clone(),
-            reason: "server answered HTTP 400: it may require a client certificate \
-                     (mutual TLS); give --client-cert PEM --client-key PEM"
-                .into(),
+            reason: if client_cert {
+                "server answered HTTP 400: it may have refused the client certificate \
+                 (--client-cert: is it signed by a CA the server trusts, and not expired?)"
+            } else {
+                "server answered HTTP 400: it may require a client certificate \
+                 (mutual TLS); give --client-cert PEM --client-key PEM"
+            }
+            .into(),
         },
         StatusCode::FORBIDDEN => SourceError::Forbidden {
             url: m.shown.clone(),

@@ -13,7 +13,7 @@ use serde_json::json;
 use streamboot::control::client;
 
 use common::blkio_client::Client;
-use common::disk::{cli, cli_ok};
+use common::disk::{cli, cli_err, cli_ok};
 use common::nginx::Nginx;
 use common::serve::Served;
 
@@ -95,10 +95,24 @@ fn expired_presigned_url_is_refreshed_through_the_control_api() {
         .expect_err("a string accepted as a list");
     assert!(!e.to_string().contains(NEW_SIG), "{e}");
 
-    // The fresh URL of the same image: the waiting read completes with the right bytes.
-    let ok = client::post(&ctl, "/v1/target-urls", &json!({ "urls": [new_url] }))
-        .expect("fresh URL refused");
-    assert!(!ok.to_string().contains(NEW_SIG), "{ok}");
+    // The CLI: the expired URL is refused in one clear line; the fresh URL of the same
+    // image (from a file, off the process list) is taken and the waiting read completes.
+    let err = cli_err(&["target-urls", d, &old_url, "--control", c]);
+    assert!(
+        err.contains("refused") && err.contains("expired or forbidden") && !err.contains(OLD_SIG),
+        "{err}"
+    );
+    let url_file = dir.path().join("urls");
+    std::fs::write(&url_file, format!("{new_url}\n")).unwrap();
+    let out = cli_ok(&[
+        "target-urls",
+        d,
+        "--url-file",
+        url_file.to_str().unwrap(),
+        "--control",
+        c,
+    ]);
+    assert!(out.contains("replaced") && !out.contains(NEW_SIG), "{out}");
     let done = vm
         .wait(0, 1)
         .expect("the read never completed after the refresh");

@@ -8,6 +8,7 @@ mod report;
 mod serve;
 pub mod size;
 mod store;
+mod targets;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -183,6 +184,9 @@ pub enum Command {
         #[arg(long)]
         control: Option<PathBuf>,
     },
+    /// Give a running serve fresh URLs of its target (an expired presigned URL); checked
+    /// against the pinned image, refused otherwise.
+    TargetUrls(targets::TargetUrlsArgs),
 }
 
 /// Reports a command-line parsing error like every other error: one line

@@ -8,7 +8,7 @@ use reqwest::header::{
 use reqwest::{Response, StatusCode};
 
 use super::mirrors::MirrorSet;
-use super::{Inner, Mirror, Pin};
+use super::{HttpAuth, Inner, Mirror, Pin};
 use crate::source::http_parse::{parse_content_length, parse_content_range};
 use crate::source::SourceError;
 
@@ -55,13 +55,7 @@ impl Inner {
                     url: m.shown.clone(),
                 });
             }
-            status => {
-                return Err(status_error(
-                    m,
-                    status,
-                    self.opts.auth.client_cert.is_some(),
-                ))
-            }
+            status => return Err(status_error(m, status, &self.opts.auth)),
         }
         match self.validation(headers) {
             Validation::Same => {}
@@ -133,7 +127,8 @@ pub(super) fn header_label(pin: &Pin) -> &'static str {
 /// The error for an unexpected status; 401 and 403 say how to give credentials, a 400
 /// over https that the client certificate may be missing or refused (nginx with
 /// `ssl_verify_client on` answers so after a TLS 1.3 handshake).
-pub(super) fn status_error(m: &Mirror, status: StatusCode, client_cert: bool) -> SourceError {
+pub(super) fn status_error(m: &Mirror, status: StatusCode, auth: &HttpAuth) -> SourceError {
+    let client_cert = auth.client_cert.is_some();
     match status {
         StatusCode::BAD_REQUEST if m.url.scheme() == "https" => SourceError::Tls {
             url: m.shown.clone(),
@@ -156,6 +151,12 @@ pub(super) fn status_error(m: &Mirror, status: StatusCode, client_cert: bool) ->
                 "the server refuses access; give credentials (--header-file, \
                  --bearer-token-file) or a signed URL with --target"
             },
+        },
+        StatusCode::UNAUTHORIZED if auth.bearer_token_file.is_some() => SourceError::Unauthorized {
+            url: m.shown.clone(),
+            status: status.as_u16(),
+            hint: "the bearer token was refused, also after reading --bearer-token-file \
+                   again; put a valid token in that file",
         },
         StatusCode::UNAUTHORIZED => SourceError::Unauthorized {
             url: m.shown.clone(),

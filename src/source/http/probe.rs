@@ -188,13 +188,7 @@ async fn probe(
                 mirror.shown
             )))
         }
-        status => {
-            return Err(status_error(
-                mirror,
-                status,
-                opts.auth.client_cert.is_some(),
-            ))
-        }
+        status => return Err(status_error(mirror, status, &opts.auth)),
     }
     let headers = response.headers();
     check_identity_coding(mirror, headers)?;

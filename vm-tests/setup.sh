@@ -36,6 +36,7 @@ requirements=(
 	"perl perl-base"
 	"timeout coreutils"
 	"curl curl"
+	"openssl openssl"
 	"losetup mount"
 	"/boot/vmlinuz-* linux-image-amd64"
 )

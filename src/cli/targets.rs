@@ -9,6 +9,9 @@ use serde_json::json;
 
 use crate::control::client;
 
+/// How long the answer may take: serve probes each new URL, retrying a few times.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
 /// Arguments of `target-urls`.
 #[derive(Clone, Args)]
 pub struct TargetUrlsArgs {

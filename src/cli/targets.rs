@@ -61,14 +61,19 @@ pub fn run(a: &TargetUrlsArgs, json_out: bool) -> Result<()> {
     if urls.is_empty() {
         bail!("no URL given (URL arguments or --url-file)");
     }
-    let answer =
-        client::post(&a.control, "/v1/target-urls", &json!({ "urls": urls })).map_err(|e| {
-            anyhow::anyhow!(
-                "target-urls for {} through {}: {e}",
-                a.disk.display(),
-                a.control.display()
-            )
-        })?;
+    let answer = client::post_with_timeout(
+        &a.control,
+        "/v1/target-urls",
+        &json!({ "urls": urls }),
+        PROBE_TIMEOUT,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "target-urls for {} through {}: {e}",
+            a.disk.display(),
+            a.control.display()
+        )
+    })?;
     if json_out {
         println!("{answer}");
     } else {

@@ -29,6 +29,13 @@
 //! from https to http is always refused. No `Referer` is sent. URLs appear in errors and
 //! logs only in their [`redact_url`] form (no userinfo, no query string).
 //!
+//! # Credentials and TLS
+//! [`HttpAuth`] adds request headers (values marked sensitive, never shown), a bearer token
+//! read from a file (read again after a 401, and the request retried once), trusted CAs,
+//! the OS store and a client certificate (`auth.rs`). A 403 is
+//! [`SourceError::Forbidden`] ("expired or forbidden"): opening fails at once, a read
+//! waits for new URLs ([`RemoteSource::replace_urls`], `mirrors.rs`) until its deadline.
+//!
 //! # Threads and I/O
 //! The source owns a small multi-thread tokio runtime (2 workers) that drives the pooled
 //! connections (HTTP/1.1 keep-alive). [`RemoteSource::read_at`] runs the request future on

@@ -141,12 +141,7 @@ pub(super) async fn probe_with_retries(
     loop {
         match probe(client, auth, opts, mirror).await {
             Ok(p) => return Ok(p),
-            // An expired or refused URL does not heal by itself: fail fast.
-            Err(e)
-                if e.is_transient()
-                    && retry < opts.open_retries
-                    && !matches!(e, SourceError::Forbidden { .. }) =>
-            {
+            Err(e) if e.is_transient() && retry < opts.open_retries => {
                 let delay = backoff.delay(retry);
                 tracing::warn!(
                     url = %mirror.shown,

@@ -37,6 +37,7 @@ requirements=(
 	"timeout coreutils"
 	"curl curl"
 	"promtool prometheus"
+	"openssl openssl"
 	"losetup mount"
 	"/boot/vmlinuz-* linux-image-amd64"
 	"systemd-analyze systemd"

@@ -111,6 +111,13 @@ pub(super) fn load(path: &Path) -> Result<ServeArgs> {
             );
         }
     }
+    if !args.net.headers.is_empty() {
+        bail!(
+            "config file {}: `header` values are secrets; put the headers in a file of \
+             their own (mode 0600) named by `header-file`",
+            path.display()
+        );
+    }
     Ok(args)
 }
 
@@ -186,6 +193,14 @@ fn merge_net(cli: NetArgs, file: NetArgs) -> NetArgs {
         fetch_deadline,
         min_rate,
         allow_cross_origin_redirects,
+        headers,
+        header_files,
+        bearer_token_file,
+        cacerts,
+        no_default_roots,
+        system_roots,
+        client_cert,
+        client_key,
     } = file;
     NetArgs {
         connect_timeout: cli.connect_timeout.or(connect_timeout),
@@ -194,6 +209,19 @@ fn merge_net(cli: NetArgs, file: NetArgs) -> NetArgs {
         min_rate: cli.min_rate.or(min_rate),
         allow_cross_origin_redirects: cli.allow_cross_origin_redirects
             || allow_cross_origin_redirects,
+        // Lists given on the command line replace the file's (as targets do).
+        headers: if cli.headers.is_empty() { headers } else { cli.headers },
+        header_files: if cli.header_files.is_empty() {
+            header_files
+        } else {
+            cli.header_files
+        },
+        bearer_token_file: cli.bearer_token_file.or(bearer_token_file),
+        cacerts: if cli.cacerts.is_empty() { cacerts } else { cli.cacerts },
+        no_default_roots: cli.no_default_roots || no_default_roots,
+        system_roots: cli.system_roots || system_roots,
+        client_cert: cli.client_cert.or(client_cert),
+        client_key: cli.client_key.or(client_key),
     }
 }
 

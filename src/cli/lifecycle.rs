@@ -129,6 +129,7 @@ pub fn run(cli: &Cli) -> Result<()> {
             })
         }
         Command::Serve(a) => super::serve::run(a, cli.json),
+        Command::TargetUrls(a) => super::targets::run(a, cli.json),
         Command::Export(a) => super::export::run(a, cli.json),
         Command::Publish(a) => super::store::publish(a, cli.json),
         Command::Keygen { prefix } => super::store::keygen(prefix, cli.json),

@@ -9,6 +9,7 @@ mod report;
 mod serve;
 pub mod size;
 mod store;
+mod targets;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
-use crate::source::HttpOptions;
+use crate::source::{HttpAuth, HttpOptions};
 
 /// Boot a VM on a remote disk image while it streams.
 #[derive(Debug, Parser)]
@@ -33,8 +34,8 @@ pub struct Cli {
 }
 
 /// Options for reaching the remote source (also keys of `serve --config`; unset ones take
-/// the defaults named in their help).
-#[derive(Debug, Clone, Default, Args, serde::Serialize, serde::Deserialize)]
+/// the defaults named in their help). Debug is written by hand: header values are secrets.
+#[derive(Clone, Default, Args, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct NetArgs {
     /// Seconds to wait for a connection (default 10).
@@ -57,6 +58,45 @@ pub struct NetArgs {
     /// refused.
     #[arg(long)]
     pub allow_cross_origin_redirects: bool,
+    /// Extra request header 'Name: value' (repeatable). Its value is never printed, logged
+    /// or written to the disk; prefer --header-file for secrets (a command line is visible
+    /// to other users).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+    /// File with one 'Name: value' header per line (repeatable; '#' starts a comment line).
+    #[arg(long = "header-file", value_name = "FILE")]
+    pub header_files: Vec<PathBuf>,
+    /// File holding a bearer token (sent as 'Authorization: Bearer TOKEN'); read again when
+    /// a request gets 401, which is then retried once (rotate the token by replacing the
+    /// file).
+    #[arg(long, value_name = "FILE")]
+    pub bearer_token_file: Option<PathBuf>,
+    /// PEM bundle of CA certificates to trust in addition to the bundled roots
+    /// (repeatable).
+    #[arg(long = "cacert", value_name = "PEM")]
+    pub cacerts: Vec<PathBuf>,
+    /// Trust only the CAs given with --cacert (and --system-roots), not the bundled roots.
+    #[arg(long)]
+    pub no_default_roots: bool,
+    /// Also trust the operating system's certificate store.
+    #[arg(long)]
+    pub system_roots: bool,
+    /// PEM client certificate for servers that require one (mutual TLS); needs
+    /// --client-key.
+    #[arg(long, value_name = "PEM", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, value_name = "PEM", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for NetArgs {
+    /// As the HTTP options (header values are secrets and not shown).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("NetArgs")
+            .field(&self.http_options())
+            .finish()
+    }
 }
 
 impl NetArgs {
@@ -73,6 +113,16 @@ impl NetArgs {
             deadline: self.fetch_deadline.map(Duration::from_secs),
             min_rate: self.min_rate.unwrap_or(d.min_rate),
             allow_cross_origin_redirects: self.allow_cross_origin_redirects,
+            auth: HttpAuth {
+                headers: self.headers.clone(),
+                header_files: self.header_files.clone(),
+                bearer_token_file: self.bearer_token_file.clone(),
+                cacerts: self.cacerts.clone(),
+                no_default_roots: self.no_default_roots,
+                system_roots: self.system_roots,
+                client_cert: self.client_cert.clone(),
+                client_key: self.client_key.clone(),
+            },
             ..d
         }
     }
@@ -143,6 +193,9 @@ pub enum Command {
         #[arg(long)]
         control: Option<PathBuf>,
     },
+    /// Give a running serve fresh URLs of its target (an expired presigned URL); checked
+    /// against the pinned image, refused otherwise.
+    TargetUrls(targets::TargetUrlsArgs),
 }
 
 /// Reports a command-line parsing error like every other error: one line

@@ -22,6 +22,7 @@ pub mod metrics_http;
 pub mod notify;
 mod rates;
 pub mod server;
+mod targets;
 
 use serde::Serialize;
 
@@ -209,4 +210,13 @@ pub trait ControlOps: Send + Sync + 'static {
         paused: Option<bool>,
         rate_bytes_per_sec: Option<u64>,
     ) -> Result<String, ControlError>;
+
+    /// Replaces the target's URLs (`POST /v1/target-urls`) after checking that they serve
+    /// the pinned image; refused (nothing changed) otherwise. The URLs carry secrets:
+    /// never log or echo them unredacted.
+    fn set_target_urls(&self, _urls: &[String]) -> Result<String, ControlError> {
+        Err(ControlError::Conflict(
+            "the target's URLs cannot be replaced here".into(),
+        ))
+    }
 }

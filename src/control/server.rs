@@ -42,6 +42,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::rates::RateWindow;
+use super::targets::{parse_target_urls, SecretUrls};
 use super::{metrics, ControlError, ControlOps, FetchedBytes, StatusReport};
 use crate::vhost::socket::bind_socket;
 use crate::vhost::VhostError;
@@ -422,6 +423,7 @@ enum Action {
         paused: Option<bool>,
         rate: Option<u64>,
     },
+    TargetUrls(SecretUrls),
 }
 
 impl Action {
@@ -431,6 +433,7 @@ impl Action {
             Action::Commit => ops.commit(),
             Action::Rollback => ops.rollback(),
             Action::Hydration { paused, rate } => ops.set_hydration(paused, rate),
+            Action::TargetUrls(urls) => ops.set_target_urls(&urls.0),
         }
     }
 }
@@ -480,6 +483,7 @@ const ROUTES: &[(&str, Method)] = &[
     ("/v1/commit", Method::POST),
     ("/v1/rollback", Method::POST),
     ("/v1/hydration", Method::POST),
+    ("/v1/target-urls", Method::POST),
 ];
 
 async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
@@ -530,6 +534,8 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
                     paused: r.paused,
                     rate: r.rate,
                 })
+            } else if action == "/v1/target-urls" {
+                parse_target_urls(&body).map(Action::TargetUrls)
             } else {
                 parse_no_params(&body).map(|()| match action {
                     "/v1/confirm" => Action::Confirm,

@@ -75,6 +75,23 @@ impl crate::control::ControlOps for Service {
             }
         ))
     }
+
+    fn set_target_urls(&self, urls: &[String]) -> Result<String, crate::control::ControlError> {
+        use crate::control::ControlError;
+        let engine = self.engine().ok_or_else(|| {
+            ControlError::Conflict("not serving a target (no source to replace)".into())
+        })?;
+        let source = engine.source();
+        match source.replace_urls(urls) {
+            Ok(()) => Ok(format!("target URLs replaced: {}", source.name())),
+            Err(e) if e.is_transient() => Err(ControlError::Internal(format!(
+                "cannot check the new URLs, nothing changed: {e}"
+            ))),
+            Err(e) => Err(ControlError::BadRequest(format!(
+                "new URLs refused, nothing changed: {e}"
+            ))),
+        }
+    }
 }
 
 fn control_error(e: ServiceError) -> crate::control::ControlError {

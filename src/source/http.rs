@@ -29,6 +29,13 @@
 //! from https to http is always refused. No `Referer` is sent. URLs appear in errors and
 //! logs only in their [`redact_url`] form (no userinfo, no query string).
 //!
+//! # Credentials and TLS
+//! [`HttpAuth`] adds request headers (values marked sensitive, never shown), a bearer token
+//! read from a file (read again after a 401, and the request retried once), trusted CAs,
+//! the OS store and a client certificate (`auth.rs`). A 403 is
+//! [`SourceError::Forbidden`] ("expired or forbidden"): opening fails at once, a read
+//! waits for new URLs ([`RemoteSource::replace_urls`], `mirrors.rs`) until its deadline.
+//!
 //! # Threads and I/O
 //! The source owns a small multi-thread tokio runtime (2 workers) that drives the pooled
 //! connections (HTTP/1.1 keep-alive). [`RemoteSource::read_at`] runs the request future on
@@ -52,7 +59,9 @@
 //! URL fails fast.
 
 mod attempt;
+mod auth;
 mod check;
+mod mirrors;
 mod probe;
 mod read;
 pub mod url;
@@ -60,14 +69,19 @@ pub mod url;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::AtomicUsize;
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use parking_lot::RwLock;
 use reqwest::{Client, Url};
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
+use tokio::sync::Notify;
 
 use self::attempt::chain;
+use self::auth::Auth;
+pub use self::auth::HttpAuth;
+use self::mirrors::MirrorSet;
 use self::probe::{pin_mirrors, probe_with_retries};
 pub use self::url::{identity_url, redact_url};
 use super::retry::Backoff;
@@ -111,6 +125,8 @@ pub struct HttpOptions {
     /// Allow HTTP/2 when a TLS server offers it. Off by default: over one connection,
     /// HTTP/2 flow control tends to cap bulk throughput below several HTTP/1.1 connections.
     pub http2: bool,
+    /// Extra headers, bearer token, trusted CAs and client certificate.
+    pub auth: HttpAuth,
 }
 
 /// Default [`HttpOptions::min_rate`]: 64 KiB/s (a 4 MiB range gets 64 s).
@@ -128,6 +144,7 @@ impl Default for HttpOptions {
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             http2: false,
+            auth: HttpAuth::default(),
         }
     }
 }
@@ -149,7 +166,7 @@ impl HttpOptions {
                 "HTTP options: backoff_base must be non-zero and at most backoff_max".into(),
             ));
         }
-        Ok(())
+        self.auth.validate()
     }
 
     /// Total time one attempt to fetch `len` bytes may take:
@@ -227,14 +244,16 @@ pub struct HttpSource {
 /// Everything the async request code needs (kept apart from the runtime that runs it).
 struct Inner {
     client: Client,
-    mirrors: Vec<Mirror>,
+    auth: Auth,
+    /// The URLs in use; replaced as a whole by [`HttpSource::replace_urls`].
+    set: RwLock<Arc<MirrorSet>>,
+    /// Wakes reads waiting out a backoff when the URLs were replaced.
+    replaced: Notify,
     identity: SourceIdentity,
     pin: Pin,
     opts: HttpOptions,
     /// Mirror to try first; moves on when it fails.
     preferred: AtomicUsize,
-    /// Per mirror: why it is no longer used (it answered without the pinned validator).
-    refused: Vec<OnceLock<String>>,
 }
 
 impl fmt::Debug for HttpSource {
@@ -244,6 +263,7 @@ impl fmt::Debug for HttpSource {
                 "mirrors",
                 &self
                     .inner
+                    .mirror_set()
                     .mirrors
                     .iter()
                     .map(|m| m.shown.as_str())
@@ -280,6 +300,7 @@ impl HttpSource {
             .map(|u| Mirror::parse(u))
             .collect::<Result<Vec<_>, _>>()?;
         let client = build_client(&opts)?;
+        let auth = Auth::new(&opts.auth)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("streamboot-http")
@@ -292,7 +313,7 @@ impl HttpSource {
             join_all(
                 mirrors
                     .iter()
-                    .map(|m| probe_with_retries(&client, &opts, m)),
+                    .map(|m| probe_with_retries(&client, &auth, &opts, m)),
             ),
         );
         let (first_ok, size, pin) = pin_mirrors(&mirrors, probes, expected)?;
@@ -316,19 +337,21 @@ impl HttpSource {
             handle,
             inner: Inner {
                 client,
-                mirrors,
+                auth,
+                set: RwLock::new(Arc::new(MirrorSet::new(mirrors))),
+                replaced: Notify::new(),
                 identity,
                 pin,
                 opts,
                 preferred: AtomicUsize::new(first_ok),
-                refused: (0..urls.len()).map(|_| OnceLock::new()).collect(),
             },
         })
     }
 
     /// The mirrors' URLs as shown in logs ([`redact_url`]), in the order given.
     pub fn urls(&self) -> Vec<String> {
-        self.inner.mirrors.iter().map(|m| m.shown.clone()).collect()
+        let set = self.inner.mirror_set();
+        set.mirrors.iter().map(|m| m.shown.clone()).collect()
     }
 
     /// The options the source was opened with.
@@ -378,9 +401,14 @@ impl RemoteSource for HttpSource {
         })
     }
 
+    fn replace_urls(&self, urls: &[String]) -> Result<(), SourceError> {
+        block_on(&self.handle, self.inner.replace_urls(urls))
+    }
+
     fn name(&self) -> String {
-        let first = &self.inner.mirrors[0].shown;
-        match self.inner.mirrors.len() {
+        let set = self.inner.mirror_set();
+        let first = &set.mirrors[0].shown;
+        match set.mirrors.len() {
             1 => first.clone(),
             n => format!("{first} (+{} mirrors)", n - 1),
         }
@@ -418,6 +446,7 @@ fn build_client(opts: &HttpOptions) -> Result<Client, SourceError> {
     } else {
         builder.http1_only()
     };
+    builder = opts.auth.configure(builder)?;
     builder
         .build()
         .map_err(|e| SourceError::Invalid(format!("cannot set up the HTTP client: {}", chain(&e))))

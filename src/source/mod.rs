@@ -17,7 +17,7 @@ pub mod http_parse;
 pub mod retry;
 
 pub use file::FileSource;
-pub use http::{HttpOptions, HttpSource};
+pub use http::{HttpAuth, HttpOptions, HttpSource};
 pub use tokio_util::sync::CancellationToken;
 
 /// What pins a remote image: a migration refuses to continue when this changes.
@@ -104,6 +104,16 @@ pub enum SourceError {
     /// its answers): it is not used.
     #[error("{url}: {reason}")]
     Unvalidated { url: String, reason: String },
+    /// TLS failed: the server's certificate is not trusted, or the server refused ours (or
+    /// wants one). Permanent until the operator gives the CA or the client certificate.
+    #[error("{url}: TLS: {reason}")]
+    Tls { url: String, reason: String },
+    /// HTTP 403 on a request for a pinned image: a presigned URL that expired, or access
+    /// withdrawn. Not transient (opening fails at once), but a read of an open source
+    /// waits and retries until its deadline ([`SourceError::awaits_refresh`]): a refreshed
+    /// URL (`POST /v1/target-urls`) recovers.
+    #[error("{url}: server answered HTTP 403: expired or forbidden: {hint}")]
+    Forbidden { url: String, hint: &'static str },
     /// The caller cancelled the read (its requester went away, or shutdown). Never retried.
     #[error("fetch cancelled")]
     Cancelled,
@@ -129,8 +139,16 @@ impl SourceError {
             | SourceError::Unauthorized { .. }
             | SourceError::RedirectRefused { .. }
             | SourceError::Unvalidated { .. }
+            | SourceError::Tls { .. }
+            | SourceError::Forbidden { .. }
             | SourceError::Cancelled => false,
         }
+    }
+
+    /// True for an error that new URLs of the same image can cure (an expired presigned
+    /// URL): reads of an open source retry it like a transient error until their deadline.
+    pub fn awaits_refresh(&self) -> bool {
+        matches!(self, SourceError::Forbidden { .. })
     }
 }
 
@@ -168,6 +186,16 @@ pub trait RemoteSource: Send + Sync + fmt::Debug {
     /// (a chunk store's index knows; a raw HTTP image does not: `None`).
     fn known_zero(&self, _offset: u64, _len: u64) -> Option<bool> {
         None
+    }
+
+    /// Replaces the URLs the image is fetched from while it is in use (a refreshed
+    /// presigned URL), after checking that they serve the pinned image (same identity);
+    /// otherwise nothing changes. Sources without replaceable URLs refuse.
+    fn replace_urls(&self, _urls: &[String]) -> Result<(), SourceError> {
+        Err(SourceError::Invalid(format!(
+            "{}: the location of this target cannot be replaced while serving",
+            self.name()
+        )))
     }
 
     /// A short human-readable name for logs (URL or path).

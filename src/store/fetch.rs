@@ -88,6 +88,8 @@ pub struct FetchOptions {
     pub connect_timeout: Duration,
     /// Requests in flight at once for one multi-chunk read.
     pub concurrency: usize,
+    /// Extra headers and TLS trust (`--header`, `--cacert`...; docs/sources.md).
+    pub auth: crate::source::HttpAuth,
 }
 
 impl Default for FetchOptions {
@@ -99,6 +101,7 @@ impl Default for FetchOptions {
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             concurrency: 8,
+            auth: crate::source::HttpAuth::default(),
         }
     }
 }
@@ -137,10 +140,13 @@ impl Fetcher {
                 let invalid = |e: &dyn std::fmt::Display| {
                     SourceError::Invalid(format!("{}: cannot set up HTTP: {e}", redact_url(base)))
                 };
-                let client = reqwest::Client::builder()
+                let builder = reqwest::Client::builder()
                     .connect_timeout(opts.connect_timeout)
                     .timeout(opts.request_timeout)
-                    .user_agent(concat!("streamboot/", env!("CARGO_PKG_VERSION")))
+                    .user_agent(concat!("streamboot/", env!("CARGO_PKG_VERSION")));
+                let client = opts
+                    .auth
+                    .configure(builder)?
                     .build()
                     .map_err(|e| invalid(&e))?;
                 let rt = tokio::runtime::Builder::new_multi_thread()

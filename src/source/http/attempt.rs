@@ -76,6 +76,9 @@ pub(super) fn request_error(opts: &HttpOptions, mirror: &Mirror, e: reqwest::Err
             reason: refused.to_string(),
         };
     }
+    if let Some(reason) = tls_failure(&e) {
+        return SourceError::Tls { url, reason };
+    }
     if e.is_timeout() {
         SourceError::Timeout {
             url,
@@ -94,6 +97,48 @@ pub(super) fn request_error(opts: &HttpOptions, mirror: &Mirror, e: reqwest::Err
         // the server closed as we reused it.
         SourceError::Unreachable { url, reason }
     }
+}
+
+/// What to tell about a TLS failure among the causes of `e` (rustls errors travel inside
+/// `io::Error`s, whose `source` skips them).
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use rustls::{AlertDescription as A, Error as T};
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        match rustls_error(c) {
+            Some(T::InvalidCertificate(why)) => {
+                return Some(format!(
+                    "the server's certificate is not trusted ({why}); trust its CA with \
+                     --cacert PEM (or the OS store with --system-roots)"
+                ))
+            }
+            Some(T::AlertReceived(
+                alert @ (A::CertificateRequired
+                | A::HandshakeFailure
+                | A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateUnknown
+                | A::AccessDenied),
+            )) => {
+                return Some(format!(
+                    "the server refused the handshake ({alert:?}): it requires a client \
+                     certificate it trusts (--client-cert PEM --client-key PEM)"
+                ))
+            }
+            Some(other) => return Some(other.to_string()),
+            None => cause = c.source(),
+        }
+    }
+    None
+}
+
+/// `e` as a rustls error, also when wrapped in (nested) `io::Error`s.
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    let inner = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+    rustls_error(inner)
 }
 
 /// An error and all its causes on one line (reqwest's own message omits the cause, which

@@ -7,7 +7,8 @@ use reqwest::header::{
 };
 use reqwest::{Response, StatusCode};
 
-use super::{Inner, Mirror, Pin};
+use super::mirrors::MirrorSet;
+use super::{HttpAuth, Inner, Mirror, Pin};
 use crate::source::http_parse::{parse_content_length, parse_content_range};
 use crate::source::SourceError;
 
@@ -17,12 +18,13 @@ impl Inner {
     /// refused (see [`Inner::refuse`]).
     pub(super) fn check_response(
         &self,
+        set: &MirrorSet,
         index: usize,
         response: &Response,
         start: u64,
         end: u64,
     ) -> Result<(), SourceError> {
-        let m = &self.mirrors[index];
+        let m = &set.mirrors[index];
         let headers = response.headers();
         let changed = |found: String| SourceError::Changed {
             url: m.shown.clone(),
@@ -53,12 +55,12 @@ impl Inner {
                     url: m.shown.clone(),
                 });
             }
-            status => return Err(status_error(m, status)),
+            status => return Err(status_error(m, status, &self.opts.auth)),
         }
         match self.validation(headers) {
             Validation::Same => {}
             Validation::Different(found) => return Err(changed(found)),
-            Validation::Missing => return Err(self.refuse(index)),
+            Validation::Missing => return Err(self.refuse(set, index)),
         }
         check_identity_coding(m, headers)?;
         match content_range(headers) {
@@ -122,10 +124,41 @@ pub(super) fn header_label(pin: &Pin) -> &'static str {
     }
 }
 
-/// The error for an unexpected status; 401 and 403 say how to give credentials.
-pub(super) fn status_error(m: &Mirror, status: StatusCode) -> SourceError {
+/// The error for an unexpected status; 401 and 403 say how to give credentials, a 400
+/// over https that the client certificate may be missing or refused (nginx with
+/// `ssl_verify_client on` answers so after a TLS 1.3 handshake).
+pub(super) fn status_error(m: &Mirror, status: StatusCode, auth: &HttpAuth) -> SourceError {
+    let client_cert = auth.client_cert.is_some();
     match status {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => SourceError::Unauthorized {
+        StatusCode::BAD_REQUEST if m.url.scheme() == "https" => SourceError::Tls {
+            url: m.shown.clone(),
+            reason: if client_cert {
+                "server answered HTTP 400: it may have refused the client certificate \
+                 (--client-cert: is it signed by a CA the server trusts, and not expired?)"
+            } else {
+                "server answered HTTP 400: it may require a client certificate \
+                 (mutual TLS); give --client-cert PEM --client-key PEM"
+            }
+            .into(),
+        },
+        StatusCode::FORBIDDEN => SourceError::Forbidden {
+            url: m.shown.clone(),
+            hint: if m.has_secrets {
+                "the signature (query string) or credentials of the URL were refused; give \
+                 a fresh URL (serve: POST /v1/target-urls or `streamboot target-urls`; \
+                 otherwise --target)"
+            } else {
+                "the server refuses access; give credentials (--header-file, \
+                 --bearer-token-file) or a signed URL with --target"
+            },
+        },
+        StatusCode::UNAUTHORIZED if auth.bearer_token_file.is_some() => SourceError::Unauthorized {
+            url: m.shown.clone(),
+            status: status.as_u16(),
+            hint: "the bearer token was refused, also after reading --bearer-token-file \
+                   again; put a valid token in that file",
+        },
+        StatusCode::UNAUTHORIZED => SourceError::Unauthorized {
             url: m.shown.clone(),
             status: status.as_u16(),
             hint: if m.has_secrets {

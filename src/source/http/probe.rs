@@ -6,6 +6,7 @@ use reqwest::header::{CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE};
 use reqwest::{Client, StatusCode};
 
 use super::attempt::{request_error, Clock};
+use super::auth::Auth;
 use super::check::{check_identity_coding, content_range, header_label, header_str, status_error};
 use super::{HttpOptions, Mirror, Pin, LAST_MODIFIED_PREFIX};
 use crate::source::http_parse::is_strong_etag;
@@ -131,13 +132,14 @@ fn missing_validator(m: &Mirror, want: Option<&Pin>, by_mirror: bool) -> SourceE
 /// Probes `mirror`, retrying transient errors `opts.open_retries` times.
 pub(super) async fn probe_with_retries(
     client: &Client,
+    auth: &Auth,
     opts: &HttpOptions,
     mirror: &Mirror,
 ) -> Result<Probe, SourceError> {
     let backoff = opts.backoff();
     let mut retry = 0;
     loop {
-        match probe(client, opts, mirror).await {
+        match probe(client, auth, opts, mirror).await {
             Ok(p) => return Ok(p),
             Err(e) if e.is_transient() && retry < opts.open_retries => {
                 let delay = backoff.delay(retry);
@@ -159,13 +161,15 @@ pub(super) async fn probe_with_retries(
 
 /// One probe: `GET` with `Range: bytes=0-0`; learns size and validator. The answer must
 /// carry a strong `ETag` or a `Last-Modified`, else the image cannot be pinned.
-async fn probe(client: &Client, opts: &HttpOptions, mirror: &Mirror) -> Result<Probe, SourceError> {
+async fn probe(
+    client: &Client,
+    auth: &Auth,
+    opts: &HttpOptions,
+    mirror: &Mirror,
+) -> Result<Probe, SourceError> {
     let clock = Clock::start(opts, 1);
     let request = client.get(mirror.url.clone()).header(RANGE, "bytes=0-0");
-    let mut response = clock
-        .run(mirror, request.send())
-        .await?
-        .map_err(|e| request_error(opts, mirror, e))?;
+    let mut response = auth.send(&clock, opts, mirror, request).await?;
     match response.status() {
         StatusCode::PARTIAL_CONTENT => {}
         StatusCode::OK => {
@@ -179,7 +183,7 @@ async fn probe(client: &Client, opts: &HttpOptions, mirror: &Mirror) -> Result<P
                 mirror.shown
             )))
         }
-        status => return Err(status_error(mirror, status)),
+        status => return Err(status_error(mirror, status, &opts.auth)),
     }
     let headers = response.headers();
     check_identity_coding(mirror, headers)?;

@@ -8,6 +8,7 @@ use reqwest::header::{IF_MATCH, IF_UNMODIFIED_SINCE, RANGE};
 
 use super::attempt::{request_error, Clock};
 use super::check::header_label;
+use super::mirrors::MirrorSet;
 use super::{Inner, Pin};
 use crate::source::retry::Deadline;
 use crate::source::SourceError;
@@ -21,14 +22,18 @@ impl Inner {
         let mut done = 0usize;
         // Failures since the last progress; every `usable` failures make one round.
         let mut failures: u32 = 0;
-        let mut mirror = self.usable_from(self.preferred.load(Ordering::Relaxed))?;
+        let mut mirror = self.preferred.load(Ordering::Relaxed);
         loop {
+            // The URLs may have been replaced since the last attempt (a refreshed
+            // presigned URL): every attempt uses the current set.
+            let set = self.mirror_set();
+            mirror = set.usable_from(mirror)?;
             let before = done;
-            let error = match self.fetch_once(mirror, offset, buf, &mut done).await {
+            let error = match self.fetch_once(&set, mirror, offset, buf, &mut done).await {
                 Ok(()) => return Ok(()),
                 // A refused mirror is out; the others may still serve the range.
-                Err(e) if self.refused[mirror].get().is_some() => e,
-                Err(e) if !e.is_transient() => return Err(e),
+                Err(e) if set.refused[mirror].get().is_some() => e,
+                Err(e) if !e.is_transient() && !e.awaits_refresh() => return Err(e),
                 Err(e) => e,
             };
             if done == buf.len() {
@@ -39,12 +44,12 @@ impl Inner {
                 failures = 0;
             }
             failures = failures.saturating_add(1);
-            let next = self.usable_from(mirror + 1)?;
+            let next = set.usable_from(mirror + 1)?;
             // Steer other readers away from the failing mirror (unless one already did).
             let _ =
                 self.preferred
                     .compare_exchange(mirror, next, Ordering::Relaxed, Ordering::Relaxed);
-            let usable = self.usable_count().max(1);
+            let usable = set.usable_count().max(1);
             let round_done = failures as usize % usable == 0;
             let delay = if round_done {
                 backoff.delay(failures / usable as u32 - 1)
@@ -53,7 +58,7 @@ impl Inner {
             };
             if !deadline.allows(delay) {
                 tracing::warn!(
-                    url = %self.mirrors[mirror].shown,
+                    url = %set.mirrors[mirror].shown,
                     offset,
                     len = buf.len(),
                     error = %error,
@@ -62,8 +67,8 @@ impl Inner {
                 return Err(error);
             }
             tracing::warn!(
-                url = %self.mirrors[mirror].shown,
-                next = %self.mirrors[next].shown,
+                url = %set.mirrors[mirror].shown,
+                next = %set.mirrors[next].shown,
                 offset = offset + done as u64,
                 len = buf.len() - done,
                 failures,
@@ -72,38 +77,20 @@ impl Inner {
                 "range request failed, retrying"
             );
             if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+                // New URLs end the wait at once.
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = self.replaced.notified() => failures = 0,
+                }
             }
             mirror = next;
         }
     }
 
-    /// The first mirror still in use at or after `start` (wrapping around); when every
-    /// mirror was refused, the first one's refusal.
-    fn usable_from(&self, start: usize) -> Result<usize, SourceError> {
-        let n = self.mirrors.len();
-        (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| self.refused[i].get().is_none())
-            .ok_or_else(|| {
-                match (0..n).find_map(|i| self.refused[i].get().map(|r| (i, r.clone()))) {
-                    Some((i, reason)) => SourceError::Unvalidated {
-                        url: self.mirrors[i].shown.clone(),
-                        reason,
-                    },
-                    None => SourceError::Invalid("no usable mirror".into()),
-                }
-            })
-    }
-
-    fn usable_count(&self) -> usize {
-        self.refused.iter().filter(|r| r.get().is_none()).count()
-    }
-
     /// Stops using mirror `index`: it answered a range request without the pinned
     /// validator, so nothing proves its bytes belong to the pinned image. Logs once.
-    pub(super) fn refuse(&self, index: usize) -> SourceError {
-        let m = &self.mirrors[index];
+    pub(super) fn refuse(&self, set: &MirrorSet, index: usize) -> SourceError {
+        let m = &set.mirrors[index];
         let label = header_label(&self.pin);
         let pinned = match &self.pin {
             Pin::ETag(etag) => etag,
@@ -115,7 +102,7 @@ impl Inner {
              the precondition and drops {label} can serve a replaced image), so this server \
              is not used"
         );
-        if self.refused[index].set(reason.clone()).is_ok() {
+        if set.refused[index].set(reason.clone()).is_ok() {
             tracing::warn!(url = %m.shown, "{}: {reason}", m.shown);
         }
         SourceError::Unvalidated {
@@ -130,12 +117,13 @@ impl Inner {
     /// only for the rest.
     async fn fetch_once(
         &self,
+        set: &MirrorSet,
         mirror: usize,
         offset: u64,
         buf: &mut [u8],
         done: &mut usize,
     ) -> Result<(), SourceError> {
-        let m = &self.mirrors[mirror];
+        let m = &set.mirrors[mirror];
         let want = &mut buf[*done..];
         let start = offset + *done as u64;
         let end = start + want.len() as u64 - 1;
@@ -148,11 +136,8 @@ impl Inner {
             Pin::ETag(etag) => request.header(IF_MATCH, etag),
             Pin::LastModified(date) => request.header(IF_UNMODIFIED_SINCE, date),
         };
-        let mut response = clock
-            .run(m, request.send())
-            .await?
-            .map_err(|e| request_error(&self.opts, m, e))?;
-        self.check_response(mirror, &response, start, end)?;
+        let mut response = self.auth.send(&clock, &self.opts, m, request).await?;
+        self.check_response(set, mirror, &response, start, end)?;
 
         let mut pos = 0usize;
         let outcome = loop {

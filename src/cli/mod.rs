@@ -1,6 +1,8 @@
 //! The `streamboot` command line.
 
 mod demo;
+mod docs;
+pub mod exit;
 mod export;
 mod lifecycle;
 mod progress;
@@ -19,16 +21,31 @@ use crate::source::HttpOptions;
 
 /// Boot a VM on a remote disk image while it streams.
 #[derive(Debug, Parser)]
-#[command(name = "streamboot", version, about)]
+#[command(name = "streamboot", version, about, after_help = exit::help_table())]
 pub struct Cli {
-    /// Machine-readable JSON on stdout instead of text and progress bars.
+    /// Machine-readable JSON on stdout instead of text and progress bars (errors too:
+    /// `{"ok": false, "kind": ..., "error": ...}`; `hydrate` and `commit` print progress
+    /// events as JSON lines before the result).
     #[arg(long, global = true)]
     pub json: bool,
     /// More log output (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Log line format on stderr: `text`, or `json` (one object per line with `timestamp`,
+    /// `level`, `target`, `message` and the event's fields).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colours only when stderr is a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Options for reaching the remote source.
@@ -134,6 +151,13 @@ pub enum Command {
         #[arg(long)]
         control: Option<PathBuf>,
     },
+    /// Write the man pages (one per subcommand) and shell completions (bash, zsh, fish)
+    /// under DIR: DIR/man/*.1, DIR/completions/. For packaging.
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory.
+        dir: PathBuf,
+    },
 }
 
 /// Reports a command-line parsing error like every other error: one line
@@ -150,10 +174,15 @@ fn usage_error(e: &clap::Error) -> i32 {
     }
     let msg = one_line_usage_error(&e.render().to_string());
     if std::env::args().any(|a| a == "--json") {
-        println!("{}", serde_json::json!({ "ok": false, "error": msg }));
+        println!("{}", error_json(exit::Kind::Usage, &msg));
     }
     eprintln!("streamboot: error: {msg}");
-    e.exit_code()
+    exit::Kind::Usage.code()
+}
+
+/// A `--json` error line.
+fn error_json(kind: exit::Kind, msg: &str) -> serde_json::Value {
+    serde_json::json!({ "ok": false, "kind": kind.name(), "error": msg })
 }
 
 /// Folds clap's multi-line error text into one line: the message, the items listed under
@@ -195,24 +224,34 @@ pub fn main() -> i32 {
         2 => "info",
         _ => "debug",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STREAMBOOT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal: a log file or journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logs(level, cli.log_format);
     match lifecycle::run(&cli) {
         Ok(()) => 0,
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
+            let kind = exit::classify(&e);
             if cli.json {
-                println!("{}", serde_json::json!({ "ok": false, "error": msg }));
+                println!("{}", error_json(kind, &msg));
             }
             eprintln!("streamboot: error: {msg}");
-            1
+            kind.code()
         }
+    }
+}
+
+/// Logs to stderr at `level` (or as `STREAMBOOT_LOG` says), as text or JSON lines.
+fn init_logs(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STREAMBOOT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        // The message and the event's fields at the top level of each object.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+        // Colours only for a person at a terminal: a log file or journal gets plain text.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
     }
 }

@@ -440,6 +440,10 @@ impl Service {
             e.flush()?;
             e.update_superblock(|sb| sb.state = State::Committing)?;
         }
+        // A new attempt: an earlier attempt's failure is no longer the news.
+        self.last_error
+            .lock()
+            .take_if(|m| m.starts_with("commit failed"));
         let svc = self.clone();
         bg.commit = Some(
             std::thread::Builder::new()

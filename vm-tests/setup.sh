@@ -37,6 +37,7 @@ requirements=(
 	"timeout coreutils"
 	"curl curl"
 	"losetup mount"
+	"man man-db"
 	"/boot/vmlinuz-* linux-image-amd64"
 )
 

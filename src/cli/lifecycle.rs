@@ -198,6 +198,13 @@ fn wait_for_commit(cli: &Cli, sock: &Path) -> Result<()> {
                 anyhow::bail!("{err} (the commit resumes with `streamboot commit`)");
             }
         }
+        if !matches!(state, "committing" | "plain" | "committed") {
+            bars.finish();
+            anyhow::bail!(
+                "the commit through {} is not running: the disk is in state {state}",
+                sock.display()
+            );
+        }
         if matches!(state, "plain" | "committed") {
             bars.finish();
             let size = field("target_size");

@@ -55,6 +55,15 @@ MANPAGER=cat MANWIDTH=80 man streamboot-serve | grep -q "vhost-user-blk" ||
 # Built without the libblkio client: the binary does not link it.
 ! grep -q "blkio_connect\|virtio-blk-vhost-user" /usr/bin/streamboot ||
 	die "the packaged binary contains the libblkio client"
+# The packaged demo has no libblkio client: without a VM it says so in one line.
+work=$(mktemp -d)
+if out=$(/usr/bin/streamboot demo --no-vm --synthetic --work "$work/demo" 2>&1); then
+	rm -rf "$work"
+	die "the packaged demo ran a blkio client"
+fi
+rm -rf "$work"
+grep -q "streamboot: error: .*without the \`demo-blkio\` feature" <<<"$out" ||
+	die "the packaged demo without a VM failed otherwise: $(tail -n1 <<<"$out")"
 dpkg -r streamboot >&2
 trap - EXIT
 [[ ! -e /usr/bin/streamboot ]] || die "/usr/bin/streamboot left after dpkg -r"

@@ -79,3 +79,40 @@ fn serve_log_format_json_writes_one_object_per_line() {
         "{text}"
     );
 }
+
+/// A serve that cannot start still writes only JSON lines with `--log-format json`: its
+/// final error too, with the error's kind.
+#[test]
+fn a_failing_serve_with_json_logs_ends_with_a_json_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-disk.img");
+    let sock = dir.path().join("vu.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_streamboot"))
+        .args(["--log-format", "json", "serve"])
+        .arg(&missing)
+        .arg("--socket")
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    let last = lines.last().expect("an error line");
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert_eq!(last["kind"], "io", "{last}");
+    let msg = last["message"].as_str().unwrap();
+    assert!(msg.starts_with("streamboot: error: "), "{msg}");
+    assert!(msg.contains("no-such-disk.img"), "{msg}");
+    // A usage error too.
+    let out = Command::new(env!("CARGO_BIN_EXE_streamboot"))
+        .args(["--log-format", "json", "serve", "--no-such-option"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
+    assert_eq!(line["kind"], "usage", "{line}");
+}

@@ -32,7 +32,7 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Log line format on stderr: `text`, or `json` (one object per line with `timestamp`,
-    /// `level`, `target`, `message` and the event's fields).
+    /// `level`, `target`, `message` and the event's fields; the final error line too).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -176,8 +176,32 @@ fn usage_error(e: &clap::Error) -> i32 {
     if std::env::args().any(|a| a == "--json") {
         println!("{}", error_json(exit::Kind::Usage, &msg));
     }
-    eprintln!("streamboot: error: {msg}");
+    let json_logs = std::env::args()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || std::env::args().any(|a| a == "--log-format=json");
+    report_error(exit::Kind::Usage, &msg, json_logs);
     exit::Kind::Usage.code()
+}
+
+/// The error line on stderr: `streamboot: error: MSG`, or with `--log-format json` a log
+/// object like the others (so every stderr line of a JSON-logging process is JSON).
+fn report_error(kind: exit::Kind, msg: &str, json_logs: bool) {
+    if json_logs {
+        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        let line = serde_json::json!({
+            "timestamp": now.to_string(),
+            "level": "ERROR",
+            "target": "streamboot",
+            "message": format!("streamboot: error: {msg}"),
+            "kind": kind.name(),
+            "exit_code": kind.code(),
+        });
+        eprintln!("{line}");
+    } else {
+        eprintln!("streamboot: error: {msg}");
+    }
 }
 
 /// A `--json` error line.
@@ -233,7 +257,7 @@ pub fn main() -> i32 {
             if cli.json {
                 println!("{}", error_json(kind, &msg));
             }
-            eprintln!("streamboot: error: {msg}");
+            report_error(kind, &msg, cli.log_format == LogFormat::Json);
             kind.code()
         }
     }

@@ -158,10 +158,20 @@ fn a_disk_in_use_exits_3() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("plain.img");
     fs::write(&disk, vec![0u8; MIB]).unwrap();
-    let served = Served::start(&disk, &dir.path().join("vu.sock"), &[]);
+    let control = dir.path().join("control.sock");
+    let ctl = control.to_str().unwrap();
+    let served = Served::start(&disk, &dir.path().join("vu.sock"), &["--control", ctl]);
     let d = disk.to_str().unwrap();
     refused(&disk, &["status", d], 3, "in_use", "in use");
     refused(&disk, &["rollback", d], 3, "in_use", "in use");
+    // Through the running serve: its refusal (HTTP 409) is a state error.
+    refused(
+        &disk,
+        &["commit", d, "--control", ctl],
+        4,
+        "invalid_state",
+        "nothing to commit",
+    );
     served.stop();
     // Free again: the same command works.
     cli_ok(&["status", d]);

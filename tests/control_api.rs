@@ -99,6 +99,8 @@ impl ControlOps for TestOps {
                 target_urls: vec!["http://127.0.0.1/img".into()],
                 first_read_ms: Some(12.5),
                 uptime_secs: 3.25,
+                start_time_secs: 1_700_000_000.5,
+                latency: Default::default(),
             },
             mode: ServeMode::Target,
             vm_connected: self.vm_connected.load(Ordering::SeqCst),
@@ -729,7 +731,11 @@ fn parse_exposition(text: &str) -> Vec<Sample> {
     let mut helped: Option<String> = None;
     let mut typed: Option<String> = None;
     let mut samples = Vec::new();
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
     for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (name, help) = rest.split_once(' ').unwrap();
             assert!(!help.is_empty(), "empty help for {name}");
@@ -743,25 +749,27 @@ fn parse_exposition(text: &str) -> Vec<Sample> {
                 Some(name),
                 "TYPE {name} without HELP before it"
             );
-            assert!(["counter", "gauge"].contains(&kind), "type {kind}");
-            if kind == "counter" {
-                assert!(
-                    name.ends_with("_total"),
-                    "counter {name} must end in _total"
-                );
-            }
-            typed = Some(name.to_owned());
+            assert!(
+                ["counter", "gauge", "histogram"].contains(&kind),
+                "type {kind}"
+            );
+            typed = Some(format!("{name} {kind}"));
         } else {
             assert!(
                 !line.starts_with('#') && !line.is_empty(),
                 "stray line {line:?}"
             );
             let s = parse_sample(line);
-            assert_eq!(
-                typed.as_deref(),
-                Some(s.name.as_str()),
-                "sample before its HELP/TYPE: {line:?}"
-            );
+            let (family, kind) = typed.as_deref().unwrap().split_once(' ').unwrap();
+            let ok = match kind {
+                "counter" => s.name == format!("{family}_total"),
+                "histogram" => ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|x| s.name == format!("{family}{x}")),
+                _ => s.name == family,
+            };
+            assert!(ok, "sample outside its HELP/TYPE family: {line:?}");
+            assert_eq!(s.labels[0].0, "disk", "every sample has the disk label");
             samples.push(s);
         }
     }
@@ -773,7 +781,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         .iter()
         .find(|s| {
             s.name == name
-                && s.labels.len() == labels.len()
+                && s.labels.len() == labels.len() + 1
                 && labels
                     .iter()
                     .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
@@ -794,7 +802,7 @@ fn metrics_are_valid_prometheus_text() {
     assert_eq!(raw_answer.status, 200);
     assert_eq!(
         raw_answer.headers["content-type"],
-        "text/plain; version=0.0.4; charset=utf-8"
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
     );
     let text = client::get_metrics(&r.path).unwrap();
     let s = parse_exposition(&text);
@@ -810,7 +818,7 @@ fn metrics_are_valid_prometheus_text() {
         65.0
     );
     assert_eq!(value(&s, "streamboot_target_chunks", &[]), 100.0);
-    let fetched = "streamboot_bytes_fetched_total";
+    let fetched = "streamboot_fetched_bytes_total";
     assert_eq!(
         value(&s, fetched, &[("reason", "demand")]),
         (3 << 20) as f64
@@ -820,19 +828,19 @@ fn metrics_are_valid_prometheus_text() {
         (1 << 20) as f64
     );
     assert_eq!(
-        value(&s, "streamboot_bytes_seeded_total", &[]),
+        value(&s, "streamboot_seeded_bytes_total", &[]),
         (7 * CHUNK) as f64
     );
     assert_eq!(
-        value(&s, "streamboot_bytes_saved_source", &[]),
+        value(&s, "streamboot_saved_source_bytes", &[]),
         (10 * CHUNK) as f64
     );
     assert_eq!(value(&s, "streamboot_fetch_requests_total", &[]), 42.0);
     assert_eq!(value(&s, "streamboot_fetch_errors_total", &[]), 1.0);
     assert_eq!(value(&s, "streamboot_evictions_total", &[]), 2.0);
     assert_eq!(value(&s, "streamboot_state", &[("state", "trial")]), 1.0);
-    assert_eq!(value(&s, "streamboot_start_counter", &[]), 1.0);
-    assert_eq!(value(&s, "streamboot_max_trial_starts", &[]), 3.0);
+    assert_eq!(value(&s, "streamboot_trial_starts", &[]), 1.0);
+    assert_eq!(value(&s, "streamboot_trial_starts_limit", &[]), 3.0);
     assert_eq!(value(&s, "streamboot_hydration_paused", &[]), 1.0);
     assert_eq!(
         value(&s, "streamboot_hydration_rate_limit_bytes_per_second", &[]),
@@ -979,6 +987,7 @@ fn fast_retries() -> NotifyOptions {
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(200),
         request_timeout: Duration::from_secs(2),
+        secret: None,
     }
 }
 
@@ -1005,7 +1014,11 @@ fn notify_posts_json_events_in_order() {
     assert_eq!(hook.next(Duration::from_secs(10)).2["event"], "confirmed");
     let (_, _, last) = hook.next(Duration::from_secs(10));
     assert_eq!(last["event"], "committed");
-    assert_eq!(last.as_object().unwrap().len(), 2, "{last}");
+    assert_eq!(
+        last.as_object().unwrap().len(),
+        3,
+        "id, event, time: {last}"
+    );
     assert!(n.close(Duration::from_secs(5)));
     // After close, events are not sent (and the caller is not blocked).
     n.notify("late", Value::Null);
@@ -1061,16 +1074,16 @@ fn notify_retries_server_errors_but_not_client_errors() {
     n.notify("a", Value::Null);
     n.notify("b", Value::Null);
     n.notify("c", Value::Null);
-    let events: Vec<String> = (0..4)
-        .map(|_| {
-            hook.next(Duration::from_secs(10)).2["event"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
+    let posts: Vec<Value> = (0..4)
+        .map(|_| hook.next(Duration::from_secs(10)).2)
         .collect();
+    let events: Vec<&str> = posts.iter().map(|p| p["event"].as_str().unwrap()).collect();
     // a: 503, 500, then 400 (permanent, dropped); b and c delivered once each.
     assert_eq!(events, ["a", "a", "a", "b"]);
+    // The id is the event's, the same on every try (receivers deduplicate with it).
+    assert_eq!(posts[0]["id"], posts[1]["id"]);
+    assert_eq!(posts[0]["id"], posts[2]["id"]);
+    assert_ne!(posts[0]["id"], posts[3]["id"]);
     assert_eq!(hook.next(Duration::from_secs(10)).2["event"], "c");
     assert!(n.close(Duration::from_secs(5)));
     assert!(hook

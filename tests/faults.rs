@@ -377,12 +377,18 @@ fn image_replaced_mid_migration_stops_fetching() {
         "status: {status}"
     );
     let metrics = streamboot::control::client::get_metrics(&w.control()).expect("metrics");
+    let sample = |name: &str| {
+        let prefix = format!("{name}{{");
+        let line = metrics.lines().find(|l| l.starts_with(&prefix));
+        line.unwrap_or_else(|| panic!("no {name}: {metrics}"))
+            .to_owned()
+    };
     assert!(
-        metrics.contains("streamboot_last_error_present 1"),
+        sample("streamboot_last_error_present").ends_with(" 1.0"),
         "{metrics}"
     );
     assert!(
-        !metrics.contains("streamboot_fetch_errors_total 0\n"),
+        !sample("streamboot_fetch_errors_total").ends_with(" 0"),
         "{metrics}"
     );
     let log = srv.log();

@@ -260,7 +260,9 @@ fn commit_through_control_while_client_reads_and_writes() {
     assert!(msg.contains("confirmed"), "{msg}");
     let metrics = streamboot::control::client::get_metrics(&ctl).unwrap();
     assert!(
-        metrics.contains("streamboot_state{state=\"confirmed\"} 1"),
+        metrics.lines().any(|l| l.starts_with("streamboot_state{")
+            && l.contains("state=\"confirmed\"")
+            && l.ends_with(" 1.0")),
         "{metrics}"
     );
 

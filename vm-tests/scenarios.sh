@@ -38,7 +38,10 @@
 #             temporary local overlay; the export is read-only) with the guest writing
 #             a file and verifying its files; the export's log shows the connection and
 #             no failed read; then qemu-img convert of the export == v2.img
-# Default: all eight, in that order. Prints each step, PASS/FAIL per scenario, a wall time
+#   libvirt   a domain XML with <disk type='vhostuser'> + <reconnect>, validated, booted
+#             through libvirt's embedded QEMU driver (virsh create); serve restarted under
+#             the running guest, which re-reads everything; confirm (docs/libvirt.md)
+# Default: all of them, in that order. Prints each step, PASS/FAIL per scenario, a wall time
 # table and "N passed, M failed"; exits 1 if any failed (INT/TERM: the running scenario
 # is stopped and cleaned up, exit 130). Work dirs and logs (console
 # logs, serve logs, nginx access logs, streamboot outputs, the status --control polls of
@@ -64,7 +67,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 : "${SB_LOAD_RATE:=2M}"
 : "${SB_STOP_WARN:=5}"
-all_scenarios=(migrate rollback fallback reboot-loop reboot-loop-q35 backend-restart load nbd)
+all_scenarios=(migrate rollback fallback reboot-loop reboot-loop-q35 backend-restart load nbd libvirt)
 
 usage() {
 	sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -638,6 +641,191 @@ scenario_nbd() {
 	local t0=$EPOCHREALTIME
 	stop_export || bad "export did not exit 0 on SIGTERM"
 	ok "export stopped on SIGTERM, exit 0 ($(sb_since "$t0")s)"
+}
+
+# libvirt (issue 16): the domain of docs/libvirt.md (q35 + ACPI, memfd shared memory,
+# <disk type='vhostuser'> with <reconnect>), with the test kernel booted directly and the
+# serial console on a pipe, booted THROUGH LIBVIRT: its embedded QEMU driver (virsh -c
+# 'qemu:///embed?root=DIR', no libvirtd; DIR/etc/qemu.conf: guests as root, no cgroups,
+# namespaces or security driver, stdio to files: a container has none of those). The XML
+# must pass virt-xml-validate; domxml-to-native must show the shared memfd backend and
+# reconnect=1. prepare → serve --control → virsh create: the guest boots v2 (files ok),
+# writes /before and holds → status --control: trial, 1 start → serve restarted (SIGTERM,
+# new serve) → libvirt's QEMU reconnects: the same guest re-reads every file and /before,
+# powers off → still trial, 1 start → confirm --control → stop → confirmed.
+scenario_libvirt() {
+	setup libvirt v2.img
+	command -v virsh >/dev/null && command -v virt-xml-validate >/dev/null ||
+		bad "virsh or virt-xml-validate missing: run vm-tests/setup.sh"
+	sb prepare prepare "$dir/disk.img" --target "$target_url" --max-trial-starts 1
+	ok "prepare --max-trial-starts 1: $(cat "$dir/prepare.out")"
+	serve_up --control "$ctl" --max-trial-starts 1
+	local root xml=$dir/domain.xml step=1-v2-libvirt
+	# A short path: libvirt's monitor socket lives under it (unix socket paths ≤ 107 bytes).
+	root=$(mktemp -d /tmp/sb-libvirt.XXXXXX) || bad "mktemp"
+	ln -sfn "$root" "$dir/libvirt-root"
+	# On any exit (a failed step included): end virsh and the domain's QEMU (by PID) too.
+	lv_root=$root
+	local prev_exit
+	prev_exit=$(trap -p EXIT | sed "s/^trap -- '\(.*\)' EXIT\$/\1/")
+	# shellcheck disable=SC2064 # expanded now on purpose: the runner's trap, then ours
+	trap "libvirt_cleanup; $prev_exit" EXIT
+	libvirt_domain "$root" "$xml" "$step" || bad "cannot write the domain XML"
+	local uri="qemu:///embed?root=$root"
+	virt-xml-validate "$xml" domain >"$dir/validate.out" 2>&1 ||
+		bad "virt-xml-validate: $(tail -n2 "$dir/validate.out" | tr '\n' ' ')"
+	virsh -q -c "$uri" domxml-to-native qemu-argv "$xml" >"$dir/qemu-argv" 2>>"$dir/virsh.err" ||
+		bad "virsh domxml-to-native failed: $(grep -m1 'error' "$dir/virsh.err")"
+	grep -qF '"qom-type":"memory-backend-memfd","id":"pc.ram","share":true' "$dir/qemu-argv" ||
+		bad "libvirt's QEMU arguments have no shared memfd RAM ($dir/qemu-argv)"
+	grep -qF "socket,id=chr-vu-virtio-disk0,path=$dir/vu.sock,reconnect=1" "$dir/qemu-argv" ||
+		bad "libvirt's QEMU arguments have no vhost-user chardev with reconnect=1 ($dir/qemu-argv)"
+	ok "domain XML valid (virt-xml-validate); libvirt maps it to shared memfd RAM, vhost-user-blk-pci, reconnect=1"
+
+	# The guest's console input: a FIFO kept open read-write here (QEMU's pipe chardev
+	# reads con.in, writes con.out, logs to the step's log).
+	mkfifo "$dir/con.in"
+	ln -sfn /dev/null "$dir/con.out"
+	exec {confd}<>"$dir/con.in"
+	# The boot, under the machine-wide VM lock, in the background: virsh create, then wait
+	# for the guest's power-off ("Shutdown Finished") and QEMU's end ("Stopped").
+	local lockfd=/dev/null t0 vpid pid
+	if [[ -n $SB_VM_LOCK ]]; then
+		exec {lockfd}>>"$SB_VM_LOCK"
+		flock -w 900 "$lockfd" || bad "gave up waiting for the VM lock $SB_VM_LOCK"
+	fi
+	t0=$EPOCHREALTIME
+	timeout -k 5 $((SB_TIMEOUT * 2 + 30)) virsh -q -c "$uri" "create $xml; \
+		event --domain sbtest --event lifecycle --timeout $((SB_TIMEOUT * 2)); \
+		event --domain sbtest --event lifecycle --timeout 10; destroy sbtest" \
+		>"$dir/virsh.out" 2>>"$dir/virsh.err" &
+	vpid=$!
+	lv_virsh=$vpid
+	libvirt_wait "$vpid" "$step" "STREAMBOOT-HOLD"
+	sb_verdicts "$dir/$step.log" >"$dir/$step.verdicts"
+	expect "$step" "STREAMBOOT-VERDICT v2 files-ok" "STREAMBOOT-WROTE before sha256=$(written_sha before)"
+	ok "v2 booted through libvirt (virsh create): $(verdict "$step"), wrote and synced /before, holds"
+	serve_status status-before
+	[[ $st_state == trial && $st_starts == 1 && $st_vm == true ]] ||
+		bad "status --control with the guest up: state $st_state, trial starts $st_starts, VM connected $st_vm (expected trial, 1, true)"
+	ok "status --control: trial, 1 trial start (firmware and kernel: one boot), VM connected"
+
+	# A backend restart under the running libvirt guest.
+	serve_down
+	mv "$dir/vu.sock.log" "$dir/serve-1.log"
+	serve_up --control "$ctl" --max-trial-starts 1
+	local n=150
+	while serve_status status-reconnect && [[ $st_vm != true ]] && ((n-- > 0)); do sleep 0.1; done
+	[[ $st_vm == true && $st_state == trial && $st_starts == 1 ]] ||
+		bad "after the serve restart: VM connected $st_vm, state $st_state, trial starts $st_starts (expected true, trial, 1; QEMU log $root/log/qemu/sbtest.log)"
+	ok "serve restarted; libvirt's QEMU reconnected (<reconnect>): still trial, 1 start"
+	echo check >&"$confd"
+	libvirt_wait "$vpid" "$step" "STREAMBOOT-VERDICT v2 recheck-"
+	sb_verdicts "$dir/$step.log" >"$dir/$step.verdicts"
+	expect_line "$step" "STREAMBOOT-VERDICT v2 recheck-ok written=before:ok"
+	ok "the same guest re-read every file and /before from the new serve (page cache dropped)"
+	echo poweroff >&"$confd"
+	wait "$vpid"
+	SB_LAST_WALL=$(sb_since "$t0")
+	pid=$(cat "$root/run/qemu/sbtest.pid" 2>/dev/null)
+	if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+		kill -KILL "$pid"
+		bad "QEMU (pid $pid) still ran after virsh: killed ($dir/virsh.out)"
+	fi
+	[[ $lockfd == /dev/null ]] || exec {lockfd}>&-
+	exec {confd}>&-
+	times+=("$(printf '%-26s %6.2fs' "libvirt/$step" "$SB_LAST_WALL")")
+	grep -q 'Shutdown Finished' "$dir/virsh.out" ||
+		bad "the guest did not power off: $(tr '\n' '|' <"$dir/virsh.out") $(grep -m1 'error' "$dir/virsh.err") (console $dir/$step.log)"
+	ok "guest powered off (one libvirt domain, ${SB_LAST_WALL}s)"
+	serve_status status-after
+	[[ $st_mode == target && $st_state == trial && $st_starts == 1 ]] ||
+		bad "status --control after the guest: mode $st_mode, state $st_state, trial starts $st_starts (expected target, trial, 1)"
+	online confirm-ctl confirm
+	grep -qx 'target confirmed' "$dir/confirm-ctl.out" || bad "confirm --control: $(cat "$dir/confirm-ctl.out")"
+	ok "confirm --control: target confirmed"
+	serve_down
+	state_is "$dir/disk.img" confirmed
+}
+
+# libvirt_cleanup — the libvirt scenario's virsh and the domain's QEMU (by PID, from the
+# embedded driver's pid file), then its driver root.
+lv_root='' lv_virsh=''
+libvirt_cleanup() {
+	local pid
+	[[ -z $lv_virsh ]] || sb_kill_tree "$lv_virsh"
+	[[ -n $lv_root ]] || return 0
+	pid=$(cat "$lv_root/run/qemu/sbtest.pid" 2>/dev/null)
+	[[ -z $pid ]] || kill -KILL "$pid" 2>/dev/null || true
+	rm -rf "$lv_root"
+}
+
+# libvirt_domain ROOT XML STEP — the embedded driver's qemu.conf in ROOT/etc, and the
+# domain XML: docs/libvirt.md's disk and memory on serve's $dir/vu.sock, direct kernel
+# boot (sbtest.write=before sbtest.hold=1), console on the pipe $dir/con logged to STEP.log.
+libvirt_domain() {
+	local root=$1 xml=$2 step=$3 accel type=qemu cpu=''
+	accel=$(SB_MACHINE=q35 detect_accel) || return 1
+	[[ $accel == kvm ]] && type=kvm cpu="<cpu mode='host-passthrough'/>"
+	sb_guest_env || return 1
+	mkdir -p "$root/etc"
+	cat >"$root/etc/qemu.conf" <<-EOF
+		user = "root"
+		group = "root"
+		security_driver = "none"
+		cgroup_controllers = [ ]
+		namespaces = [ ]
+		stdio_handler = "file"
+	EOF
+	cat >"$xml" <<-EOF
+		<domain type='$type'>
+		  <name>sbtest</name>
+		  <memory unit='MiB'>$SB_MEM_MB</memory>
+		  <memoryBacking>
+		    <source type='memfd'/>
+		    <access mode='shared'/>
+		  </memoryBacking>
+		  <vcpu>1</vcpu>
+		  $cpu
+		  <os>
+		    <type arch='x86_64' machine='q35'>hvm</type>
+		    <kernel>$KERNEL</kernel>
+		    <initrd>$INITRD</initrd>
+		    <cmdline>$(SB_MACHINE=q35 sb_cmdline sbtest.write=before sbtest.hold=1)</cmdline>
+		  </os>
+		  <features>
+		    <acpi/>
+		  </features>
+		  <on_poweroff>destroy</on_poweroff>
+		  <on_reboot>destroy</on_reboot>
+		  <on_crash>destroy</on_crash>
+		  <devices>
+		    <disk type='vhostuser' device='disk' snapshot='no'>
+		      <driver name='qemu' type='raw' queues='1'/>
+		      <source type='unix' path='$dir/vu.sock'>
+		        <reconnect enabled='yes' timeout='1'/>
+		      </source>
+		      <target dev='vda' bus='virtio'/>
+		      <boot order='1'/>
+		    </disk>
+		    <serial type='pipe'>
+		      <source path='$dir/con'/>
+		      <log file='$dir/$step.log'/>
+		    </serial>
+		  </devices>
+		</domain>
+	EOF
+}
+
+# libvirt_wait VIRSH_PID STEP STRING — wait until STEP's console shows the fixed STRING;
+# fails if virsh (the domain) ended or SB_TIMEOUT passed.
+libvirt_wait() {
+	local n=$((SB_TIMEOUT * 20)) log=$dir/$2.log
+	until grep -aqF -- "$3" "$log" 2>/dev/null; do
+		kill -0 "$1" 2>/dev/null && ((n-- > 0)) ||
+			bad "$2: no '$3' on the console ($(kill -0 "$1" 2>/dev/null && echo "still running after ${SB_TIMEOUT}s" || echo "domain ended: $(tr '\n' '|' <"$dir/virsh.out")") log $log)"
+		sleep 0.05
+	done
 }
 
 # --- runner ---------------------------------------------------------------------------

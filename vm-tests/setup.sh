@@ -36,9 +36,14 @@ requirements=(
 	"perl perl-base"
 	"timeout coreutils"
 	"curl curl"
+	"promtool prometheus"
 	"losetup mount"
 	"man man-db"
 	"/boot/vmlinuz-* linux-image-amd64"
+	"systemd-analyze systemd"
+	"virt-xml-validate libvirt-clients"
+	"xmllint libxml2-utils"
+	"/etc/libvirt/qemu.conf libvirt-daemon-system"
 )
 
 # Prints the packages whose tool is missing (unique, in order).

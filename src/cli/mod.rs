@@ -1,5 +1,6 @@
 //! The `streamboot` command line.
 
+mod config;
 mod demo;
 mod docs;
 pub mod exit;
@@ -48,24 +49,27 @@ pub enum LogFormat {
     Json,
 }
 
-/// Options for reaching the remote source.
-#[derive(Debug, Clone, Args)]
+/// Options for reaching the remote source (also keys of `serve --config`; unset ones take
+/// the defaults named in their help).
+#[derive(Debug, Clone, Default, Args, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
 pub struct NetArgs {
-    /// Seconds to wait for a connection.
-    #[arg(long, default_value_t = 10)]
-    pub connect_timeout: u64,
-    /// Seconds a request may stall before it is retried.
-    #[arg(long, default_value_t = 30)]
-    pub request_timeout: u64,
+    /// Seconds to wait for a connection (default 10).
+    #[arg(long)]
+    pub connect_timeout: Option<u64>,
+    /// Seconds a request may stall before it is retried (default 30).
+    #[arg(long)]
+    pub request_timeout: Option<u64>,
     /// Give up on a fetch after this many seconds of transient failures (default: keep
     /// retrying while the request waits).
     #[arg(long)]
     pub fetch_deadline: Option<u64>,
     /// Slowest rate (bytes/s) one request attempt is granted: its time budget is
     /// max(--request-timeout, length / rate); a server dripping slower is retried or left
-    /// for a mirror.
-    #[arg(long, default_value = "64K", value_parser = size::parse_size)]
-    pub min_rate: u64,
+    /// for a mirror (default 64K).
+    #[arg(long, value_parser = size::parse_size)]
+    #[serde(deserialize_with = "config::de_size")]
+    pub min_rate: Option<u64>,
     /// Follow redirects to another origin (scheme, host, port); https to http is always
     /// refused.
     #[arg(long)]
@@ -75,13 +79,18 @@ pub struct NetArgs {
 impl NetArgs {
     /// HTTP options for these arguments.
     pub fn http_options(&self) -> HttpOptions {
+        let d = HttpOptions::default();
         HttpOptions {
-            connect_timeout: Duration::from_secs(self.connect_timeout),
-            request_timeout: Duration::from_secs(self.request_timeout),
+            connect_timeout: self
+                .connect_timeout
+                .map_or(d.connect_timeout, Duration::from_secs),
+            request_timeout: self
+                .request_timeout
+                .map_or(d.request_timeout, Duration::from_secs),
             deadline: self.fetch_deadline.map(Duration::from_secs),
-            min_rate: self.min_rate,
+            min_rate: self.min_rate.unwrap_or(d.min_rate),
             allow_cross_origin_redirects: self.allow_cross_origin_redirects,
-            ..HttpOptions::default()
+            ..d
         }
     }
 }

@@ -9,7 +9,8 @@
 //! Module map:
 //! - [`server`]: socket creation, HTTP routing, JSON and metrics responses, shutdown.
 //! - [`client`]: blocking calls for the CLI (`status`, `confirm`, `commit`, ...).
-//! - [`metrics`]: the Prometheus text exposition of a [`StatusReport`].
+//! - [`metrics`]: the Prometheus (OpenMetrics) exposition of a [`StatusReport`].
+//! - [`metrics_http`]: the optional read-only TCP listener for `GET /metrics`.
 //! - [`notify`]: background webhook posts (`--notify URL`) for state changes.
 //! - `rates`: the sliding-window rate estimator.
 //!
@@ -17,6 +18,7 @@
 
 pub mod client;
 pub mod metrics;
+pub mod metrics_http;
 pub mod notify;
 mod rates;
 pub mod server;
@@ -26,6 +28,7 @@ use serde::Serialize;
 use crate::engine::Status;
 
 pub use client::ClientError;
+pub use metrics_http::MetricsHandle;
 pub use notify::{Notifier, NotifyError, NotifyOptions};
 pub use server::{BindError, ControlHandle, ControlServer};
 

@@ -7,16 +7,74 @@
 //! a dead webhook can never hold up the disk. [`Notifier::close`] waits (up to a deadline)
 //! for queued events, for the final event before the process exits.
 //!
-//! Each post is `{"event": EVENT, "time": RFC 3339 UTC, ...payload fields}`; a payload
-//! that is not an object is sent as `"data"`.
+//! Each post is `{"id": UUID, "event": EVENT, "time": RFC 3339 UTC, ...payload fields}`;
+//! a payload that is not an object is sent as `"data"`. `id` is the same for every try of
+//! one event (receivers deduplicate with it). With a secret (`--notify-secret FILE`) each
+//! try carries `X-Streamboot-Timestamp: UNIX_SECONDS` and `X-Streamboot-Signature:
+//! sha256=HEX`, the HMAC-SHA256 of `TIMESTAMP.BODY` under the secret.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+/// Header with the signing time (Unix seconds) of a post.
+pub const TIMESTAMP_HEADER: &str = "x-streamboot-timestamp";
+/// Header with `sha256=HEX`, the HMAC-SHA256 of `TIMESTAMP.BODY`.
+pub const SIGNATURE_HEADER: &str = "x-streamboot-signature";
+
+/// The webhook signing key (`--notify-secret FILE`); never shown, wiped when dropped.
+#[derive(Clone)]
+pub struct NotifySecret(Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for NotifySecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NotifySecret(<redacted>)")
+    }
+}
+
+impl NotifySecret {
+    /// Reads the secret from `path` (one trailing line feed is not part of it).
+    pub fn from_file(path: &Path) -> Result<Self, NotifyError> {
+        let mut bytes =
+            Zeroizing::new(std::fs::read(path).map_err(|source| NotifyError::Secret {
+                path: path.to_path_buf(),
+                source,
+            })?);
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+        }
+        if bytes.is_empty() {
+            return Err(NotifyError::EmptySecret(path.to_path_buf()));
+        }
+        Ok(Self(bytes))
+    }
+
+    /// A secret from bytes (tests, config files).
+    pub fn from_bytes(b: &[u8]) -> Self {
+        Self(Zeroizing::new(b.to_vec()))
+    }
+
+    /// `sha256=HEX` over `timestamp.body`.
+    pub fn sign(&self, timestamp: u64, body: &[u8]) -> String {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC accepts keys of any length");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+}
 
 /// How events are queued and delivered.
 #[derive(Clone, Debug)]
@@ -31,6 +89,8 @@ pub struct NotifyOptions {
     pub max_backoff: Duration,
     /// Deadline of one post.
     pub request_timeout: Duration,
+    /// Signs each post when set.
+    pub secret: Option<NotifySecret>,
 }
 
 impl Default for NotifyOptions {
@@ -41,6 +101,7 @@ impl Default for NotifyOptions {
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
+            secret: None,
         }
     }
 }
@@ -56,6 +117,18 @@ pub enum NotifyError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The secret file cannot be read (its content is never shown).
+    #[error("cannot read the notify secret {}", path.display())]
+    Secret {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The secret file is empty.
+    #[error("the notify secret {} is empty", .0.display())]
+    EmptySecret(PathBuf),
     /// The delivery thread or its HTTP client could not be set up.
     #[error("cannot start the notifier: {0}")]
     Setup(String),
@@ -196,13 +269,14 @@ impl Notifier {
     }
 }
 
-/// The post body: payload fields, then `event` and `time` (which win).
+/// The post body: payload fields, then `id`, `event` and `time` (which win).
 fn envelope(event: &str, at: SystemTime, payload: Value) -> Value {
     let mut obj = match payload {
         Value::Object(m) => m,
         Value::Null => Map::new(),
         other => Map::from_iter([("data".to_owned(), other)]),
     };
+    obj.insert("id".into(), uuid::Uuid::new_v4().to_string().into());
     obj.insert("event".into(), event.into());
     obj.insert(
         "time".into(),
@@ -226,13 +300,19 @@ impl Worker {
         let mut backoff = self.opts.initial_backoff;
         let attempts = self.opts.attempts.max(1);
         for attempt in 1..=attempts {
-            let result = self
+            let mut req = self
                 .client
                 .post(self.url.clone())
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone())
-                .send()
-                .await;
+                .header(reqwest::header::CONTENT_TYPE, "application/json");
+            if let Some(secret) = &self.opts.secret {
+                let ts = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                req = req
+                    .header(TIMESTAMP_HEADER, ts)
+                    .header(SIGNATURE_HEADER, secret.sign(ts, &body));
+            }
+            let result = req.body(body.clone()).send().await;
             let failure = match result {
                 Ok(r) if r.status().is_success() => {
                     tracing::debug!("notify: {name} delivered");
@@ -279,14 +359,32 @@ mod tests {
             at,
             serde_json::json!({"state": "confirmed", "event": "spoof"}),
         );
+        let id = v["id"].as_str().unwrap().to_owned();
         assert_eq!(
             v,
-            serde_json::json!({"event": "confirmed", "time": "2023-11-14T22:13:20.123Z", "state": "confirmed"})
+            serde_json::json!({"id": id, "event": "confirmed", "time": "2023-11-14T22:13:20.123Z", "state": "confirmed"})
         );
         let v = envelope("x", at, Value::Null);
-        assert_eq!(v.as_object().unwrap().len(), 2);
+        assert_eq!(v.as_object().unwrap().len(), 3);
+        assert_ne!(v["id"].as_str().unwrap(), id, "each event has its own id");
         let v = envelope("x", at, serde_json::json!([1, 2]));
         assert_eq!(v["data"], serde_json::json!([1, 2]));
+    }
+
+    #[test]
+    fn signature_is_hmac_sha256_of_timestamp_and_body() {
+        // RFC 4231 test case 2 (key "Jefe"), message "what do ya want for nothing?".
+        let s = NotifySecret::from_bytes(b"Jefe");
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac.finalize().into_bytes()),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert_eq!(s.sign(12, b"{}"), s.sign(12, b"{}"));
+        assert_ne!(s.sign(12, b"{}"), s.sign(13, b"{}"));
+        assert!(s.sign(1, b"x").starts_with("sha256="));
+        assert_eq!(format!("{s:?}"), "NotifySecret(<redacted>)");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! | POST   | `/v1/commit`     | same                                        |
 //! | POST   | `/v1/rollback`   | same                                        |
 //! | POST   | `/v1/hydration`  | same; body `{"paused":bool?,"rate":u64?}`   |
-//! | GET    | `/metrics`       | Prometheus text format 0.0.4                |
+//! | GET    | `/metrics`       | OpenMetrics text (Prometheus)               |
+//! | GET    | `/v1/metrics`    | the same                                    |
 //!
 //! Errors are `{"ok":false,"error":MESSAGE,"error_kind":KIND}` with 400 (bad request),
 //! 404 (unknown path), 405 (wrong method, with `Allow`), 408 (body too slow), 409
@@ -50,10 +51,10 @@ pub const MAX_BODY: usize = 16 * 1024;
 
 /// Clients must send a request's headers (and, separately, its body) within this time;
 /// an idle keep-alive connection is closed after it too.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 32;
+pub(super) const MAX_CONNECTIONS: usize = 32;
 
 /// Window of the fetch rates.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -62,7 +63,7 @@ const RATE_WINDOW: Duration = Duration::from_secs(10);
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// How long open connections get to finish their request at shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the control socket could not be set up or run.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,15 @@ pub enum BindError {
         #[source]
         source: io::Error,
     },
+    /// The TCP metrics listener could not be bound.
+    #[error("metrics listener {addr}")]
+    Tcp {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// The failure.
+        #[source]
+        source: io::Error,
+    },
     /// The server's runtime or thread could not be started.
     #[error("control server: {0}")]
     Runtime(#[source] io::Error),
@@ -95,6 +105,8 @@ pub struct ControlServer {
     /// `(dev, ino)` of the socket file we created, so shutdown removes only our own.
     ident: (u64, u64),
     ops: Arc<dyn ControlOps>,
+    /// Value of the `disk` label of every metric.
+    disk: String,
 }
 
 impl std::fmt::Debug for ControlServer {
@@ -135,7 +147,14 @@ impl ControlServer {
             ident: (meta.dev(), meta.ino()),
             path,
             ops,
+            disk: String::new(),
         })
+    }
+
+    /// Sets the `disk` label the metrics carry (the disk `serve` serves).
+    pub fn with_disk_label(mut self, disk: impl Into<String>) -> Self {
+        self.disk = disk.into();
+        self
     }
 
     /// The socket path.
@@ -179,7 +198,11 @@ impl ControlServer {
     /// requests finish (briefly) and removes the socket file.
     pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> Result<(), BindError> {
         let listener = self.listener.take().expect("a ControlServer serves once");
-        let result = run(listener, &self.path, self.ops.clone(), shutdown).await;
+        let shared = Arc::new(Shared::new(
+            self.ops.clone(),
+            std::mem::take(&mut self.disk),
+        ));
+        let result = run(listener, &self.path, shared, shutdown).await;
         remove_own_socket(&self.path, self.ident);
         result
     }
@@ -244,12 +267,21 @@ fn remove_own_socket(path: &Path, ident: (u64, u64)) {
 }
 
 /// State shared by every connection.
-struct Shared {
+pub(super) struct Shared {
     ops: Arc<dyn ControlOps>,
     rates: Mutex<RateWindow>,
+    disk: String,
 }
 
 impl Shared {
+    pub(super) fn new(ops: Arc<dyn ControlOps>, disk: String) -> Self {
+        Self {
+            ops,
+            rates: Mutex::new(RateWindow::new(RATE_WINDOW)),
+            disk,
+        }
+    }
+
     fn sample(&self, fetched: FetchedBytes) {
         self.rates.lock().record(Instant::now(), fetched);
     }
@@ -258,7 +290,7 @@ impl Shared {
 async fn run(
     listener: std::os::unix::net::UnixListener,
     path: &Path,
-    ops: Arc<dyn ControlOps>,
+    shared: Arc<Shared>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BindError> {
     let listener =
@@ -266,10 +298,6 @@ async fn run(
             path: path.to_path_buf(),
             source,
         })?;
-    let shared = Arc::new(Shared {
-        ops,
-        rates: Mutex::new(RateWindow::new(RATE_WINDOW)),
-    });
     let sampler = tokio::spawn(sample_loop(shared.clone()));
     let (closing_tx, closing_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -339,7 +367,7 @@ async fn run(
 }
 
 /// Samples the fetch counters every [`SAMPLE_EVERY`] for the rates.
-async fn sample_loop(shared: Arc<Shared>) {
+pub(super) async fn sample_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -412,7 +440,7 @@ impl Action {
 #[serde(deny_unknown_fields)]
 struct NoParams {}
 
-type Resp = Response<Full<Bytes>>;
+pub(super) type Resp = Response<Full<Bytes>>;
 
 fn json_response(status: StatusCode, body: &impl Serialize) -> Resp {
     let mut bytes = serde_json::to_vec(body).unwrap_or_else(|e| {
@@ -427,7 +455,7 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Resp {
         .expect("static response parts are valid")
 }
 
-fn error_response(status: StatusCode, kind: &str, message: &str) -> Resp {
+pub(super) fn error_response(status: StatusCode, kind: &str, message: &str) -> Resp {
     json_response(
         status,
         &ErrorBody {
@@ -447,6 +475,7 @@ fn control_error(e: &ControlError) -> Resp {
 const ROUTES: &[(&str, Method)] = &[
     ("/v1/status", Method::GET),
     ("/metrics", Method::GET),
+    ("/v1/metrics", Method::GET),
     ("/v1/confirm", Method::POST),
     ("/v1/commit", Method::POST),
     ("/v1/rollback", Method::POST),
@@ -490,14 +519,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
             ),
             Err(resp) => resp,
         },
-        "/metrics" => match report(shared).await {
-            Ok(r) => Response::builder()
-                .status(StatusCode::OK)
-                .header(CONTENT_TYPE, metrics::CONTENT_TYPE)
-                .body(Full::new(Bytes::from(metrics::render(&r))))
-                .expect("static response parts are valid"),
-            Err(resp) => resp,
-        },
+        "/metrics" | "/v1/metrics" => metrics_response(shared).await,
         action => {
             let body = match read_body(req).await {
                 Ok(b) => b,
@@ -545,6 +567,18 @@ fn internal_panic(what: &str, e: tokio::task::JoinError) -> Resp {
         "internal",
         &format!("{what} failed unexpectedly (see the serve log)"),
     )
+}
+
+/// The answer of `GET /metrics`.
+pub(super) async fn metrics_response(shared: &Arc<Shared>) -> Resp {
+    match report(shared).await {
+        Ok(r) => Response::builder()
+            .status(StatusCode::OK)
+            .header(CONTENT_TYPE, metrics::CONTENT_TYPE)
+            .body(Full::new(Bytes::from(metrics::render(&r, &shared.disk))))
+            .expect("static response parts are valid"),
+        Err(resp) => resp,
+    }
 }
 
 /// Takes a status snapshot, samples its counters and adds rates and ETA.

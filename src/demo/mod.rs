@@ -432,7 +432,7 @@ pub fn run(opts: &DemoOptions, hooks: &dyn Hooks) -> Result<Summary, DemoError> 
         let s = served.svc.status();
         hooks.progress("committing (chunks home)", s.chunks_home, s.chunks_total);
         while let Ok(ev) = served.events.try_recv() {
-            if ev == "committed" || ev == "commit-failed" {
+            if ev == "commit-done" || ev == "commit-failed" {
                 outcome = Some(ev);
             }
         }
@@ -440,7 +440,7 @@ pub fn run(opts: &DemoOptions, hooks: &dyn Hooks) -> Result<Summary, DemoError> 
     })?;
     hooks.progress_done();
     let commit_secs = t0.elapsed().as_secs_f64();
-    if outcome.as_deref() != Some("committed") {
+    if outcome.as_deref() != Some("commit-done") {
         return Err(DemoError::Failed(
             served
                 .svc

@@ -136,15 +136,20 @@ impl Engine {
         cancel: &CancellationToken,
     ) -> FlightResult {
         Counters::add(&self.counters.fetch_requests, 1);
+        let timer = self.counters.latency.fetch(demand).timer();
         let got =
             self.source
                 .read_at_cancellable(start, &mut bytes[..(end - start) as usize], cancel);
         if let Err(SourceError::Cancelled) = got {
             tracing::debug!(chunk = first, count, "fetch cancelled");
+            timer.discard();
             return FlightResult::Cancelled;
         }
+        drop(timer);
         if let Err(e) = got {
             Counters::add(&self.counters.fetch_errors, 1);
+            let integrity = matches!(e, SourceError::Verify { .. } | SourceError::Changed { .. });
+            self.counters.fetch_failed(integrity, &e.to_string());
             tracing::error!(
                 chunk = first,
                 count,

@@ -32,7 +32,7 @@ use crate::source::{CancellationToken, RemoteSource};
 
 pub use flight::FlightResult;
 pub use hydrate::{HydrateOptions, HydrateReport, Hydrator, RateLimit};
-pub use stats::{Counters, Status};
+pub use stats::{Counters, HistogramSnapshot, LatencySnapshot, Status, LATENCY_BUCKETS};
 
 use flight::InFlight;
 
@@ -286,6 +286,8 @@ impl Engine {
         let fr = get(&c.first_read_us);
         s.first_read_ms = (fr > 0).then(|| fr as f64 / 1000.0);
         s.uptime_secs = c.uptime_secs();
+        s.start_time_secs = c.start_time_secs();
+        s.latency = c.latency.snapshot();
         s
     }
 
@@ -332,6 +334,7 @@ impl Engine {
 
     /// Reads `buf.len()` bytes of the target at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let _timer = self.counters.latency.read.timer();
         check_range(offset, buf.len() as u64, self.layout.target_size)?;
         self.counters.note_read(buf.len() as u64);
         for (c, within, r) in self.pieces(offset, buf.len()) {
@@ -376,6 +379,7 @@ impl Engine {
 
     /// Writes `data` at `offset` of the target.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
+        let _timer = self.counters.latency.write.timer();
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
@@ -611,6 +615,7 @@ impl BlockBackend for Engine {
         self.write(offset, buf)
     }
     fn flush(&self) -> Result<(), BlockError> {
+        let _timer = self.counters.latency.flush.timer();
         Engine::flush(self).map_err(|e| match e {
             EngineError::Block(b) => b,
             other => BlockError::Io(std::io::Error::other(other.to_string())),

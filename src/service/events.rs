@@ -1,5 +1,9 @@
 //! What the vhost layer tells the service: connections and device starts (trial boots,
-//! fallback).
+//! fallback); and the engine's failed fetches, forwarded as events.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::blockdev::{DeviceEvents, DeviceStart};
 use crate::migration::transitions::{device_start, Next, Op};
@@ -51,7 +55,57 @@ impl DeviceEvents for Service {
     }
 }
 
+/// At most one `fetch-error` (and one `integrity-error`) event per this interval; the
+/// failures in between are counted into the next event.
+const FETCH_EVENT_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate limit of one kind of fetch failure event.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// `Some(failures since the last event, this one included)` when an event is due.
+    fn hit(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < FETCH_EVENT_EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed) + 1)
+    }
+}
+
 impl Service {
+    /// Emits `fetch-error` / `integrity-error` events for failed fetches of the engine
+    /// (at most one of each kind per 10 s, counting the failures in between). The hook
+    /// runs on the data path and only queues the event.
+    pub fn forward_fetch_errors(&self) {
+        let Some(e) = self.engine() else { return };
+        let me = self.me.lock().clone();
+        let throttle: Mutex<[Throttle; 2]> = Mutex::default();
+        e.counters().set_error_hook(move |integrity, msg| {
+            let due = throttle.lock()[usize::from(integrity)].hit(Instant::now());
+            let (Some(n), Some(svc)) = (due, me.upgrade()) else {
+                return;
+            };
+            let event = if integrity {
+                "integrity-error"
+            } else {
+                "fetch-error"
+            };
+            svc.emit(
+                event,
+                &format!("{msg} ({n} failed fetches since the last report)"),
+            );
+        });
+    }
+
     /// A fresh device start with the trial starts used up: roll back; this start sees the
     /// source. The caller holds `ops`; no request of the start has run yet.
     fn fall_back(&self, starts: u8) {

@@ -353,6 +353,7 @@ impl Service {
         };
         let h = Arc::new(Hydrator::new(opts, self.cfg.hydrate_rate));
         let (h2, err) = (h.clone(), self.last_error.clone());
+        let me = self.me.lock().clone();
         let t = std::thread::Builder::new()
             .name("hydrator".into())
             .spawn(move || match h2.run(&engine, &|_, _| {}) {
@@ -362,7 +363,12 @@ impl Service {
                 Ok(r) if r.stopped => {
                     tracing::info!(bytes = r.bytes, missing = r.missing, "hydration stopped")
                 }
-                Ok(r) => tracing::info!(bytes = r.bytes, secs = r.secs, "hydration finished"),
+                Ok(r) => {
+                    let msg = format!("hydration finished: {} bytes in {:.1} s", r.bytes, r.secs);
+                    if let Some(svc) = me.upgrade() {
+                        svc.emit("hydration-done", &msg);
+                    }
+                }
                 Err(e) => {
                     tracing::error!("hydration stopped: {e}");
                     *err.lock() = Some(format!("hydration stopped: {e}"));
@@ -453,7 +459,7 @@ impl Service {
                     svc.stop_hydration();
                     match e.commit(false, HydrateOptions::default(), &|_, _, _| {}) {
                         Ok(()) => {
-                            svc.emit("committed", "commit finished: the disk holds the target")
+                            svc.emit("commit-done", "commit finished: the disk holds the target")
                         }
                         Err(_) if svc.stopping.load(std::sync::atomic::Ordering::SeqCst) => {
                             tracing::info!(
@@ -535,7 +541,7 @@ impl Service {
         let msg = format!(
             "{why}: the disk holds the source again; writes made to the target were discarded"
         );
-        self.emit("rolled-back", &msg);
+        self.emit("rollback-done", &msg);
         Ok(msg)
     }
 

@@ -185,8 +185,9 @@ pub struct VhostBlkServer {
     disk: Arc<dyn BlockBackend>,
     opts: ServeOptions,
     listener: Listener,
-    /// Device and inode of the socket we created, to remove only our own socket.
-    socket_id: (u64, u64),
+    /// Device and inode of the socket we created, to remove only our own socket (`None`:
+    /// a socket handed to us, which its owner removes).
+    socket_id: Option<(u64, u64)>,
     shutdown: ShutdownHandle,
     pool: Arc<IoPool>,
 }
@@ -194,6 +195,25 @@ pub struct VhostBlkServer {
 impl VhostBlkServer {
     /// Validates the options and creates the socket.
     pub fn bind(disk: Arc<dyn BlockBackend>, opts: ServeOptions) -> Result<Self, VhostError> {
+        Self::listen(disk, opts, None)
+    }
+
+    /// Validates the options and serves on `listener`, a listening socket handed to us
+    /// (systemd socket activation, `serve --fd`): its path is `opts.socket_path` for the
+    /// logs only; it is neither created nor removed here.
+    pub fn with_listener(
+        disk: Arc<dyn BlockBackend>,
+        opts: ServeOptions,
+        listener: std::os::unix::net::UnixListener,
+    ) -> Result<Self, VhostError> {
+        Self::listen(disk, opts, Some(listener))
+    }
+
+    fn listen(
+        disk: Arc<dyn BlockBackend>,
+        opts: ServeOptions,
+        inherited: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<Self, VhostError> {
         opts.validate()?;
         let gid = opts
             .socket_group
@@ -205,9 +225,15 @@ impl VhostBlkServer {
             None => ShutdownHandle::new()?,
         };
         let pool = Arc::new(IoPool::new(opts.io_threads)?);
-        let listener = bind_socket(&opts.socket_path, gid)?;
-        let meta = std::fs::symlink_metadata(&opts.socket_path)
-            .map_err(|e| VhostError::socket(&opts.socket_path, e))?;
+        let (listener, socket_id) = match inherited {
+            Some(listener) => (listener, None),
+            None => {
+                let listener = bind_socket(&opts.socket_path, gid)?;
+                let meta = std::fs::symlink_metadata(&opts.socket_path)
+                    .map_err(|e| VhostError::socket(&opts.socket_path, e))?;
+                (listener, Some((meta.dev(), meta.ino())))
+            }
+        };
         tracing::info!(
             socket = %opts.socket_path.display(),
             capacity = disk.capacity(),
@@ -218,7 +244,7 @@ impl VhostBlkServer {
         Ok(Self {
             disk,
             listener: Listener::from(listener),
-            socket_id: (meta.dev(), meta.ino()),
+            socket_id,
             opts,
             shutdown,
             pool,
@@ -381,7 +407,7 @@ impl Drop for VhostBlkServer {
         // Remove the socket only if it is still the one we created.
         let path = &self.opts.socket_path;
         if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if (meta.dev(), meta.ino()) == self.socket_id {
+            if Some((meta.dev(), meta.ino())) == self.socket_id {
                 let _ = std::fs::remove_file(path);
             }
         }

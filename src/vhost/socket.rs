@@ -5,15 +5,109 @@
 //! path, its mode (0600, or 0660 with a group) and group are set there, and only then is
 //! it hard-linked into place (`link` fails instead of replacing anything that appeared at
 //! the path meanwhile). The process umask is left alone (it is shared by all threads).
+//!
+//! A socket can also be handed over already listening: by systemd socket activation
+//! (`LISTEN_FDS`/`LISTEN_PID`, see [`systemd_listener`]) or by a parent process with
+//! `serve --fd N` ([`inherited_listener`]). Its owner chose its path and mode.
 
 use std::ffi::CString;
 use std::fs;
 use std::io;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use super::VhostError;
+
+/// A listening socket handed to `serve` that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum InheritError {
+    /// `LISTEN_FDS`/`LISTEN_PID` are malformed.
+    #[error("socket activation (LISTEN_FDS/LISTEN_PID)")]
+    Env(#[source] io::Error),
+    /// systemd passed more than one socket.
+    #[error("LISTEN_FDS={0}: serve takes exactly one socket (the vhost-user socket)")]
+    Count(usize),
+    /// fd 0, 1 or 2.
+    #[error("fd {0} is stdin, stdout or stderr, not a passed socket (passed sockets start at 3)")]
+    Stdio(RawFd),
+    /// Not an open file descriptor.
+    #[error("fd {fd} is not open")]
+    NotOpen {
+        /// The descriptor.
+        fd: RawFd,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Open, but not what a frontend connects to.
+    #[error("fd {fd} is not a listening unix stream socket ({what})")]
+    NotListening {
+        /// The descriptor.
+        fd: RawFd,
+        /// What it is instead.
+        what: &'static str,
+    },
+}
+
+/// The vhost-user socket passed by systemd socket activation, if any: `LISTEN_PID` is
+/// this process and `LISTEN_FDS` is 1 (the socket is fd 3). `None` when nothing was
+/// passed to this process.
+pub fn systemd_listener() -> Result<Option<UnixListener>, InheritError> {
+    let mut fds = sd_notify::listen_fds().map_err(InheritError::Env)?;
+    match fds.len() {
+        0 => Ok(None),
+        1 => inherited_listener(fds.next().unwrap_or(3)).map(Some),
+        n => Err(InheritError::Count(n)),
+    }
+}
+
+/// Takes ownership of `fd`, a listening unix stream socket handed to this process
+/// (`serve --fd N`), after checking that it is one; it is made close-on-exec.
+pub fn inherited_listener(fd: RawFd) -> Result<UnixListener, InheritError> {
+    use rustix::net::{sockopt, AddressFamily, SocketType};
+    if (0..=2).contains(&fd) {
+        return Err(InheritError::Stdio(fd));
+    }
+    // SAFETY: F_GETFD on any integer only reads the descriptor table; no memory is passed.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(InheritError::NotOpen {
+            fd,
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `fd` is open (checked just above) and stays open while borrowed: nothing
+    // else in this process owns or closes a descriptor handed to `serve`.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let not = |what| InheritError::NotListening { fd, what };
+    if sockopt::socket_domain(borrowed).map_err(|_| not("not a socket"))? != AddressFamily::UNIX {
+        return Err(not("not a unix socket"));
+    }
+    if sockopt::socket_type(borrowed).map_err(|_| not("not a socket"))? != SocketType::STREAM {
+        return Err(not("not a stream socket"));
+    }
+    if !sockopt::socket_acceptconn(borrowed).map_err(|_| not("not a socket"))? {
+        return Err(not("not listening"));
+    }
+    rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC).map_err(|e| {
+        InheritError::NotOpen {
+            fd,
+            source: e.into(),
+        }
+    })?;
+    // SAFETY: `fd` is an open listening socket handed to this process for `serve` to
+    // own (checked above); from here on only the returned listener closes it.
+    Ok(UnixListener::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// The path a listening socket is bound to, if it has one (for logs and messages).
+pub fn listener_path(listener: &UnixListener) -> Option<PathBuf> {
+    listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+}
 
 /// Resolves a group given by name or number.
 pub fn resolve_group(group: &str) -> Result<u32, VhostError> {
@@ -148,6 +242,30 @@ mod tests {
         assert_eq!(resolve_group("0").unwrap(), 0);
         assert_eq!(resolve_group("root").unwrap(), 0);
         assert!(resolve_group("no-such-group-streamboot").is_err());
+    }
+
+    #[test]
+    fn inherited_fd_must_be_a_listening_unix_stream_socket() {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blk.sock");
+        assert!(matches!(inherited_listener(1), Err(InheritError::Stdio(1))));
+        // Refused descriptors are not taken over (they stay owned here).
+        let file = fs::File::create(dir.path().join("f")).unwrap();
+        assert!(matches!(
+            inherited_listener(file.as_raw_fd()),
+            Err(InheritError::NotListening { .. })
+        ));
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(matches!(
+            inherited_listener(a.as_raw_fd()),
+            Err(InheritError::NotListening { .. })
+        ));
+        let listener = UnixListener::bind(&path).unwrap();
+        let taken = inherited_listener(listener.into_raw_fd()).unwrap();
+        assert_eq!(listener_path(&taken).as_deref(), Some(path.as_path()));
+        let _client = UnixStream::connect(&path).unwrap();
+        taken.accept().unwrap();
     }
 
     #[test]

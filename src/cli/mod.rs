@@ -125,7 +125,7 @@ pub enum Command {
     Commit(lifecycle::CommitArgs),
     /// Serve DISK to a VM as a vhost-user-blk device: the target while it streams (or a
     /// plain disk). Runs until SIGTERM/SIGINT.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Serve every image of a chunk store as a read-only NBD export (each chunk verified
     /// before it is served). Runs until SIGTERM/SIGINT.
     Export(export::ExportArgs),

@@ -39,6 +39,7 @@ requirements=(
 	"promtool prometheus"
 	"openssl openssl"
 	"losetup mount"
+	"man man-db"
 	"/boot/vmlinuz-* linux-image-amd64"
 	"systemd-analyze systemd"
 	"virt-xml-validate libvirt-clients"

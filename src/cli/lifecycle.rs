@@ -90,6 +90,10 @@ pub struct CommitArgs {
     /// while the VM runs (falls back to acting on the disk when nothing listens there).
     #[arg(long)]
     pub control: Option<PathBuf>,
+    /// With --control: wait until the background commit finished, showing its progress
+    /// (JSON-lines events with --json). Without --control, commit always waits.
+    #[arg(long, requires = "control")]
+    pub wait: bool,
     /// Fetch from these URLs instead of the recorded ones (must be the same image).
     #[arg(long = "target")]
     pub targets: Vec<String>,
@@ -110,9 +114,10 @@ pub fn run(cli: &Cli) -> Result<()> {
             true => Ok(()),
             false => confirm(cli, disk),
         },
-        Command::Commit(a) => match online(cli, &a.control, "commit")? {
-            true => Ok(()),
-            false => commit(cli, a),
+        Command::Commit(a) => match (online(cli, &a.control, "commit")?, &a.control) {
+            (true, Some(sock)) if a.wait => wait_for_commit(cli, sock),
+            (true, _) => Ok(()),
+            (false, _) => commit(cli, a),
         },
         Command::Rollback { disk, control } => match online(cli, control, "rollback")? {
             true => Ok(()),
@@ -135,6 +140,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Keygen { prefix } => super::store::keygen(prefix, cli.json),
         Command::Store(c) => super::store::run(c, cli.json),
         Command::Demo(a) => super::demo::run(a, cli.json),
+        Command::GenerateDocs { dir } => super::docs::generate(dir),
     }
 }
 
@@ -150,6 +156,8 @@ fn online(cli: &Cli, control: &Option<PathBuf>, op: &str) -> Result<bool> {
         other => client::post(sock, other, &json!({})),
     };
     match r {
+        // `commit --wait` reports when the commit is done, not that it started.
+        Ok(_) if matches!(&cli.command, Command::Commit(a) if a.wait) => Ok(true),
         Ok(v) => {
             if cli.json {
                 println!("{v}");
@@ -167,7 +175,52 @@ fn online(cli: &Cli, control: &Option<PathBuf>, op: &str) -> Result<bool> {
             tracing::warn!("no serve listens on {}: acting on the disk", sock.display());
             Ok(false)
         }
-        Err(e) => Err(anyhow::anyhow!("{op} through {}: {e}", sock.display())),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("{op} through {}", sock.display()))),
+    }
+}
+
+/// Polls a running serve's status until the commit it runs has finished: progress as
+/// chunks home of all (a bar, or JSON-lines events with `--json`), then the result.
+fn wait_for_commit(cli: &Cli, sock: &Path) -> Result<()> {
+    use crate::control::client;
+    use anyhow::Context;
+    let bars = Bars::or_events(cli.json, "commit", false);
+    loop {
+        let v = client::get_status(sock)
+            .with_context(|| format!("waiting for the commit through {}", sock.display()))?;
+        let field = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let state = v.get("state").and_then(|s| s.as_str()).unwrap_or("");
+        if state == "committing" {
+            bars.update("commit", field("chunks_home"), field("chunks_total"));
+        }
+        if let Some(err) = v.get("last_error").and_then(|e| e.as_str()) {
+            if err.starts_with("commit failed") {
+                bars.finish();
+                anyhow::bail!("{err} (the commit resumes with `streamboot commit`)");
+            }
+        }
+        if !matches!(state, "committing" | "plain" | "committed") {
+            bars.finish();
+            anyhow::bail!(
+                "the commit through {} is not running: the disk is in state {state}",
+                sock.display()
+            );
+        }
+        if matches!(state, "plain" | "committed") {
+            bars.finish();
+            let size = field("target_size");
+            return emit(
+                cli,
+                json!({ "ok": true, "state": "committed", "target_size": size }),
+                || {
+                    format!(
+                        "committed: the disk now holds the target ({})",
+                        super::size::human(size)
+                    )
+                },
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 
@@ -215,7 +268,7 @@ fn hydrate(cli: &Cli, a: &HydrateArgs) -> Result<()> {
             threads: a.threads,
             http: a.net.http_options(),
         },
-        &Bars::new(cli.json, true),
+        &Bars::or_events(cli.json, "hydrate", true),
     )?;
     emit(cli, ok_json(&r), || super::report::hydrated_text(&r.report))
 }
@@ -233,7 +286,7 @@ fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
             targets: a.targets.clone(),
             http: a.net.http_options(),
         },
-        &Bars::new(cli.json, false),
+        &Bars::or_events(cli.json, "commit", false),
     )?;
     emit(cli, ok_json(&r), || {
         super::report::committed_text(&a.disk, &r)

@@ -2,6 +2,8 @@
 
 mod config;
 mod demo;
+mod docs;
+pub mod exit;
 mod export;
 mod lifecycle;
 mod progress;
@@ -21,16 +23,31 @@ use crate::source::{HttpAuth, HttpOptions};
 
 /// Boot a VM on a remote disk image while it streams.
 #[derive(Debug, Parser)]
-#[command(name = "streamboot", version, about)]
+#[command(name = "streamboot", version, about, after_help = exit::help_table())]
 pub struct Cli {
-    /// Machine-readable JSON on stdout instead of text and progress bars.
+    /// Machine-readable JSON on stdout instead of text and progress bars (errors too:
+    /// `{"ok": false, "kind": ..., "error": ...}`; `hydrate` and `commit` print progress
+    /// events as JSON lines before the result).
     #[arg(long, global = true)]
     pub json: bool,
     /// More log output (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Log line format on stderr: `text`, or `json` (one object per line with `timestamp`,
+    /// `level`, `target`, `message` and the event's fields; the final error line too).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colours only when stderr is a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Options for reaching the remote source (also keys of `serve --config`; unset ones take
@@ -62,9 +79,11 @@ pub struct NetArgs {
     /// or written to the disk; prefer --header-file for secrets (a command line is visible
     /// to other users).
     #[arg(long = "header", value_name = "NAME: VALUE")]
+    #[serde(rename = "header")]
     pub headers: Vec<String>,
     /// File with one 'Name: value' header per line (repeatable; '#' starts a comment line).
     #[arg(long = "header-file", value_name = "FILE")]
+    #[serde(rename = "header-file")]
     pub header_files: Vec<PathBuf>,
     /// File holding a bearer token (sent as 'Authorization: Bearer TOKEN'); read again when
     /// a request gets 401, which is then retried once (rotate the token by replacing the
@@ -74,6 +93,7 @@ pub struct NetArgs {
     /// PEM bundle of CA certificates to trust in addition to the bundled roots
     /// (repeatable).
     #[arg(long = "cacert", value_name = "PEM")]
+    #[serde(rename = "cacert")]
     pub cacerts: Vec<PathBuf>,
     /// Trust only the CAs given with --cacert (and --system-roots), not the bundled roots.
     #[arg(long)]
@@ -158,7 +178,7 @@ pub enum Command {
     Commit(lifecycle::CommitArgs),
     /// Serve DISK to a VM as a vhost-user-blk device: the target while it streams (or a
     /// plain disk). Runs until SIGTERM/SIGINT.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Serve every image of a chunk store as a read-only NBD export (each chunk verified
     /// before it is served). Runs until SIGTERM/SIGINT.
     Export(export::ExportArgs),
@@ -196,6 +216,13 @@ pub enum Command {
     /// Give a running serve fresh URLs of its target (an expired presigned URL); checked
     /// against the pinned image, refused otherwise.
     TargetUrls(targets::TargetUrlsArgs),
+    /// Write the man pages (one per subcommand) and shell completions (bash, zsh, fish)
+    /// under DIR: DIR/man/*.1, DIR/completions/. For packaging.
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory.
+        dir: PathBuf,
+    },
 }
 
 /// Reports a command-line parsing error like every other error: one line
@@ -212,10 +239,39 @@ fn usage_error(e: &clap::Error) -> i32 {
     }
     let msg = one_line_usage_error(&e.render().to_string());
     if std::env::args().any(|a| a == "--json") {
-        println!("{}", serde_json::json!({ "ok": false, "error": msg }));
+        println!("{}", error_json(exit::Kind::Usage, &msg));
     }
-    eprintln!("streamboot: error: {msg}");
-    e.exit_code()
+    let json_logs = std::env::args()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || std::env::args().any(|a| a == "--log-format=json");
+    report_error(exit::Kind::Usage, &msg, json_logs);
+    exit::Kind::Usage.code()
+}
+
+/// The error line on stderr: `streamboot: error: MSG`, or with `--log-format json` a log
+/// object like the others (so every stderr line of a JSON-logging process is JSON).
+fn report_error(kind: exit::Kind, msg: &str, json_logs: bool) {
+    if json_logs {
+        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        let line = serde_json::json!({
+            "timestamp": now.to_string(),
+            "level": "ERROR",
+            "target": "streamboot",
+            "message": format!("streamboot: error: {msg}"),
+            "kind": kind.name(),
+            "exit_code": kind.code(),
+        });
+        eprintln!("{line}");
+    } else {
+        eprintln!("streamboot: error: {msg}");
+    }
+}
+
+/// A `--json` error line.
+fn error_json(kind: exit::Kind, msg: &str) -> serde_json::Value {
+    serde_json::json!({ "ok": false, "kind": kind.name(), "error": msg })
 }
 
 /// Folds clap's multi-line error text into one line: the message, the items listed under
@@ -257,24 +313,34 @@ pub fn main() -> i32 {
         2 => "info",
         _ => "debug",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STREAMBOOT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal: a log file or journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logs(level, cli.log_format);
     match lifecycle::run(&cli) {
         Ok(()) => 0,
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
+            let kind = exit::classify(&e);
             if cli.json {
-                println!("{}", serde_json::json!({ "ok": false, "error": msg }));
+                println!("{}", error_json(kind, &msg));
             }
-            eprintln!("streamboot: error: {msg}");
-            1
+            report_error(kind, &msg, cli.log_format == LogFormat::Json);
+            kind.code()
         }
+    }
+}
+
+/// Logs to stderr at `level` (or as `STREAMBOOT_LOG` says), as text or JSON lines.
+fn init_logs(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STREAMBOOT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        // The message and the event's fields at the top level of each object.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+        // Colours only for a person at a terminal: a log file or journal gets plain text.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
     }
 }

@@ -6,6 +6,7 @@
 //! ([`vm`]) when one can run here, else a `blkio` client ([`blk`]) — then confirms and
 //! commits through the service and checks the final disk byte for byte.
 
+#[cfg_attr(not(feature = "demo-blkio"), path = "blk_stub.rs")]
 pub mod blk;
 pub mod http;
 pub mod images;

@@ -30,6 +30,12 @@ pub enum ServiceError {
     /// The request conflicts with the current state (wrong state, VM connected, busy).
     #[error("{0}")]
     Conflict(String),
+    /// Another process holds the disk's exclusive lock.
+    #[error("{} is in use by another streamboot process (a running serve?); use its control socket", path.display())]
+    InUse {
+        /// The disk.
+        path: PathBuf,
+    },
     /// Disk, metadata or engine failure.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -138,10 +144,9 @@ fn plain(
 pub fn open_locked(path: &Path, writable: bool) -> Result<Arc<dyn Storage>, ServiceError> {
     let st = FileStorage::open(path, writable)?;
     if !st.try_lock()? {
-        return Err(ServiceError::Conflict(format!(
-            "{} is in use by another streamboot process (a running serve?); use its control socket",
-            path.display()
-        )));
+        return Err(ServiceError::InUse {
+            path: path.to_owned(),
+        });
     }
     Ok(Arc::new(st))
 }
@@ -441,6 +446,10 @@ impl Service {
             e.flush()?;
             e.update_superblock(|sb| sb.state = State::Committing)?;
         }
+        // A new attempt: an earlier attempt's failure is no longer the news.
+        self.last_error
+            .lock()
+            .take_if(|m| m.starts_with("commit failed"));
         let svc = self.clone();
         bg.commit = Some(
             std::thread::Builder::new()

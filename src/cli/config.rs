@@ -210,14 +210,22 @@ fn merge_net(cli: NetArgs, file: NetArgs) -> NetArgs {
         allow_cross_origin_redirects: cli.allow_cross_origin_redirects
             || allow_cross_origin_redirects,
         // Lists given on the command line replace the file's (as targets do).
-        headers: if cli.headers.is_empty() { headers } else { cli.headers },
+        headers: if cli.headers.is_empty() {
+            headers
+        } else {
+            cli.headers
+        },
         header_files: if cli.header_files.is_empty() {
             header_files
         } else {
             cli.header_files
         },
         bearer_token_file: cli.bearer_token_file.or(bearer_token_file),
-        cacerts: if cli.cacerts.is_empty() { cacerts } else { cli.cacerts },
+        cacerts: if cli.cacerts.is_empty() {
+            cacerts
+        } else {
+            cli.cacerts
+        },
         no_default_roots: cli.no_default_roots || no_default_roots,
         system_roots: cli.system_roots || system_roots,
         client_cert: cli.client_cert.or(client_cert),

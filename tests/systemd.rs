@@ -346,6 +346,15 @@ fn config_errors_are_one_line_and_name_the_key() {
         err.contains("notify-file") && !err.contains("topsecret"),
         "{err}"
     );
+    let err = serve_config_fails(
+        dir.path(),
+        &format!("{head}header = [\"X-Token: topsecret\"]\n"),
+        &[],
+    );
+    assert!(
+        err.contains("header-file") && !err.contains("topsecret"),
+        "{err}"
+    );
     let two = dir.path().join("two.url");
     std::fs::write(&two, "http://127.0.0.1/a\nhttp://127.0.0.1/b\n").unwrap();
     std::fs::set_permissions(&two, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();

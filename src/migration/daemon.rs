@@ -153,14 +153,6 @@ impl Daemon {
         opts.shutdown = Some(shutdown.clone());
         opts.events = Some(svc.clone());
         opts.allow_unsealed_memory = o.allow_unsealed_memory;
-        let server = match &o.listener {
-            Some(l) => {
-                let l = l.try_clone().map_err(DaemonError::Inherited)?;
-                VhostBlkServer::with_listener(svc.block_device(), opts, l)
-            }
-            None => VhostBlkServer::bind(svc.block_device(), opts),
-        }
-        .map_err(DaemonError::Socket)?;
         {
             let n = notifier.clone();
             let disk = disk.display().to_string();
@@ -194,6 +186,16 @@ impl Daemon {
             }
             None => None,
         };
+        // The vhost-user socket last: a VM may connect the moment it exists, and by then
+        // the control API (to confirm its trial) and the metrics listener answer.
+        let server = match &o.listener {
+            Some(l) => {
+                let l = l.try_clone().map_err(DaemonError::Inherited)?;
+                VhostBlkServer::with_listener(svc.block_device(), opts, l)
+            }
+            None => VhostBlkServer::bind(svc.block_device(), opts),
+        }
+        .map_err(DaemonError::Socket)?;
         if o.signals {
             spawn_signal_thread(shutdown.clone(), o.sd_notify).map_err(DaemonError::Signals)?;
         }

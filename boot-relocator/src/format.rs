@@ -12,7 +12,9 @@ use std::fmt;
 
 use crate::hostkey::HostKey;
 
+mod growth;
 mod map;
+pub use growth::{GrowthRecord, GROWTH_LEN, GROWTH_MAGIC};
 pub use map::{decode_page, encode_page, DecodedPage, Entry, Location};
 
 /// Size of every metadata block.
@@ -40,8 +42,13 @@ pub const ENTRY_SIZE: usize = 16;
 pub const ENTRIES_PER_PAGE: usize = (BLOCK - PAGE_HEADER) / ENTRY_SIZE;
 /// Most bytes of validator string stored.
 pub const MAX_VALIDATOR: usize = 768;
-/// Most bytes of the NUL-separated URL list stored.
-pub const MAX_URLS: usize = BLOCK - URLS_AT;
+/// Most bytes of the NUL-separated URL list written (the block's last sector holds the
+/// growth record).
+pub const MAX_URLS: usize = GROWTH_AT - URLS_AT;
+/// Most bytes of URL list read (disks written before the growth record used the rest).
+const MAX_URLS_READ: usize = BLOCK - URLS_AT;
+/// The last sector of every superblock copy: the disk's [`GrowthRecord`].
+pub const GROWTH_AT: usize = BLOCK - GROWTH_LEN;
 
 const VALIDATOR_AT: usize = 256;
 const URLS_AT: usize = 1024;
@@ -333,8 +340,17 @@ impl Superblock {
     /// Encodes into a 4 KiB block, authenticated with `key`.
     pub fn encode(&self, key: &HostKey) -> Vec<u8> {
         let mut b = self.encode_fields(VERSION);
+        b[GROWTH_AT..].copy_from_slice(&self.growth_record().encode(key));
         Self::seal_block(&mut b, key);
         b
+    }
+
+    /// The growth record of this superblock's disk (see [`GrowthRecord`]).
+    pub fn growth_record(&self) -> GrowthRecord {
+        GrowthRecord {
+            source_size: self.layout.source_size,
+            disk_len: self.layout.disk_len,
+        }
     }
 
     /// Encodes the fields (no MAC, no CRC) with format `version`.
@@ -479,7 +495,7 @@ impl Superblock {
             .to_string();
         let v_len = u16::from_le_bytes([b[144], b[145]]) as usize;
         let u_len = u16::from_le_bytes([b[146], b[147]]) as usize;
-        if v_len > MAX_VALIDATOR || u_len > MAX_URLS {
+        if v_len > MAX_VALIDATOR || u_len > MAX_URLS_READ {
             return Err(bad("string length out of range"));
         }
         let validator = std::str::from_utf8(&b[VALIDATOR_AT..VALIDATOR_AT + v_len])

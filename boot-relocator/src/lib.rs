@@ -3,6 +3,7 @@
 //! - [`storage`]: positional disk I/O (file or block device) behind a trait.
 //! - [`format`]: byte layout of superblocks and map pages (format v2).
 //! - [`hostkey`]: the host key that authenticates superblocks.
+//! - [`growth`]: recognising a file an interrupted prepare extended.
 //! - [`meta`]: the metadata store and its durability protocol.
 //! - [`partition`]: which disk ranges a partition table says are in use.
 //! - [`relocate`]: prepare (relocate boot chunks), rollback, removal of the area.
@@ -10,6 +11,7 @@
 mod adopt;
 pub mod error;
 pub mod format;
+pub mod growth;
 pub mod hostkey;
 mod lock;
 pub mod meta;

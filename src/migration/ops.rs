@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use boot_relocator::growth::undo_interrupted_growth;
 use boot_relocator::{relocate, MetaStore, State};
 use serde::Serialize;
 
@@ -227,8 +228,34 @@ pub struct RollbackReport {
 
 /// Restores the source bit for bit and removes the released area; resumes an
 /// interrupted rollback.
+///
+/// A regular file that an interrupted prepare extended without leaving a superblock
+/// (a power cut right after its first write) is truncated back to its length before
+/// prepare: that is its rollback.
 pub fn rollback(disk: &Path, progress: &dyn Progress) -> Result<RollbackReport> {
-    let mut meta = open_meta(disk)?;
+    let storage = open_disk(disk)?;
+    let Some(mut meta) = read_meta(disk, storage.clone())? else {
+        return match undo_interrupted_growth(&storage)
+            .map_err(step("undoing an interrupted prepare"))?
+        {
+            Some(rec) => {
+                tracing::warn!(
+                    "{}: an interrupted prepare had extended the file and left no superblock: \
+                     truncated back from {} to {} bytes",
+                    disk.display(),
+                    rec.disk_len,
+                    rec.source_size
+                );
+                Ok(RollbackReport {
+                    state: State::RolledBack.name(),
+                    guest_writes_discarded: false,
+                })
+            }
+            None => Err(MigrationError::NotPrepared {
+                path: disk.to_path_buf(),
+            }),
+        };
+    };
     let state = meta.state();
     check(disk, state, Op::Rollback)?;
     let dirty = offline_status(&meta).chunks_dirty;

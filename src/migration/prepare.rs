@@ -149,6 +149,9 @@ pub fn prepare(o: &PrepareOptions, progress: &dyn Progress) -> Result<PrepareRep
         check(&o.disk, meta.state(), Op::Prepare)?;
     }
     let target = open_target(o, trust.as_ref())?;
+    if existing.is_none() {
+        undo_growth(o, &storage)?;
+    }
     let chunk_size = o
         .chunk_size
         .or(target.store.as_ref().map(|s| s.chunk_size()))
@@ -179,6 +182,23 @@ pub fn prepare(o: &PrepareOptions, progress: &dyn Progress) -> Result<PrepareRep
     let seeded = seed_disk(&mut meta, &reader, progress)?;
     progress.finish();
     Ok(report(&meta, resumed, seeded, started))
+}
+
+/// A plain file an interrupted prepare extended (no superblock landed) gets its length
+/// back first, so the source is the file as it was, not its extension.
+fn undo_growth(o: &PrepareOptions, storage: &Arc<dyn Storage>) -> Result<()> {
+    let undone = boot_relocator::growth::undo_interrupted_growth(storage)
+        .map_err(step("undoing an interrupted prepare"))?;
+    if let Some(rec) = undone {
+        tracing::warn!(
+            "{}: an interrupted prepare had extended the file and left no superblock: \
+             truncated back from {} to {} bytes",
+            o.disk.display(),
+            rec.disk_len,
+            rec.source_size
+        );
+    }
+    Ok(())
 }
 
 /// Resumes an interrupted prepare (phase `map-ready`) of the same target.

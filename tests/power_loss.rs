@@ -68,6 +68,8 @@ impl Fixture {
             area_size: self.area,
             source_size: None,
             max_trial_starts: 3,
+            area: None,
+            discard_free_space: false,
         }
     }
 

@@ -23,8 +23,11 @@ pub const BLOCK: usize = 4096;
 pub const SB_MAGIC: [u8; 8] = *b"SBOOT-SB";
 /// Map page magic.
 pub const PAGE_MAGIC: [u8; 4] = *b"SBMP";
-/// Format version written by this code.
-pub const VERSION: u32 = 2;
+/// Format version written by this code (3: the released area may lie in a gap between
+/// partitions, see [`Release`]).
+pub const VERSION: u32 = 3;
+/// The format before [`Release`] (its bytes 148..224 are zero): read like v3.
+pub const VERSION_2: u32 = 2;
 /// The previous, unauthenticated format (read only to adopt a disk).
 pub const LEGACY_VERSION: u32 = 1;
 /// Bytes 224..256 of a superblock: BLAKE3 keyed hash under the host key.
@@ -209,19 +212,32 @@ impl Layout {
         (self.source_size.saturating_sub(start)).min(self.chunk_size()) as usize
     }
 
-    /// Checks the layout's internal consistency (used on every load).
+    /// Checks the layout's internal consistency for a format-v2 area (after both
+    /// images, up to the superblocks; used on every load).
     pub fn validate(&self) -> Result<(), String> {
+        if self.area_offset < self.source_size.max(self.target_size) {
+            return Err("area overlaps an image".into());
+        }
+        let slots_end = self
+            .slot_count
+            .checked_mul(1u64 << self.chunk_shift.min(63))
+            .and_then(|b| b.checked_add(self.slot_offset))
+            .ok_or("slot region overflows")?;
+        if slots_end > self.disk_len.saturating_sub(2 * BLOCK as u64) {
+            return Err("slots overlap superblocks".into());
+        }
+        self.validate_parts(slots_end)
+    }
+
+    /// The checks common to both formats.
+    fn validate_parts(&self, slots_end: u64) -> Result<(), String> {
         if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&self.chunk_shift) {
             return Err(format!("chunk shift {} out of range", self.chunk_shift));
         }
-        let c = self.chunk_size();
         let pages = self.chunk_count().div_ceil(ENTRIES_PER_PAGE as u64);
         let checks = [
             (self.target_size > 0, "target size is zero"),
-            (
-                self.area_offset >= self.source_size.max(self.target_size),
-                "area overlaps an image",
-            ),
+            (slots_end <= self.disk_len, "slots past the disk"),
             (self.map_offset >= self.area_offset, "map before area"),
             (
                 self.map_pages == pages,
@@ -241,14 +257,6 @@ impl Layout {
             if !ok {
                 return Err(what.to_string());
             }
-        }
-        let slots_end = self
-            .slot_count
-            .checked_mul(c)
-            .and_then(|b| b.checked_add(self.slot_offset))
-            .ok_or("slot region overflows")?;
-        if slots_end > self.disk_len.saturating_sub(2 * BLOCK as u64) {
-            return Err("slots overlap superblocks".into());
         }
         Ok(())
     }
@@ -289,6 +297,66 @@ pub struct Superblock {
     /// Bytes of target chunks seeded from local source chunks instead of fetched
     /// (bytes 120..128; zero on disks written before seeding existed).
     pub seeded_bytes: u64,
+    /// Where the released area ends and what rollback puts back (format v3; all zero on
+    /// a v2 disk).
+    pub release: Release,
+}
+
+/// The released area of a format-v3 disk: a free gap of the source (between or after its
+/// partitions), and what rollback restores so that the whole device is bit-exact again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Release {
+    /// One past the area's last byte (0: format v2, the area runs up to the superblocks).
+    pub area_end: u64,
+    /// Where the 8 KiB the superblocks overwrite (the disk's last 8 KiB, e.g. the end of a
+    /// backup GPT) are kept inside the area (0: nothing saved).
+    pub saved_tail_at: u64,
+    /// BLAKE3 of those 8 KiB.
+    pub saved_tail_hash: [u8; 32],
+    /// The area read as zeros when prepared: rollback zeroes it again.
+    pub zero_on_rollback: bool,
+}
+
+impl Release {
+    /// End of the area usable for map and slots on a disk of `disk_len` bytes.
+    pub fn end(&self, disk_len: u64) -> u64 {
+        if self.area_end == 0 {
+            disk_len.saturating_sub(2 * BLOCK as u64)
+        } else {
+            self.area_end
+        }
+    }
+
+    /// Checks the area against `l` (v3: inside the disk, after the target, slots inside).
+    pub fn validate(&self, l: &Layout) -> Result<(), String> {
+        let sbs = l.disk_len.saturating_sub(2 * BLOCK as u64);
+        if self.area_end == 0 {
+            if self.saved_tail_at != 0 || self.zero_on_rollback {
+                return Err("release fields without an area end".into());
+            }
+            return l.validate();
+        }
+        let slots_end = l
+            .slot_count
+            .checked_mul(l.chunk_size())
+            .and_then(|b| b.checked_add(l.slot_offset))
+            .ok_or("slot region overflows")?;
+        let tail_ok = self.saved_tail_at == 0
+            || (self.saved_tail_at >= l.area_offset
+                && self.saved_tail_at + 2 * BLOCK as u64 <= l.map_offset);
+        let checks = [
+            (self.area_end <= sbs, "area overlaps superblocks"),
+            (l.area_offset >= l.target_size, "area overlaps the target"),
+            (slots_end <= self.area_end, "slots past the area"),
+            (tail_ok, "saved tail outside the area"),
+        ];
+        for (ok, what) in checks {
+            if !ok {
+                return Err(what.to_string());
+            }
+        }
+        l.validate_parts(slots_end)
+    }
 }
 
 pub(crate) fn put_u32(b: &mut [u8], at: usize, v: u32) {
@@ -396,6 +464,11 @@ impl Superblock {
         let urls = encode_urls(&self.target.urls);
         b[146..148].copy_from_slice(&(urls.len() as u16).to_le_bytes());
         b[URLS_AT..URLS_AT + urls.len()].copy_from_slice(&urls);
+        let r = &self.release;
+        put_u64(&mut b, 152, r.area_end);
+        put_u64(&mut b, 160, r.saved_tail_at);
+        b[168..200].copy_from_slice(&r.saved_tail_hash);
+        b[200] = r.zero_on_rollback as u8;
         b
     }
 
@@ -428,7 +501,7 @@ impl Superblock {
         }
         match get_u32(b, 8) {
             LEGACY_VERSION => return Err(SbDecodeError::Legacy),
-            VERSION => {}
+            VERSION | VERSION_2 => {}
             v => {
                 return Err(SbDecodeError::Damaged(format!(
                     "format version {v} not supported (this build reads {VERSION})"
@@ -488,7 +561,22 @@ impl Superblock {
             slot_offset: f(6),
             slot_count: f(7),
         };
-        layout.validate().map_err(|e| format!("layout: {e}"))?;
+        let release = Release {
+            area_end: get_u64(b, 152),
+            saved_tail_at: get_u64(b, 160),
+            saved_tail_hash: b[168..200].try_into().expect("32 bytes"),
+            zero_on_rollback: match b[200] {
+                0 => false,
+                1 => true,
+                _ => return Err(bad("unknown release flags")),
+            },
+        };
+        if get_u32(b, 8) == VERSION_2 && release != Release::default() {
+            return Err(bad("format v2 with release fields"));
+        }
+        release
+            .validate(&layout)
+            .map_err(|e| format!("layout: {e}"))?;
         let kind_end = b[128..144].iter().position(|&x| x == 0).unwrap_or(16);
         let kind = std::str::from_utf8(&b[128..128 + kind_end])
             .map_err(|_| bad("kind not UTF-8"))?
@@ -517,6 +605,7 @@ impl Superblock {
             },
             created_unix: f(8),
             seeded_bytes: f(9),
+            release,
         })
     }
 }

@@ -1,5 +1,6 @@
 //! The boot relocator and streamboot's on-disk format.
 //!
+//! - [`area`]: the released area of a block device in a free gap (format v3).
 //! - [`storage`]: positional disk I/O (file or block device) behind a trait.
 //! - [`format`]: byte layout of superblocks and map pages (format v2).
 //! - [`hostkey`]: the host key that authenticates superblocks.
@@ -9,6 +10,7 @@
 //! - [`relocate`]: prepare (relocate boot chunks), rollback, removal of the area.
 
 mod adopt;
+pub mod area;
 pub mod error;
 pub mod format;
 pub mod growth;

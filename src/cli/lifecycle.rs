@@ -50,9 +50,18 @@ pub struct PrepareArgs {
     /// all free space on a block device).
     #[arg(long, value_parser = parse_size)]
     pub area_size: Option<u64>,
-    /// Bytes of a block device the source uses (default: end of its last partition).
+    /// Bytes of a block device the source uses, the area following them (default: the
+    /// whole device, the area in a free gap of its partition table).
     #[arg(long, value_parser = parse_size)]
     pub source_size: Option<u64>,
+    /// Block device with a partition table: place the released area at START..END
+    /// (byte range, e.g. 64M..120M) inside one free gap (default: the largest gap).
+    #[arg(long, value_parser = parse_range, value_name = "START..END")]
+    pub area: Option<std::ops::Range<u64>>,
+    /// Block device: the area's free space need not read as zeros; its old contents are
+    /// lost (rollback leaves zeros there).
+    #[arg(long)]
+    pub discard_free_space: bool,
     /// Trial starts of the target before automatic fallback to the source.
     #[arg(long, default_value_t = 3)]
     pub max_trial_starts: u8,
@@ -180,6 +189,8 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
         boot_profile: a.boot_profile.clone(),
         area_size: a.area_size,
         source_size: a.source_size,
+        area: a.area.clone(),
+        discard_free_space: a.discard_free_space,
         max_trial_starts: a.max_trial_starts,
         http: a.net.http_options(),
         ..PrepareOptions::new(a.disk.clone(), a.targets.clone())

@@ -46,6 +46,10 @@ pub struct PrepareOptions {
     pub area_size: Option<u64>,
     /// Bytes of a block device the source uses.
     pub source_size: Option<u64>,
+    /// Block device: the released area's byte range (inside one free gap).
+    pub area: Option<Range<u64>>,
+    /// Block device: the area's old contents may be lost.
+    pub discard_free_space: bool,
     /// Trial starts before automatic fallback.
     pub max_trial_starts: u8,
     /// HTTP options (the offline fetch deadline applies when none is set).
@@ -66,6 +70,8 @@ impl PrepareOptions {
             boot_profile: None,
             area_size: None,
             source_size: None,
+            area: None,
+            discard_free_space: false,
             max_trial_starts: 3,
             http: HttpOptions::default(),
         }
@@ -247,6 +253,8 @@ fn spec(
         area_size: o.area_size,
         source_size: o.source_size,
         max_trial_starts: o.max_trial_starts,
+        area: o.area.clone(),
+        discard_free_space: o.discard_free_space,
     })
 }
 

@@ -141,6 +141,17 @@ fn read_tail(storage: &dyn Storage, dev_len: u64) -> Result<Vec<u8>> {
     Ok(b)
 }
 
+/// True when `[at, at + 8 KiB)` holds a copy of the device's last 8 KiB (and they are
+/// not all zeros).
+pub fn holds_tail_copy(storage: &dyn Storage, at: u64, dev_len: u64) -> Result<bool> {
+    let tail = read_tail(storage, dev_len)?;
+    let mut b = vec![0u8; TAIL as usize];
+    storage
+        .read_at(at, &mut b)
+        .ctx(|| "reading the free space for the area".into())?;
+    Ok(b == tail && tail.iter().any(|&x| x != 0))
+}
+
 /// Before the first superblock write: copies the device's last 8 KiB into the area,
 /// checked against the plan's hash, and syncs.
 pub fn save_tail(storage: &dyn Storage, l: &Layout, r: &Release) -> Result<()> {

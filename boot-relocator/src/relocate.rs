@@ -301,7 +301,14 @@ fn plan_gap(
     }
     let slots_end = slot_offset + slot_count * c;
     if !spec.discard_free_space {
-        if let Some(at) = area::first_nonzero(storage, area_offset, slots_end)? {
+        // A copy of the last 8 KiB at the area's start is what a prepare that stopped
+        // right after saving them left: free space that read as zeros before.
+        let from = if area::holds_tail_copy(storage, area_offset, dev_len)? {
+            area_offset + TAIL
+        } else {
+            area_offset
+        };
+        if let Some(at) = area::first_nonzero(storage, from, slots_end)? {
             return Err(RelocError::Overlap(format!(
                 "the free space for the released area ({area_offset}..{slots_end}) holds data \
                  (byte {at} is not zero), which rollback could not restore: pass \

@@ -341,7 +341,11 @@ impl MetaStore {
             return Ok(None);
         };
         let n = sb.layout.chunk_count() as usize;
-        if sb.state == State::Preparing && sb.phase == PreparePhase::Reserved {
+        // No map yet (reserved), or none needed any more: a v3 rollback that reached
+        // `rolled-back` only removes the area, whose zeroing takes the map away first.
+        let no_map = (sb.state == State::Preparing && sb.phase == PreparePhase::Reserved)
+            || (sb.state == State::RolledBack && sb.release.area_end != 0);
+        if no_map {
             return Ok(Some(Self::from_parts(
                 storage,
                 key,

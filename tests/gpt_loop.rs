@@ -151,7 +151,51 @@ fn gpt_cloud_source_rollback_is_bit_exact_and_commit_gives_the_target() {
     let d = cloud_gpt(70);
     let dev = LoopDev::attach(&d.file);
     let before = dev.read();
+    // --dry-run --json: the plan, as stable JSON, and nothing written.
+    let plan = json(&d.prepare(&dev, &["--dry-run"]));
+    assert!(sha256(&dev.read()) == sha256(&before), "dry run wrote");
+    let mut keys: Vec<&str> = plan
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "area",
+            "area_zeroed_on_rollback",
+            "boot_chunks",
+            "boot_ranges",
+            "chunk_size",
+            "disk",
+            "disk_len",
+            "dry_run",
+            "notes",
+            "ok",
+            "saved_ranges",
+            "slot_count",
+            "source_size",
+            "target_size"
+        ],
+        "{plan}"
+    );
+    let len = before.len() as u64;
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(plan["disk_len"].as_u64(), Some(len));
+    assert_eq!(plan["source_size"].as_u64(), Some(len));
+    assert_eq!(
+        plan["saved_ranges"][0]["from"]["start"].as_u64(),
+        Some(len - 8192)
+    );
+    assert_eq!(plan["saved_ranges"][0]["from"]["end"].as_u64(), Some(len));
+    assert_eq!(plan["area_zeroed_on_rollback"], true);
+    // The boot set: the first MiB and the ESP of the target's table (none here: random).
+    assert_eq!(plan["boot_ranges"][0]["start"].as_u64(), Some(0));
     let r = json(&d.prepare(&dev, &[]));
+    assert_eq!(plan["area"]["start"], r["area_offset"], "{plan} {r}");
+    assert_eq!(plan["saved_ranges"][0]["to"], r["area_offset"]);
     // The area is in the free space after the root partition (ends at 50 MiB).
     let area = r["area_offset"].as_u64().unwrap();
     assert!((50 * MIB..128 * MIB).contains(&area), "{r}");
@@ -280,11 +324,15 @@ fn refusals_with_numbers_and_free_space_that_holds_data() {
     let dev = LoopDev::attach(&d.file);
     let before = dev.read();
     let t = d.target.to_str().unwrap();
-    let err = cli_err(&["prepare", dev.p(), "--target", t]);
-    assert!(
-        err.contains("no free space large enough") && err.contains("bytes are needed"),
-        "{err}"
-    );
+    for dry in [&[][..], &["--dry-run"][..]] {
+        let mut args = vec!["prepare", dev.p(), "--target", t];
+        args.extend_from_slice(dry);
+        let err = cli_err(&args);
+        assert!(
+            err.contains("no free space large enough") && err.contains("bytes are needed"),
+            "{err}"
+        );
+    }
     assert!(sha256(&dev.read()) == sha256(&before));
     drop(dev);
 

@@ -62,6 +62,10 @@ pub struct PrepareArgs {
     /// lost (rollback leaves zeros there).
     #[arg(long)]
     pub discard_free_space: bool,
+    /// Print the plan (area, saved ranges, boot chunks; JSON with --json) and write
+    /// nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Trial starts of the target before automatic fallback to the source.
     #[arg(long, default_value_t = 3)]
     pub max_trial_starts: u8,
@@ -195,6 +199,10 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
         http: a.net.http_options(),
         ..PrepareOptions::new(a.disk.clone(), a.targets.clone())
     };
+    if a.dry_run {
+        let p = migration::plan_prepare(&o)?;
+        return emit(cli, ok_json(&p), || p.text());
+    }
     let r = migration::prepare(&o, &Bars::new(cli.json, false))?;
     emit(cli, ok_json(&r), || super::report::prepared_text(&r))
 }

@@ -102,9 +102,9 @@ pub struct PrepareReport {
 }
 
 /// The opened target: any source, and the chunk store when it is one.
-struct Target {
-    source: Arc<dyn RemoteSource>,
-    store: Option<Arc<StoreSource>>,
+pub(super) struct Target {
+    pub(super) source: Arc<dyn RemoteSource>,
+    pub(super) store: Option<Arc<StoreSource>>,
 }
 
 /// Reads target bytes for prepare: from local chunks when seeding, else the source.
@@ -229,7 +229,7 @@ fn resume(
 }
 
 /// What to prepare: the boot set (given ranges or the default, plus the profile's).
-fn spec(
+pub(super) fn spec(
     o: &PrepareOptions,
     target: &Target,
     profile: Option<&crate::profile::BootProfile>,
@@ -297,7 +297,7 @@ fn fresh(
 }
 
 /// Opens the target image (a chunk store with its trust policy, or any source).
-fn open_target(o: &PrepareOptions, trust: Option<&IndexTrust>) -> Result<Target> {
+pub(super) fn open_target(o: &PrepareOptions, trust: Option<&IndexTrust>) -> Result<Target> {
     let http = super::offline_http(&o.http);
     let opening = |source| MigrationError::Target {
         urls: crate::target::shown_urls(&o.targets).join(", "),
@@ -320,7 +320,7 @@ fn open_target(o: &PrepareOptions, trust: Option<&IndexTrust>) -> Result<Target>
 
 /// How a chunk-store index is trusted (`None`: not a chunk-store target). Refuses an
 /// unverified index unless the insecure opt-out is explicit.
-fn index_trust(o: &PrepareOptions) -> Result<Option<IndexTrust>> {
+pub(super) fn index_trust(o: &PrepareOptions) -> Result<Option<IndexTrust>> {
     if !o.targets.iter().any(|t| is_store_target(t)) {
         if !o.trusted_keys.is_empty() || o.insecure_unverified_index {
             return Err(MigrationError::Usage("--trusted-key and --insecure-unverified-index apply to a chunk-store target (…/indexes/NAME.idx) only"));

@@ -1,0 +1,61 @@
+//! The release fields of a format-v3 superblock (bytes 152..201): where the released
+//! area of a block device ends and what rollback puts back (see `crate::area`).
+
+use super::{Layout, BLOCK};
+
+/// The released area of a format-v3 disk: a free gap of the source (between or after its
+/// partitions), and what rollback restores so that the whole device is bit-exact again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Release {
+    /// One past the area's last byte (0: format v2, the area runs up to the superblocks).
+    pub area_end: u64,
+    /// Where the 8 KiB the superblocks overwrite (the disk's last 8 KiB, e.g. the end of a
+    /// backup GPT) are kept inside the area (0: nothing saved).
+    pub saved_tail_at: u64,
+    /// BLAKE3 of those 8 KiB.
+    pub saved_tail_hash: [u8; 32],
+    /// The area read as zeros when prepared: rollback zeroes it again.
+    pub zero_on_rollback: bool,
+}
+
+impl Release {
+    /// End of the area usable for map and slots on a disk of `disk_len` bytes.
+    pub fn end(&self, disk_len: u64) -> u64 {
+        if self.area_end == 0 {
+            disk_len.saturating_sub(2 * BLOCK as u64)
+        } else {
+            self.area_end
+        }
+    }
+
+    /// Checks the area against `l` (v3: inside the disk, after the target, slots inside).
+    pub fn validate(&self, l: &Layout) -> Result<(), String> {
+        let sbs = l.disk_len.saturating_sub(2 * BLOCK as u64);
+        if self.area_end == 0 {
+            if self.saved_tail_at != 0 || self.zero_on_rollback {
+                return Err("release fields without an area end".into());
+            }
+            return l.validate();
+        }
+        let slots_end = l
+            .slot_count
+            .checked_mul(l.chunk_size())
+            .and_then(|b| b.checked_add(l.slot_offset))
+            .ok_or("slot region overflows")?;
+        let tail_ok = self.saved_tail_at == 0
+            || (self.saved_tail_at >= l.area_offset
+                && self.saved_tail_at + 2 * BLOCK as u64 <= l.map_offset);
+        let checks = [
+            (self.area_end <= sbs, "area overlaps superblocks"),
+            (l.area_offset >= l.target_size, "area overlaps the target"),
+            (slots_end <= self.area_end, "slots past the area"),
+            (tail_ok, "saved tail outside the area"),
+        ];
+        for (ok, what) in checks {
+            if !ok {
+                return Err(what.to_string());
+            }
+        }
+        l.validate_parts(slots_end)
+    }
+}

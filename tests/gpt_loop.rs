@@ -357,4 +357,28 @@ fn refusals_with_numbers_and_free_space_that_holds_data() {
         sha256(&dev.read()) == sha256(&want),
         "rollback after discard"
     );
+
+    drop(dev);
+
+    // A target whose GPT claims more than the target image (a 64 MiB table on a
+    // 40 MiB image) is refused before anything is written.
+    let d = cloud_gpt(75);
+    let bad = d.dir.path().join("bad-target.img");
+    fs::File::create(&bad).unwrap().set_len(64 * MIB).unwrap();
+    run(
+        "sfdisk",
+        &["--no-reread", "-q", bad.to_str().unwrap()],
+        Some("label: gpt\nstart=2048, size=100000, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n"),
+    );
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&bad)
+        .unwrap()
+        .set_len(40 * MIB)
+        .unwrap();
+    let dev = LoopDev::attach(&d.file);
+    let before = dev.read();
+    let err = cli_err(&["prepare", dev.p(), "--target", bad.to_str().unwrap()]);
+    assert!(err.contains("its partition table does not fit"), "{err}");
+    assert!(sha256(&dev.read()) == sha256(&before));
 }

@@ -186,6 +186,19 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
         ))
     })
     .unwrap_or_default();
+    // A target GPT must fit the target image and the device. (An MBR is not checked:
+    // random bytes end in 0x55AA once in 65536 images.)
+    let gpt = target_parts.iter().any(|p| p.what.contains("GPT"));
+    if let Some(p) = target_parts
+        .iter()
+        .find(|p| gpt && (p.end > target_size || p.end > dev_len))
+    {
+        return Err(RelocError::Overlap(format!(
+            "the target's {} ends at byte {}, past the target image ({target_size} bytes) or \
+             the device ({dev_len} bytes): its partition table does not fit",
+            p.what, p.end
+        )));
+    }
     for p in target_parts.iter().filter(|p| p.boot) {
         if p.end - p.start > MAX_BOOT_PARTITION {
             notes.push(format!("{} is larger than 1 GiB: not staged whole", p.what));

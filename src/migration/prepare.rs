@@ -89,6 +89,9 @@ pub struct PrepareReport {
     pub seed: Option<SeedReport>,
     /// Byte offset of the released area.
     pub area_offset: u64,
+    /// One past the released area's last byte (format v3: the area in a free gap of a
+    /// block device; else where the superblocks start).
+    pub area_end: u64,
     /// Length of the disk.
     pub disk_len: u64,
     /// Slots of the released area.
@@ -418,6 +421,7 @@ fn report(
         status: offline_status(meta),
         seed,
         area_offset: l.area_offset,
+        area_end: meta.superblock().release.end(l.disk_len),
         disk_len: l.disk_len,
         slot_count: l.slot_count,
         chunk_size: l.chunk_size(),

@@ -382,3 +382,77 @@ fn refusals_with_numbers_and_free_space_that_holds_data() {
     assert!(err.contains("its partition table does not fit"), "{err}");
     assert!(sha256(&dev.read()) == sha256(&before));
 }
+
+/// `commit --relocate-backup-gpt`: the target's backup GPT moves from the end of the
+/// target image to the end of the device; the table verifies and every partition is kept.
+#[test]
+fn commit_relocates_the_targets_backup_gpt_on_request() {
+    let d = cloud_gpt(76);
+    // The target: a GPT image of 40 MiB with an ESP and a root partition.
+    let t = d.dir.path().join("gpt-target.img");
+    fs::File::create(&t).unwrap().set_len(40 * MIB).unwrap();
+    run(
+        "sfdisk",
+        &["--no-reread", "-q", t.to_str().unwrap()],
+        Some(
+            "label: gpt\n\
+             start=2048, size=20480, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n\
+             start=22528, size=40960, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
+        ),
+    );
+    let target = fs::read(&t).unwrap();
+    let dev = LoopDev::attach(&d.file);
+    let tp = t.to_str().unwrap();
+    cli_ok(&["prepare", dev.p(), "--target", tp]);
+    let err = cli_err(&[
+        "commit",
+        dev.p(),
+        "--relocate-backup-gpt",
+        "--control",
+        "/nonexistent",
+    ]);
+    assert!(err.contains("cannot be used with"), "{err}");
+    let r = json(&cli_ok(&[
+        "--json",
+        "commit",
+        dev.p(),
+        "--force",
+        "--relocate-backup-gpt",
+    ]));
+    let len = 128 * MIB / 512;
+    assert_eq!(
+        r["backup_gpt_moved"][0].as_u64(),
+        Some(40 * MIB / 512 - 1),
+        "{r}"
+    );
+    assert_eq!(r["backup_gpt_moved"][1].as_u64(), Some(len - 1), "{r}");
+    run("sfdisk", &["--verify", dev.p()], None);
+    let after = dev.read();
+    // The partitions and the primary entries are the target's (the header changed).
+    let n = 40 * MIB as usize - 33 * 512;
+    assert!(after[1024..n] == target[1024..n], "target content changed");
+    let out = Command::new("sfdisk")
+        .args(["--dump", dev.p()])
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dump.contains("start=        2048, size=       20480"),
+        "{dump}"
+    );
+    assert!(
+        dump.contains("start=       22528, size=       40960"),
+        "{dump}"
+    );
+    assert!(dump.contains(&format!("last-lba: {}", len - 34)), "{dump}");
+    let out = Command::new("sfdisk")
+        .args(["--verify", dev.p()])
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!all.contains("mismatch"), "{all}");
+}

@@ -4,6 +4,7 @@
 //! - [`storage`]: positional disk I/O (file or block device) behind a trait.
 //! - [`format`]: byte layout of superblocks and map pages (format v2).
 //! - [`hostkey`]: the host key that authenticates superblocks.
+//! - [`gpt`]: moving a committed target's backup GPT to the device's end.
 //! - [`growth`]: recognising a file an interrupted prepare extended.
 //! - [`meta`]: the metadata store and its durability protocol.
 //! - [`partition`]: which disk ranges a partition table says are in use.
@@ -13,6 +14,7 @@ mod adopt;
 pub mod area;
 pub mod error;
 pub mod format;
+pub mod gpt;
 pub mod growth;
 pub mod hostkey;
 mod lock;

@@ -106,6 +106,10 @@ pub struct CommitArgs {
     /// Fetch from these URLs instead of the recorded ones (must be the same image).
     #[arg(long = "target")]
     pub targets: Vec<String>,
+    /// Afterwards, move the target's backup GPT from the end of the target image to the
+    /// end of the device (as `sgdisk -e` does). Offline only.
+    #[arg(long, conflicts_with = "control")]
+    pub relocate_backup_gpt: bool,
     #[command(flatten)]
     pub net: NetArgs,
 }
@@ -250,6 +254,7 @@ fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
             force: a.force,
             targets: a.targets.clone(),
             http: a.net.http_options(),
+            relocate_backup_gpt: a.relocate_backup_gpt,
         },
         &Bars::new(cli.json, false),
     )?;

@@ -156,6 +156,8 @@ pub struct CommitOptions {
     pub targets: Vec<String>,
     /// HTTP options (the offline fetch deadline applies when none is set).
     pub http: HttpOptions,
+    /// Afterwards, move the target's backup GPT to the end of the device.
+    pub relocate_backup_gpt: bool,
 }
 
 /// What `commit` did.
@@ -166,6 +168,10 @@ pub struct CommitReport {
     /// Only an interrupted commit's last step was left (`Some(true)`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumed: Option<bool>,
+    /// Where `--relocate-backup-gpt` moved the backup GPT header: `[old LBA, new LBA]`
+    /// (absent: not asked, or nothing to move).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_gpt_moved: Option<(u64, u64)>,
     /// The engine's final status (absent when only the last step was left).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
@@ -190,9 +196,11 @@ pub fn commit(o: &CommitOptions, progress: &dyn Progress) -> Result<CommitReport
         // Every target chunk is home already (a commit was interrupted while removing
         // the released area): finish without the engine, which no longer serves it.
         relocate::remove_area(&mut meta).map_err(step(FAILED))?;
+        let storage = meta.storage().clone();
         return Ok(CommitReport {
             state: State::Committed.name(),
             resumed: Some(true),
+            backup_gpt_moved: relocate_gpt(o, storage.as_ref())?,
             status: None,
             secs: started.elapsed().as_secs_f64(),
             target_size: meta.layout().target_size,
@@ -207,14 +215,31 @@ pub fn commit(o: &CommitOptions, progress: &dyn Progress) -> Result<CommitReport
         .map_err(step(FAILED))?;
     progress.finish();
     let s = engine.status();
+    let storage = engine.with_meta(|m| m.storage().clone());
     Ok(CommitReport {
         state: State::Committed.name(),
         resumed: None,
+        backup_gpt_moved: relocate_gpt(o, storage.as_ref())?,
         target_size: s.target_size,
         fetched: s.bytes_fetched_background + s.bytes_fetched_demand,
         status: Some(s),
         secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// `commit --relocate-backup-gpt`: moves the committed target's backup GPT to the end
+/// of the device (a regular file ends with the target: nothing to move).
+fn relocate_gpt(
+    o: &CommitOptions,
+    storage: &dyn boot_relocator::Storage,
+) -> Result<Option<(u64, u64)>> {
+    if !o.relocate_backup_gpt {
+        return Ok(None);
+    }
+    boot_relocator::gpt::relocate_backup(storage).map_err(step(
+        "committed, but moving the backup GPT failed (the disk holds the target; sgdisk -e \
+             moves it)",
+    ))
 }
 
 /// What `rollback` did.

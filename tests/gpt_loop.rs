@@ -456,3 +456,27 @@ fn commit_relocates_the_targets_backup_gpt_on_request() {
     );
     assert!(!all.contains("mismatch"), "{all}");
 }
+
+/// `--area` / `--discard-free-space` on a regular file (its area follows the file) are
+/// refused, writing nothing.
+#[test]
+fn area_options_on_a_regular_file_are_refused() {
+    let dir = TempDir::new().unwrap();
+    let disk = dir.path().join("disk.img");
+    let src = random_bytes(77, 3 * MIB as usize);
+    fs::write(&disk, &src).unwrap();
+    let t = dir.path().join("t.img");
+    fs::write(&t, random_bytes(78, 2 * MIB as usize)).unwrap();
+    for extra in [&["--area", "4M..8M"][..], &["--discard-free-space"][..]] {
+        let mut args = vec![
+            "prepare",
+            disk.to_str().unwrap(),
+            "--target",
+            t.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let err = cli_err(&args);
+        assert!(err.contains("apply to a block device"), "{err}");
+        assert!(fs::read(&disk).unwrap() == src, "the file changed");
+    }
+}

@@ -210,7 +210,15 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
     let boot_chunks: Vec<u64> = (0..chunks).filter(|&i| boot[i as usize]).collect();
     let saved = boot_chunks.iter().filter(|&&b| b * c < source_size).count() as u64;
 
-    if storage.is_block_device() && spec.source_size.is_none() {
+    let gap_mode = storage.is_block_device() && spec.source_size.is_none();
+    if !gap_mode && (spec.area.is_some() || spec.discard_free_space) {
+        return Err(RelocError::Invalid(
+            "--area and --discard-free-space apply to a block device with a partition table \
+             (without --source-size)"
+                .into(),
+        ));
+    }
+    if gap_mode {
         let all = boot_chunks.len() as u64;
         let (layout, release) = plan_gap(storage, spec, &used, dev_len, all)?;
         return Ok(Plan {

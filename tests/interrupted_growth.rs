@@ -80,6 +80,14 @@ fn power_cut_after_the_first_write_of_prepare_gets_the_file_size_back() {
     // rollback truncates the extension away.
     let fx = Fx::new(60);
     fx.cut_after_first_write();
+    let st: serde_json::Value =
+        serde_json::from_str(&cli_ok(&["--json", "status", fx.d()])).unwrap();
+    assert_eq!(st["prepared"], false, "{st}");
+    assert_eq!(
+        st["interrupted_prepare_source_size"].as_u64(),
+        Some(fx.source.len() as u64),
+        "{st}"
+    );
     cli_ok(&["rollback", fx.d()]);
     assert_eq!(sha256_file(&fx.disk), sha256(&fx.source));
 

@@ -30,6 +30,10 @@ pub struct StatusReport {
     /// (guest data, another host's disk, or a format-v1 disk to `adopt`): what was seen.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ignored_superblocks: Vec<String>,
+    /// A plain file that an interrupted prepare extended (no superblock landed): the
+    /// length it had before, which `prepare` and `rollback` give it back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted_prepare_source_size: Option<u64>,
 }
 
 /// The disk's migration status (a plain disk reports `prepared: false`).
@@ -45,10 +49,20 @@ pub fn status(disk: &Path) -> Result<StatusReport> {
             }
         })?,
     };
+    let interrupted_prepare_source_size = match meta {
+        Some(_) => None,
+        None => boot_relocator::growth::interrupted_growth(&storage)
+            .map_err(|source| MigrationError::Read {
+                path: disk.to_path_buf(),
+                source,
+            })?
+            .map(|r| r.source_size),
+    };
     Ok(StatusReport {
         prepared: meta.is_some(),
         status: meta.as_ref().map(offline_status),
         ignored_superblocks,
+        interrupted_prepare_source_size,
     })
 }
 

@@ -50,8 +50,6 @@ pub const MAX_VALIDATOR: usize = 768;
 /// Most bytes of the NUL-separated URL list written (the block's last sector holds the
 /// growth record).
 pub const MAX_URLS: usize = GROWTH_AT - URLS_AT;
-/// Most bytes of URL list read (disks written before the growth record used the rest).
-const MAX_URLS_READ: usize = BLOCK - URLS_AT;
 /// The last sector of every superblock copy: the disk's [`GrowthRecord`].
 pub const GROWTH_AT: usize = BLOCK - GROWTH_LEN;
 
@@ -516,8 +514,8 @@ impl Superblock {
                 _ => return Err(bad("unknown release flags")),
             },
         };
-        if get_u32(b, 8) == VERSION_2 && release != Release::default() {
-            return Err(bad("format v2 with release fields"));
+        if get_u32(b, 8) != VERSION && release != Release::default() {
+            return Err(bad("release fields before format v3"));
         }
         release
             .validate(&layout)
@@ -528,7 +526,7 @@ impl Superblock {
             .to_string();
         let v_len = u16::from_le_bytes([b[144], b[145]]) as usize;
         let u_len = u16::from_le_bytes([b[146], b[147]]) as usize;
-        if v_len > MAX_VALIDATOR || u_len > MAX_URLS_READ {
+        if v_len > MAX_VALIDATOR || u_len > MAX_URLS {
             return Err(bad("string length out of range"));
         }
         let validator = std::str::from_utf8(&b[VALIDATOR_AT..VALIDATOR_AT + v_len])

@@ -44,7 +44,10 @@ impl Release {
             .ok_or("slot region overflows")?;
         let tail_ok = self.saved_tail_at == 0
             || (self.saved_tail_at >= l.area_offset
-                && self.saved_tail_at + 2 * BLOCK as u64 <= l.map_offset);
+                && self
+                    .saved_tail_at
+                    .checked_add(2 * BLOCK as u64)
+                    .is_some_and(|end| end <= l.map_offset));
         let checks = [
             (self.area_end <= sbs, "area overlaps superblocks"),
             (l.area_offset >= l.target_size, "area overlaps the target"),
@@ -57,5 +60,42 @@ impl Release {
             }
         }
         l.validate_parts(slots_end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `superblock` fuzz target: huge fields overflowed instead of failing.
+    #[test]
+    fn huge_fields_are_refused_not_overflowed() {
+        let l = Layout {
+            chunk_shift: 12,
+            disk_len: 16 << 20,
+            source_size: 16 << 20,
+            target_size: 1 << 20,
+            area_offset: 2 << 20,
+            map_offset: (2 << 20) + 8192,
+            map_pages: 2,
+            slot_offset: 3 << 20,
+            slot_count: 4,
+        };
+        for (area_end, saved_tail_at) in [(u64::MAX, u64::MAX), (8 << 20, u64::MAX)] {
+            let r = Release {
+                area_end,
+                saved_tail_at,
+                saved_tail_hash: [0; 32],
+                zero_on_rollback: true,
+            };
+            assert!(r.validate(&l).is_err());
+        }
+        let ok = Release {
+            area_end: 8 << 20,
+            saved_tail_at: 2 << 20,
+            saved_tail_hash: [0; 32],
+            zero_on_rollback: true,
+        };
+        assert_eq!(ok.validate(&l), Ok(()));
     }
 }

@@ -59,9 +59,13 @@ pub fn relocate_backup(storage: &dyn Storage) -> Result<Option<(u64, u64)>> {
     if !(128..=4096).contains(&esize) || count == 0 || count > 16384 {
         return Err(bad("unsupported GPT entry geometry".into()));
     }
+    let entries_at = entries_lba
+        .checked_mul(SECTOR)
+        .filter(|&a| a < len)
+        .ok_or_else(|| bad(format!("GPT entries at LBA {entries_lba}, past the device")))?;
     let mut entries = vec![0u8; (count * esize) as usize];
     storage
-        .read_at(entries_lba * SECTOR, &mut entries)
+        .read_at(entries_at, &mut entries)
         .ctx(|| "reading the GPT entries".into())?;
     if crc32(&entries) != u32_at(&hdr, 88) {
         return Err(bad("the GPT entries fail their checksum".into()));
@@ -72,7 +76,7 @@ pub fn relocate_backup(storage: &dyn Storage) -> Result<Option<(u64, u64)>> {
     }
     let entry_sectors = (entries.len() as u64).div_ceil(SECTOR);
     let last_usable = u64_at(&hdr, 48);
-    if old_alt > new_alt || last_usable + entry_sectors >= new_alt {
+    if old_alt > new_alt || last_usable.saturating_add(entry_sectors) >= new_alt {
         return Err(bad(format!(
             "the GPT's backup header is at LBA {old_alt}, the device ends at LBA {new_alt}"
         )));

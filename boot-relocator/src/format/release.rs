@@ -1,7 +1,7 @@
 //! The release fields of a format-v3 superblock (bytes 152..201): where the released
 //! area of a block device ends and what rollback puts back (see `crate::area`).
 
-use super::{Layout, BLOCK};
+use super::{Layout, BLOCK, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT};
 
 /// The released area of a format-v3 disk: a free gap of the source (between or after its
 /// partitions), and what rollback restores so that the whole device is bit-exact again.
@@ -36,6 +36,9 @@ impl Release {
                 return Err("release fields without an area end".into());
             }
             return l.validate();
+        }
+        if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&l.chunk_shift) {
+            return Err(format!("chunk shift {} out of range", l.chunk_shift));
         }
         let slots_end = l
             .slot_count
@@ -97,5 +100,11 @@ mod tests {
             zero_on_rollback: true,
         };
         assert_eq!(ok.validate(&l), Ok(()));
+        // A chunk shift out of range is refused before it is used.
+        let bad = Layout {
+            chunk_shift: 140,
+            ..l
+        };
+        assert!(ok.validate(&bad).is_err());
     }
 }

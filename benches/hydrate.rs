@@ -65,6 +65,8 @@ fn hydrate_secs(dir: &std::path::Path, url: &str, threads: usize) -> f64 {
         area_size: None,
         source_size: None,
         max_trial_starts: 3,
+        area: None,
+        discard_free_space: false,
     };
     let mut head = vec![0u8; 1 << 20];
     src.read_at(0, &mut head).unwrap();

@@ -227,6 +227,8 @@ fn hydrated_engine(dir: &Path, image: &Path) -> Engine {
         area_size: None,
         source_size: None,
         max_trial_starts: 3,
+        area: None,
+        discard_free_space: false,
     };
     let mut head = vec![0u8; 1 << 20];
     src.read_at(0, &mut head).unwrap();

@@ -1,9 +1,10 @@
 //! DISK as a real block device: a loop device over a temporary file, driven through the
 //! `streamboot` binary with the target served by a real nginx.
 //!
-//! On a block device the released area is the free space after the source (the end of
-//! the last partition, or `--source-size`), nothing is ever truncated, and removing the
-//! area wipes the superblocks in the device's last 8 KiB.
+//! On a block device the released area is a free gap of its partition table (here: after
+//! the last partition; `tests/gpt_loop.rs` has the other layouts) or the space after
+//! `--source-size`; nothing is ever truncated; commit wipes the superblocks in the
+//! device's last 8 KiB, rollback writes back what they overwrote.
 //!
 //! Needs root and loop devices. Without them each test prints a `SKIP:` line and passes,
 //! unless `STREAMBOOT_REQUIRE_LOOP` is set, which turns the skip into a failure (set it
@@ -137,6 +138,8 @@ impl Fixture {
             Some(end) => {
                 assert_eq!(end % 512, 0);
                 write_mbr(&mut original, 2048, (end / 512) as u32);
+                // Free space reads as zeros (else prepare wants --discard-free-space).
+                original[end..].fill(0);
             }
             None => original[510..512].fill(0),
         }
@@ -255,8 +258,8 @@ fn commit_on_partitioned_device(seed: u64, chunk: &str, part_end: usize, target_
     let s = f.status_json();
     assert_eq!(
         s["source_size"].as_u64(),
-        Some(part_end as u64),
-        "source size is the partition end: {s}"
+        Some(24 * MIB as u64),
+        "the source is the whole device (rollback restores all of it): {s}"
     );
     assert_eq!(s["target_size"].as_u64(), Some(target_len as u64));
     let out = cli_ok(&["hydrate", f.dev()]);

@@ -649,6 +649,8 @@ fn interrupted_prepare(s: &Setup, chunk: u64) {
         area_size: None,
         source_size: None,
         max_trial_starts: 3,
+        area: None,
+        discard_free_space: false,
     };
     let plan = relocate::plan(st.as_ref(), &spec, &s.target[..MIB]).unwrap();
     let sb = Superblock {
@@ -662,6 +664,7 @@ fn interrupted_prepare(s: &Setup, chunk: u64) {
         target: spec.target,
         created_unix: 0,
         seeded_bytes: 0,
+        release: Default::default(),
     };
     let mut meta = MetaStore::create(st, sb, &plan.boot_chunks).unwrap();
     meta.init_map().unwrap();

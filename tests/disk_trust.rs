@@ -73,6 +73,7 @@ fn forged(disk_len: u64, url: &str) -> Superblock {
         },
         created_unix: 0,
         seeded_bytes: 0,
+        release: Default::default(),
     }
 }
 
@@ -304,6 +305,8 @@ fn killed_in_first_write(fx: &Fx) {
                 area_size: None,
                 source_size: None,
                 max_trial_starts: 3,
+                area: None,
+                discard_free_space: false,
             };
             let plan = boot_relocator::plan(st.as_ref(), &spec, &fx.target[..MIB]).unwrap();
             let sb = Superblock {
@@ -317,6 +320,7 @@ fn killed_in_first_write(fx: &Fx) {
                 target: spec.target,
                 created_unix: 0,
                 seeded_bytes: 0,
+                release: Default::default(),
             };
             MetaStore::create(st, sb, &plan.boot_chunks).unwrap()
         };

@@ -41,6 +41,12 @@
 #   libvirt   a domain XML with <disk type='vhostuser'> + <reconnect>, validated, booted
 #             through libvirt's embedded QEMU driver (virsh create); serve restarted under
 #             the running guest, which re-reads everything; confirm (docs/libvirt.md)
+#   gpt-loop  a GPT "cloud-style" source (BIOS boot, FAT ESP, ext4 root holding v1's root
+#             file system; 192 MiB, free space after the partitions, backup GPT at the
+#             end) on a loop device: prepare → serve → boot v2 through vhost-user (writes
+#             a file) → confirm → commit offline → the loop device boots plain as v2 with
+#             the file; then the source again: prepare → serve → boot v2 → rollback → the
+#             whole loop device == the source byte for byte (backup GPT included)
 # Default: all of them, in that order. Prints each step, PASS/FAIL per scenario, a wall time
 # table and "N passed, M failed"; exits 1 if any failed (INT/TERM: the running scenario
 # is stopped and cleaned up, exit 130). Work dirs and logs (console
@@ -67,7 +73,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 : "${SB_LOAD_RATE:=2M}"
 : "${SB_STOP_WARN:=5}"
-all_scenarios=(migrate rollback fallback reboot-loop reboot-loop-q35 backend-restart load nbd libvirt)
+all_scenarios=(migrate rollback fallback reboot-loop reboot-loop-q35 backend-restart load nbd libvirt gpt-loop)
 
 usage() {
 	sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -826,6 +832,75 @@ libvirt_wait() {
 			bad "$2: no '$3' on the console ($(kill -0 "$1" 2>/dev/null && echo "still running after ${SB_TIMEOUT}s" || echo "domain ended: $(tr '\n' '|' <"$dir/virsh.out")") log $log)"
 		sleep 0.05
 	done
+}
+
+# gpt_source FILE — the GPT cloud-style source: BIOS boot (1 MiB), ESP with FAT (30 MiB),
+# root with v1's ext4 root file system (63 MiB); 192 MiB in all, the rest free.
+gpt_source() {
+	local f=$1 part=$dir/esp.img
+	rm -f "$f" "$part"
+	truncate -s 192M "$f" || bad "truncate"
+	printf '%s\n' 'label: gpt' \
+		'start=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649' \
+		'start=4096, size=61440, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B' \
+		'start=65536, size=129024, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4' |
+		sfdisk --no-reread -q "$f" >>"$dir/vm.err" 2>&1 || bad "sfdisk ($dir/vm.err)"
+	truncate -s 30M "$part" && mkfs.vfat -F 32 "$part" >>"$dir/vm.err" 2>&1 || bad "mkfs.vfat"
+	dd if="$part" of="$f" bs=1M seek=2 conv=notrunc,sparse status=none || bad "dd esp"
+	rm -f "$part"
+	# v1's root file system: its partition starts at 1 MiB of v1.img (63 MiB long).
+	dd if="$img/v1.img" of="$f" bs=1M skip=1 seek=32 count=63 conv=notrunc,sparse status=none ||
+		bad "dd root"
+}
+
+scenario_gpt_loop() {
+	setup gpt-loop v2.img
+	local src=$dir/gpt.img orig=$dir/gpt-orig.img loopdev before prev
+	gpt_source "$src"
+	cp --sparse=always "$src" "$orig" || bad "cp"
+	loopdev=$(losetup --find --show "$src") || bad "losetup"
+	# Detached on any exit of this scenario, before the runner's own cleanup.
+	prev=$(trap -p EXIT)
+	prev=${prev#trap -- \'}
+	prev=${prev%\' EXIT}
+	trap "losetup -d '$loopdev' 2>/dev/null; $prev" EXIT
+	before=$(sb_sha256 "$loopdev")
+	ok "GPT source on $loopdev: BIOS boot, ESP (FAT), root (v1's ext4), 192 MiB, sha256 ${before:0:16}…"
+
+	sb prepare prepare "$loopdev" --target "$target_url"
+	ok "prepare: $(cat "$dir/prepare.out")"
+	state_is "$loopdev" prepared 0
+	start_serve "$loopdev" "$dir/vu.sock" 2>>"$dir/vm.err" ||
+		bad "serve did not start: $(tail -n3 "$dir/vu.sock.log" | tr '\n' ' ')"
+	boot 1-v2-vhost boot_vhost "$dir/vu.sock" sbtest.write=gptloop
+	expect 1-v2-vhost "STREAMBOOT-VERDICT v2 files-ok" "STREAMBOOT-WROTE gptloop sha256="
+	ok "v2 booted from the loop device through serve in ${SB_LAST_WALL}s: $(verdict 1-v2-vhost)"
+	serve_down
+	sb confirm confirm "$loopdev"
+	sb commit commit "$loopdev"
+	ok "commit (offline): $(cat "$dir/commit.out")"
+	is_plain "$loopdev"
+	boot 2-plain boot_plain "$loopdev"
+	expect 2-plain "STREAMBOOT-VERDICT v2 files-ok written=gptloop:ok" "STREAMBOOT-INFO version=2"
+	ok "committed loop device booted plain as v2 in ${SB_LAST_WALL}s: $(verdict 2-plain)"
+
+	# The source again: prepare → boot v2 → rollback gives every byte back.
+	dd if="$orig" of="$loopdev" bs=4M conv=fsync status=none || bad "restoring the source"
+	[[ $(sb_sha256 "$loopdev") == "$before" ]] || bad "restoring the source"
+	sb prepare2 prepare "$loopdev" --target "$target_url"
+	start_serve "$loopdev" "$dir/vu.sock" 2>>"$dir/vm.err" ||
+		bad "serve did not start: $(tail -n3 "$dir/vu.sock.log" | tr '\n' ' ')"
+	boot 3-v2-vhost boot_vhost "$dir/vu.sock" sbtest.write=discarded
+	expect 3-v2-vhost "STREAMBOOT-VERDICT v2 files-ok"
+	serve_down
+	sb rollback rollback "$loopdev"
+	ok "rollback: $(cat "$dir/rollback.out")"
+	[[ $(sb_sha256 "$loopdev") == "$before" ]] ||
+		bad "after rollback the loop device is not the source byte for byte"
+	sfdisk --verify "$loopdev" >>"$dir/vm.err" 2>&1 || bad "sfdisk --verify after rollback ($dir/vm.err)"
+	ok "rollback: the whole loop device == the source (backup GPT included), sfdisk --verify clean"
+	is_plain "$loopdev"
+	rm -f "$orig"
 }
 
 # --- runner ---------------------------------------------------------------------------

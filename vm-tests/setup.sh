@@ -30,6 +30,7 @@ requirements=(
 	"mkfs.ext4 e2fsprogs"
 	"debugfs e2fsprogs"
 	"sfdisk fdisk"
+	"mkfs.vfat dosfstools"
 	"nginx nginx"
 	"cpio cpio"
 	"xz xz-utils"

@@ -12,8 +12,12 @@ use std::fmt;
 
 use crate::hostkey::HostKey;
 
+mod growth;
 mod map;
+mod release;
+pub use growth::{GrowthRecord, GROWTH_LEN, GROWTH_MAGIC};
 pub use map::{decode_page, encode_page, DecodedPage, Entry, Location};
+pub use release::Release;
 
 /// Size of every metadata block.
 pub const BLOCK: usize = 4096;
@@ -21,8 +25,11 @@ pub const BLOCK: usize = 4096;
 pub const SB_MAGIC: [u8; 8] = *b"SBOOT-SB";
 /// Map page magic.
 pub const PAGE_MAGIC: [u8; 4] = *b"SBMP";
-/// Format version written by this code.
-pub const VERSION: u32 = 2;
+/// Format version written by this code (3: the released area may lie in a gap between
+/// partitions, see [`Release`]).
+pub const VERSION: u32 = 3;
+/// The format before [`Release`] (its bytes 148..224 are zero): read like v3.
+pub const VERSION_2: u32 = 2;
 /// The previous, unauthenticated format (read only to adopt a disk).
 pub const LEGACY_VERSION: u32 = 1;
 /// Bytes 224..256 of a superblock: BLAKE3 keyed hash under the host key.
@@ -40,8 +47,11 @@ pub const ENTRY_SIZE: usize = 16;
 pub const ENTRIES_PER_PAGE: usize = (BLOCK - PAGE_HEADER) / ENTRY_SIZE;
 /// Most bytes of validator string stored.
 pub const MAX_VALIDATOR: usize = 768;
-/// Most bytes of the NUL-separated URL list stored.
-pub const MAX_URLS: usize = BLOCK - URLS_AT;
+/// Most bytes of the NUL-separated URL list written (the block's last sector holds the
+/// growth record).
+pub const MAX_URLS: usize = GROWTH_AT - URLS_AT;
+/// The last sector of every superblock copy: the disk's [`GrowthRecord`].
+pub const GROWTH_AT: usize = BLOCK - GROWTH_LEN;
 
 const VALIDATOR_AT: usize = 256;
 const URLS_AT: usize = 1024;
@@ -202,19 +212,32 @@ impl Layout {
         (self.source_size.saturating_sub(start)).min(self.chunk_size()) as usize
     }
 
-    /// Checks the layout's internal consistency (used on every load).
+    /// Checks the layout's internal consistency for a format-v2 area (after both
+    /// images, up to the superblocks; used on every load).
     pub fn validate(&self) -> Result<(), String> {
+        if self.area_offset < self.source_size.max(self.target_size) {
+            return Err("area overlaps an image".into());
+        }
+        let slots_end = self
+            .slot_count
+            .checked_mul(1u64 << self.chunk_shift.min(63))
+            .and_then(|b| b.checked_add(self.slot_offset))
+            .ok_or("slot region overflows")?;
+        if slots_end > self.disk_len.saturating_sub(2 * BLOCK as u64) {
+            return Err("slots overlap superblocks".into());
+        }
+        self.validate_parts(slots_end)
+    }
+
+    /// The checks common to both formats.
+    pub(crate) fn validate_parts(&self, slots_end: u64) -> Result<(), String> {
         if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&self.chunk_shift) {
             return Err(format!("chunk shift {} out of range", self.chunk_shift));
         }
-        let c = self.chunk_size();
         let pages = self.chunk_count().div_ceil(ENTRIES_PER_PAGE as u64);
         let checks = [
             (self.target_size > 0, "target size is zero"),
-            (
-                self.area_offset >= self.source_size.max(self.target_size),
-                "area overlaps an image",
-            ),
+            (slots_end <= self.disk_len, "slots past the disk"),
             (self.map_offset >= self.area_offset, "map before area"),
             (
                 self.map_pages == pages,
@@ -234,14 +257,6 @@ impl Layout {
             if !ok {
                 return Err(what.to_string());
             }
-        }
-        let slots_end = self
-            .slot_count
-            .checked_mul(c)
-            .and_then(|b| b.checked_add(self.slot_offset))
-            .ok_or("slot region overflows")?;
-        if slots_end > self.disk_len.saturating_sub(2 * BLOCK as u64) {
-            return Err("slots overlap superblocks".into());
         }
         Ok(())
     }
@@ -282,6 +297,9 @@ pub struct Superblock {
     /// Bytes of target chunks seeded from local source chunks instead of fetched
     /// (bytes 120..128; zero on disks written before seeding existed).
     pub seeded_bytes: u64,
+    /// Where the released area ends and what rollback puts back (format v3; all zero on
+    /// a v2 disk).
+    pub release: Release,
 }
 
 pub(crate) fn put_u32(b: &mut [u8], at: usize, v: u32) {
@@ -333,8 +351,17 @@ impl Superblock {
     /// Encodes into a 4 KiB block, authenticated with `key`.
     pub fn encode(&self, key: &HostKey) -> Vec<u8> {
         let mut b = self.encode_fields(VERSION);
+        b[GROWTH_AT..].copy_from_slice(&self.growth_record().encode(key));
         Self::seal_block(&mut b, key);
         b
+    }
+
+    /// The growth record of this superblock's disk (see [`GrowthRecord`]).
+    pub fn growth_record(&self) -> GrowthRecord {
+        GrowthRecord {
+            source_size: self.layout.source_size,
+            disk_len: self.layout.disk_len,
+        }
     }
 
     /// Encodes the fields (no MAC, no CRC) with format `version`.
@@ -380,6 +407,11 @@ impl Superblock {
         let urls = encode_urls(&self.target.urls);
         b[146..148].copy_from_slice(&(urls.len() as u16).to_le_bytes());
         b[URLS_AT..URLS_AT + urls.len()].copy_from_slice(&urls);
+        let r = &self.release;
+        put_u64(&mut b, 152, r.area_end);
+        put_u64(&mut b, 160, r.saved_tail_at);
+        b[168..200].copy_from_slice(&r.saved_tail_hash);
+        b[200] = r.zero_on_rollback as u8;
         b
     }
 
@@ -412,7 +444,7 @@ impl Superblock {
         }
         match get_u32(b, 8) {
             LEGACY_VERSION => return Err(SbDecodeError::Legacy),
-            VERSION => {}
+            VERSION | VERSION_2 => {}
             v => {
                 return Err(SbDecodeError::Damaged(format!(
                     "format version {v} not supported (this build reads {VERSION})"
@@ -472,7 +504,22 @@ impl Superblock {
             slot_offset: f(6),
             slot_count: f(7),
         };
-        layout.validate().map_err(|e| format!("layout: {e}"))?;
+        let release = Release {
+            area_end: get_u64(b, 152),
+            saved_tail_at: get_u64(b, 160),
+            saved_tail_hash: b[168..200].try_into().expect("32 bytes"),
+            zero_on_rollback: match b[200] {
+                0 => false,
+                1 => true,
+                _ => return Err(bad("unknown release flags")),
+            },
+        };
+        if get_u32(b, 8) != VERSION && release != Release::default() {
+            return Err(bad("release fields before format v3"));
+        }
+        release
+            .validate(&layout)
+            .map_err(|e| format!("layout: {e}"))?;
         let kind_end = b[128..144].iter().position(|&x| x == 0).unwrap_or(16);
         let kind = std::str::from_utf8(&b[128..128 + kind_end])
             .map_err(|_| bad("kind not UTF-8"))?
@@ -501,6 +548,7 @@ impl Superblock {
             },
             created_unix: f(8),
             seeded_bytes: f(9),
+            release,
         })
     }
 }

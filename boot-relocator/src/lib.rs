@@ -1,15 +1,21 @@
 //! The boot relocator and streamboot's on-disk format.
 //!
+//! - [`area`]: the released area of a block device in a free gap (format v3).
 //! - [`storage`]: positional disk I/O (file or block device) behind a trait.
 //! - [`format`]: byte layout of superblocks and map pages (format v2).
 //! - [`hostkey`]: the host key that authenticates superblocks.
+//! - [`gpt`]: moving a committed target's backup GPT to the device's end.
+//! - [`growth`]: recognising a file an interrupted prepare extended.
 //! - [`meta`]: the metadata store and its durability protocol.
 //! - [`partition`]: which disk ranges a partition table says are in use.
 //! - [`relocate`]: prepare (relocate boot chunks), rollback, removal of the area.
 
 mod adopt;
+pub mod area;
 pub mod error;
 pub mod format;
+pub mod gpt;
+pub mod growth;
 pub mod hostkey;
 mod lock;
 pub mod meta;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use crate::error::{IoContext, RelocError, Result};
 use crate::format::{
     decode_page, encode_page, Entry, Layout, Location, PreparePhase, SbDecodeError, State,
-    Superblock, BLOCK, ENTRIES_PER_PAGE, SB_MAGIC,
+    Superblock, BLOCK, ENTRIES_PER_PAGE, GROWTH_AT, GROWTH_LEN, SB_MAGIC,
 };
 use crate::hostkey::HostKey;
 use crate::storage::Storage;
@@ -229,8 +229,14 @@ impl MetaStore {
         let magic = SB_MAGIC.len();
         let mut body = one.clone();
         body[..magic].fill(0);
-        // Copy 1 first: that one-page write gives a file its final length, so a kill at
-        // any point leaves either the old length or a verifiable body at the end.
+        // A regular file first gets its final length from one sector, the growth record
+        // (see `crate::growth`): a crash leaves the old length or a record naming it.
+        if !storage.is_block_device() {
+            storage
+                .write_at(l.disk_len - GROWTH_LEN as u64, &one[GROWTH_AT..])
+                .ctx(|| "extending the disk file".into())?;
+            storage.sync().ctx(|| "syncing the disk file".into())?;
+        }
         for k in [1, 0] {
             storage
                 .write_at(Layout::sb_addr(l.disk_len, k), &body)
@@ -335,7 +341,11 @@ impl MetaStore {
             return Ok(None);
         };
         let n = sb.layout.chunk_count() as usize;
-        if sb.state == State::Preparing && sb.phase == PreparePhase::Reserved {
+        // No map yet (reserved), or none needed any more: a v3 rollback that reached
+        // `rolled-back` only removes the area, whose zeroing takes the map away first.
+        let no_map = (sb.state == State::Preparing && sb.phase == PreparePhase::Reserved)
+            || (sb.state == State::RolledBack && sb.release.area_end != 0);
+        if no_map {
             return Ok(Some(Self::from_parts(
                 storage,
                 key,

@@ -16,15 +16,14 @@ use std::sync::Arc;
 
 use crate::error::{IoContext, RelocError, Result};
 use crate::format::{
-    Entry, Layout, Location, PreparePhase, State, Superblock, TargetRecord, BLOCK,
+    Entry, Layout, Location, PreparePhase, Release, State, Superblock, TargetRecord, BLOCK,
     ENTRIES_PER_PAGE, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT,
 };
 use crate::meta::MetaStore;
 use crate::partition::{used_ranges, UsedRange};
 use crate::storage::Storage;
 
-/// Alignment of the released area's start.
-const AREA_ALIGN: u64 = 1 << 20;
+use crate::area::{self, AREA_ALIGN, TAIL};
 /// Free slots required beyond the saved boot chunks, so that serving can make progress.
 pub const MIN_WORKING_SLOTS: u64 = 16;
 /// Boot partitions larger than this are not staged whole.
@@ -51,6 +50,12 @@ pub struct PrepareSpec {
     pub source_size: Option<u64>,
     /// Trial starts before automatic fallback.
     pub max_trial_starts: u8,
+    /// Where the released area goes on a block device with a partition table (inside
+    /// one free gap; default: the largest gap).
+    pub area: Option<Range<u64>>,
+    /// The operator agrees that the area's old contents are lost (else they must read
+    /// as zeros, so rollback can restore them).
+    pub discard_free_space: bool,
 }
 
 /// The outcome of planning: where everything goes. Nothing is written yet.
@@ -62,6 +67,8 @@ pub struct Plan {
     pub boot_chunks: Vec<u64>,
     /// Human-readable remarks (boot partitions added or skipped, ...).
     pub notes: Vec<String>,
+    /// The area of a format-v3 disk (all zero: the area follows both images).
+    pub release: Release,
 }
 
 /// Progress callback: (step name, done, total) in chunks.
@@ -179,6 +186,19 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
         ))
     })
     .unwrap_or_default();
+    // A target GPT must fit the target image and the device. (An MBR is not checked:
+    // random bytes end in 0x55AA once in 65536 images.)
+    let gpt = target_parts.iter().any(|p| p.what.contains("GPT"));
+    if let Some(p) = target_parts
+        .iter()
+        .find(|p| gpt && (p.end > target_size || p.end > dev_len))
+    {
+        return Err(RelocError::Overlap(format!(
+            "the target's {} ends at byte {}, past the target image ({target_size} bytes) or \
+             the device ({dev_len} bytes): its partition table does not fit",
+            p.what, p.end
+        )));
+    }
     for p in target_parts.iter().filter(|p| p.boot) {
         if p.end - p.start > MAX_BOOT_PARTITION {
             notes.push(format!("{} is larger than 1 GiB: not staged whole", p.what));
@@ -190,6 +210,24 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
     let boot_chunks: Vec<u64> = (0..chunks).filter(|&i| boot[i as usize]).collect();
     let saved = boot_chunks.iter().filter(|&&b| b * c < source_size).count() as u64;
 
+    let gap_mode = storage.is_block_device() && spec.source_size.is_none();
+    if !gap_mode && (spec.area.is_some() || spec.discard_free_space) {
+        return Err(RelocError::Invalid(
+            "--area and --discard-free-space apply to a block device with a partition table \
+             (without --source-size)"
+                .into(),
+        ));
+    }
+    if gap_mode {
+        let all = boot_chunks.len() as u64;
+        let (layout, release) = plan_gap(storage, spec, &used, dev_len, all)?;
+        return Ok(Plan {
+            layout,
+            boot_chunks,
+            notes,
+            release,
+        });
+    }
     let area_offset = source_size.max(target_size).next_multiple_of(AREA_ALIGN);
     let map_pages = chunks.div_ceil(ENTRIES_PER_PAGE as u64);
     let map_bytes = map_pages * 2 * BLOCK as u64;
@@ -245,7 +283,80 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
         layout,
         boot_chunks,
         notes,
+        release: Release::default(),
     })
+}
+
+/// Format v3 on a block device with a partition table: the area in a free gap (the
+/// largest, or `spec.area`), the device's last 8 KiB saved at its start, the source the
+/// whole device. `saved`: boot chunks whose source bytes get a slot.
+fn plan_gap(
+    storage: &dyn Storage,
+    spec: &PrepareSpec,
+    used: &[UsedRange],
+    dev_len: u64,
+    saved: u64,
+) -> Result<(Layout, Release)> {
+    let c = spec.chunk_size;
+    let chunks = spec.target_size.div_ceil(c);
+    let map_pages = chunks.div_ceil(ENTRIES_PER_PAGE as u64);
+    let map_bytes = map_pages * 2 * BLOCK as u64;
+    let slot_align = c.clamp(BLOCK as u64, AREA_ALIGN);
+    let min_slots = saved + MIN_WORKING_SLOTS;
+    let need = TAIL + map_bytes + slot_align + min_slots * c;
+    let gap = area::choose(used, dev_len, spec.target_size, spec.area.as_ref(), need)?;
+    let area_offset = gap.start;
+    let map_offset = area_offset + TAIL;
+    let slot_offset = (map_offset + map_bytes).next_multiple_of(slot_align);
+    let mut end = gap.end;
+    if let Some(a) = spec.area_size {
+        end = end.min(area_offset.saturating_add(a));
+    }
+    let slot_count = end.saturating_sub(slot_offset) / c;
+    if slot_count < min_slots || slot_count > u32::MAX as u64 {
+        return Err(RelocError::TooSmall(format!(
+            "the released area {area_offset}..{end} holds {slot_count} chunk slots of {c} bytes; \
+             at least {min_slots} are needed ({saved} saved boot chunks + {MIN_WORKING_SLOTS} \
+             working slots): the area needs at least {need} bytes"
+        )));
+    }
+    let slots_end = slot_offset + slot_count * c;
+    if !spec.discard_free_space {
+        // A copy of the last 8 KiB at the area's start is what a prepare that stopped
+        // right after saving them left: free space that read as zeros before.
+        let from = if area::holds_tail_copy(storage, area_offset, dev_len)? {
+            area_offset + TAIL
+        } else {
+            area_offset
+        };
+        if let Some(at) = area::first_nonzero(storage, from, slots_end)? {
+            return Err(RelocError::Overlap(format!(
+                "the free space for the released area ({area_offset}..{slots_end}) holds data \
+                 (byte {at} is not zero), which rollback could not restore: pass \
+                 --discard-free-space to give it up, or --area START..END / --area-size to use \
+                 a part that reads as zeros"
+            )));
+        }
+    }
+    let layout = Layout {
+        chunk_shift: chunk_shift(c)?,
+        disk_len: dev_len,
+        source_size: dev_len,
+        target_size: spec.target_size,
+        area_offset,
+        map_offset,
+        map_pages,
+        slot_offset,
+        slot_count,
+    };
+    let release = Release {
+        area_end: slots_end,
+        saved_tail_at: area_offset,
+        saved_tail_hash: area::tail_hash(storage, dev_len)?,
+        zero_on_rollback: true,
+    };
+    release.validate(&layout).map_err(RelocError::Invalid)?;
+    Ok((layout, release))
 }
 
 /// Runs `prepare` from a plan: reserves the area, saves the source boot chunks and
@@ -271,7 +382,9 @@ pub fn prepare(
         target: spec.target.clone(),
         created_unix: now_unix,
         seeded_bytes: 0,
+        release: plan.release,
     };
+    area::save_tail(storage.as_ref(), &plan.layout, &plan.release)?;
     let mut meta = MetaStore::create(storage, sb, &plan.boot_chunks)?;
     meta.init_map()?;
     resume_prepare(&mut meta, read_target, progress)?;
@@ -449,7 +562,9 @@ pub fn remove_area(meta: &mut MetaStore) -> Result<()> {
         }
     };
     let storage = meta.storage().clone();
-    if storage.is_block_device() {
+    if storage.is_block_device() && sb.release.area_end != 0 && sb.state != State::Committed {
+        area::restore(storage.as_ref(), sb)?;
+    } else if storage.is_block_device() {
         storage
             .write_at(Layout::sb_addr(l.disk_len, 0), &vec![0u8; 2 * BLOCK])
             .ctx(|| "wiping superblocks".into())?;

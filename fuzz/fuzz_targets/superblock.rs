@@ -31,9 +31,9 @@ fuzz_target!(|data: &[u8]| {
 
 fn check(sb: &Superblock, key: &boot_relocator::HostKey) {
     let l = &sb.layout;
-    assert!(l.validate().is_ok());
+    assert!(sb.release.validate(l).is_ok());
     // Every address the metadata store computes for this layout fits in the disk, in
-    // order: map pages, then slots, then the two superblock copies.
+    // order: map pages, then slots (up to the area's end), then the two superblock copies.
     let sb0 = boot_relocator::Layout::sb_addr(l.disk_len, 0);
     assert_eq!(
         boot_relocator::Layout::sb_addr(l.disk_len, 1),
@@ -44,7 +44,8 @@ fn check(sb: &Superblock, key: &boot_relocator::HostKey) {
     assert!(l.map_offset >= l.area_offset && last_page_end <= l.slot_offset);
     if l.slot_count > 0 {
         let last = u32::try_from(l.slot_count - 1).expect("slot count fits u32");
-        assert!(l.slot_addr(last) + l.chunk_size() <= sb0);
+        assert!(l.slot_addr(last) + l.chunk_size() <= sb.release.end(l.disk_len));
+        assert!(sb.release.end(l.disk_len) <= sb0);
     }
     let c = l.chunk_count() - 1;
     assert!(l.target_len(c) > 0 && l.target_len(c) as u64 <= l.chunk_size());

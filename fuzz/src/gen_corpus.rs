@@ -92,6 +92,7 @@ fn superblocks() -> Vec<(String, Vec<u8>)> {
         },
         created_unix: 1_700_000_000,
         seeded_bytes: 0,
+        release: Default::default(),
     };
     let mut out = Vec::new();
     for (i, state) in [

@@ -214,7 +214,9 @@ fn source(e: &SourceError) -> Option<Kind> {
 
 fn service(e: &ServiceError) -> Option<Kind> {
     match e {
-        ServiceError::Conflict(_) | ServiceError::Transition(_) => Some(Kind::InvalidState),
+        ServiceError::Conflict(_)
+        | ServiceError::Transition(_)
+        | ServiceError::InterruptedPrepare { .. } => Some(Kind::InvalidState),
         ServiceError::InUse { .. } => Some(Kind::InUse),
         ServiceError::Engine(x) => engine(x),
         ServiceError::Reloc(x) => Some(reloc(x)),

@@ -50,9 +50,22 @@ pub struct PrepareArgs {
     /// all free space on a block device).
     #[arg(long, value_parser = parse_size)]
     pub area_size: Option<u64>,
-    /// Bytes of a block device the source uses (default: end of its last partition).
+    /// Bytes of a block device the source uses, the area following them (default: the
+    /// whole device, the area in a free gap of its partition table).
     #[arg(long, value_parser = parse_size)]
     pub source_size: Option<u64>,
+    /// Block device with a partition table: place the released area at START..END
+    /// (byte range, e.g. 64M..120M) inside one free gap (default: the largest gap).
+    #[arg(long, value_parser = parse_range, value_name = "START..END")]
+    pub area: Option<std::ops::Range<u64>>,
+    /// Block device: the area's free space need not read as zeros; its old contents are
+    /// lost (rollback leaves zeros there).
+    #[arg(long)]
+    pub discard_free_space: bool,
+    /// Print the plan (area, saved ranges, boot chunks; JSON with --json) and write
+    /// nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Trial starts of the target before automatic fallback to the source.
     #[arg(long, default_value_t = 3)]
     pub max_trial_starts: u8,
@@ -97,6 +110,10 @@ pub struct CommitArgs {
     /// Fetch from these URLs instead of the recorded ones (must be the same image).
     #[arg(long = "target")]
     pub targets: Vec<String>,
+    /// Afterwards, move the target's backup GPT from the end of the target image to the
+    /// end of the device (as `sgdisk -e` does). Offline only.
+    #[arg(long, conflicts_with = "control")]
+    pub relocate_backup_gpt: bool,
     #[command(flatten)]
     pub net: NetArgs,
 }
@@ -127,7 +144,7 @@ pub fn run(cli: &Cli) -> Result<()> {
             let r = migration::adopt(disk)?;
             emit(cli, ok_json(&r), || {
                 format!(
-                    "{}: adopted (format v2, authenticated with this host's key); {}",
+                    "{}: adopted (format v3, authenticated with this host's key); {}",
                     disk.display(),
                     super::report::status_text(&r.status)
                 )
@@ -234,10 +251,16 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
         boot_profile: a.boot_profile.clone(),
         area_size: a.area_size,
         source_size: a.source_size,
+        area: a.area.clone(),
+        discard_free_space: a.discard_free_space,
         max_trial_starts: a.max_trial_starts,
         http: a.net.http_options(),
         ..PrepareOptions::new(a.disk.clone(), a.targets.clone())
     };
+    if a.dry_run {
+        let p = migration::plan_prepare(&o)?;
+        return emit(cli, ok_json(&p), || p.text());
+    }
     let r = migration::prepare(&o, &Bars::new(cli.json, false))?;
     emit(cli, ok_json(&r), || super::report::prepared_text(&r))
 }
@@ -285,6 +308,7 @@ fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
             force: a.force,
             targets: a.targets.clone(),
             http: a.net.http_options(),
+            relocate_backup_gpt: a.relocate_backup_gpt,
         },
         &Bars::or_events(cli.json, "commit", false),
     )?;

@@ -48,7 +48,7 @@ pub fn prepared_text(r: &PrepareReport) -> String {
          {} slots of {}; state {}{seed}",
         s.chunks_home,
         human(s.bytes_saved_source),
-        human(r.disk_len - r.area_offset),
+        human(r.area_end - r.area_offset),
         r.area_offset,
         r.slot_count,
         human(r.chunk_size),

@@ -9,6 +9,7 @@
 
 pub mod daemon;
 mod ops;
+mod plan;
 mod prepare;
 pub mod transitions;
 
@@ -21,6 +22,7 @@ pub use ops::{
     adopt, commit, confirm, hydrate, rollback, status, AdoptReport, CommitOptions, CommitReport,
     ConfirmReport, HydrateOutcome, HydrateRequest, RollbackReport, StatusReport,
 };
+pub use plan::{plan_prepare, ByteRange, PlanReport, SavedRange};
 pub use prepare::{prepare, PrepareOptions, PrepareReport, DEFAULT_BOOT_RANGE, DEFAULT_CHUNK_SIZE};
 pub use transitions::{device_start, transition, Conflict, Next, Op, Reason};
 

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use boot_relocator::growth::undo_interrupted_growth;
 use boot_relocator::{relocate, MetaStore, State};
 use serde::Serialize;
 
@@ -29,6 +30,10 @@ pub struct StatusReport {
     /// (guest data, another host's disk, or a format-v1 disk to `adopt`): what was seen.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ignored_superblocks: Vec<String>,
+    /// A plain file that an interrupted prepare extended (no superblock landed): the
+    /// length it had before, which `prepare` and `rollback` give it back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted_prepare_source_size: Option<u64>,
 }
 
 /// The disk's migration status (a plain disk reports `prepared: false`).
@@ -44,10 +49,20 @@ pub fn status(disk: &Path) -> Result<StatusReport> {
             }
         })?,
     };
+    let interrupted_prepare_source_size = match meta {
+        Some(_) => None,
+        None => boot_relocator::growth::interrupted_growth(&storage)
+            .map_err(|source| MigrationError::Read {
+                path: disk.to_path_buf(),
+                source,
+            })?
+            .map(|r| r.source_size),
+    };
     Ok(StatusReport {
         prepared: meta.is_some(),
         status: meta.as_ref().map(offline_status),
         ignored_superblocks,
+        interrupted_prepare_source_size,
     })
 }
 
@@ -155,6 +170,8 @@ pub struct CommitOptions {
     pub targets: Vec<String>,
     /// HTTP options (the offline fetch deadline applies when none is set).
     pub http: HttpOptions,
+    /// Afterwards, move the target's backup GPT to the end of the device.
+    pub relocate_backup_gpt: bool,
 }
 
 /// What `commit` did.
@@ -165,6 +182,10 @@ pub struct CommitReport {
     /// Only an interrupted commit's last step was left (`Some(true)`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumed: Option<bool>,
+    /// Where `--relocate-backup-gpt` moved the backup GPT header: `[old LBA, new LBA]`
+    /// (absent: not asked, or nothing to move).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_gpt_moved: Option<(u64, u64)>,
     /// The engine's final status (absent when only the last step was left).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
@@ -189,9 +210,11 @@ pub fn commit(o: &CommitOptions, progress: &dyn Progress) -> Result<CommitReport
         // Every target chunk is home already (a commit was interrupted while removing
         // the released area): finish without the engine, which no longer serves it.
         relocate::remove_area(&mut meta).map_err(step(FAILED))?;
+        let storage = meta.storage().clone();
         return Ok(CommitReport {
             state: State::Committed.name(),
             resumed: Some(true),
+            backup_gpt_moved: relocate_gpt(o, storage.as_ref())?,
             status: None,
             secs: started.elapsed().as_secs_f64(),
             target_size: meta.layout().target_size,
@@ -206,14 +229,31 @@ pub fn commit(o: &CommitOptions, progress: &dyn Progress) -> Result<CommitReport
         .map_err(step(FAILED))?;
     progress.finish();
     let s = engine.status();
+    let storage = engine.with_meta(|m| m.storage().clone());
     Ok(CommitReport {
         state: State::Committed.name(),
         resumed: None,
+        backup_gpt_moved: relocate_gpt(o, storage.as_ref())?,
         target_size: s.target_size,
         fetched: s.bytes_fetched_background + s.bytes_fetched_demand,
         status: Some(s),
         secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// `commit --relocate-backup-gpt`: moves the committed target's backup GPT to the end
+/// of the device (a regular file ends with the target: nothing to move).
+fn relocate_gpt(
+    o: &CommitOptions,
+    storage: &dyn boot_relocator::Storage,
+) -> Result<Option<(u64, u64)>> {
+    if !o.relocate_backup_gpt {
+        return Ok(None);
+    }
+    boot_relocator::gpt::relocate_backup(storage).map_err(step(
+        "committed, but moving the backup GPT failed (the disk holds the target; sgdisk -e \
+             moves it)",
+    ))
 }
 
 /// What `rollback` did.
@@ -227,8 +267,34 @@ pub struct RollbackReport {
 
 /// Restores the source bit for bit and removes the released area; resumes an
 /// interrupted rollback.
+///
+/// A regular file that an interrupted prepare extended without leaving a superblock
+/// (a power cut right after its first write) is truncated back to its length before
+/// prepare: that is its rollback.
 pub fn rollback(disk: &Path, progress: &dyn Progress) -> Result<RollbackReport> {
-    let mut meta = open_meta(disk)?;
+    let storage = open_disk(disk)?;
+    let Some(mut meta) = read_meta(disk, storage.clone())? else {
+        return match undo_interrupted_growth(&storage)
+            .map_err(step("undoing an interrupted prepare"))?
+        {
+            Some(rec) => {
+                tracing::warn!(
+                    "{}: an interrupted prepare had extended the file and left no superblock: \
+                     truncated back from {} to {} bytes",
+                    disk.display(),
+                    rec.disk_len,
+                    rec.source_size
+                );
+                Ok(RollbackReport {
+                    state: State::RolledBack.name(),
+                    guest_writes_discarded: false,
+                })
+            }
+            None => Err(MigrationError::NotPrepared {
+                path: disk.to_path_buf(),
+            }),
+        };
+    };
     let state = meta.state();
     check(disk, state, Op::Rollback)?;
     let dirty = offline_status(&meta).chunks_dirty;

@@ -46,6 +46,10 @@ pub struct PrepareOptions {
     pub area_size: Option<u64>,
     /// Bytes of a block device the source uses.
     pub source_size: Option<u64>,
+    /// Block device: the released area's byte range (inside one free gap).
+    pub area: Option<Range<u64>>,
+    /// Block device: the area's old contents may be lost.
+    pub discard_free_space: bool,
     /// Trial starts before automatic fallback.
     pub max_trial_starts: u8,
     /// HTTP options (the offline fetch deadline applies when none is set).
@@ -66,6 +70,8 @@ impl PrepareOptions {
             boot_profile: None,
             area_size: None,
             source_size: None,
+            area: None,
+            discard_free_space: false,
             max_trial_starts: 3,
             http: HttpOptions::default(),
         }
@@ -83,6 +89,9 @@ pub struct PrepareReport {
     pub seed: Option<SeedReport>,
     /// Byte offset of the released area.
     pub area_offset: u64,
+    /// One past the released area's last byte (format v3: the area in a free gap of a
+    /// block device; else where the superblocks start).
+    pub area_end: u64,
     /// Length of the disk.
     pub disk_len: u64,
     /// Slots of the released area.
@@ -96,9 +105,9 @@ pub struct PrepareReport {
 }
 
 /// The opened target: any source, and the chunk store when it is one.
-struct Target {
-    source: Arc<dyn RemoteSource>,
-    store: Option<Arc<StoreSource>>,
+pub(super) struct Target {
+    pub(super) source: Arc<dyn RemoteSource>,
+    pub(super) store: Option<Arc<StoreSource>>,
 }
 
 /// Reads target bytes for prepare: from local chunks when seeding, else the source.
@@ -149,6 +158,9 @@ pub fn prepare(o: &PrepareOptions, progress: &dyn Progress) -> Result<PrepareRep
         check(&o.disk, meta.state(), Op::Prepare)?;
     }
     let target = open_target(o, trust.as_ref())?;
+    if existing.is_none() {
+        undo_growth(o, &storage)?;
+    }
     let chunk_size = o
         .chunk_size
         .or(target.store.as_ref().map(|s| s.chunk_size()))
@@ -181,6 +193,23 @@ pub fn prepare(o: &PrepareOptions, progress: &dyn Progress) -> Result<PrepareRep
     Ok(report(&meta, resumed, seeded, started))
 }
 
+/// A plain file an interrupted prepare extended (no superblock landed) gets its length
+/// back first, so the source is the file as it was, not its extension.
+fn undo_growth(o: &PrepareOptions, storage: &Arc<dyn Storage>) -> Result<()> {
+    let undone = boot_relocator::growth::undo_interrupted_growth(storage)
+        .map_err(step("undoing an interrupted prepare"))?;
+    if let Some(rec) = undone {
+        tracing::warn!(
+            "{}: an interrupted prepare had extended the file and left no superblock: \
+             truncated back from {} to {} bytes",
+            o.disk.display(),
+            rec.disk_len,
+            rec.source_size
+        );
+    }
+    Ok(())
+}
+
 /// Resumes an interrupted prepare (phase `map-ready`) of the same target.
 fn resume(
     o: &PrepareOptions,
@@ -203,7 +232,7 @@ fn resume(
 }
 
 /// What to prepare: the boot set (given ranges or the default, plus the profile's).
-fn spec(
+pub(super) fn spec(
     o: &PrepareOptions,
     target: &Target,
     profile: Option<&crate::profile::BootProfile>,
@@ -227,6 +256,8 @@ fn spec(
         area_size: o.area_size,
         source_size: o.source_size,
         max_trial_starts: o.max_trial_starts,
+        area: o.area.clone(),
+        discard_free_space: o.discard_free_space,
     })
 }
 
@@ -269,7 +300,7 @@ fn fresh(
 }
 
 /// Opens the target image (a chunk store with its trust policy, or any source).
-fn open_target(o: &PrepareOptions, trust: Option<&IndexTrust>) -> Result<Target> {
+pub(super) fn open_target(o: &PrepareOptions, trust: Option<&IndexTrust>) -> Result<Target> {
     let http = super::offline_http(&o.http);
     let opening = |source| MigrationError::Target {
         urls: crate::target::shown_urls(&o.targets).join(", "),
@@ -292,7 +323,7 @@ fn open_target(o: &PrepareOptions, trust: Option<&IndexTrust>) -> Result<Target>
 
 /// How a chunk-store index is trusted (`None`: not a chunk-store target). Refuses an
 /// unverified index unless the insecure opt-out is explicit.
-fn index_trust(o: &PrepareOptions) -> Result<Option<IndexTrust>> {
+pub(super) fn index_trust(o: &PrepareOptions) -> Result<Option<IndexTrust>> {
     if !o.targets.iter().any(|t| is_store_target(t)) {
         if !o.trusted_keys.is_empty() || o.insecure_unverified_index {
             return Err(MigrationError::Usage("--trusted-key and --insecure-unverified-index apply to a chunk-store target (…/indexes/NAME.idx) only"));
@@ -390,6 +421,7 @@ fn report(
         status: offline_status(meta),
         seed,
         area_offset: l.area_offset,
+        area_end: meta.superblock().release.end(l.disk_len),
         disk_len: l.disk_len,
         slot_count: l.slot_count,
         chunk_size: l.chunk_size(),

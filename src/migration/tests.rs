@@ -54,6 +54,7 @@ impl Disk {
                 force,
                 targets: Vec::new(),
                 http: HttpOptions::default(),
+                relocate_backup_gpt: false,
             },
             &Quiet,
         )

@@ -30,6 +30,20 @@ pub enum ServiceError {
     /// The request conflicts with the current state (wrong state, VM connected, busy).
     #[error("{0}")]
     Conflict(String),
+    /// A regular file that an interrupted prepare extended (its growth record verifies):
+    /// serving it would hand the extension to a guest, whose writes there the next
+    /// prepare or rollback would cut away.
+    #[error(
+        "{} was extended by an interrupted prepare (its source is {source_size} bytes): \
+         run `streamboot rollback` on it (or prepare again) before serving it",
+        path.display()
+    )]
+    InterruptedPrepare {
+        /// The disk.
+        path: PathBuf,
+        /// Its length before the prepare.
+        source_size: u64,
+    },
     /// Another process holds the disk's exclusive lock.
     #[error("{} is in use by another streamboot process (a running serve?); use its control socket", path.display())]
     InUse {
@@ -192,7 +206,15 @@ impl Service {
         let mut recorder = None;
         let mut profile_chunks = Vec::new();
         let (mode, engine, max_trial) = match MetaStore::open(storage.clone())? {
-            None => (Mode::Plain, None, 0),
+            None => {
+                if let Some(g) = boot_relocator::growth::interrupted_growth(&storage)? {
+                    return Err(ServiceError::InterruptedPrepare {
+                        path: cfg.disk.clone(),
+                        source_size: g.source_size,
+                    });
+                }
+                (Mode::Plain, None, 0)
+            }
             Some(mut meta) => {
                 let sb = meta.superblock().clone();
                 let max = cfg.max_trial_starts.unwrap_or(sb.max_trial_starts).max(1);

@@ -43,6 +43,8 @@ pub fn prepare(
         area_size,
         source_size: None,
         max_trial_starts: 3,
+        area: None,
+        discard_free_space: false,
     };
     let mut head = vec![0u8; (1u64 << 20).min(id.size) as usize];
     source.read_at(0, &mut head).expect("read target head");

@@ -34,6 +34,7 @@ fn sb() -> Superblock {
         },
         created_unix: 1_700_000_000,
         seeded_bytes: 5 << 20,
+        release: Default::default(),
     }
 }
 

@@ -198,3 +198,44 @@ fn pipelining_clients_that_never_read_cannot_starve_the_metrics_listener() {
     drop(hogs);
     served.stop();
 }
+
+#[test]
+fn a_notify_secret_others_may_read_or_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = plain_disk(dir.path());
+    let sock = dir.path().join("vhost.sock");
+    let key = dir.path().join("hook.key");
+    std::fs::write(&key, b"topsecret-key\n").unwrap();
+    // (The disk does not exist: the secret is checked first, and a serve that took the
+    // secret fails instead of running.)
+    for mode in [0o644, 0o640, 0o602] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = common::disk::cli_err(&[
+            "serve",
+            dir.path().join("missing.img").to_str().unwrap(),
+            "--socket",
+            sock.to_str().unwrap(),
+            "--notify",
+            "http://127.0.0.1:1/hook",
+            "--notify-secret",
+            key.to_str().unwrap(),
+        ]);
+        assert!(err.contains("chmod 600"), "{mode:o}: {err}");
+        assert!(!err.contains("topsecret"), "{err}");
+        assert!(!sock.exists(), "{mode:o}: serve started");
+    }
+    // 0600 (and 0400) are taken.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let served = Served::start(
+        &disk,
+        &sock,
+        &[
+            "--notify",
+            "http://127.0.0.1:1/hook",
+            "--notify-secret",
+            key.to_str().unwrap(),
+        ],
+    );
+    served.stop();
+}

@@ -43,13 +43,28 @@ impl std::fmt::Debug for NotifySecret {
 }
 
 impl NotifySecret {
-    /// Reads the secret from `path` (one trailing line feed is not part of it).
+    /// Reads the secret from `path` (one trailing line feed is not part of it). A file
+    /// that group or others may read or write is refused, like the host key.
     pub fn from_file(path: &Path) -> Result<Self, NotifyError> {
-        let mut bytes =
-            Zeroizing::new(std::fs::read(path).map_err(|source| NotifyError::Secret {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let err = |source| NotifyError::Secret {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut f = std::fs::File::open(path).map_err(err)?;
+        let meta = f.metadata().map_err(err)?;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(NotifyError::SecretMode {
                 path: path.to_path_buf(),
-                source,
-            })?);
+                mode: mode & 0o7777,
+            });
+        }
+        // Sized up front so that reading never leaves an unwiped copy behind.
+        let len = usize::try_from(meta.len()).unwrap_or(0).min(1 << 20);
+        let mut bytes = Zeroizing::new(Vec::with_capacity(len + 1));
+        f.read_to_end(&mut bytes).map_err(err)?;
         if bytes.last() == Some(&b'\n') {
             bytes.pop();
             if bytes.last() == Some(&b'\r') {
@@ -127,6 +142,17 @@ pub enum NotifyError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// Group or others may read or write the secret file.
+    #[error(
+        "the notify secret {} has mode {mode:o}: readable or writable by group or others (chmod 600 it)",
+        path.display()
+    )]
+    SecretMode {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The secret file is empty.
     #[error("the notify secret {} is empty", .0.display())]

@@ -664,6 +664,9 @@ fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Vec<u8> {
     d
 }
 
+/// Data descriptors of a request: (guest address, length).
+type Segments = Vec<(u64, u32)>;
+
 /// Hostile descriptor chains (segments past the end of guest memory or wrapping the
 /// address space, zero-length segments, an indirect table of more than 1024 segments)
 /// each get an error status (or, for harmless zero-length segments, the right data),
@@ -689,7 +692,7 @@ fn hostile_descriptor_chains_fail_alone() {
     let hdr = header(0, 0);
     let mem_end = MEM as u64;
     // (name, request type, data descriptors as (addr, len))
-    let hostile: [(&str, u32, Vec<(u64, u32)>); 5] = [
+    let hostile: [(&str, u32, Segments); 5] = [
         (
             "read past the end of memory",
             0,

@@ -789,3 +789,74 @@ fn hostile_descriptor_chains_fail_alone() {
     drop(fe);
     srv.stop();
 }
+
+/// The frontend replaces its memory table (the same memory as two regions, mapped anew by
+/// the backend) while a read waits on the network: the read completes into guest memory
+/// with the right data, and the device goes on serving.
+#[test]
+fn memory_table_replaced_while_a_read_waits_on_the_network() {
+    use common::fault_proxy::{Fault, FaultProxy, Rule, When};
+    let fx = Fixture::new(101, 3 << 20, &[]);
+    let proxy = FaultProxy::start(fx._nginx.port());
+    let stall = Fault::Stall {
+        after: 100,
+        secs: 2,
+    };
+    proxy.set_plan(1, vec![Rule::new(When::Always, stall).limit(1)]);
+    let url = proxy.url("t.img");
+    let srv = Served::start_strict(&fx.disk, &fx.sock(), &["--no-hydrate", "--target", &url]);
+    let mem = GuestMem::new();
+    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    let fe = connect_like_qemu(&fx.sock(), &mem, &kick, &call);
+    let read_at = |n: u16, sector: u64, replace: Option<&Frontend>| {
+        let mut h = [0u8; 16];
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write(HDR, &h);
+        mem.write(DATA, &[0xEE; 4096]);
+        let mut t = desc(HDR, 16, 1, 1);
+        t.extend(desc(DATA, 4096, 3, 2));
+        t.extend(desc(STATUS, 1, 2, 0));
+        mem.write(DESC, &t);
+        mem.write(STATUS, &[0xff]);
+        mem.write(AVAIL + 4 + 2 * u64::from(n % QSIZE), &0u16.to_le_bytes());
+        mem.write(AVAIL + 2, &(n + 1).to_le_bytes());
+        kick.write(1).unwrap();
+        if let Some(fe) = replace {
+            std::thread::sleep(Duration::from_millis(300));
+            assert_ne!(mem.read_u16(USED + 2), n + 1, "the read did not wait");
+            let half = SPLIT;
+            let table: Vec<_> = [(0, half), (half, half)]
+                .iter()
+                .map(|&(gpa, size)| VhostUserMemoryRegionInfo {
+                    guest_phys_addr: gpa,
+                    memory_size: size,
+                    userspace_addr: mem.uva(gpa),
+                    mmap_offset: gpa,
+                    mmap_handle: mem.fd,
+                })
+                .collect();
+            fe.set_mem_table(&table).unwrap();
+        }
+        let t = std::time::Instant::now();
+        while mem.read_u16(USED + 2) != n + 1 {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "read {n} never completed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (mem.read(STATUS, 1)[0], mem.read(DATA, 4096))
+    };
+    let off = 1 << 20;
+    let (st, data) = read_at(0, off as u64 / 512, Some(&fe));
+    assert_eq!(st, 0, "the read across the table change failed");
+    assert!(
+        data == fx.target[off..off + 4096],
+        "wrong data after the table change"
+    );
+    let (st, data) = read_at(1, 8, None);
+    assert_eq!(st, 0);
+    assert!(data == fx.target[4096..8192], "the next read is wrong");
+    drop(fe);
+    srv.stop();
+}

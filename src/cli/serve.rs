@@ -83,7 +83,8 @@ pub struct ServeArgs {
     /// URL to POST each state change and the final success or failure to (JSON).
     #[arg(long)]
     pub notify: Option<String>,
-    /// Sign each notification with the key in FILE (HMAC-SHA256 header; never logged).
+    /// Sign each notification with the key in FILE (HMAC-SHA256 header; never logged;
+    /// the file must be 0600 or 0400: readable by group or others is refused).
     /// Needs --notify or --notify-file.
     #[arg(long, value_name = "FILE")]
     pub notify_secret: Option<PathBuf>,

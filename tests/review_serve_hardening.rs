@@ -239,3 +239,19 @@ fn a_notify_secret_others_may_read_or_write_is_refused() {
     );
     served.stop();
 }
+
+#[test]
+fn url_secrets_on_the_command_line_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::dead_port();
+    let url = format!("http://127.0.0.1:{port}/hook?token=topsecret");
+    let mut served = serve_verbose(dir.path(), &["--notify", &url]);
+    let (st, _) = served.sigterm_within(Duration::from_secs(30));
+    assert!(st.success(), "{st:?}");
+    let log = served.log();
+    assert!(
+        log.contains("--notify-file"),
+        "no advice to keep the secret out of ps:\n{log}"
+    );
+    assert!(!log.contains("topsecret"), "{log}");
+}

@@ -255,3 +255,47 @@ fn url_secrets_on_the_command_line_are_warned_about() {
     );
     assert!(!log.contains("topsecret"), "{log}");
 }
+
+#[test]
+fn pipelining_clients_that_never_read_cannot_starve_the_control_socket() {
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("ctl.sock");
+    let served = Served::start(
+        &plain_disk(dir.path()),
+        &dir.path().join("vhost.sock"),
+        &["--control", ctl.to_str().unwrap()],
+    );
+    let t = Instant::now();
+    while UnixStream::connect(&ctl).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pipeline = b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n".repeat(3000);
+    let mut hogs = Vec::new();
+    for _ in 0..40 {
+        let mut s = UnixStream::connect(&ctl).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.write(&pipeline);
+        hogs.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for s in &mut hogs {
+        let _ = s.write(&pipeline);
+    }
+    let mut s = UnixStream::connect(&ctl).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(45))).unwrap();
+    s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = [0u8; 32];
+    let n = s
+        .read(&mut answer)
+        .expect("control socket starved by clients that never read");
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    drop(hogs);
+    served.stop();
+}

@@ -7,14 +7,17 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio_io_timeout::TimeoutStream;
 
 use super::server::{handle, sample_loop, Shared, HEADER_TIMEOUT, MAX_CONNECTIONS, SHUTDOWN_GRACE};
 use super::ControlOps;
@@ -270,7 +273,7 @@ async fn run(
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
+                .serve_connection(TokioIo::new(stalled_writes_fail(stream)), svc);
             tokio::pin!(conn);
             let closed = async move {
                 let _ = closing.wait_for(|c| *c).await;
@@ -299,4 +302,18 @@ async fn run(
     }
     tracing::info!("control API stopped");
     Ok(())
+}
+
+/// Longest a write to a client may make no progress before its connection is closed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client that stops reading its answers (while pipelining more requests) would
+/// otherwise hold its connection slot for ever: a write that makes no progress for
+/// [`WRITE_TIMEOUT`] ends the connection (control socket and metrics listener alike).
+pub(super) fn stalled_writes_fail<S: AsyncRead + AsyncWrite>(
+    stream: S,
+) -> Pin<Box<TimeoutStream<S>>> {
+    let mut s = TimeoutStream::new(stream);
+    s.set_write_timeout(Some(WRITE_TIMEOUT));
+    Box::pin(s)
 }

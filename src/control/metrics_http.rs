@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,16 +13,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
-use tokio_io_timeout::TimeoutStream;
 
+use super::listener::stalled_writes_fail;
 use super::server::{
     error_response, metrics_response, sample_loop, Resp, Shared, HEADER_TIMEOUT, MAX_CONNECTIONS,
     SHUTDOWN_GRACE,
 };
 use super::{BindError, ControlOps};
-
-/// Longest a write to a scraper may make no progress before its connection is closed.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running metrics listener; stops when shut down or dropped.
 #[derive(Debug)]
@@ -171,17 +167,6 @@ async fn accept_loop(
     {
         conns.abort_all();
     }
-}
-
-/// A scraper that stops reading its answers (while pipelining more requests) would
-/// otherwise hold its connection slot for ever: a write that makes no progress for
-/// [`WRITE_TIMEOUT`] ends the connection.
-fn stalled_writes_fail(
-    stream: tokio::net::TcpStream,
-) -> Pin<Box<TimeoutStream<tokio::net::TcpStream>>> {
-    let mut s = TimeoutStream::new(stream);
-    s.set_write_timeout(Some(WRITE_TIMEOUT));
-    Box::pin(s)
 }
 
 async fn handle(shared: &Arc<Shared>, method: &Method, path: &str) -> Resp {

@@ -284,6 +284,7 @@ fn signed_webhooks_of_a_real_lifecycle() {
     let secret_file = dir.path().join("hook.key");
     let secret = b"s3cr3t-\x01-key";
     std::fs::write(&secret_file, [&secret[..], b"\n"].concat()).unwrap();
+    owner_only(&secret_file);
     let (url, posts) = receiver();
     let ctl = dir.path().join("ctl.sock");
     let log = dir.path().join("serve.log");
@@ -342,6 +343,7 @@ fn fetch_error_event_when_nginx_stops() {
     let (disk, _) = setup(&nginx, dir.path());
     let secret_file = dir.path().join("hook.key");
     std::fs::write(&secret_file, b"k").unwrap();
+    owner_only(&secret_file);
     let (url, posts) = receiver();
     let srv = Served::start(
         &disk,
@@ -374,6 +376,12 @@ fn fetch_error_event_when_nginx_stops() {
     srv.stop();
 }
 
+/// Secret files must be 0600 (serve refuses others).
+fn owner_only(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 #[test]
 fn a_bad_secret_file_is_refused_before_the_disk_is_opened() {
     let dir = tempfile::tempdir().unwrap();
@@ -381,6 +389,7 @@ fn a_bad_secret_file_is_refused_before_the_disk_is_opened() {
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let empty = dir.path().join("empty.key");
     std::fs::write(&empty, b"\n").unwrap();
+    owner_only(&empty);
     let sock = dir.path().join("vu.sock");
     for (secret, want) in [
         (

@@ -637,3 +637,226 @@ fn multi_segment_requests_across_chunks_and_memory_regions_plain() {
         "file differs from the reference"
     );
 }
+
+/// Puts request `n` (avail idx `n + 1`) whose head is descriptor 0 of `table` (raw 16-byte
+/// descriptors already laid out by the caller) and waits; `None` when it never completes.
+fn raw_request(mem: &GuestMem, kick: &EventFd, n: u16, table: &[u8]) -> Option<u8> {
+    mem.write(DESC, table);
+    mem.write(STATUS, &[0xff]);
+    mem.write(AVAIL + 4 + 2 * u64::from(n % QSIZE), &0u16.to_le_bytes());
+    mem.write(AVAIL + 2, &(n + 1).to_le_bytes());
+    kick.write(1).unwrap();
+    let t = std::time::Instant::now();
+    while mem.read_u16(USED + 2) != n + 1 {
+        if t.elapsed() > Duration::from_secs(10) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Some(mem.read(STATUS, 1)[0])
+}
+
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Vec<u8> {
+    let mut d = addr.to_le_bytes().to_vec();
+    d.extend_from_slice(&len.to_le_bytes());
+    d.extend_from_slice(&flags.to_le_bytes());
+    d.extend_from_slice(&next.to_le_bytes());
+    d
+}
+
+/// Data descriptors of a request: (guest address, length).
+type Segments = Vec<(u64, u32)>;
+
+/// Hostile descriptor chains (segments past the end of guest memory or wrapping the
+/// address space, zero-length segments, an indirect table of more than 1024 segments)
+/// each get an error status (or, for harmless zero-length segments, the right data),
+/// change nothing on disk, and leave the device serving the next good request.
+#[test]
+fn hostile_descriptor_chains_fail_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("plain.img");
+    let image = common::random_bytes(95, 2 << 20);
+    std::fs::write(&disk, &image).unwrap();
+    let sock = dir.path().join("vu.sock");
+    let srv = Served::start_strict(&disk, &sock, &[]);
+    let mem = GuestMem::new();
+    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    let fe = connect_with_regions(&sock, &mem, &kick, &call, &[(0, SPLIT), (SPLIT, SPLIT)]);
+    let (next, wr, ind) = (1u16, 2u16, 4u16);
+    let header = |kind: u32, sector: u64| {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        h
+    };
+    let hdr = header(0, 0);
+    let mem_end = MEM as u64;
+    // (name, request type, data descriptors as (addr, len))
+    let hostile: [(&str, u32, Segments); 5] = [
+        (
+            "read past the end of memory",
+            0,
+            vec![(mem_end - 512, 1024)],
+        ),
+        (
+            "write from past the end of memory",
+            1,
+            vec![(mem_end - 512, 1024)],
+        ),
+        (
+            "read into a wrapping address",
+            0,
+            vec![(u64::MAX - 255, 512)],
+        ),
+        (
+            "write from a wrapping address",
+            1,
+            vec![(u64::MAX - 255, 512)],
+        ),
+        (
+            "read at the very end of region 0 plus one",
+            0,
+            vec![(SPLIT - 1, 2), (mem_end, 510)],
+        ),
+    ];
+    let mut n = 0u16;
+    let good_read = |n: u16| -> (Option<u8>, Vec<u8>) {
+        mem.write(HDR, &header(0, 8));
+        mem.write(DATA, &[0xEE; 4096]);
+        let mut t = desc(HDR, 16, next, 1);
+        t.extend(desc(DATA, 4096, next | wr, 2));
+        t.extend(desc(STATUS, 1, wr, 0));
+        (raw_request(&mem, &kick, n, &t), mem.read(DATA, 4096))
+    };
+    for (name, kind, segs) in &hostile {
+        mem.write(HDR, &header(*kind, 0));
+        let mut t = desc(HDR, 16, next, 1);
+        for (i, &(a, l)) in segs.iter().enumerate() {
+            let f = if *kind == 0 { next | wr } else { next };
+            t.extend(desc(a, l, f, i as u16 + 2));
+        }
+        t.extend(desc(STATUS, 1, wr, 0));
+        let st = raw_request(&mem, &kick, n, &t);
+        assert!(matches!(st, Some(s) if s != 0), "{name}: status {st:?}");
+        n += 1;
+        let (st, data) = good_read(n);
+        assert_eq!(st, Some(0), "after {name}: the next good read failed");
+        assert!(data == image[4096..8192], "after {name}: wrong data");
+        n += 1;
+    }
+    // Zero-length segments around a real one: harmless, the data is right.
+    mem.write(HDR, &hdr);
+    mem.write(DATA, &[0xEE; 512]);
+    let mut t = desc(HDR, 16, next, 1);
+    t.extend(desc(DATA + 1024, 0, next | wr, 2));
+    t.extend(desc(DATA, 512, next | wr, 3));
+    t.extend(desc(mem_end + 4096, 0, next | wr, 4));
+    t.extend(desc(STATUS, 1, wr, 0));
+    let st = raw_request(&mem, &kick, n, &t);
+    assert!(st.is_some(), "zero-length segments: no completion");
+    if st == Some(0) {
+        assert!(
+            mem.read(DATA, 512) == image[..512],
+            "zero-length segments: wrong data"
+        );
+    }
+    n += 1;
+    // An indirect table of 1100 one-sector segments (more than seg_max and than 1024).
+    let table_at = 0x10000u64;
+    let count = 1100u16;
+    let mut it = desc(HDR, 16, next, 1);
+    for i in 0..count {
+        it.extend(desc(0x40000 + u64::from(i) * 512, 512, next | wr, i + 2));
+    }
+    it.extend(desc(STATUS, 1, wr, 0));
+    mem.write(table_at, &it);
+    mem.write(HDR, &hdr);
+    let t = desc(table_at, it.len() as u32, ind, 0);
+    let st = raw_request(&mem, &kick, n, &t);
+    assert!(
+        matches!(st, Some(s) if s != 0),
+        "1100 segments: status {st:?}"
+    );
+    n += 1;
+    let (st, data) = good_read(n);
+    assert_eq!(
+        st,
+        Some(0),
+        "after the indirect table: the next good read failed"
+    );
+    assert!(data == image[4096..8192]);
+    assert!(std::fs::read(&disk).unwrap() == image, "the disk changed");
+    drop(fe);
+    srv.stop();
+}
+
+/// The frontend replaces its memory table (the same memory as two regions, mapped anew by
+/// the backend) while a read waits on the network: the read completes into guest memory
+/// with the right data, and the device goes on serving.
+#[test]
+fn memory_table_replaced_while_a_read_waits_on_the_network() {
+    use common::fault_proxy::{Fault, FaultProxy, Rule, When};
+    let fx = Fixture::new(101, 3 << 20, &[]);
+    let proxy = FaultProxy::start(fx._nginx.port());
+    let stall = Fault::Stall {
+        after: 100,
+        secs: 2,
+    };
+    proxy.set_plan(1, vec![Rule::new(When::Always, stall).limit(1)]);
+    let url = proxy.url("t.img");
+    let srv = Served::start_strict(&fx.disk, &fx.sock(), &["--no-hydrate", "--target", &url]);
+    let mem = GuestMem::new();
+    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    let fe = connect_like_qemu(&fx.sock(), &mem, &kick, &call);
+    let read_at = |n: u16, sector: u64, replace: Option<&Frontend>| {
+        let mut h = [0u8; 16];
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write(HDR, &h);
+        mem.write(DATA, &[0xEE; 4096]);
+        let mut t = desc(HDR, 16, 1, 1);
+        t.extend(desc(DATA, 4096, 3, 2));
+        t.extend(desc(STATUS, 1, 2, 0));
+        mem.write(DESC, &t);
+        mem.write(STATUS, &[0xff]);
+        mem.write(AVAIL + 4 + 2 * u64::from(n % QSIZE), &0u16.to_le_bytes());
+        mem.write(AVAIL + 2, &(n + 1).to_le_bytes());
+        kick.write(1).unwrap();
+        if let Some(fe) = replace {
+            std::thread::sleep(Duration::from_millis(300));
+            assert_ne!(mem.read_u16(USED + 2), n + 1, "the read did not wait");
+            let half = SPLIT;
+            let table: Vec<_> = [(0, half), (half, half)]
+                .iter()
+                .map(|&(gpa, size)| VhostUserMemoryRegionInfo {
+                    guest_phys_addr: gpa,
+                    memory_size: size,
+                    userspace_addr: mem.uva(gpa),
+                    mmap_offset: gpa,
+                    mmap_handle: mem.fd,
+                })
+                .collect();
+            fe.set_mem_table(&table).unwrap();
+        }
+        let t = std::time::Instant::now();
+        while mem.read_u16(USED + 2) != n + 1 {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "read {n} never completed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (mem.read(STATUS, 1)[0], mem.read(DATA, 4096))
+    };
+    let off = 1 << 20;
+    let (st, data) = read_at(0, off as u64 / 512, Some(&fe));
+    assert_eq!(st, 0, "the read across the table change failed");
+    assert!(
+        data == fx.target[off..off + 4096],
+        "wrong data after the table change"
+    );
+    let (st, data) = read_at(1, 8, None);
+    assert_eq!(st, 0);
+    assert!(data == fx.target[4096..8192], "the next read is wrong");
+    drop(fe);
+    srv.stop();
+}

@@ -13,7 +13,7 @@ use boot_relocator::RelocError;
 
 use crate::blockdev::BlockError;
 use crate::control::client::ClientError;
-use crate::control::server::BindError;
+use crate::control::BindError;
 use crate::engine::EngineError;
 use crate::migration::daemon::DaemonError;
 use crate::migration::{Conflict, MigrationError, StepError};

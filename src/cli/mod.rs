@@ -149,6 +149,8 @@ impl NetArgs {
 }
 
 /// Subcommands.
+// Parsed once per process: the size of the largest variant (serve's options) is no cost.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Relocate the target's boot chunks onto DISK (reversible; resumes if interrupted).

@@ -83,7 +83,8 @@ pub struct ServeArgs {
     /// URL to POST each state change and the final success or failure to (JSON).
     #[arg(long)]
     pub notify: Option<String>,
-    /// Sign each notification with the key in FILE (HMAC-SHA256 header; never logged).
+    /// Sign each notification with the key in FILE (HMAC-SHA256 header; never logged;
+    /// the file must be 0600 or 0400: readable by group or others is refused).
     /// Needs --notify or --notify-file.
     #[arg(long, value_name = "FILE")]
     pub notify_secret: Option<PathBuf>,
@@ -151,6 +152,8 @@ pub fn run(cli: &ServeArgs, json: bool) -> Result<()> {
         sd_notify: true,
         ..DaemonOptions::new(service, socket.clone())
     })?;
+    // After the start, so that an error stays the one line printed.
+    warn_secrets_in_argv(cli);
     let _pidfile = match a.pidfile.as_deref().map(PidFile::write).transpose() {
         Ok(p) => p,
         Err(e) => {
@@ -181,6 +184,23 @@ pub fn run(cli: &ServeArgs, json: bool) -> Result<()> {
     std::io::stdout().flush().ok();
     daemon.run()?;
     Ok(())
+}
+
+/// A URL with credentials given on the command line is readable by every local user
+/// (`ps`, /proc/PID/cmdline): say so, and where it belongs instead (never showing it).
+fn warn_secrets_in_argv(cli: &ServeArgs) {
+    use crate::source::http::redact_url;
+    let urls = cli.targets.iter().map(|u| ("--target", "--target-file", u));
+    for (flag, file, url) in urls.chain(cli.notify.iter().map(|u| ("--notify", "--notify-file", u)))
+    {
+        if redact_url(url) != *url {
+            tracing::warn!(
+                "{flag} {} carries credentials (user:password@ or a ?query) on the command line, \
+                 where every local user can read it (ps); give it in a 0600 file with {file}",
+                redact_url(url)
+            );
+        }
+    }
 }
 
 /// `--notify URL`, or the one URL of `--notify-file FILE`.

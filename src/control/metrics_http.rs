@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
+use super::listener::stalled_writes_fail;
 use super::server::{
     error_response, metrics_response, sample_loop, Resp, Shared, HEADER_TIMEOUT, MAX_CONNECTIONS,
     SHUTDOWN_GRACE,
@@ -138,7 +139,7 @@ async fn accept_loop(
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
+                .serve_connection(TokioIo::new(stalled_writes_fail(stream)), svc);
             tokio::pin!(conn);
             // A scraper's idle keep-alive connection must not hold up shutdown.
             let closed = async move {

@@ -17,6 +17,7 @@
 //! The wire format is documented in `docs/control-api.md`.
 
 pub mod client;
+mod listener;
 pub mod metrics;
 pub mod metrics_http;
 pub mod notify;
@@ -29,9 +30,9 @@ use serde::Serialize;
 use crate::engine::Status;
 
 pub use client::ClientError;
+pub use listener::{BindError, ControlHandle, ControlServer};
 pub use metrics_http::MetricsHandle;
 pub use notify::{Notifier, NotifyError, NotifyOptions};
-pub use server::{BindError, ControlHandle, ControlServer};
 
 /// What `serve` is presenting to the VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

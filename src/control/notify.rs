@@ -25,6 +25,8 @@ use serde_json::{Map, Value};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+use crate::source::http::redact_url;
+
 /// Header with the signing time (Unix seconds) of a post.
 pub const TIMESTAMP_HEADER: &str = "x-streamboot-timestamp";
 /// Header with `sha256=HEX`, the HMAC-SHA256 of `TIMESTAMP.BODY`.
@@ -41,13 +43,28 @@ impl std::fmt::Debug for NotifySecret {
 }
 
 impl NotifySecret {
-    /// Reads the secret from `path` (one trailing line feed is not part of it).
+    /// Reads the secret from `path` (one trailing line feed is not part of it). A file
+    /// that group or others may read or write is refused, like the host key.
     pub fn from_file(path: &Path) -> Result<Self, NotifyError> {
-        let mut bytes =
-            Zeroizing::new(std::fs::read(path).map_err(|source| NotifyError::Secret {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let err = |source| NotifyError::Secret {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut f = std::fs::File::open(path).map_err(err)?;
+        let meta = f.metadata().map_err(err)?;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(NotifyError::SecretMode {
                 path: path.to_path_buf(),
-                source,
-            })?);
+                mode: mode & 0o7777,
+            });
+        }
+        // Sized up front so that reading never leaves an unwiped copy behind.
+        let len = usize::try_from(meta.len()).unwrap_or(0).min(1 << 20);
+        let mut bytes = Zeroizing::new(Vec::with_capacity(len + 1));
+        f.read_to_end(&mut bytes).map_err(err)?;
         if bytes.last() == Some(&b'\n') {
             bytes.pop();
             if bytes.last() == Some(&b'\r') {
@@ -109,7 +126,7 @@ impl Default for NotifyOptions {
 /// Why a notifier could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
-    /// The URL is not an absolute http(s) URL.
+    /// The URL is not an absolute http(s) URL (shown redacted: no user:password@, no query).
     #[error("invalid notify URL {url:?}: {reason}")]
     InvalidUrl {
         /// The URL given.
@@ -125,6 +142,17 @@ pub enum NotifyError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// Group or others may read or write the secret file.
+    #[error(
+        "the notify secret {} has mode {mode:o}: readable or writable by group or others (chmod 600 it)",
+        path.display()
+    )]
+    SecretMode {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The secret file is empty.
     #[error("the notify secret {} is empty", .0.display())]
@@ -163,15 +191,19 @@ impl Notifier {
             return Ok(Self { inner: None });
         };
         let invalid = |reason: String| NotifyError::InvalidUrl {
-            url: url.clone(),
+            url: redact_url(&url),
             reason,
         };
         let parsed = reqwest::Url::parse(&url).map_err(|e| invalid(e.to_string()))?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(invalid("only http:// and https:// are supported".into()));
         }
+        // Redirects are not followed: a 301/302/303 would turn the post into a GET without
+        // the event (then counted as delivered), and any redirect would send the event and
+        // its signature somewhere the operator did not name.
         let client = reqwest::Client::builder()
             .timeout(opts.request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("streamboot/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| NotifyError::Setup(e.to_string()))?;
@@ -285,6 +317,19 @@ fn envelope(event: &str, at: SystemTime, payload: Value) -> Value {
     Value::Object(obj)
 }
 
+/// A delivery error with its causes, without the URL (its query or path may hold a token).
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 struct Worker {
     client: reqwest::Client,
     url: reqwest::Url,
@@ -318,6 +363,14 @@ impl Worker {
                     tracing::debug!("notify: {name} delivered");
                     return;
                 }
+                Ok(r) if r.status().is_redirection() => {
+                    tracing::warn!(
+                        "notify: {name} not delivered: the webhook answered with a redirect \
+                         (HTTP {}), which is not followed; give the final URL",
+                        r.status()
+                    );
+                    return;
+                }
                 Ok(r) => {
                     let s = r.status();
                     if s.is_client_error() && s.as_u16() != 408 && s.as_u16() != 429 {
@@ -326,7 +379,7 @@ impl Worker {
                     }
                     format!("HTTP {s}")
                 }
-                Err(e) => format!("{e}"),
+                Err(e) => describe(e),
             };
             if attempt == attempts {
                 tracing::warn!("notify: {name} not delivered after {attempts} tries: {failure}");

@@ -6,6 +6,28 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
+/// Why a chunk is fetched: decides its cancellation token, its counters and whether the
+/// hydrator yields to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchKind {
+    /// A guest request waits on it.
+    Demand,
+    /// Chunks after a sequential guest stream, fetched ahead of its reads.
+    Readahead,
+    /// Background hydration.
+    Hydrate,
+    /// Moving chunks home during commit.
+    Commit,
+}
+
+impl FetchKind {
+    /// True for fetches made on behalf of guest requests (cancelled with them, counted
+    /// as demand bytes).
+    pub fn is_guest(self) -> bool {
+        matches!(self, FetchKind::Demand | FetchKind::Readahead)
+    }
+}
+
 /// What a finished fetch left behind for its waiters.
 #[derive(Clone, Debug)]
 pub enum FlightResult {

@@ -10,7 +10,7 @@ use boot_relocator::Location;
 use parking_lot::Mutex;
 
 use super::flight::Claim;
-use super::{Engine, EngineError, FlightResult};
+use super::{Engine, EngineError, FetchKind, FlightResult};
 
 /// A token bucket in bytes per second; 0 means unlimited. Adjustable while running.
 #[derive(Debug)]
@@ -266,7 +266,7 @@ impl Hydrator {
                         .min(engine.layout.target_size)
                         - first * engine.chunk_size();
                     self.rate.refund(budget.saturating_sub(len));
-                    let r = engine.fetch_run(first, count, false);
+                    let r = engine.fetch_run(first, count, FetchKind::Hydrate);
                     match &r {
                         FlightResult::Mapped => {
                             let done = bytes.fetch_add(len, Ordering::Relaxed) + len;

@@ -32,7 +32,7 @@ use crate::blockdev::{
 };
 use crate::source::{CancellationToken, RemoteSource};
 
-pub use flight::FlightResult;
+pub use flight::{FetchKind, FlightResult};
 pub use hydrate::{HydrateOptions, HydrateReport, Hydrator, RateLimit};
 pub use stats::{Counters, HistogramSnapshot, LatencySnapshot, Status, LATENCY_BUCKETS};
 
@@ -371,7 +371,7 @@ impl Engine {
                     Location::Missing => {}
                 }
             }
-            match self.fetch(c, true)? {
+            match self.fetch(c, FetchKind::Demand)? {
                 FlightResult::Uncached { first, bytes } => {
                     let at = ((c - first) * self.chunk_size() + within) as usize;
                     out.copy_from(&bytes[at..at + out.len()]);
@@ -436,7 +436,7 @@ impl Engine {
             if whole {
                 return self.materialize(c, Some(data));
             }
-            match self.fetch(c, true)? {
+            match self.fetch(c, FetchKind::Demand)? {
                 FlightResult::Mapped => continue,
                 FlightResult::Uncached { .. } => {
                     Counters::add(&self.counters.nospace_errors, 1);

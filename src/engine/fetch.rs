@@ -47,7 +47,9 @@ impl Engine {
         c.background = CancellationToken::new();
     }
 
-    /// Fetches chunk `c` (and missing neighbours) unless someone else already is; waits
+    /// Fetches chunk `c` unless someone else already is (with the missing chunks of its
+    /// readahead window when it continues a sequential guest stream, or up to the
+    /// largest window for commit), and waits
     /// for the result either way. `kind` says who waits on it. Fails with
     /// [`BlockError::Cancelled`] when this kind of fetch is cancelled meanwhile; a fetch
     /// of the other kind being cancelled under us is simply tried again.
@@ -70,6 +72,11 @@ impl Engine {
     ) -> Result<FlightResult, BlockError> {
         let demand = kind == FetchKind::Demand;
         let max = (self.opts.demand_fetch_bytes / self.chunk_size()).max(1);
+        let max = if demand {
+            self.streams.lock().window(c, max)
+        } else {
+            max
+        };
         let claim = self.inflight.claim(c, max, |i| {
             i < self.layout.chunk_count()
                 && self.meta.lock().store.entry(i).loc == Location::Missing

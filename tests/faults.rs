@@ -614,6 +614,12 @@ fn flipped_bits_in_store_chunks_are_refetched_or_fail() {
     assert_clean(&pass, &target, 0, "first half with two corrupt responses");
     assert_eq!(proxy.hits(), 2, "the corruption was not injected");
 
+    // The reads that need chunks the first pass (with its readahead) did not fetch.
+    let remote = (half..size)
+        .step_by(REQ)
+        .filter(|&o| !engine.is_local(o as u64, REQ.min(size - o) as u64))
+        .count();
+    assert!(remote > 0, "the first pass fetched the whole image");
     // Permanent: every response corrupt. Local chunks read fine, the rest fail.
     proxy.set_plan(
         191,
@@ -625,7 +631,6 @@ fn flipped_bits_in_store_chunks_are_refetched_or_fail() {
         "local reads failed: {:?}",
         pass.failed
     );
-    let remote = (half + (512 << 10)..size).step_by(REQ).count();
     assert!(
         pass.failed.len() >= remote,
         "{} reads failed, {remote} need corrupt chunks",

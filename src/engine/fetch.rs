@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use boot_relocator::{Entry, Location};
 
-use super::flight::{Claim, FetchKind};
+use super::flight::{ChunkIdx, Claim, FetchKind};
 use super::{Counters, Engine, FlightResult};
 use crate::blockdev::BlockError;
 use crate::source::{CancellationToken, SourceError};
@@ -53,7 +53,7 @@ impl Engine {
     /// for the result either way. `kind` says who waits on it. Fails with
     /// [`BlockError::Cancelled`] when this kind of fetch is cancelled meanwhile; a fetch
     /// of the other kind being cancelled under us is simply tried again.
-    pub(crate) fn fetch(&self, c: u64, kind: FetchKind) -> Result<FlightResult, BlockError> {
+    pub(crate) fn fetch(&self, c: ChunkIdx, kind: FetchKind) -> Result<FlightResult, BlockError> {
         let cancel = self.cancel_token(kind);
         loop {
             match self.fetch_once(c, kind, &cancel)? {
@@ -66,7 +66,7 @@ impl Engine {
 
     fn fetch_once(
         &self,
-        c: u64,
+        c: ChunkIdx,
         kind: FetchKind,
         cancel: &CancellationToken,
     ) -> Result<FlightResult, BlockError> {
@@ -77,7 +77,7 @@ impl Engine {
         } else {
             max
         };
-        let claim = self.inflight.claim(c, max, |i| {
+        let claim = self.inflight.claim(c, max, |ChunkIdx(i)| {
             i < self.layout.chunk_count()
                 && self.meta.lock().store.entry(i).loc == Location::Missing
         });
@@ -108,14 +108,14 @@ impl Engine {
     }
 
     /// Fetches chunks `first..first+count` (claimed by the caller) and publishes them.
-    pub(crate) fn fetch_run(&self, first: u64, count: u64, kind: FetchKind) -> FlightResult {
+    pub(crate) fn fetch_run(&self, first: ChunkIdx, count: u64, kind: FetchKind) -> FlightResult {
         let cancel = self.cancel_token(kind);
         self.fetch_run_with(first, count, kind, &cancel)
     }
 
     fn fetch_run_with(
         &self,
-        first: u64,
+        ChunkIdx(first): ChunkIdx,
         count: u64,
         kind: FetchKind,
         cancel: &CancellationToken,
@@ -128,7 +128,13 @@ impl Engine {
         let mut bytes = FETCH_BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
         bytes.resize((count * cs) as usize, 0);
         bytes[(end - start) as usize..].fill(0);
-        let r = self.fetch_into((first, count), kind, (start, end), &mut bytes, cancel);
+        let r = self.fetch_into(
+            (ChunkIdx(first), count),
+            kind,
+            (start, end),
+            &mut bytes,
+            cancel,
+        );
         if bytes.capacity() <= MAX_KEPT_FETCH_BUF {
             FETCH_BUF.with(|b| *b.borrow_mut() = bytes);
         }
@@ -137,7 +143,7 @@ impl Engine {
 
     fn fetch_into(
         &self,
-        (first, count): (u64, u64),
+        (first, count): (ChunkIdx, u64),
         kind: FetchKind,
         (start, end): (u64, u64),
         bytes: &mut [u8],
@@ -149,7 +155,7 @@ impl Engine {
             self.source
                 .read_at_cancellable(start, &mut bytes[..(end - start) as usize], cancel);
         if let Err(SourceError::Cancelled) = got {
-            tracing::debug!(chunk = first, count, "fetch cancelled");
+            tracing::debug!(chunk = first.0, count, "fetch cancelled");
             timer.discard();
             return FlightResult::Cancelled;
         }
@@ -159,7 +165,7 @@ impl Engine {
             let integrity = matches!(e, SourceError::Verify { .. } | SourceError::Changed { .. });
             self.counters.fetch_failed(integrity, &e.to_string());
             tracing::error!(
-                chunk = first,
+                chunk = first.0,
                 count,
                 source = %self.source.name(),
                 "fetch failed, the requests that need these chunks get an I/O error: {e}"
@@ -188,7 +194,7 @@ impl Engine {
     /// Chunks that land in consecutive slots are written with one I/O.
     pub(crate) fn publish_fetched(
         &self,
-        first: u64,
+        ChunkIdx(first): ChunkIdx,
         bytes: &[u8],
         may_evict: bool,
     ) -> Result<bool, BlockError> {

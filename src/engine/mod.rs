@@ -33,7 +33,7 @@ use crate::blockdev::{
 };
 use crate::source::{CancellationToken, RemoteSource};
 
-pub use flight::{FetchKind, FlightResult};
+pub use flight::{ChunkIdx, FetchKind, FlightResult};
 pub use hydrate::{HydrateOptions, HydrateReport, Hydrator, RateLimit};
 pub use stats::{Counters, HistogramSnapshot, LatencySnapshot, Status, LATENCY_BUCKETS};
 
@@ -376,9 +376,9 @@ impl Engine {
                     Location::Missing => {}
                 }
             }
-            match self.fetch(c, FetchKind::Demand)? {
+            match self.fetch(ChunkIdx(c), FetchKind::Demand)? {
                 FlightResult::Uncached { first, bytes } => {
-                    let at = ((c - first) * self.chunk_size() + within) as usize;
+                    let at = ((c - first.0) * self.chunk_size() + within) as usize;
                     out.copy_from(&bytes[at..at + out.len()]);
                     Counters::add(&self.counters.uncached_reads, 1);
                     return Ok(());
@@ -441,7 +441,7 @@ impl Engine {
             if whole {
                 return self.materialize(c, Some(data));
             }
-            match self.fetch(c, FetchKind::Demand)? {
+            match self.fetch(ChunkIdx(c), FetchKind::Demand)? {
                 FlightResult::Mapped => continue,
                 FlightResult::Uncached { .. } => {
                     Counters::add(&self.counters.nospace_errors, 1);

@@ -3,6 +3,8 @@
 //! chunk; a miss at the chunk where a recent stream's window ended is sequential and
 //! fetches a window twice the stream's last one, up to a maximum.
 
+use super::ChunkIdx;
+
 /// Streams remembered at once (the least recently used one is replaced).
 const STREAMS: usize = 16;
 
@@ -26,7 +28,7 @@ pub(crate) struct Streams {
 impl Streams {
     /// A guest miss at chunk `c`: how many chunks from `c` to fetch, at most `max`.
     /// Records the window so a miss where it ends counts as sequential.
-    pub(crate) fn window(&mut self, c: u64, max: u64) -> u64 {
+    pub(crate) fn window(&mut self, ChunkIdx(c): ChunkIdx, max: u64) -> u64 {
         self.clock += 1;
         let max = max.max(1);
         let (i, w) = match self.table.iter().position(|s| s.window > 0 && s.next == c) {
@@ -49,13 +51,13 @@ impl Streams {
 
 #[cfg(test)]
 mod tests {
-    use super::Streams;
+    use super::{ChunkIdx, Streams};
 
     #[test]
     fn random_misses_fetch_one_chunk() {
         let mut s = Streams::default();
         for c in [900, 5, 77, 3000, 60, 41, 1_000_000] {
-            assert_eq!(s.window(c, 128), 1, "chunk {c}");
+            assert_eq!(s.window(ChunkIdx(c), 128), 1, "chunk {c}");
         }
     }
 
@@ -65,7 +67,7 @@ mod tests {
         let mut c = 0;
         let mut got = Vec::new();
         for _ in 0..10 {
-            let w = s.window(c, 16);
+            let w = s.window(ChunkIdx(c), 16);
             got.push(w);
             c += w;
         }
@@ -77,11 +79,11 @@ mod tests {
         let mut s = Streams::default();
         let (mut a, mut b) = (0u64, 10_000u64);
         for _ in 0..4 {
-            a += s.window(a, 64);
-            b += s.window(b, 64);
+            a += s.window(ChunkIdx(a), 64);
+            b += s.window(ChunkIdx(b), 64);
         }
-        assert_eq!(s.window(a, 64), 16);
-        assert_eq!(s.window(b, 64), 16);
-        assert_eq!(s.window(a + 1000, 64), 1);
+        assert_eq!(s.window(ChunkIdx(a), 64), 16);
+        assert_eq!(s.window(ChunkIdx(b), 64), 16);
+        assert_eq!(s.window(ChunkIdx(a + 1000), 64), 1);
     }
 }

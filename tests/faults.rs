@@ -99,6 +99,24 @@ struct Pass {
     failed: Vec<(usize, i32)>,
 }
 
+/// Like [`read_pass`], one request at a time from the end backwards: no miss continues
+/// the previous one, so readahead fetches nothing past `to` (the chunks after `to` stay
+/// missing for what the test does next).
+fn read_pass_backwards(c: &mut Client, from: usize, to: usize, patience: Duration) -> Pass {
+    let mut data = vec![0u8; to - from];
+    let mut failed = Vec::new();
+    let mut end = to;
+    while end > from {
+        let off = from + (end - from - 1) / REQ * REQ;
+        let p = read_pass(c, off, end, 1, patience);
+        data[off - from..end - from].copy_from_slice(&p.data);
+        failed.extend(p.failed);
+        end = off;
+    }
+    failed.sort_unstable();
+    Pass { data, failed }
+}
+
 /// Reads `[from, to)` in `REQ`-byte requests, `depth` in flight on one queue, waiting up to
 /// `patience` for each completion. Failed requests leave zeros and are listed.
 fn read_pass(c: &mut Client, from: usize, to: usize, depth: usize, patience: Duration) -> Pass {
@@ -252,7 +270,7 @@ fn server_gone_for_30_s_then_back() {
     let mut c = connect(&w);
     let half = w.target.len() / 2 / REQ * REQ;
     assert_clean(
-        &read_pass(&mut c, 0, half, 4, Duration::from_secs(20)),
+        &read_pass_backwards(&mut c, 0, half, Duration::from_secs(20)),
         &w.target,
         0,
         "first half before the outage",
@@ -312,7 +330,7 @@ fn image_replaced_mid_migration_stops_fetching() {
     let mut c = connect(&w);
     let half = w.target.len() / 2;
     assert_clean(
-        &read_pass(&mut c, 0, half, 4, Duration::from_secs(20)),
+        &read_pass_backwards(&mut c, 0, half, Duration::from_secs(20)),
         &w.target,
         0,
         "first half before the replacement",
@@ -354,8 +372,7 @@ fn image_replaced_mid_migration_stops_fetching() {
         "local chunks failed: {failed_local:?}"
     );
     // Remote chunks: every other read of the second half failed with an I/O error (but
-    // the first 512 KiB of it, which the last reads of the first half may have fetched:
-    // a demand fetch takes missing neighbours along).
+    // the first 512 KiB of it: slack for chunks the first pass may have fetched along).
     let remote: Vec<usize> = (half + (512 << 10)..w.target.len())
         .step_by(REQ)
         .filter(|&o| o != wr)
@@ -418,7 +435,7 @@ fn server_without_validators_is_refused_not_mixed() {
     let mut c = connect(&w);
     let half = w.target.len() / 2;
     assert_clean(
-        &read_pass(&mut c, 0, half, 4, Duration::from_secs(20)),
+        &read_pass_backwards(&mut c, 0, half, Duration::from_secs(20)),
         &w.target,
         0,
         "first half before the replacement",
@@ -614,6 +631,12 @@ fn flipped_bits_in_store_chunks_are_refetched_or_fail() {
     assert_clean(&pass, &target, 0, "first half with two corrupt responses");
     assert_eq!(proxy.hits(), 2, "the corruption was not injected");
 
+    // The reads that need chunks the first pass (with its readahead) did not fetch.
+    let remote = (half..size)
+        .step_by(REQ)
+        .filter(|&o| !engine.is_local(o as u64, REQ.min(size - o) as u64))
+        .count();
+    assert!(remote > 0, "the first pass fetched the whole image");
     // Permanent: every response corrupt. Local chunks read fine, the rest fail.
     proxy.set_plan(
         191,
@@ -625,7 +648,6 @@ fn flipped_bits_in_store_chunks_are_refetched_or_fail() {
         "local reads failed: {:?}",
         pass.failed
     );
-    let remote = (half + (512 << 10)..size).step_by(REQ).count();
     assert!(
         pass.failed.len() >= remote,
         "{} reads failed, {remote} need corrupt chunks",

@@ -8,7 +8,7 @@
 
 use boot_relocator::{relocate, Entry, Location, State};
 
-use super::{Engine, EngineError, FlightResult, HydrateOptions, Hydrator};
+use super::{ChunkIdx, Engine, EngineError, FetchKind, FlightResult, HydrateOptions, Hydrator};
 use crate::blockdev::BlockError;
 
 /// Chunks moved between map commits.
@@ -84,7 +84,7 @@ impl Engine {
                         }
                         Location::Missing => {
                             drop(g);
-                            match self.fetch(c, false)? {
+                            match self.fetch(ChunkIdx(c), FetchKind::Commit)? {
                                 FlightResult::Failed(m) => return Err(BlockError::Remote(m).into()),
                                 FlightResult::Cancelled => return Err(BlockError::Cancelled.into()),
                                 _ => continue,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use boot_relocator::{Entry, Location};
 
-use super::flight::Claim;
+use super::flight::{ChunkIdx, Claim, FetchKind};
 use super::{Counters, Engine, FlightResult};
 use crate::blockdev::BlockError;
 use crate::source::{CancellationToken, SourceError};
@@ -21,9 +21,9 @@ const MAX_KEPT_FETCH_BUF: usize = 16 << 20;
 
 impl Engine {
     /// The token that cancels fetches of this kind started from now on.
-    fn cancel_token(&self, demand: bool) -> CancellationToken {
+    fn cancel_token(&self, kind: FetchKind) -> CancellationToken {
         let c = self.cancel.lock();
-        if demand {
+        if kind.is_guest() {
             c.demand.clone()
         } else {
             c.background.clone()
@@ -47,14 +47,16 @@ impl Engine {
         c.background = CancellationToken::new();
     }
 
-    /// Fetches chunk `c` (and missing neighbours) unless someone else already is; waits
-    /// for the result either way. `demand`: a guest request waits on it. Fails with
+    /// Fetches chunk `c` unless someone else already is (with the missing chunks of its
+    /// readahead window when it continues a sequential guest stream, or up to the
+    /// largest window for commit), and waits
+    /// for the result either way. `kind` says who waits on it. Fails with
     /// [`BlockError::Cancelled`] when this kind of fetch is cancelled meanwhile; a fetch
     /// of the other kind being cancelled under us is simply tried again.
-    pub(crate) fn fetch(&self, c: u64, demand: bool) -> Result<FlightResult, BlockError> {
-        let cancel = self.cancel_token(demand);
+    pub(crate) fn fetch(&self, c: ChunkIdx, kind: FetchKind) -> Result<FlightResult, BlockError> {
+        let cancel = self.cancel_token(kind);
         loop {
-            match self.fetch_once(c, demand, &cancel)? {
+            match self.fetch_once(c, kind, &cancel)? {
                 FlightResult::Cancelled if !cancel.is_cancelled() => continue,
                 FlightResult::Cancelled => return Err(BlockError::Cancelled),
                 r => return Ok(r),
@@ -64,12 +66,18 @@ impl Engine {
 
     fn fetch_once(
         &self,
-        c: u64,
-        demand: bool,
+        c: ChunkIdx,
+        kind: FetchKind,
         cancel: &CancellationToken,
     ) -> Result<FlightResult, BlockError> {
+        let demand = kind == FetchKind::Demand;
         let max = (self.opts.demand_fetch_bytes / self.chunk_size()).max(1);
-        let claim = self.inflight.claim(c, max, |i| {
+        let max = if demand {
+            self.streams.lock().window(c, max)
+        } else {
+            max
+        };
+        let claim = self.inflight.claim(c, max, |ChunkIdx(i)| {
             i < self.layout.chunk_count()
                 && self.meta.lock().store.entry(i).loc == Location::Missing
         });
@@ -90,7 +98,7 @@ impl Engine {
             } => {
                 self.demand_waiting
                     .fetch_add(demand as u64, Ordering::Relaxed);
-                let r = self.fetch_run_with(first, count, demand, cancel);
+                let r = self.fetch_run_with(first, count, kind, cancel);
                 self.demand_waiting
                     .fetch_sub(demand as u64, Ordering::Relaxed);
                 self.inflight.finish(first, count, &flight, r.clone());
@@ -100,16 +108,16 @@ impl Engine {
     }
 
     /// Fetches chunks `first..first+count` (claimed by the caller) and publishes them.
-    pub(crate) fn fetch_run(&self, first: u64, count: u64, demand: bool) -> FlightResult {
-        let cancel = self.cancel_token(demand);
-        self.fetch_run_with(first, count, demand, &cancel)
+    pub(crate) fn fetch_run(&self, first: ChunkIdx, count: u64, kind: FetchKind) -> FlightResult {
+        let cancel = self.cancel_token(kind);
+        self.fetch_run_with(first, count, kind, &cancel)
     }
 
     fn fetch_run_with(
         &self,
-        first: u64,
+        ChunkIdx(first): ChunkIdx,
         count: u64,
-        demand: bool,
+        kind: FetchKind,
         cancel: &CancellationToken,
     ) -> FlightResult {
         let cs = self.chunk_size();
@@ -120,7 +128,13 @@ impl Engine {
         let mut bytes = FETCH_BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
         bytes.resize((count * cs) as usize, 0);
         bytes[(end - start) as usize..].fill(0);
-        let r = self.fetch_into((first, count), demand, (start, end), &mut bytes, cancel);
+        let r = self.fetch_into(
+            (ChunkIdx(first), count),
+            kind,
+            (start, end),
+            &mut bytes,
+            cancel,
+        );
         if bytes.capacity() <= MAX_KEPT_FETCH_BUF {
             FETCH_BUF.with(|b| *b.borrow_mut() = bytes);
         }
@@ -129,19 +143,19 @@ impl Engine {
 
     fn fetch_into(
         &self,
-        (first, count): (u64, u64),
-        demand: bool,
+        (first, count): (ChunkIdx, u64),
+        kind: FetchKind,
         (start, end): (u64, u64),
         bytes: &mut [u8],
         cancel: &CancellationToken,
     ) -> FlightResult {
         Counters::add(&self.counters.fetch_requests, 1);
-        let timer = self.counters.latency.fetch(demand).timer();
+        let timer = self.counters.latency.fetch(kind).timer();
         let got =
             self.source
                 .read_at_cancellable(start, &mut bytes[..(end - start) as usize], cancel);
         if let Err(SourceError::Cancelled) = got {
-            tracing::debug!(chunk = first, count, "fetch cancelled");
+            tracing::debug!(chunk = first.0, count, "fetch cancelled");
             timer.discard();
             return FlightResult::Cancelled;
         }
@@ -151,7 +165,7 @@ impl Engine {
             let integrity = matches!(e, SourceError::Verify { .. } | SourceError::Changed { .. });
             self.counters.fetch_failed(integrity, &e.to_string());
             tracing::error!(
-                chunk = first,
+                chunk = first.0,
                 count,
                 source = %self.source.name(),
                 "fetch failed, the requests that need these chunks get an I/O error: {e}"
@@ -159,13 +173,13 @@ impl Engine {
             *self.last_fetch_error.lock() = Some(format!("fetch failed: {e}"));
             return FlightResult::Failed(e.to_string());
         }
-        let counter = if demand {
+        let counter = if kind.is_guest() {
             &self.counters.fetched_demand
         } else {
             &self.counters.fetched_background
         };
         Counters::add(counter, end - start);
-        match self.publish_fetched(first, bytes, demand) {
+        match self.publish_fetched(first, bytes, kind.is_guest()) {
             Ok(true) => FlightResult::Mapped,
             Ok(false) => FlightResult::Uncached {
                 first,
@@ -180,7 +194,7 @@ impl Engine {
     /// Chunks that land in consecutive slots are written with one I/O.
     pub(crate) fn publish_fetched(
         &self,
-        first: u64,
+        ChunkIdx(first): ChunkIdx,
         bytes: &[u8],
         may_evict: bool,
     ) -> Result<bool, BlockError> {

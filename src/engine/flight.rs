@@ -6,6 +6,39 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
+/// The index of a chunk of the target (chunk `i` covers bytes `i * chunk_size ..`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkIdx(pub u64);
+
+impl ChunkIdx {
+    /// The chunk `n` chunks after this one.
+    pub fn after(self, n: u64) -> ChunkIdx {
+        ChunkIdx(self.0 + n)
+    }
+}
+
+/// Why a chunk is fetched: decides its cancellation token, its counters and whether the
+/// hydrator yields to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchKind {
+    /// A guest request waits on it.
+    Demand,
+    /// Chunks after a sequential guest stream, fetched ahead of its reads.
+    Readahead,
+    /// Background hydration.
+    Hydrate,
+    /// Moving chunks home during commit.
+    Commit,
+}
+
+impl FetchKind {
+    /// True for fetches made on behalf of guest requests (cancelled with them, counted
+    /// as demand bytes).
+    pub fn is_guest(self) -> bool {
+        matches!(self, FetchKind::Demand | FetchKind::Readahead)
+    }
+}
+
 /// What a finished fetch left behind for its waiters.
 #[derive(Clone, Debug)]
 pub enum FlightResult {
@@ -13,7 +46,10 @@ pub enum FlightResult {
     Mapped,
     /// The chunks could not be stored (area full of dirty chunks): here are the bytes of
     /// chunks `first..` for the waiters to copy from.
-    Uncached { first: u64, bytes: Arc<Vec<u8>> },
+    Uncached {
+        first: ChunkIdx,
+        bytes: Arc<Vec<u8>>,
+    },
     /// The fetch failed with this message.
     Failed(String),
     /// The fetch was cancelled (its requester went away, or shutdown): nothing was
@@ -57,7 +93,7 @@ impl Flight {
 /// Table of chunks being fetched.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    table: Mutex<HashMap<u64, Arc<Flight>>>,
+    table: Mutex<HashMap<ChunkIdx, Arc<Flight>>>,
 }
 
 /// Outcome of trying to claim chunks for fetching.
@@ -66,7 +102,7 @@ pub enum Claim {
     Wait(Arc<Flight>),
     /// We own chunks `first..first+count`.
     Owned {
-        first: u64,
+        first: ChunkIdx,
         count: u64,
         flight: Arc<Flight>,
     },
@@ -77,7 +113,7 @@ pub enum Claim {
 impl InFlight {
     /// Claims chunk `c` and up to `max - 1` following chunks for which `missing` holds
     /// and nobody else is fetching. `missing` is evaluated under the table lock.
-    pub fn claim(&self, c: u64, max: u64, mut missing: impl FnMut(u64) -> bool) -> Claim {
+    pub fn claim(&self, c: ChunkIdx, max: u64, mut missing: impl FnMut(ChunkIdx) -> bool) -> Claim {
         let mut t = self.table.lock();
         if let Some(f) = t.get(&c) {
             return Claim::Wait(f.clone());
@@ -86,12 +122,12 @@ impl InFlight {
             return Claim::NotNeeded;
         }
         let mut count = 1;
-        while count < max && !t.contains_key(&(c + count)) && missing(c + count) {
+        while count < max && !t.contains_key(&c.after(count)) && missing(c.after(count)) {
             count += 1;
         }
         let flight = Arc::new(Flight::default());
-        for i in c..c + count {
-            t.insert(i, flight.clone());
+        for i in 0..count {
+            t.insert(c.after(i), flight.clone());
         }
         Claim::Owned {
             first: c,
@@ -101,11 +137,11 @@ impl InFlight {
     }
 
     /// Releases chunks claimed by `claim` and wakes the waiters.
-    pub fn finish(&self, first: u64, count: u64, flight: &Flight, r: FlightResult) {
+    pub fn finish(&self, first: ChunkIdx, count: u64, flight: &Flight, r: FlightResult) {
         {
             let mut t = self.table.lock();
-            for i in first..first + count {
-                t.remove(&i);
+            for i in 0..count {
+                t.remove(&first.after(i));
             }
         }
         flight.complete(r);

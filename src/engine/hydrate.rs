@@ -10,7 +10,7 @@ use boot_relocator::Location;
 use parking_lot::Mutex;
 
 use super::flight::Claim;
-use super::{Engine, EngineError, FlightResult};
+use super::{ChunkIdx, Engine, EngineError, FetchKind, FlightResult};
 
 /// A token bucket in bytes per second; 0 means unlimited. Adjustable while running.
 #[derive(Debug)]
@@ -175,11 +175,12 @@ impl Hydrator {
         &self,
         engine: &Engine,
         cur: &Mutex<Cursor>,
-    ) -> Option<(u64, u64, Arc<super::flight::Flight>)> {
+    ) -> Option<(ChunkIdx, u64, Arc<super::flight::Flight>)> {
         let total = engine.layout.chunk_count();
         let max = (self.opts.request_bytes / engine.chunk_size()).max(1);
-        let missing =
-            |i: u64| i < total && engine.meta.lock().store.entry(i).loc == Location::Missing;
+        let missing = |ChunkIdx(i): ChunkIdx| {
+            i < total && engine.meta.lock().store.entry(i).loc == Location::Missing
+        };
         let mut cur = cur.lock();
         while cur.profile_pos < self.opts.profile.len() {
             let c = self.opts.profile[cur.profile_pos];
@@ -189,7 +190,7 @@ impl Hydrator {
                     first,
                     count,
                     flight,
-                } = engine.inflight.claim(c, max, missing)
+                } = engine.inflight.claim(ChunkIdx(c), max, missing)
                 {
                     return Some((first, count, flight));
                 }
@@ -197,13 +198,13 @@ impl Hydrator {
         }
         while cur.next < total {
             let c = cur.next;
-            match engine.inflight.claim(c, max, missing) {
+            match engine.inflight.claim(ChunkIdx(c), max, missing) {
                 Claim::Owned {
                     first,
                     count,
                     flight,
                 } => {
-                    cur.next = first + count;
+                    cur.next = first.0 + count;
                     return Some((first, count, flight));
                 }
                 Claim::NotNeeded | Claim::Wait(_) => cur.next += 1,
@@ -262,11 +263,11 @@ impl Hydrator {
                         self.rate.refund(budget);
                         return;
                     };
-                    let len = ((first + count) * engine.chunk_size())
+                    let len = ((first.0 + count) * engine.chunk_size())
                         .min(engine.layout.target_size)
-                        - first * engine.chunk_size();
+                        - first.0 * engine.chunk_size();
                     self.rate.refund(budget.saturating_sub(len));
-                    let r = engine.fetch_run(first, count, false);
+                    let r = engine.fetch_run(first, count, FetchKind::Hydrate);
                     match &r {
                         FlightResult::Mapped => {
                             let done = bytes.fetch_add(len, Ordering::Relaxed) + len;

@@ -1,8 +1,8 @@
 //! The streaming engine: presents the target image of a prepared disk.
 //!
 //! A read of chunk `c` is served from home, its slot, zeros, or — when missing — fetched
-//! from the remote source (single-flight, coalesced with missing neighbours), stored in a
-//! free slot, mapped and then served. Writes go to the chunk's slot (a partial write to a
+//! from the remote source (single-flight; alone, or with a readahead window when it
+//! continues a sequential stream), stored in a free slot, mapped and then served. Writes go to the chunk's slot (a partial write to a
 //! missing chunk fetches it first; a whole-chunk write does not) and mark it dirty.
 //! [`Engine::flush`] makes every acknowledged write and the map entries it needs durable.
 //!
@@ -17,6 +17,7 @@ mod commit;
 mod fetch;
 mod flight;
 mod hydrate;
+mod readahead;
 mod stats;
 mod zero;
 
@@ -32,7 +33,7 @@ use crate::blockdev::{
 };
 use crate::source::{CancellationToken, RemoteSource};
 
-pub use flight::FlightResult;
+pub use flight::{ChunkIdx, FetchKind, FlightResult};
 pub use hydrate::{HydrateOptions, HydrateReport, Hydrator, RateLimit};
 pub use stats::{Counters, HistogramSnapshot, LatencySnapshot, Status, LATENCY_BUCKETS};
 
@@ -61,8 +62,9 @@ pub enum EngineError {
 /// Tunables of the engine.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
-    /// Most bytes fetched in one on-demand request (neighbouring missing chunks are
-    /// coalesced up to this).
+    /// The largest readahead window: a guest miss fetches just its chunk unless it
+    /// continues a sequential stream, whose window (missing chunks fetched with the
+    /// asked one) doubles per miss up to this.
     pub demand_fetch_bytes: u64,
     /// Commit the map after this many bytes of fetched chunks were published without a
     /// flush. Clean fetched chunks lost in a crash are only fetched again, so this bounds
@@ -73,7 +75,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         Self {
-            demand_fetch_bytes: 512 << 10,
+            demand_fetch_bytes: 8 << 20,
             commit_every_bytes: 256 << 20,
         }
     }
@@ -97,6 +99,8 @@ pub struct Engine {
     local: BitVec<AtomicU64, Lsb0>,
     stripes: Box<[RwLock<()>]>,
     inflight: InFlight,
+    /// Recent sequential guest streams (readahead windows).
+    streams: Mutex<readahead::Streams>,
     commit_lock: Mutex<()>,
     /// Fetches to home instead of slots (set once commit started).
     to_home: AtomicBool,
@@ -182,6 +186,7 @@ impl Engine {
             meta: Mutex::new(Meta { store: meta, lru }),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             inflight: InFlight::default(),
+            streams: Mutex::new(readahead::Streams::default()),
             commit_lock: Mutex::new(()),
             finished: AtomicBool::new(false),
             retired: RwLock::new(false),
@@ -371,9 +376,9 @@ impl Engine {
                     Location::Missing => {}
                 }
             }
-            match self.fetch(c, true)? {
+            match self.fetch(ChunkIdx(c), FetchKind::Demand)? {
                 FlightResult::Uncached { first, bytes } => {
-                    let at = ((c - first) * self.chunk_size() + within) as usize;
+                    let at = ((c - first.0) * self.chunk_size() + within) as usize;
                     out.copy_from(&bytes[at..at + out.len()]);
                     Counters::add(&self.counters.uncached_reads, 1);
                     return Ok(());
@@ -436,7 +441,7 @@ impl Engine {
             if whole {
                 return self.materialize(c, Some(data));
             }
-            match self.fetch(c, true)? {
+            match self.fetch(ChunkIdx(c), FetchKind::Demand)? {
                 FlightResult::Mapped => continue,
                 FlightResult::Uncached { .. } => {
                     Counters::add(&self.counters.nospace_errors, 1);

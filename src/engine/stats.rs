@@ -243,9 +243,9 @@ pub struct Latencies {
 }
 
 impl Latencies {
-    /// The fetch histogram for `demand` or background fetches.
-    pub fn fetch(&self, demand: bool) -> &LatencyHistogram {
-        if demand {
+    /// The fetch histogram for fetches of this kind (guest or background).
+    pub fn fetch(&self, kind: super::FetchKind) -> &LatencyHistogram {
+        if kind.is_guest() {
             &self.fetch_demand
         } else {
             &self.fetch_background

@@ -142,8 +142,13 @@ fn cloud_gpt(seed: u64) -> Disk {
     d
 }
 
+/// The result object of a `--json` command: its last line (commit and hydrate print
+/// JSON-lines progress events before it).
 fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+    let last = s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {s}"));
+    assert!(v.get("event").is_none(), "no result line: {s}");
+    v
 }
 
 #[test]

@@ -606,25 +606,35 @@ impl Templates {
             relocate::rollback(&mut m, &mut |_, _, _| {}).unwrap();
         });
         // The durable image just before the area is removed: cut at the last operation.
-        let last_cut = |ops: u64, f: &dyn Fn(Arc<PowerLossDisk>)| {
-            let d = disk_with_cut(written.clone(), Some(ops - 1));
-            f(d.clone());
-            d.durable()
+        // A commit's operation count can differ from run to run (its background fetches
+        // run on several threads), so the count is measured again with each try until
+        // the cut lands after the final state was written.
+        let last_cut = |f: &dyn Fn(Arc<PowerLossDisk>), want: State| {
+            for _ in 0..32 {
+                let ops = ops_of(&written, f);
+                let d = disk_with_cut(written.clone(), Some(ops - 1));
+                f(d.clone());
+                let img = d.durable();
+                let probe = PowerLossDisk::new(img.clone(), false);
+                if MetaStore::probe(&probe).unwrap().map(|sb| sb.state) == Some(want) {
+                    return img;
+                }
+            }
+            panic!("no cut before the area's removal left the disk {want:?}");
         };
-        let rolled_back = last_cut(rollback_ops, &|d| {
-            let mut m = MetaStore::open(d).unwrap().unwrap();
-            let _ = relocate::rollback(&mut m, &mut |_, _, _| {});
-        });
-        let committed = last_cut(commit_ops, &|d| {
-            let _ = fx.engine(d).commit(true, small_hydrate(), &|_, _, _| {});
-        });
-        for (img, s) in [
-            (&rolled_back, State::RolledBack),
-            (&committed, State::Committed),
-        ] {
-            let d = PowerLossDisk::new(img.clone(), false);
-            assert_eq!(MetaStore::probe(&d).unwrap().map(|sb| sb.state), Some(s));
-        }
+        let rolled_back = last_cut(
+            &|d| {
+                let mut m = MetaStore::open(d).unwrap().unwrap();
+                let _ = relocate::rollback(&mut m, &mut |_, _, _| {});
+            },
+            State::RolledBack,
+        );
+        let committed = last_cut(
+            &|d| {
+                let _ = fx.engine(d).commit(true, small_hydrate(), &|_, _, _| {});
+            },
+            State::Committed,
+        );
         println!(
             "uncut operation counts: prepare {prepare_ops} hydrate {hydrate_ops} commit {commit_ops} rollback {rollback_ops}"
         );

@@ -158,11 +158,11 @@ impl<'a> GuestBuf<'a> {
     /// An owned buffer: the backend takes the data from `buf`.
     pub fn from_slice(buf: &'a [u8]) -> Self {
         let mut b = Self::new();
-        // SAFETY: `buf` is valid for reads of `buf.len()` bytes for 'a, and the slice made
-        // here lives no longer (it carries 'a). A `GuestBuf` only ever reads through its
-        // pieces (no method stores, and the pieces never leave this module), so the
-        // shared borrow is never written through; the bytes cannot change meanwhile as
-        // `buf` is borrowed for 'a.
+        // The slice made here lives no longer than `buf` (it carries 'a). A `GuestBuf` only
+        // ever reads through its pieces (no method stores, and the pieces never leave this
+        // module), so the shared borrow is never written through; the bytes cannot change
+        // meanwhile as `buf` is borrowed for 'a.
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes for 'a (see above).
         b.0.push(unsafe { VolatileSlice::new(buf.as_ptr().cast_mut(), buf.len()) });
         b
     }
@@ -242,11 +242,11 @@ pub fn read_storage(storage: &dyn Storage, offset: u64, buf: &GuestBufMut<'_>) -
     let mut first = 0usize;
     while first < iov.len() {
         let cnt = (iov.len() - first).min(IOV_MAX);
-        // SAFETY: every iovec points at one piece of `buf`: memory valid for writes of
-        // `iov_len` bytes (a `&mut [u8]` borrowed for the buffer's lifetime, or guest memory
+        // Each piece is a `&mut [u8]` borrowed for the buffer's lifetime, or guest memory
         // vm-memory checked for writing, kept mapped by the memory snapshot the caller
-        // holds and by `guards`). The kernel stores into it; no Rust reference to it
-        // exists. `cnt` <= IOV_MAX and `first + cnt` <= iov.len().
+        // holds and by `guards`. The kernel stores into it; no Rust reference to it exists.
+        // SAFETY: every iovec is valid for writes of `iov_len` bytes (above), and
+        // `cnt` <= IOV_MAX with `first + cnt` <= iov.len().
         let n = unsafe {
             libc::preadv(
                 file.as_raw_fd(),
@@ -295,10 +295,10 @@ pub fn write_storage(storage: &dyn Storage, offset: u64, buf: &GuestBuf<'_>) -> 
     let mut first = 0usize;
     while first < iov.len() {
         let cnt = (iov.len() - first).min(IOV_MAX);
-        // SAFETY: every iovec points at one piece of `buf`: memory valid for reads of
-        // `iov_len` bytes (a borrowed slice, or guest memory vm-memory checked for reading,
-        // kept mapped by the caller's memory snapshot and by `guards`). The kernel only
-        // reads it. `cnt` <= IOV_MAX and `first + cnt` <= iov.len().
+        // Each piece is a borrowed slice, or guest memory vm-memory checked for reading,
+        // kept mapped by the caller's memory snapshot and by `guards`. The kernel only reads.
+        // SAFETY: every iovec is valid for reads of `iov_len` bytes (above), and
+        // `cnt` <= IOV_MAX with `first + cnt` <= iov.len().
         let n = unsafe {
             libc::pwritev(
                 file.as_raw_fd(),

@@ -60,9 +60,10 @@ impl Client {
 
     /// The mapped buffer.
     fn buf(&mut self) -> &mut [u8] {
+        // Requests run only inside `io`, which takes `&mut self`, so the device does not
+        // touch the region while the slice lives.
         // SAFETY: the region is a live mapping of `region.len` (>= REQ) bytes owned by
-        // `_blkio`, which outlives this borrow of `self`; requests run only inside `io`,
-        // which takes `&mut self`, so the device does not touch it while the slice lives.
+        // `_blkio`, which outlives this borrow of `self`; nothing else accesses it (above).
         unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, REQ) }
     }
 

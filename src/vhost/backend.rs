@@ -173,9 +173,9 @@ impl BlkBackend {
     /// its worker threads are gone.
     pub(crate) fn close_exit_events(&self) {
         for fd in self.inner.exit_fds.lock().drain(..) {
-            // SAFETY: `fd` came from `EventConsumer::into_raw_fd` inside the crate's epoll
-            // handler, which never closes it; its workers have exited and the handler is
-            // dropped, so nothing else uses or owns this descriptor.
+            // `fd` came from `EventConsumer::into_raw_fd` inside the crate's epoll handler,
+            // which never closes it; its workers have exited and the handler is dropped.
+            // SAFETY: nothing else uses or owns this descriptor (above).
             unsafe { libc::close(fd) };
         }
     }

@@ -111,15 +111,21 @@ pub fn choose(
     })
 }
 
-/// The first non-zero byte of `[start, end)`, if any.
-pub fn first_nonzero(storage: &dyn Storage, start: u64, end: u64) -> Result<Option<u64>> {
+/// The first non-zero byte of `[start, end)`, if any; `what` names the range in an I/O
+/// error ("reading WHAT").
+pub fn first_nonzero(
+    storage: &dyn Storage,
+    start: u64,
+    end: u64,
+    what: &str,
+) -> Result<Option<u64>> {
     let mut buf = vec![0u8; 1 << 20];
     let mut at = start;
     while at < end {
         let n = (end - at).min(buf.len() as u64) as usize;
         storage
             .read_at(at, &mut buf[..n])
-            .ctx(|| "reading the free space for the area".into())?;
+            .ctx(|| format!("reading {what}"))?;
         if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
             return Ok(Some(at + i as u64));
         }

@@ -38,7 +38,15 @@ pub fn interrupted_growth(storage: &Arc<dyn Storage>) -> Result<Option<GrowthRec
         return Ok(None);
     }
     let zeros_end = len - 2 * BLOCK as u64;
-    if rec.source_size > zeros_end || !reads_zero(storage.as_ref(), rec.source_size, zeros_end)? {
+    if rec.source_size > zeros_end
+        || crate::area::first_nonzero(
+            storage.as_ref(),
+            rec.source_size,
+            zeros_end,
+            "the disk's extension",
+        )?
+        .is_some()
+    {
         return Ok(None);
     }
     Ok(Some(rec))
@@ -54,21 +62,4 @@ pub fn undo_interrupted_growth(storage: &Arc<dyn Storage>) -> Result<Option<Grow
         .set_len(rec.source_size)
         .ctx(|| "truncating the disk file back to its size before prepare".into())?;
     Ok(Some(rec))
-}
-
-/// True when `[start, end)` reads as zeros.
-fn reads_zero(storage: &dyn Storage, start: u64, end: u64) -> Result<bool> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = start;
-    while at < end {
-        let n = (end - at).min(buf.len() as u64) as usize;
-        storage
-            .read_at(at, &mut buf[..n])
-            .ctx(|| "reading the disk's extension".into())?;
-        if buf[..n].iter().any(|&b| b != 0) {
-            return Ok(false);
-        }
-        at += n as u64;
-    }
-    Ok(true)
 }

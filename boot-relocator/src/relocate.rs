@@ -329,7 +329,9 @@ fn plan_gap(
         } else {
             area_offset
         };
-        if let Some(at) = area::first_nonzero(storage, from, slots_end)? {
+        if let Some(at) =
+            area::first_nonzero(storage, from, slots_end, "the free space for the area")?
+        {
             return Err(RelocError::Overlap(format!(
                 "the free space for the released area ({area_offset}..{slots_end}) holds data \
                  (byte {at} is not zero), which rollback could not restore: pass \

@@ -201,6 +201,8 @@ fn merge_net(cli: NetArgs, file: NetArgs) -> NetArgs {
         system_roots,
         client_cert,
         client_key,
+        cache,
+        cache_size,
     } = file;
     NetArgs {
         connect_timeout: cli.connect_timeout.or(connect_timeout),
@@ -230,6 +232,8 @@ fn merge_net(cli: NetArgs, file: NetArgs) -> NetArgs {
         system_roots: cli.system_roots || system_roots,
         client_cert: cli.client_cert.or(client_cert),
         client_key: cli.client_key.or(client_key),
+        cache: cli.cache.or(cache),
+        cache_size: cli.cache_size.or(cache_size),
     }
 }
 

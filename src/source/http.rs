@@ -127,6 +127,8 @@ pub struct HttpOptions {
     pub http2: bool,
     /// Extra headers, bearer token, trusted CAs and client certificate.
     pub auth: HttpAuth,
+    /// Host-wide chunk cache the target is read through (`--cache`; see docs/cache.md).
+    pub cache: Option<crate::source::cache::CacheConfig>,
 }
 
 /// Default [`HttpOptions::min_rate`]: 64 KiB/s (a 4 MiB range gets 64 s).
@@ -145,6 +147,7 @@ impl Default for HttpOptions {
             backoff_max: Duration::from_secs(10),
             http2: false,
             auth: HttpAuth::default(),
+            cache: None,
         }
     }
 }

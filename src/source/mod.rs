@@ -5,6 +5,7 @@
 //! HTTP server, a local file or a chunk store; each source verifies what it returns
 //! (pinned validators, exact ranges, chunk hashes) before handing it over.
 
+pub mod cache;
 pub mod store;
 
 mod chunk_share;

@@ -281,3 +281,40 @@ fn a_store_target_goes_through_the_cache_and_a_flipped_byte_is_fetched_again() {
     assert_eq!(again.len(), 1, "{again:?}");
     assert!(again[0].contains(&hex), "{again:?} is not {hex}");
 }
+
+#[test]
+fn an_unusable_cache_directory_is_a_one_line_error_that_changes_nothing() {
+    let target = target();
+    let nginx = Nginx::start();
+    nginx.put("target.img", &target);
+    let url = nginx.url("target.img");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = source_disk(dir.path(), 0);
+    let before = sha256(&std::fs::read(&disk).unwrap());
+    let d = disk.to_str().unwrap();
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), None).unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    for (cache, says) in [
+        (foreign.to_str().unwrap(), "is owned by uid 65534"),
+        (file.to_str().unwrap(), "is not a directory"),
+    ] {
+        let err = common::disk::cli_err(&["prepare", d, "--target", &url, "--cache", cache]);
+        assert!(err.contains(cache) && err.contains(says), "{err}");
+    }
+    let zero = dir.path().join("zero");
+    let err = common::disk::cli_err(&[
+        "prepare",
+        d,
+        "--target",
+        &url,
+        "--cache",
+        zero.to_str().unwrap(),
+        "--cache-size",
+        "0",
+    ]);
+    assert!(err.contains("cache size must be more than 0"), "{err}");
+    assert_eq!(sha256(&std::fs::read(&disk).unwrap()), before, "disk changed");
+}

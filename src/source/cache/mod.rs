@@ -103,11 +103,15 @@ impl ChunkCache {
             return Err(CacheError::ZeroSize);
         }
         let root = cfg.dir.clone();
-        entry::create_dir(&root).map_err(|e| CacheError::io(&root, e))?;
-        let meta = fs::metadata(&root).map_err(|e| CacheError::io(&root, e))?;
-        if !meta.is_dir() {
-            return Err(CacheError::NotADirectory { path: root });
+        match fs::metadata(&root) {
+            Ok(m) if !m.is_dir() => return Err(CacheError::NotADirectory { path: root }),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                entry::create_dir(&root).map_err(|e| CacheError::io(&root, e))?
+            }
+            Err(e) => return Err(CacheError::io(&root, e)),
         }
+        let meta = fs::metadata(&root).map_err(|e| CacheError::io(&root, e))?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let me = unsafe { libc::geteuid() };
         if meta.uid() != me {

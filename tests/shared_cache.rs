@@ -5,9 +5,12 @@
 //!   origin sends the image about once, and every disk gives the target bit for bit;
 //! - a cache entry with one flipped byte is detected, deleted and fetched again (raw image
 //!   and chunk store), and the disk still gets the right bytes;
-//! - a chunk-store target through the cache: a second disk fetches no chunk object.
+//! - a chunk-store target through the cache: a second disk fetches no chunk object;
+//! - `export --cache` shares the cache with prepare/hydrate/commit.
 
 mod common;
+mod nbd_common;
+mod store_common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -316,5 +319,52 @@ fn an_unusable_cache_directory_is_a_one_line_error_that_changes_nothing() {
         "0",
     ]);
     assert!(err.contains("cache size must be more than 0"), "{err}");
-    assert_eq!(sha256(&std::fs::read(&disk).unwrap()), before, "disk changed");
+    assert_eq!(
+        sha256(&std::fs::read(&disk).unwrap()),
+        before,
+        "disk changed"
+    );
+}
+
+#[test]
+fn export_and_a_migration_share_the_cache() {
+    let target = target();
+    let dir = tempfile::tempdir().unwrap();
+    let (root, public) = publish(dir.path(), &target);
+    let nginx = Nginx::serve(&root);
+    let cache = dir.path().join("cache");
+    let cache_s = cache.to_str().unwrap();
+    let store_url = nginx.url("");
+    let export = |n: usize| {
+        let ex = nbd_common::Export::start(&[
+            "--store",
+            &store_url,
+            "--image",
+            "v2",
+            "--trusted-key",
+            &public,
+            "--cache",
+            cache_s,
+        ])
+        .unwrap();
+        let out = dir.path().join(format!("export{n}.raw"));
+        let got = nbd_common::qemu_img_convert(&ex.url("v2"), &out);
+        ex.stop();
+        assert!(sha256(&got) == sha256(&target), "export {n} != target");
+    };
+    export(0);
+    let first = chunk_requests(&nginx);
+    assert!(!first.is_empty());
+    // A second export process, then a whole migration: every chunk from the cache.
+    export(1);
+    let disk = source_disk(dir.path(), 0);
+    let d = disk.to_str().unwrap();
+    let url = nginx.url("indexes/v2.idx");
+    let prep = ["prepare", d, "--target", &url, "--trusted-key", &public];
+    run_ok(&[&prep[..], &["--no-seed", "--cache", cache_s]].concat());
+    run_ok(&["hydrate", d, "--cache", cache_s]);
+    run_ok(&["confirm", d]);
+    run_ok(&["commit", d, "--cache", cache_s]);
+    assert_target(&disk, &target);
+    assert_eq!(chunk_requests(&nginx), first, "chunks fetched again");
 }

@@ -35,6 +35,7 @@ use std::time::Duration;
 use rustix::fs::{flock, FlockOperation};
 
 use super::{CancellationToken, SourceError};
+use crate::store::index::ChunkHash;
 use entry::{Key, Lookup};
 pub use wrap::{cached_raw, cached_store, CachedSource, RAW_CHUNK_SIZE};
 
@@ -88,14 +89,14 @@ impl CacheError {
 
 /// An open cache directory. Cheap to share; safe for many threads and processes.
 #[derive(Debug)]
-pub struct ChunkCache {
+pub struct SharedCache {
     root: PathBuf,
     max_bytes: u64,
     /// Bytes this process added since its last eviction scan.
     since_scan: AtomicU64,
 }
 
-impl ChunkCache {
+impl SharedCache {
     /// Opens (creating if missing) the cache at `cfg.dir`: a directory owned by this user,
     /// mode 0700 (tightened if it was more open). Runs an eviction scan.
     pub fn open(cfg: &CacheConfig) -> Result<Arc<Self>, CacheError> {
@@ -129,7 +130,7 @@ impl ChunkCache {
             let p = root.join(sub);
             entry::create_dir(&p).map_err(|e| CacheError::io(&p, e))?;
         }
-        let cache = ChunkCache {
+        let cache = SharedCache {
             root,
             max_bytes: cfg.max_bytes,
             since_scan: AtomicU64::new(0),
@@ -141,6 +142,31 @@ impl ChunkCache {
     /// The cache directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The verified bytes (`len` of them) of the chunk-store chunk `hash`: from the cache,
+    /// or from `fetch` (verified bytes of the origin), then kept. For readers that do not
+    /// go through a [`CachedSource`] (the NBD export).
+    pub fn store_chunk(
+        &self,
+        hash: ChunkHash,
+        len: usize,
+        fetch: impl FnOnce() -> Result<Vec<u8>, SourceError>,
+    ) -> Result<Vec<u8>, SourceError> {
+        let mut buf = vec![0u8; len];
+        let cancel = CancellationToken::new();
+        self.get(&Key::Store(hash), &mut buf, &cancel, |b| {
+            let got = fetch()?;
+            if got.len() != b.len() {
+                return Err(SourceError::Verify {
+                    what: format!("chunk {hash}"),
+                    reason: format!("{} bytes, the index says {}", got.len(), b.len()),
+                });
+            }
+            b.copy_from_slice(&got);
+            Ok(())
+        })?;
+        Ok(buf)
     }
 
     /// Fills `buf` with the bytes of the entry `key`: from the cache when a verified entry

@@ -5,8 +5,8 @@ use super::entry::{Key, Lookup};
 use super::*;
 use crate::store::index::ChunkHash;
 
-fn open_at(dir: &Path, max: u64) -> Arc<ChunkCache> {
-    ChunkCache::open(&CacheConfig {
+fn open_at(dir: &Path, max: u64) -> Arc<SharedCache> {
+    SharedCache::open(&CacheConfig {
         dir: dir.to_path_buf(),
         max_bytes: max,
     })
@@ -40,13 +40,13 @@ fn refuses_a_file_a_zero_cap_and_a_directory_of_another_user() {
         dir: dir.to_path_buf(),
         max_bytes,
     };
-    assert!(ChunkCache::open(&cfg(&file, 1)).is_err());
-    let e = ChunkCache::open(&cfg(t.path(), 0)).unwrap_err();
+    assert!(SharedCache::open(&cfg(&file, 1)).is_err());
+    let e = SharedCache::open(&cfg(t.path(), 0)).unwrap_err();
     assert!(matches!(e, CacheError::ZeroSize), "{e}");
     let other = t.path().join("other");
     fs::create_dir(&other).unwrap();
     std::os::unix::fs::chown(&other, Some(65534), None).unwrap();
-    let e = ChunkCache::open(&cfg(&other, 1 << 20)).unwrap_err();
+    let e = SharedCache::open(&cfg(&other, 1 << 20)).unwrap_err();
     assert!(matches!(e, CacheError::NotOwned { .. }), "{e}");
     assert!(e.to_string().contains("owned by uid 65534"), "{e}");
 }

@@ -1,9 +1,9 @@
-//! [`CachedSource`]: a [`RemoteSource`] that reads through a [`ChunkCache`].
+//! [`CachedSource`]: a [`RemoteSource`] that reads through a [`SharedCache`].
 
 use std::sync::Arc;
 
 use super::entry::Key;
-use super::{CacheConfig, ChunkCache};
+use super::{CacheConfig, SharedCache};
 use crate::source::http::identity_url;
 use crate::source::store::StoreSource;
 use crate::source::{check_range, CancellationToken, RemoteSource, SourceError, SourceIdentity};
@@ -19,11 +19,11 @@ enum Keying {
     Store(Arc<StoreSource>),
 }
 
-/// A source whose chunks go through a host-wide [`ChunkCache`]. Same identity, name and
+/// A source whose chunks go through a host-wide [`SharedCache`]. Same identity, name and
 /// bytes as the wrapped source.
 pub struct CachedSource {
     inner: Arc<dyn RemoteSource>,
-    cache: Arc<ChunkCache>,
+    cache: Arc<SharedCache>,
     keying: Keying,
     chunk_size: u64,
 }
@@ -82,8 +82,8 @@ pub fn cached_store(
     }))
 }
 
-fn open(cfg: &CacheConfig) -> Result<Arc<ChunkCache>, SourceError> {
-    ChunkCache::open(cfg).map_err(|e| SourceError::Invalid(format!("(--cache): {e}")))
+fn open(cfg: &CacheConfig) -> Result<Arc<SharedCache>, SourceError> {
+    SharedCache::open(cfg).map_err(|e| SourceError::Invalid(format!("(--cache): {e}")))
 }
 
 impl CachedSource {

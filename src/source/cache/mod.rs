@@ -179,15 +179,34 @@ impl SharedCache {
         cancel: &CancellationToken,
         fetch: impl FnOnce(&mut [u8]) -> Result<(), SourceError>,
     ) -> Result<(), SourceError> {
-        let path = self.root.join(key.rel_path());
-        if let Ok(Lookup::Hit) = entry::read(key, &path, buf) {
+        if self.lookup(key, buf) {
             return Ok(());
         }
-        let Some(_lock) = self.lock_entry(key, &path, buf, cancel)? else {
+        let Some(_lock) = self.lock_entry(key, buf, cancel)? else {
             return Ok(()); // another process fetched it while we waited
         };
+        if self.recheck(key, buf) {
+            return Ok(());
+        }
+        fetch(buf)?;
+        self.store(key, buf);
+        Ok(())
+    }
+
+    /// True when `key` has a verified entry, now in `buf`.
+    fn lookup(&self, key: &Key, buf: &mut [u8]) -> bool {
+        matches!(
+            entry::read(key, &self.root.join(key.rel_path()), buf),
+            Ok(Lookup::Hit)
+        )
+    }
+
+    /// Under the entry's lock: true when a verified entry is there (now in `buf`); else
+    /// a corrupt entry is deleted (with a warning) and the caller fetches.
+    fn recheck(&self, key: &Key, buf: &mut [u8]) -> bool {
+        let path = self.root.join(key.rel_path());
         match entry::read(key, &path, buf) {
-            Ok(Lookup::Hit) => return Ok(()),
+            Ok(Lookup::Hit) => return true,
             Ok(Lookup::Miss) => {}
             Ok(Lookup::Corrupt(why)) => {
                 tracing::warn!(
@@ -200,47 +219,55 @@ impl SharedCache {
             }
             Err(e) => tracing::warn!("cache: cannot read {}: {e}", path.display()),
         }
-        fetch(buf)?;
-        match entry::write(key, &path, buf) {
-            Ok(()) => self.added(buf.len() as u64),
-            Err(e) => tracing::warn!("cache: cannot store {}: {e}", path.display()),
-        }
-        Ok(())
+        false
     }
 
-    /// Takes the lock shard of `key`, waiting while another process holds it. Returns
-    /// `None` when the entry became readable (into `buf`) during the wait. Without a
-    /// usable lock file the caller fetches unlocked (a warning says why).
+    /// Under the entry's lock: keeps verified `bytes` as the entry of `key` (best effort).
+    fn store(&self, key: &Key, bytes: &[u8]) {
+        let path = self.root.join(key.rel_path());
+        match entry::write(key, &path, bytes) {
+            Ok(()) => self.added(bytes.len() as u64),
+            Err(e) => tracing::warn!("cache: cannot store {}: {e}", path.display()),
+        }
+    }
+
+    /// The lock file of `key`'s shard, opened. `None` (with a warning) when it cannot be:
+    /// the caller then fetches without a lock.
+    fn lock_file(&self, key: &Key) -> Option<File> {
+        let digest = blake3::hash(key.rel_path().as_os_str().as_encoded_bytes());
+        let head: [u8; 4] = digest.as_bytes()[..4].try_into().expect("4 bytes");
+        let shard = u32::from_le_bytes(head) % LOCK_SHARDS;
+        let lock_path = self.root.join("locks").join(shard.to_string());
+        match open_lock_file(&lock_path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("cache: cannot open {}: {e}", lock_path.display());
+                None
+            }
+        }
+    }
+
+    /// Takes the lock of `key`, waiting while another process (or thread) holds it.
+    /// Returns `None` when the entry became readable (into `buf`) during the wait.
     fn lock_entry(
         &self,
         key: &Key,
-        path: &Path,
         buf: &mut [u8],
         cancel: &CancellationToken,
-    ) -> Result<Option<Option<File>>, SourceError> {
-        let shard = u32::from_le_bytes(
-            blake3::hash(key.rel_path().as_os_str().as_encoded_bytes()).as_bytes()[..4]
-                .try_into()
-                .expect("4 bytes"),
-        ) % LOCK_SHARDS;
-        let lock_path = self.root.join("locks").join(shard.to_string());
-        let file = match open_lock_file(&lock_path) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!("cache: cannot open {}: {e}", lock_path.display());
-                return Ok(Some(None));
-            }
+    ) -> Result<Option<EntryLock>, SourceError> {
+        let Some(file) = self.lock_file(key) else {
+            return Ok(Some(EntryLock { _file: None }));
         };
         loop {
             match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(Some(Some(file))),
+                Ok(()) => return Ok(Some(EntryLock { _file: Some(file) })),
                 Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
-                    tracing::warn!("cache: cannot lock {}: {e}", lock_path.display());
-                    return Ok(Some(None));
+                    tracing::warn!("cache: cannot lock an entry: {e}");
+                    return Ok(Some(EntryLock { _file: None }));
                 }
             }
-            if let Ok(Lookup::Hit) = entry::read(key, path, buf) {
+            if self.lookup(key, buf) {
                 return Ok(None);
             }
             if cancel.is_cancelled() {
@@ -248,6 +275,15 @@ impl SharedCache {
             }
             std::thread::sleep(WAIT_POLL);
         }
+    }
+
+    /// Takes the lock of `key` only if nobody holds it (never waits: a caller holding
+    /// other entry locks must not wait for one, or two processes could wait for each
+    /// other).
+    fn try_lock_entry(&self, key: &Key) -> Option<EntryLock> {
+        let file = self.lock_file(key)?;
+        flock(&file, FlockOperation::NonBlockingLockExclusive).ok()?;
+        Some(EntryLock { _file: Some(file) })
     }
 
     /// Counts `len` new bytes; scans for eviction when this process added a sixteenth of
@@ -300,6 +336,11 @@ impl SharedCache {
             tracing::debug!("cache: cannot write {}: {e}", path.display());
         }
     }
+}
+
+/// A held entry lock (released when dropped; `None`: fetching without a lock).
+struct EntryLock {
+    _file: Option<File>,
 }
 
 fn open_lock_file(path: &Path) -> io::Result<File> {

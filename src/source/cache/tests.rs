@@ -186,11 +186,11 @@ fn a_waiter_gives_up_when_cancelled() {
     let t = tempfile::tempdir().unwrap();
     let c = open_at(t.path(), 1 << 20);
     let key = raw_key(5);
-    let path = t.path().join(key.rel_path());
     let mut buf = [0u8; 8];
     let cancel = CancellationToken::new();
-    let held = c.lock_entry(&key, &path, &mut buf, &cancel).unwrap();
-    assert!(matches!(held, Some(Some(_))));
+    let held = c.lock_entry(&key, &mut buf, &cancel).unwrap();
+    assert!(matches!(held, Some(EntryLock { _file: Some(_) })));
+    assert!(c.try_lock_entry(&key).is_none(), "the lock is exclusive");
     let other = CancellationToken::new();
     other.cancel();
     let e = c
@@ -237,4 +237,51 @@ fn eviction_removes_the_least_recently_used_down_to_the_low_water_mark() {
     // The oldest went first.
     assert!(!present.contains(&15), "{present:?}");
     assert!(present.contains(&0) && present.contains(&21), "{present:?}");
+}
+
+#[test]
+fn a_cached_source_reads_any_range_and_fills_the_cache_in_runs() {
+    use crate::source::{FileSource, RemoteSource};
+    let t = tempfile::tempdir().unwrap();
+    let len = 5 * RAW_CHUNK_SIZE as usize + 12_345;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let img = t.path().join("img");
+    fs::write(&img, &data).unwrap();
+    let cfg = CacheConfig {
+        dir: t.path().join("cache"),
+        max_bytes: 1 << 30,
+    };
+    let file: Arc<dyn RemoteSource> = Arc::new(FileSource::open(&img, None).unwrap());
+    let src = cached_raw(file, &["http://h/img?sig=secret".into()], Some(&cfg)).unwrap();
+    // One read across chunks 1..=4 (partial at both ends): one run fills all four.
+    let (a, b) = (RAW_CHUNK_SIZE + 100, 4 * RAW_CHUNK_SIZE + 200);
+    let mut buf = vec![0u8; (b - a) as usize];
+    src.read_at(a, &mut buf).unwrap();
+    assert_eq!(buf, data[a as usize..b as usize]);
+    let image_dir = fs::read_dir(cfg.dir.join("raw"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut names: Vec<String> = fs::read_dir(&image_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["1", "2", "3", "4", "identity"]);
+    let identity = fs::read_to_string(image_dir.join("identity")).unwrap();
+    assert!(identity.contains("http://h/img\n"), "{identity}");
+    assert!(!identity.contains("secret"), "{identity}");
+    // Any range, including the short last chunk, gives the image's bytes.
+    for (off, n) in [(0, 1), (0, len), (len - 1, 1), (len - 12_345, 12_345), (777, 300_000)] {
+        let mut buf = vec![0u8; n];
+        src.read_at(off as u64, &mut buf).unwrap();
+        assert_eq!(buf, data[off..off + n], "{off}+{n}");
+    }
+    let mut buf = vec![0u8; 2];
+    assert!(matches!(
+        src.read_at(len as u64 - 1, &mut buf),
+        Err(SourceError::OutOfRange { .. })
+    ));
 }

@@ -86,37 +86,74 @@ fn open(cfg: &CacheConfig) -> Result<Arc<SharedCache>, SourceError> {
     SharedCache::open(cfg).map_err(|e| SourceError::Invalid(format!("(--cache): {e}")))
 }
 
+/// Most bytes one origin request of a run of missing chunks asks for.
+const MAX_RUN_BYTES: u64 = 16 << 20;
+
 impl CachedSource {
-    /// Reads chunk `c`'s part `[pos, pos + piece.len())` (absolute offsets).
-    fn read_piece(
-        &self,
-        c: u64,
-        pos: u64,
-        piece: &mut [u8],
-        cancel: &CancellationToken,
-    ) -> Result<(), SourceError> {
-        let start = c * self.chunk_size;
-        let end = (start + self.chunk_size).min(self.size());
-        let key = match &self.keying {
-            Keying::Raw { image } => Key::Raw {
+    /// The cache key of chunk `c`; `None` for a chunk-store zero chunk (never fetched).
+    fn key(&self, c: u64) -> Option<Key> {
+        match &self.keying {
+            Keying::Raw { image } => Some(Key::Raw {
                 image: image.clone(),
                 index: c,
-            },
-            Keying::Store(store) => match store.chunk_hash(c) {
-                Some(h) => Key::Store(h),
-                // A zero chunk: the store fills it without fetching.
-                None => return self.inner.read_at_cancellable(pos, piece, cancel),
-            },
-        };
-        let fetch = |buf: &mut [u8]| self.inner.read_at_cancellable(start, buf, cancel);
-        if pos == start && piece.len() as u64 == end - start {
-            return self.cache.get(&key, piece, cancel, fetch);
+            }),
+            Keying::Store(store) => store.chunk_hash(c).map(Key::Store),
         }
-        let mut whole = vec![0u8; (end - start) as usize];
-        self.cache.get(&key, &mut whole, cancel, fetch)?;
-        let from = (pos - start) as usize;
-        piece.copy_from_slice(&whole[from..from + piece.len()]);
-        Ok(())
+    }
+
+    /// Image bytes `[start, end)` of chunk `c`.
+    fn bounds(&self, c: u64) -> (u64, u64) {
+        let start = c * self.chunk_size;
+        (start, (start + self.chunk_size).min(self.size()))
+    }
+
+    /// Verified bytes of chunk `c` and, when it was missing, of the missing chunks after
+    /// it up to chunk `last` (one origin request for the run). Returns the bytes and the
+    /// image offset they start at.
+    fn chunks_from(
+        &self,
+        c: u64,
+        key: Key,
+        last: u64,
+        cancel: &CancellationToken,
+    ) -> Result<(Vec<u8>, u64), SourceError> {
+        let (start, end) = self.bounds(c);
+        let mut first = vec![0u8; (end - start) as usize];
+        if self.cache.lookup(&key, &mut first) {
+            return Ok((first, start));
+        }
+        let Some(lock) = self.cache.lock_entry(&key, &mut first, cancel)? else {
+            return Ok((first, start)); // fetched by another process meanwhile
+        };
+        if self.cache.recheck(&key, &mut first) {
+            return Ok((first, start));
+        }
+        // Extend the run with the next missing chunks whose locks are free.
+        let mut run = vec![(key, lock)];
+        let mut probe = vec![0u8; self.chunk_size as usize];
+        let max_chunks = (MAX_RUN_BYTES / self.chunk_size).max(1);
+        let mut n = c + 1;
+        while n <= last && n - c < max_chunks {
+            let Some(k) = self.key(n) else { break };
+            let Some(l) = self.cache.try_lock_entry(&k) else {
+                break;
+            };
+            let (s, e) = self.bounds(n);
+            if self.cache.recheck(&k, &mut probe[..(e - s) as usize]) {
+                break;
+            }
+            run.push((k, l));
+            n += 1;
+        }
+        let run_end = self.bounds(n - 1).1;
+        let mut bytes = vec![0u8; (run_end - start) as usize];
+        self.inner.read_at_cancellable(start, &mut bytes, cancel)?;
+        for (i, (k, _lock)) in run.iter().enumerate() {
+            let (s, e) = self.bounds(c + i as u64);
+            self.cache
+                .store(k, &bytes[(s - start) as usize..(e - start) as usize]);
+        }
+        Ok((bytes, start))
     }
 }
 
@@ -143,11 +180,21 @@ impl RemoteSource for CachedSource {
                 return Err(SourceError::Cancelled);
             }
             let c = pos / self.chunk_size;
-            let piece_end = ((c + 1) * self.chunk_size).min(end);
             let at = (pos - offset) as usize;
-            let piece = &mut buf[at..at + (piece_end - pos) as usize];
-            self.read_piece(c, pos, piece, cancel)?;
-            pos = piece_end;
+            let Some(key) = self.key(c) else {
+                // A zero chunk: the store fills it without fetching.
+                let to = self.bounds(c).1.min(end);
+                let piece = &mut buf[at..at + (to - pos) as usize];
+                self.inner.read_at_cancellable(pos, piece, cancel)?;
+                pos = to;
+                continue;
+            };
+            let last = (end - 1) / self.chunk_size;
+            let (bytes, start) = self.chunks_from(c, key, last, cancel)?;
+            let to = (start + bytes.len() as u64).min(end);
+            buf[at..at + (to - pos) as usize]
+                .copy_from_slice(&bytes[(pos - start) as usize..(to - start) as usize]);
+            pos = to;
         }
         Ok(())
     }

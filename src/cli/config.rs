@@ -291,7 +291,8 @@ mod tests {
     fn flags_override_the_file_and_targets_replace_as_a_whole() {
         let file: ServeArgs = toml::from_str(
             "disk = '/d'\nqueues = 4\nrate = '1M'\nmin-rate = 1024\n\
-             target-file = ['/etc/t']\nconnect-timeout = 3\nread-only = true",
+             target-file = ['/etc/t']\nconnect-timeout = 3\nread-only = true\n\
+             cache = '/var/cache/sb'\ncache-size = '2G'",
         )
         .unwrap();
         let cli = ServeArgs {
@@ -308,5 +309,7 @@ mod tests {
         assert!(m.read_only);
         assert_eq!(m.targets, vec!["http://a/x".to_string()]);
         assert!(m.target_files.is_empty());
+        assert_eq!(m.net.cache.as_deref(), Some(Path::new("/var/cache/sb")));
+        assert_eq!(m.net.cache_size, Some(2 << 30));
     }
 }

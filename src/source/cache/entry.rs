@@ -154,11 +154,16 @@ pub(super) fn create_dir(dir: &Path) -> io::Result<()> {
         .create(dir)
 }
 
-/// A name no other writer (thread or process) uses at the same time.
+/// A name no other live writer (thread or process) uses.
 fn tmp_name() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
+    // The time makes a name left by a dead process whose pid came back unlikely to clash
+    // (a clash only costs that entry's write: `create_new` refuses it).
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     format!(
-        "{TMP_PREFIX}{}-{}",
+        "{TMP_PREFIX}{}-{nanos}-{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )

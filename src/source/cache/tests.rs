@@ -274,7 +274,13 @@ fn a_cached_source_reads_any_range_and_fills_the_cache_in_runs() {
     assert!(identity.contains("http://h/img\n"), "{identity}");
     assert!(!identity.contains("secret"), "{identity}");
     // Any range, including the short last chunk, gives the image's bytes.
-    for (off, n) in [(0, 1), (0, len), (len - 1, 1), (len - 12_345, 12_345), (777, 300_000)] {
+    for (off, n) in [
+        (0, 1),
+        (0, len),
+        (len - 1, 1),
+        (len - 12_345, 12_345),
+        (777, 300_000),
+    ] {
         let mut buf = vec![0u8; n];
         src.read_at(off as u64, &mut buf).unwrap();
         assert_eq!(buf, data[off..off + n], "{off}+{n}");

@@ -142,6 +142,7 @@ fn eight_disks_served_at_once_download_the_image_once() {
         );
     }
     let sent = nginx.bytes_sent_total();
+    eprintln!("origin sent {sent} bytes for a {} byte image", target.len());
     assert!(
         sent as f64 <= 1.05 * target.len() as f64,
         "origin sent {sent} bytes for a {} byte image to {DISKS} disks",
@@ -367,4 +368,45 @@ fn export_and_a_migration_share_the_cache() {
     run_ok(&["commit", d, "--cache", cache_s]);
     assert_target(&disk, &target);
     assert_eq!(chunk_requests(&nginx), first, "chunks fetched again");
+}
+
+/// Bytes of the entries in `cache` (raw and store).
+fn entry_bytes(cache: &Path) -> u64 {
+    let mut total = 0;
+    for top in ["raw", "store"] {
+        for d in std::fs::read_dir(cache.join(top)).unwrap() {
+            for e in std::fs::read_dir(d.unwrap().path()).unwrap() {
+                let e = e.unwrap();
+                if e.file_name() != "identity" {
+                    total += e.metadata().unwrap().len();
+                }
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn a_small_cap_keeps_the_cache_small_and_the_disks_right() {
+    let target = target();
+    let nginx = Nginx::start();
+    nginx.put("target.img", &target);
+    let url = nginx.url("target.img");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cache_s = cache.to_str().unwrap();
+    let cap: u64 = 1 << 20;
+    for n in 0..2 {
+        let disk = source_disk(dir.path(), n);
+        let d = disk.to_str().unwrap();
+        let net = ["--cache", cache_s, "--cache-size", "1M"];
+        run_ok(&[&["prepare", d, "--target", &url][..], &net].concat());
+        run_ok(&[&["hydrate", d][..], &net].concat());
+        run_ok(&["confirm", d]);
+        run_ok(&[&["commit", d][..], &net].concat());
+        assert_target(&disk, &target);
+        // Over the cap by at most one entry between two scans.
+        let held = entry_bytes(&cache);
+        assert!(held <= cap + (256 << 10) + 40, "cache holds {held} bytes");
+    }
 }

@@ -307,6 +307,25 @@ fn an_unusable_cache_directory_is_a_one_line_error_that_changes_nothing() {
     ] {
         let err = common::disk::cli_err(&["prepare", d, "--target", &url, "--cache", cache]);
         assert!(err.contains(cache) && err.contains(says), "{err}");
+        let args = ["prepare", d, "--target", &url, "--cache", cache];
+        assert_eq!(cli(&args).status.code(), Some(2), "usage error");
+        // export opens its cache before anything else.
+        let store = dir.path().to_str().unwrap();
+        let export = [
+            "export",
+            "--store",
+            store,
+            "--insecure-unsigned",
+            "--cache",
+            cache,
+        ];
+        let out = cli(&[&export[..], &["--listen", "127.0.0.1:0"]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.trim().lines().count() == 1 && err.contains(says),
+            "{err}"
+        );
     }
     let zero = dir.path().join("zero");
     let err = common::disk::cli_err(&[

@@ -19,6 +19,7 @@ use crate::migration::daemon::DaemonError;
 use crate::migration::{Conflict, MigrationError, StepError};
 use crate::seed::SeedError;
 use crate::service::ServiceError;
+use crate::source::cache::CacheError;
 use crate::source::SourceError;
 use crate::store::identity::IdentityError;
 use crate::store::index::IndexError;
@@ -132,6 +133,10 @@ fn one(e: &(dyn Error + 'static)) -> Option<Kind> {
         StepError => step,
         RelocError => |x| Some(reloc(x)),
         SourceError => source,
+        CacheError => |x: &CacheError| Some(match x {
+            CacheError::Io { source, .. } => io_kind(source),
+            _ => Kind::Usage,
+        }),
         ServiceError => service,
         EngineError => engine,
         BlockError => block,

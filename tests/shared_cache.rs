@@ -307,6 +307,7 @@ fn an_unusable_cache_directory_is_a_one_line_error_that_changes_nothing() {
     ] {
         let err = common::disk::cli_err(&["prepare", d, "--target", &url, "--cache", cache]);
         assert!(err.contains(cache) && err.contains(says), "{err}");
+        assert_eq!(err.matches(says).count(), 1, "said twice: {err}");
         let args = ["prepare", d, "--target", &url, "--cache", cache];
         assert_eq!(cli(&args).status.code(), Some(2), "usage error");
         // export opens its cache before anything else.
@@ -327,6 +328,18 @@ fn an_unusable_cache_directory_is_a_one_line_error_that_changes_nothing() {
             "{err}"
         );
     }
+    // A directory that cannot be created: the cause is named once.
+    let blocked = file.join("sub");
+    let err = common::disk::cli_err(&[
+        "prepare",
+        d,
+        "--target",
+        &url,
+        "--cache",
+        blocked.to_str().unwrap(),
+    ]);
+    assert!(err.contains("Not a directory"), "{err}");
+    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
     let zero = dir.path().join("zero");
     let err = common::disk::cli_err(&[
         "prepare",

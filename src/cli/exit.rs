@@ -133,10 +133,7 @@ fn one(e: &(dyn Error + 'static)) -> Option<Kind> {
         StepError => step,
         RelocError => |x| Some(reloc(x)),
         SourceError => source,
-        CacheError => |x: &CacheError| Some(match x {
-            CacheError::Io { source, .. } => io_kind(source),
-            _ => Kind::Usage,
-        }),
+        CacheError => cache,
         ServiceError => service,
         EngineError => engine,
         BlockError => block,
@@ -214,6 +211,17 @@ fn source(e: &SourceError) -> Option<Kind> {
         SourceError::Invalid(_) => Kind::Usage,
         SourceError::Io(x) => io_kind(x),
         SourceError::OutOfRange { .. } | SourceError::Cancelled => Kind::Other,
+        // The cause decides.
+        SourceError::Cache(x) => return cache(x),
+    })
+}
+
+fn cache(e: &CacheError) -> Option<Kind> {
+    Some(match e {
+        CacheError::Io { source, .. } => io_kind(source),
+        CacheError::NotOwned { .. } | CacheError::NotADirectory { .. } | CacheError::ZeroSize => {
+            Kind::Usage
+        }
     })
 }
 

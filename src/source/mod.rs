@@ -118,6 +118,9 @@ pub enum SourceError {
     /// The caller cancelled the read (its requester went away, or shutdown). Never retried.
     #[error("fetch cancelled")]
     Cancelled,
+    /// The host-wide chunk cache (`--cache DIR`) cannot be used. Permanent.
+    #[error("--cache")]
+    Cache(#[from] cache::CacheError),
 }
 
 impl SourceError {
@@ -142,6 +145,7 @@ impl SourceError {
             | SourceError::Unvalidated { .. }
             | SourceError::Tls { .. }
             | SourceError::Forbidden { .. }
+            | SourceError::Cache(_)
             | SourceError::Cancelled => false,
         }
     }

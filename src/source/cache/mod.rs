@@ -63,8 +63,8 @@ pub struct CacheConfig {
 /// a read: the bytes then come from the origin and a warning is logged.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    /// The directory cannot be created or inspected.
-    #[error("cache directory {}: {source}", path.display())]
+    /// The directory cannot be created or inspected (the cause follows in the chain).
+    #[error("cache directory {}", path.display())]
     Io { path: PathBuf, source: io::Error },
     /// The directory belongs to another user (who could then swap entries in and out
     /// under our feet; they are verified, but the cache would be theirs to fill).

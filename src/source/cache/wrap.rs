@@ -83,7 +83,7 @@ pub fn cached_store(
 }
 
 fn open(cfg: &CacheConfig) -> Result<Arc<SharedCache>, SourceError> {
-    SharedCache::open(cfg).map_err(|e| SourceError::Invalid(format!("(--cache): {e}")))
+    Ok(SharedCache::open(cfg)?)
 }
 
 /// Most bytes one origin request of a run of missing chunks asks for.

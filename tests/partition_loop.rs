@@ -13,7 +13,7 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 
-use common::disk::{cli_err, cli_ok, sha256};
+use common::disk::{cli, cli_err, cli_ok, sha256};
 use common::random_bytes;
 use loopdisk::{json, run, Disk, LoopDev, MIB};
 
@@ -160,7 +160,23 @@ fn damaged_primary_gpt_uses_the_backup_and_rollback_keeps_the_damage() {
     // Entry 2 at byte 1024 + 128; its first LBA at +32; bump its fourth byte.
     poke(&dev, 1024 + 128 + 32 + 3, |b| b ^ 0x10);
     let before = dev.read();
-    let r = json(&d.prepare(&dev, &[]));
+    let t = d.target.to_str().unwrap();
+    // The warning: in the dry run's notes, and a log line at -v.
+    let plan = json(&d.prepare(&dev, &["--dry-run"]));
+    let warning = "the primary GPT is damaged (the entry array fails its CRC32): using the \
+                   backup GPT at LBA 262143 (512-byte sectors)";
+    assert_eq!(plan["notes"][0], warning, "{plan}");
+    let out = cli(&["-v", "--json", "prepare", dev.p(), "--target", t]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(warning) && stderr.contains("WARN"),
+        "{stderr}"
+    );
+    let r = json(&stdout);
     let area = r["area_offset"].as_u64().unwrap();
     assert!((21 * MIB..92 * MIB).contains(&area), "{r}");
     let now = dev.read();

@@ -95,7 +95,18 @@ pub(crate) fn logicals(
             )));
         }
         read(at, &mut sector).ctx(|| format!("reading the extended boot record at byte {at}"))?;
-        if sector[510] != 0x55 || sector[511] != 0xAA {
+        let signed = sector[510] == 0x55 && sector[511] == 0xAA;
+        if !signed && at == ext.start {
+            // No first EBR: an extended partition without logical partitions (or one
+            // this parser cannot read): it counts as used whole, as before.
+            return Ok(vec![UsedRange {
+                start: ext.start,
+                end: ext.end,
+                what: format!("MBR partition {} (type {:#04x})", ext.index, ext.ty),
+                boot: false,
+            }]);
+        }
+        if !signed {
             return Err(bad(format!(
                 "has an extended boot record without its 0x55AA signature at byte {at}"
             )));
@@ -198,6 +209,10 @@ mod tests {
         let (d, ext) = disk(&[(100, (2, 100), Some(300))]);
         let e = run(&d, &ext).unwrap_err().to_string();
         assert!(e.contains("0x55AA"), "{e}");
+        // No first EBR: the extended partition is used whole.
+        let (d, ext) = disk(&[]);
+        let r = run(&d, &ext).unwrap();
+        assert_eq!((r.len(), r[0].start, r[0].end), (1, ext.start, ext.end));
     }
 
     #[test]

@@ -50,23 +50,37 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// Reads bytes of a disk: `(offset, buf)`.
 pub type Read<'a> = &'a mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>;
 
+/// The source's partition table as far as placing the area goes.
+#[derive(Clone, Debug, Default)]
+pub struct SourceTable {
+    /// The ranges in use.
+    pub used: Vec<UsedRange>,
+    /// Warnings for the operator (a damaged primary GPT), also logged at warn level.
+    pub warnings: Vec<String>,
+}
+
 /// The ranges the source's partition table on `storage` says are in use; `head` is the
 /// disk's first bytes (at least 1 MiB, or all of a smaller disk). An absent table gives
 /// an empty list. Logical partitions of an MBR are found through the EBR chain; a GPT
 /// is checked (header and entries CRC32): a damaged primary with a valid backup gives
-/// the backup's view (logged as a warning), both damaged is refused.
-pub fn source_ranges(storage: &dyn Storage, head: &[u8]) -> Result<Vec<UsedRange>> {
+/// the backup's view (with a warning), both damaged is refused.
+pub fn source_ranges(storage: &dyn Storage, head: &[u8]) -> Result<SourceTable> {
     let dev_len = storage.len().ctx(|| "reading disk size".into())?;
     let hint = storage
         .logical_sector_size()
         .ctx(|| "reading the device's sector size".into())?;
-    ranges(
+    let mut warnings = Vec::new();
+    let used = ranges(
         head,
         dev_len,
         hint,
         &mut |off, buf| storage.read_at(off, buf),
-        false,
-    )
+        Some(&mut warnings),
+    )?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(SourceTable { used, warnings })
 }
 
 /// The ranges the target's partition table in `head` (its first MiB, or all of a smaller
@@ -80,7 +94,7 @@ pub fn target_ranges(head: &[u8]) -> Vec<UsedRange> {
             Err(std::io::Error::other("past the target's first MiB"))
         })
     };
-    ranges(head, len, None, &mut read, true).unwrap_or_default()
+    ranges(head, len, None, &mut read, None).unwrap_or_default()
 }
 
 /// Refuses a target whose partition table (`target_ranges`) reaches past the target
@@ -99,13 +113,16 @@ pub fn check_target_fits(parts: &[UsedRange], target_size: u64, dev_len: u64) ->
     }
 }
 
+/// `warnings`: `Some` for the source (strict: a broken EBR chain or GPT is an error,
+/// a GPT's backup view comes with a warning); `None` for the target (lenient).
 fn ranges(
     head: &[u8],
     dev_len: u64,
     hint: Option<u64>,
     read_more: Read,
-    target: bool,
+    mut warnings: Option<&mut Vec<String>>,
 ) -> Result<Vec<UsedRange>> {
+    let target = warnings.is_none();
     let mut out = Vec::new();
     let Some(primaries) = mbr::primaries(head, hint.unwrap_or(512)) else {
         return Ok(out);
@@ -136,14 +153,23 @@ fn ranges(
         }
     }
     if protective {
-        out.extend(gpt_ranges(&mut read, hint, dev_len)?);
+        let mut w = Vec::new();
+        out.extend(gpt_ranges(&mut read, hint, dev_len, &mut w)?);
+        if let Some(warnings) = warnings.as_mut() {
+            warnings.extend(w);
+        }
     }
     Ok(out)
 }
 
 /// The ranges a GPT uses, from its primary copy, or from its backup (the header at the
 /// device's last LBA, or where the primary says) when the primary fails its checks.
-fn gpt_ranges(read: Read, hint: Option<u64>, dev_len: u64) -> Result<Vec<UsedRange>> {
+fn gpt_ranges(
+    read: Read,
+    hint: Option<u64>,
+    dev_len: u64,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<UsedRange>> {
     let sizes: Vec<u64> = match gpt::sector_size(read, hint)? {
         Some(ss) => vec![ss],
         None => hint.map_or(vec![512, 4096], |h| vec![h]),
@@ -164,10 +190,10 @@ fn gpt_ranges(read: Read, hint: Option<u64>, dev_len: u64) -> Result<Vec<UsedRan
         for lba in tried {
             match gpt::read_checked(read, lba, ss, dev_len)? {
                 Ok(g) => {
-                    tracing::warn!(
+                    warnings.push(format!(
                         "the primary GPT is damaged ({primary}): using the backup GPT at \
                          LBA {lba} ({ss}-byte sectors)"
-                    );
+                    ));
                     return Ok(gpt_view(&g, true));
                 }
                 Err(w) => backup.push(format!("the backup at LBA {lba}: {w}")),
@@ -222,7 +248,7 @@ fn gpt_view(g: &gpt::Gpt, backup: bool) -> Vec<UsedRange> {
     };
     if header > 0 {
         out.push(UsedRange {
-            start: entries.min(header) * ss,
+            start: entries.min(header).saturating_mul(ss),
             end: header.saturating_add(1).saturating_mul(ss),
             what: "backup GPT".into(),
             boot: false,
@@ -262,7 +288,7 @@ mod tests {
         let mut no_more = |_: u64, _: &mut [u8]| -> std::io::Result<()> {
             Err(std::io::Error::other("unexpected read"))
         };
-        ranges(b, b.len() as u64, None, &mut no_more, false)
+        ranges(b, b.len() as u64, None, &mut no_more, Some(&mut Vec::new()))
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub fn chunk_shift(chunk_size: u64) -> Result<u8> {
     Ok(shift)
 }
 
-fn read_head(storage: &dyn Storage, len: u64) -> Result<(Vec<u8>, Vec<UsedRange>)> {
+fn read_head(storage: &dyn Storage, len: u64) -> Result<(Vec<u8>, partition::SourceTable)> {
     let mut head = vec![0u8; (1u64 << 20).min(len) as usize];
     storage
         .read_at(0, &mut head)
@@ -116,7 +116,8 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
         ));
     }
     let dev_len = storage.len().ctx(|| "reading disk size".into())?;
-    let (_, used) = read_head(storage, dev_len)?;
+    let (_, table) = read_head(storage, dev_len)?;
+    let used = table.used;
     let used_end = used.iter().map(|u| u.end).max().unwrap_or(0);
     let source_size =
         match (spec.source_size, storage.is_block_device()) {
@@ -164,7 +165,7 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
     }
     let target_size = spec.target_size;
     let chunks = target_size.div_ceil(c);
-    let mut notes = Vec::new();
+    let mut notes = table.warnings;
 
     // Boot set: requested ranges plus the target's boot partitions.
     let mut boot = vec![false; chunks as usize];

@@ -216,9 +216,9 @@ fn gpt_damaged_in_both_copies_is_refused() {
     assert!(sha256(&dev.read()) == sha256(&before));
 }
 
-/// A disk file attached with 4096-byte logical sectors and partitioned by sfdisk through
-/// the loop device (so the table counts in 4 KiB sectors).
-fn gpt_4k(
+/// A disk file attached with 4096-byte logical sectors and partitioned (GPT or MBR) by
+/// sfdisk through the loop device (so the table counts in 4 KiB sectors).
+fn disk_4k(
     size: u64,
     script: &str,
     dir: &std::path::Path,
@@ -242,7 +242,7 @@ fn gpt_4k(
 fn gpt_with_4096_byte_sectors_prepare_rollback_and_relocate_backup() {
     let dir = tempfile::TempDir::new().unwrap();
     // Source: ESP 1..21 MiB, root 92..128 MiB (in 4 KiB sectors).
-    let (_f, dev) = gpt_4k(
+    let (_f, dev) = disk_4k(
         128 * MIB,
         "label: gpt\n\
          start=256, size=5120, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n\
@@ -257,7 +257,7 @@ fn gpt_with_4096_byte_sectors_prepare_rollback_and_relocate_backup() {
         f.sync_all().unwrap();
     }
     // Target: a 40 MiB GPT image in 4 KiB sectors (ESP and root).
-    let (tf, tdev) = gpt_4k(
+    let (tf, tdev) = disk_4k(
         40 * MIB,
         "label: gpt\n\
          start=256, size=2560, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n\
@@ -322,6 +322,48 @@ fn gpt_with_4096_byte_sectors_prepare_rollback_and_relocate_backup() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success() && !all.contains("mismatch"), "{all}");
+}
+
+/// An MBR on a device with 4096-byte logical sectors counts in 4 KiB sectors (the
+/// device's BLKSSZGET): the area goes in the real gap, never over a partition.
+#[test]
+fn mbr_with_4096_byte_sectors_counts_in_4k_sectors() {
+    let dir = tempfile::TempDir::new().unwrap();
+    // 1..21 MiB and 92..126 MiB: the gap is 21..92 MiB.
+    let (_f, dev) = disk_4k(
+        128 * MIB,
+        "label: dos
+start=256, size=5120, type=83
+start=23552, size=8704, type=83
+",
+        dir.path(),
+        "disk.img",
+    );
+    {
+        let f = fs::OpenOptions::new().write(true).open(dev.p()).unwrap();
+        f.write_all_at(&random_bytes(86, MIB as usize), 20 * MIB)
+            .unwrap();
+        f.write_all_at(&random_bytes(87, MIB as usize), 100 * MIB)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    let t = dir.path().join("t.img");
+    fs::write(&t, random_bytes(88, 20 * MIB as usize)).unwrap();
+    let before = dev.read();
+    let r = json(&cli_ok(&[
+        "--json",
+        "prepare",
+        dev.p(),
+        "--target",
+        t.to_str().unwrap(),
+    ]));
+    let area = r["area_offset"].as_u64().unwrap();
+    assert!((21 * MIB..92 * MIB).contains(&area), "{r}");
+    cli_ok(&["rollback", dev.p()]);
+    assert!(
+        sha256(&dev.read()) == sha256(&before),
+        "rollback not bit-exact"
+    );
 }
 
 /// A target whose MBR partition reaches past the target image is refused before

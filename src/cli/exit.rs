@@ -192,7 +192,7 @@ fn reloc(e: &RelocError) -> Kind {
         RelocError::NotPrepared | RelocError::AlreadyPrepared(_) | RelocError::BadState { .. } => {
             Kind::InvalidState
         }
-        RelocError::Corrupt(_) => Kind::Integrity,
+        RelocError::Corrupt(_) | RelocError::PartitionTable(_) => Kind::Integrity,
         RelocError::InvalidChunkSize(_) | RelocError::Invalid(_) => Kind::Usage,
         RelocError::Fetch { .. } => Kind::Network,
         RelocError::TooSmall(_) | RelocError::Overlap(_) => Kind::Other,

@@ -21,8 +21,8 @@ use std::sync::Arc;
 
 use boot_relocator::{Superblock, TargetRecord};
 
+use crate::net::{identity_url, redact_url};
 use crate::source::cache;
-use crate::source::http::{identity_url, redact_url};
 use crate::source::store::{IndexTrust, StoreSource, StoreSourceOptions};
 use crate::source::{
     FileSource, HttpOptions, HttpSource, RemoteSource, SourceError, SourceIdentity,

@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Deserializer};
 
 use super::serve::ServeArgs;
@@ -59,20 +59,20 @@ pub(super) fn load(path: &Path) -> Result<ServeArgs> {
                 }
             })
             .unwrap_or_default();
-        anyhow!(
+        usage(format!(
             "config file {}: {}{line}",
             path.display(),
             e.message().trim().replace('\n', " ")
-        )
+        ))
     };
     let table: toml::Table = text.parse().map_err(at)?;
     let known = known_keys();
     if let Some(key) = table.keys().find(|k| !known.contains(*k)) {
-        bail!(
+        return Err(usage(format!(
             "config file {}: unknown key `{key}` (keys are serve's long option names, \
              e.g. `socket`, `target`, `connect-timeout`; see `streamboot serve --help`)",
             path.display()
-        );
+        )));
     }
     // Key by key first, so that an error names its key and line (serde's flatten, used
     // for the net options, loses the position).
@@ -88,11 +88,11 @@ pub(super) fn load(path: &Path) -> Result<ServeArgs> {
                 })
                 .map(|n| format!(" (line {})", n + 1))
                 .unwrap_or_default();
-            bail!(
+            return Err(usage(format!(
                 "config file {}: `{key}`: {}{line}",
                 path.display(),
                 e.message().trim().replace('\n', " ")
-            );
+            )));
         }
     }
     let args: ServeArgs = toml::from_str(&text).map_err(at)?;
@@ -103,20 +103,20 @@ pub(super) fn load(path: &Path) -> Result<ServeArgs> {
         .chain(args.notify.iter().map(|u| ("notify", u)))
     {
         if redact_url(url) != *url {
-            bail!(
+            return Err(usage(format!(
                 "config file {}: `{key}` holds a secret (user:password@ or a ?query) in {}; \
                  put the URL in a file of its own (mode 0600) named by `{key}-file`",
                 path.display(),
                 redact_url(url)
-            );
+            )));
         }
     }
     if !args.net.headers.is_empty() {
-        bail!(
+        return Err(usage(format!(
             "config file {}: `header` values are secrets; put the headers in a file of \
              their own (mode 0600) named by `header-file`",
             path.display()
-        );
+        )));
     }
     Ok(args)
 }
@@ -255,15 +255,26 @@ pub(super) fn read_secret_urls(path: &Path) -> Result<Vec<String>> {
         .map(str::to_string)
         .collect();
     if urls.is_empty() {
-        bail!("the URL file {} holds no URL", path.display());
+        return Err(usage(format!(
+            "the URL file {} holds no URL",
+            path.display()
+        )));
     }
     Ok(urls)
 }
 
+/// A wrong command line or config file: exit code 2, kind "usage".
+fn usage(msg: String) -> anyhow::Error {
+    super::exit::UsageError(msg).into()
+}
+
 /// A required option, or an error saying where to give it.
 pub(super) fn required<T: Clone>(v: &Option<T>, what: &str) -> Result<T> {
-    v.clone()
-        .ok_or_else(|| anyhow!("serve needs {what}: give it on the command line or in --config"))
+    v.clone().ok_or_else(|| {
+        usage(format!(
+            "serve needs {what}: give it on the command line or in --config"
+        ))
+    })
 }
 
 #[cfg(test)]

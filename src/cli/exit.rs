@@ -27,6 +27,12 @@ use crate::store::seen::SeenError;
 use crate::store::{ObjectError, StoreError};
 use crate::vhost::VhostError;
 
+/// A wrong command line found by the CLI itself after clap (a config file with an unknown
+/// key, a value of the wrong type or a secret in it; a required option given nowhere).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// What kind of failure ended a command; decides the exit code and the `"kind"` of a
 /// `--json` error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +135,7 @@ fn one(e: &(dyn Error + 'static)) -> Option<Kind> {
         };
     }
     try_as!(
+        UsageError => |_| Some(Kind::Usage),
         MigrationError => migration,
         StepError => step,
         RelocError => |x| Some(reloc(x)),
@@ -187,7 +194,7 @@ fn reloc(e: &RelocError) -> Kind {
         RelocError::NotPrepared | RelocError::AlreadyPrepared(_) | RelocError::BadState { .. } => {
             Kind::InvalidState
         }
-        RelocError::Corrupt(_) => Kind::Integrity,
+        RelocError::Corrupt(_) | RelocError::PartitionTable(_) => Kind::Integrity,
         RelocError::InvalidChunkSize(_) | RelocError::Invalid(_) => Kind::Usage,
         RelocError::Fetch { .. } => Kind::Network,
         RelocError::TooSmall(_) | RelocError::Overlap(_) => Kind::Other,

@@ -15,7 +15,6 @@ use std::fmt;
 pub mod file;
 pub mod http;
 pub mod http_parse;
-pub mod retry;
 
 pub use file::FileSource;
 pub use http::{HttpAuth, HttpOptions, HttpSource};

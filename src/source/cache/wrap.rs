@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::entry::Key;
 use super::{CacheConfig, SharedCache};
-use crate::source::http::identity_url;
+use crate::net::identity_url;
 use crate::source::store::StoreSource;
 use crate::source::{check_range, CancellationToken, RemoteSource, SourceError, SourceIdentity};
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::fault_proxy::{Fault, FaultProxy, Rule, When};
 use common::nginx::{set_mtime, Nginx};
 use common::random_bytes;
-use streamboot::source::{HttpOptions, HttpSource, RemoteSource, SourceError};
+use streamboot::source::{HttpOptions, HttpSource, NetError, RemoteSource, SourceError};
 
 const KIB: usize = 1 << 10;
 
@@ -168,7 +168,7 @@ fn cross_origin_redirect_is_refused_unless_allowed() {
     );
     let err = HttpSource::open(&[proxy.url("disk.img")], None, quick()).expect_err("redirect");
     assert!(
-        matches!(err, SourceError::RedirectRefused { .. }),
+        matches!(err, SourceError::Net(NetError::RedirectRefused { .. })),
         "{err:?}"
     );
     let text = err.to_string();
@@ -251,7 +251,10 @@ fn dripping_server_without_mirror_errors_at_the_deadline() {
     );
     let start = Instant::now();
     let err = read_within(&src, 0, 64 * KIB, Duration::from_secs(20)).expect_err("drip");
-    assert!(matches!(err, SourceError::Timeout { .. }), "{err:?}");
+    assert!(
+        matches!(err, SourceError::Net(NetError::Timeout { .. })),
+        "{err:?}"
+    );
     assert!(
         start.elapsed() < Duration::from_secs(10),
         "{:?}",

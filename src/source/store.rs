@@ -12,10 +12,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
+use parking_lot::RwLock;
 
 use super::chunk_share::{ChunkShare, Claim};
-use super::http::redact_url;
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
+use crate::net::redact_url;
+use crate::net::NetError;
 use crate::store::fetch::{FetchOptions, Fetcher, StoreLocation};
 use crate::store::identity::{now_unix, IdentityError, ImageIdentity};
 use crate::store::index::{ChunkEntry, ChunkHash, Index, IndexHash, Trust, MAX_INDEX_LEN};
@@ -66,8 +68,11 @@ impl StoreSourceOptions {
 
 /// An image in a chunk store, as a [`RemoteSource`].
 pub struct StoreSource {
-    fetcher: Fetcher,
-    name: String,
+    /// Replaced as a whole by [`RemoteSource::replace_urls`].
+    fetcher: RwLock<Arc<Fetcher>>,
+    /// The image's name in the store (`indexes/<image>.idx`).
+    image: String,
+    fetch_opts: FetchOptions,
     index: Index,
     index_hash: IndexHash,
     signer: Option<KeyId>,
@@ -79,8 +84,8 @@ pub struct StoreSource {
 impl std::fmt::Debug for StoreSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreSource")
-            .field("location", self.fetcher.location())
-            .field("name", &self.name)
+            .field("location", self.fetcher().location())
+            .field("image", &self.image)
             .field("index_hash", &self.index_hash)
             .finish_non_exhaustive()
     }
@@ -92,7 +97,7 @@ impl StoreSource {
     pub fn open(location: &str, name: &str, opts: StoreSourceOptions) -> Result<Self, SourceError> {
         validate_name(name).map_err(|e| SourceError::Invalid(e.to_string()))?;
         let location = StoreLocation::parse(location);
-        let fetcher = Fetcher::new(location, opts.fetch)?;
+        let fetcher = Fetcher::new(location, opts.fetch.clone())?;
         let rel = index_rel(name);
         let what = fetcher.location().describe(&rel);
         let bytes = fetcher.get(&rel, MAX_INDEX_LEN)?;
@@ -124,8 +129,9 @@ impl StoreSource {
             DUPLICATE_PIN_BYTES,
         );
         Ok(StoreSource {
-            fetcher,
-            name: what,
+            fetcher: RwLock::new(Arc::new(fetcher)),
+            image: name.to_owned(),
+            fetch_opts: opts.fetch,
             index,
             index_hash: parsed.hash,
             signer: parsed.signer,
@@ -138,25 +144,13 @@ impl StoreSource {
     /// Opens from the location of an index file itself:
     /// `<store>/indexes/<name>.idx` (path or URL).
     pub fn open_index(index_location: &str, opts: StoreSourceOptions) -> Result<Self, SourceError> {
-        let bad = || {
-            SourceError::Invalid(format!(
-                "{}: expected <store>/{INDEXES_DIR}/<name>{INDEX_SUFFIX}",
-                redact_url(index_location)
-            ))
-        };
-        let trimmed = index_location.trim_end_matches('/');
-        let (dir, file) = trimmed.rsplit_once('/').ok_or_else(bad)?;
-        let name = file.strip_suffix(INDEX_SUFFIX).ok_or_else(bad)?;
-        let base = dir
-            .strip_suffix(INDEXES_DIR)
-            .filter(|b| b.is_empty() || b.ends_with('/'))
-            .ok_or_else(bad)?;
-        let base = match base.trim_end_matches('/') {
-            "" if base.starts_with('/') => "/",
-            "" => ".",
-            b => b,
-        };
+        let (base, name) = split_index_location(index_location)?;
         Self::open(base, name, opts)
+    }
+
+    /// The fetcher in use now.
+    fn fetcher(&self) -> Arc<Fetcher> {
+        self.fetcher.read().clone()
     }
 
     /// The image identity of the index (name, version, times); `None` for a version-1
@@ -271,7 +265,7 @@ impl StoreSource {
             .iter()
             .map(|(h, z, len)| (chunk_rel(h, *z), max_object_len(*len, *z)))
             .collect();
-        let results = self.fetcher.get_many(&reqs);
+        let results = self.fetcher().get_many(&reqs);
         let mut first_err = None;
         for (&(hash, compressed, len), (rel, result)) in want.iter().zip(reqs.iter().zip(results)) {
             let outcome = self
@@ -296,20 +290,21 @@ impl StoreSource {
     fn verify(
         &self,
         rel: &(String, u64),
-        result: Result<Vec<u8>, SourceError>,
+        result: Result<Vec<u8>, NetError>,
         hash: ChunkHash,
         compressed: bool,
         len: u64,
     ) -> Result<Vec<u8>, SourceError> {
+        let fetcher = self.fetcher();
         let mut outcome = decode_object(result?, &hash, compressed, len);
         for _ in 1..VERIFY_ATTEMPTS {
             if outcome.is_ok() {
                 break;
             }
-            outcome = decode_object(self.fetcher.get(&rel.0, rel.1)?, &hash, compressed, len);
+            outcome = decode_object(fetcher.get(&rel.0, rel.1)?, &hash, compressed, len);
         }
         outcome.map_err(|e| SourceError::Verify {
-            what: self.fetcher.location().describe(&rel.0),
+            what: fetcher.location().describe(&rel.0),
             reason: e.to_string(),
         })
     }
@@ -358,9 +353,65 @@ impl RemoteSource for StoreSource {
         self.known_zero_range(offset, len)
     }
 
-    fn name(&self) -> String {
-        self.name.clone()
+    /// Takes the index location `urls` (exactly one: `<store>/indexes/<name>.idx`) when
+    /// the index found there is the pinned one (same hash); otherwise nothing changes.
+    fn replace_urls(&self, urls: &[String]) -> Result<(), SourceError> {
+        let [url] = urls else {
+            return Err(SourceError::Invalid(
+                "a chunk-store target takes exactly one index URL".into(),
+            ));
+        };
+        let (base, name) = split_index_location(url)?;
+        validate_name(name).map_err(|e| SourceError::Invalid(e.to_string()))?;
+        let fetcher = Fetcher::new(StoreLocation::parse(base), self.fetch_opts.clone())?;
+        let rel = index_rel(name);
+        let shown = fetcher.location().describe(&rel);
+        let bytes = fetcher.get(&rel, MAX_INDEX_LEN)?;
+        let found = Index::parse(&bytes, Trust::Unverified)
+            .map_err(|e| SourceError::Verify {
+                what: shown.clone(),
+                reason: e.to_string(),
+            })?
+            .hash;
+        if found != self.index_hash {
+            return Err(SourceError::Changed {
+                url: shown,
+                expected: self.identity.to_string(),
+                found: format!("store index {}", found.to_hex()),
+            });
+        }
+        *self.fetcher.write() = Arc::new(fetcher);
+        tracing::info!(index = %shown, "chunk-store location replaced (same index hash)");
+        Ok(())
     }
+
+    fn name(&self) -> String {
+        self.fetcher().location().describe(&index_rel(&self.image))
+    }
+}
+
+/// Splits `<store>/indexes/<name>.idx` (a path or URL) into the store base and the name.
+fn split_index_location(index_location: &str) -> Result<(&str, &str), SourceError> {
+    let bad = || {
+        SourceError::Invalid(format!(
+            "{}: expected a chunk-store index location <store>/{INDEXES_DIR}/<name>{INDEX_SUFFIX}",
+            redact_url(index_location)
+        ))
+    };
+    let trimmed = index_location.trim().trim_end_matches('/');
+    let trimmed = trimmed.strip_prefix("file://").unwrap_or(trimmed);
+    let (dir, file) = trimmed.rsplit_once('/').ok_or_else(bad)?;
+    let name = file.strip_suffix(INDEX_SUFFIX).ok_or_else(bad)?;
+    let base = dir
+        .strip_suffix(INDEXES_DIR)
+        .filter(|b| b.is_empty() || b.ends_with('/'))
+        .ok_or_else(bad)?;
+    let base = match base.trim_end_matches('/') {
+        "" if base.starts_with('/') => "/",
+        "" => ".",
+        b => b,
+    };
+    Ok((base, name))
 }
 
 /// The identity rules of an open (docs/chunk-store.md section 2.7): the signed name must

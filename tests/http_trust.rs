@@ -288,7 +288,8 @@ fn errors_and_names_never_show_url_secrets() {
 }
 
 /// A server that wants credentials (or a signed query) the URL does not carry: a clear
-/// one-line error that says to give the full URL with `--target`.
+/// one-line error that points to the credential files (`--bearer-token-file`,
+/// `--header-file`), never to credentials on the command line.
 #[test]
 fn missing_credentials_get_a_clear_error() {
     let nginx = Nginx::start();
@@ -309,9 +310,12 @@ fn missing_credentials_get_a_clear_error() {
         let text = err.to_string();
         assert!(!err.is_transient());
         assert!(
-            text.contains(&status.to_string()) && text.contains("--target"),
+            text.contains(&status.to_string())
+                && text.contains("--bearer-token-file")
+                && text.contains("--header-file"),
             "unclear: {text}"
         );
+        assert!(status == 403 || !text.contains("--target"), "{text}");
         assert!(!text.contains('\n'), "{text}");
         let ok = proxy
             .url("disk.img")

@@ -38,7 +38,7 @@ pub fn status_error(
                  otherwise --target)"
             } else {
                 "the server refuses access; give credentials (--header-file, \
-                 --bearer-token-file) or a signed URL"
+                 --bearer-token-file) or a signed URL with --target"
             },
         },
         StatusCode::UNAUTHORIZED if auth.bearer_token_file.is_some() => NetError::Unauthorized {

@@ -62,6 +62,15 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
+/// Requests nginx answered 401 so far.
+fn count_401(nginx: &Nginx) -> usize {
+    nginx
+        .access_log()
+        .iter()
+        .filter(|e| e.status == 401)
+        .count()
+}
+
 fn one_line(err: &str) -> &str {
     let line = err.trim();
     assert_eq!(line.lines().count(), 1, "not one line: {err}");
@@ -183,8 +192,13 @@ fn store_over_https_takes_the_http_options() {
     drop(vm);
     std::fs::write(&token, format!("{TOKEN_TWO}\n")).unwrap();
     std::fs::write(&rotated, b"").unwrap();
+    let rejected_before = count_401(&nginx);
     assert_eq!(sha256(&read_device(&sock)), sha256(&target));
     drop(served);
+    assert!(
+        count_401(&nginx) > rejected_before,
+        "no chunk request got 401 after the rotation: the token file was not exercised"
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         !text.contains(TOKEN_ONE) && !text.contains(TOKEN_TWO) && !text.contains(HEADER_SECRET),
@@ -206,9 +220,15 @@ fn store_target_urls_are_replaced_only_for_the_pinned_index() {
     let image = dir.path().join("t.img");
     let target = common::random_bytes(51, 3 << 20);
     std::fs::write(&image, &target).unwrap();
-    for loc in ["a", "b"] {
-        publish(&image, &nginx.root().join(loc).join("st"), "img");
-    }
+    // The same store (byte for byte: an index records when it was published) at /b/.
+    publish(&image, &nginx.root().join("a/st"), "img");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(nginx.root().join("a"))
+        .arg(nginx.root().join("b"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
     // Another image under the same name: a different index hash.
     let other = dir.path().join("o.img");
     std::fs::write(&other, common::random_bytes(52, 3 << 20)).unwrap();
@@ -270,4 +290,10 @@ fn store_target_urls_are_replaced_only_for_the_pinned_index() {
     }
     drop(vm);
     drop(served);
+    let log = nginx.access_log();
+    assert!(
+        log.iter()
+            .any(|e| e.status == 200 && e.request.contains("/b/st/chunks/")),
+        "no chunk came from the new location: {log:?}"
+    );
 }

@@ -14,7 +14,7 @@ use super::size::{human, parse_size};
 use super::store::parse_duration_secs;
 use crate::nbd::server::MAX_READ_CHARGE;
 use crate::nbd::{ChunkCache, NbdServer, ServerHandle, ServerOptions, StoreCatalog};
-use crate::source::http::redact_url;
+use crate::net::redact_url;
 use crate::source::store::StoreSourceOptions;
 use crate::store::seen::SeenVersions;
 

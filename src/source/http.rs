@@ -79,7 +79,8 @@ use super::{check_range, RemoteSource, SourceError, SourceIdentity};
 use crate::net::auth::Auth;
 use crate::net::client::{block_on, build_client, runtime};
 use crate::net::url;
-pub use crate::net::{identity_url, redact_url, HttpAuth, HttpOptions, DEFAULT_MIN_RATE};
+use crate::net::{identity_url, redact_url};
+pub use crate::net::{HttpAuth, HttpOptions};
 
 /// Kind string of [`HttpSource`] identities.
 pub const HTTP_KIND: &str = "http";

@@ -65,6 +65,9 @@ pub struct ExportArgs {
     /// (a 32 MiB read then needs about 0.6 MB/s; slower links: smaller reads or more).
     #[arg(long, default_value = "60s", value_parser = parse_duration_secs)]
     pub reply_timeout: u64,
+    /// HTTP(S) options for a store given as a URL (headers, token, CAs, timeouts).
+    #[command(flatten)]
+    pub net: super::NetArgs,
 }
 
 /// Runs the NBD server until SIGTERM/SIGINT.
@@ -87,6 +90,7 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
         o
     };
     opts.cache_chunks = 0;
+    opts.fetch.http = a.net.http_options();
     if a.max_connections == 0 {
         bail!("--max-connections must be at least 1");
     }

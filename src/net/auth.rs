@@ -81,16 +81,16 @@ impl HttpAuth {
         Ok(())
     }
 
-    /// Applies the extra headers and the trust settings to another client reaching the
-    /// same servers (for the chunk-store fetcher). The bearer token is not included: it
-    /// is sent per request and read again after a 401 (see `Auth::send`).
+    /// Applies the extra headers and the trust settings to the client builder
+    /// ([`super::client::build_client`]). The bearer token is not included: it is sent per
+    /// request and read again after a 401 (see [`Auth::send`]).
     pub fn configure(&self, builder: ClientBuilder) -> Result<ClientBuilder, NetError> {
         self.validate()?;
         self.apply_tls(builder.default_headers(self.header_map()?))
     }
 
     /// The extra headers (inline, then from the files), values marked sensitive.
-    pub fn header_map(&self) -> Result<HeaderMap, NetError> {
+    fn header_map(&self) -> Result<HeaderMap, NetError> {
         let mut map = HeaderMap::new();
         for (i, line) in self.headers.iter().enumerate() {
             let (name, value) = parse_header(line)
@@ -118,7 +118,7 @@ impl HttpAuth {
     }
 
     /// Applies the trust settings and the client identity to `builder`.
-    pub fn apply_tls(&self, mut builder: ClientBuilder) -> Result<ClientBuilder, NetError> {
+    fn apply_tls(&self, mut builder: ClientBuilder) -> Result<ClientBuilder, NetError> {
         // With rustls, these two decide which built-in roots are loaded.
         builder = builder
             .tls_built_in_webpki_certs(!self.no_default_roots)

@@ -10,6 +10,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::json;
 use streamboot::control::client;
@@ -260,7 +261,16 @@ fn store_target_urls_are_replaced_only_for_the_pinned_index() {
     assert_eq!(vm.read(0, 0, 1 << 20), 0);
     assert_eq!(vm.buf(0..1 << 20), &target[..1 << 20]);
 
+    // The old location is withdrawn: a read of chunks not fetched yet waits (no I/O
+    // error) for a new location.
     std::fs::write(&moved, b"").unwrap();
+    vm.submit_read(0, 2 << 20, 0, 1 << 20, 7);
+    let early = vm.wait_for(0, 1, Duration::from_secs(3));
+    assert!(
+        early.as_ref().map_or(true, |done| done.is_empty()),
+        "the read completed on a withdrawn location: {:?}",
+        early.map(|d| d.iter().map(|c| c.ret).collect::<Vec<_>>())
+    );
     // Refused, nothing changed: another image's index; a URL that is not an index.
     for (urls, why) in [
         (vec![url_c.clone()], "the image changed"),
@@ -276,18 +286,16 @@ fn store_target_urls_are_replaced_only_for_the_pinned_index() {
     }
     let err = cli_err(&["target-urls", d, &url_c, "--control", c]);
     assert!(err.contains("refused"), "{err}");
-    // The same store at its new location is taken, and the device reads through it.
+    // The same store at its new location is taken; the waiting read completes.
     let out = cli_ok(&["target-urls", d, &url_b, "--control", c]);
     assert!(out.contains("replaced") && out.contains("/b/st/"), "{out}");
-    for off in [1u64 << 20, 2 << 20] {
-        assert_eq!(
-            vm.read(off, 0, 1 << 20),
-            0,
-            "read at {off} after the refresh"
-        );
-        let o = off as usize;
-        assert_eq!(vm.buf(0..1 << 20), &target[o..o + (1 << 20)]);
-    }
+    let done = vm
+        .wait(0, 1)
+        .expect("the read never completed after the refresh");
+    assert_eq!(done[0].ret, 0);
+    assert_eq!(vm.buf(0..1 << 20), &target[2 << 20..3 << 20]);
+    assert_eq!(vm.read(1 << 20, 0, 1 << 20), 0, "read after the refresh");
+    assert_eq!(vm.buf(0..1 << 20), &target[1 << 20..2 << 20]);
     drop(vm);
     drop(served);
     let log = nginx.access_log();

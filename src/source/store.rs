@@ -14,6 +14,9 @@ use std::sync::Arc;
 use ed25519_dalek::VerifyingKey;
 use parking_lot::RwLock;
 
+mod refresh;
+
+use self::refresh::Replaced;
 use super::chunk_share::{ChunkShare, Claim};
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
 use crate::net::redact_url;
@@ -73,6 +76,8 @@ pub struct StoreSource {
     /// The image's name in the store (`indexes/<image>.idx`).
     image: String,
     fetch_opts: FetchOptions,
+    /// Wakes reads waiting out a 403 when the location was replaced.
+    replaced: Replaced,
     index: Index,
     index_hash: IndexHash,
     signer: Option<KeyId>,
@@ -132,6 +137,7 @@ impl StoreSource {
             fetcher: RwLock::new(Arc::new(fetcher)),
             image: name.to_owned(),
             fetch_opts: opts.fetch,
+            replaced: Replaced::default(),
             index,
             index_hash: parsed.hash,
             signer: parsed.signer,
@@ -333,20 +339,16 @@ impl RemoteSource for StoreSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        check_range(offset, buf.len(), self.index.image_size())?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let shift = self.index.chunk_shift();
-        let end = offset + buf.len() as u64;
-        let first = offset >> shift;
-        let last = (end - 1) >> shift;
-        // Batches bound the memory one large read holds to a few dozen chunks.
-        let all: Vec<u64> = (first..=last).collect();
-        for batch in all.chunks(READ_BATCH) {
-            self.copy_batch(batch, offset, buf)?;
-        }
-        Ok(())
+        self.read_waiting(offset, buf, None)
+    }
+
+    fn read_at_cancellable(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        cancel: &super::CancellationToken,
+    ) -> Result<(), SourceError> {
+        self.read_waiting(offset, buf, Some(cancel))
     }
 
     fn known_zero(&self, offset: u64, len: u64) -> Option<bool> {
@@ -356,33 +358,7 @@ impl RemoteSource for StoreSource {
     /// Takes the index location `urls` (exactly one: `<store>/indexes/<name>.idx`) when
     /// the index found there is the pinned one (same hash); otherwise nothing changes.
     fn replace_urls(&self, urls: &[String]) -> Result<(), SourceError> {
-        let [url] = urls else {
-            return Err(SourceError::Invalid(
-                "a chunk-store target takes exactly one index URL".into(),
-            ));
-        };
-        let (base, name) = split_index_location(url)?;
-        validate_name(name).map_err(|e| SourceError::Invalid(e.to_string()))?;
-        let fetcher = Fetcher::new(StoreLocation::parse(base), self.fetch_opts.clone())?;
-        let rel = index_rel(name);
-        let shown = fetcher.location().describe(&rel);
-        let bytes = fetcher.get(&rel, MAX_INDEX_LEN)?;
-        let found = Index::parse(&bytes, Trust::Unverified)
-            .map_err(|e| SourceError::Verify {
-                what: shown.clone(),
-                reason: e.to_string(),
-            })?
-            .hash;
-        if found != self.index_hash {
-            return Err(SourceError::Changed {
-                url: shown,
-                expected: self.identity.to_string(),
-                found: format!("store index {}", found.to_hex()),
-            });
-        }
-        *self.fetcher.write() = Arc::new(fetcher);
-        tracing::info!(index = %shown, "chunk-store location replaced (same index hash)");
-        Ok(())
+        self.replace_location(urls)
     }
 
     fn name(&self) -> String {
@@ -439,6 +415,24 @@ const VERIFY_ATTEMPTS: u32 = 3;
 const READ_BATCH: usize = 32;
 
 impl StoreSource {
+    /// One attempt at [`RemoteSource::read_at`] (a 403 is returned, not waited out).
+    fn read_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        check_range(offset, buf.len(), self.index.image_size())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let shift = self.index.chunk_shift();
+        let end = offset + buf.len() as u64;
+        let first = offset >> shift;
+        let last = (end - 1) >> shift;
+        // Batches bound the memory one large read holds to a few dozen chunks.
+        let all: Vec<u64> = (first..=last).collect();
+        for batch in all.chunks(READ_BATCH) {
+            self.copy_batch(batch, offset, buf)?;
+        }
+        Ok(())
+    }
+
     /// Copies the parts of `batch`'s chunks that overlap `[offset, offset + buf.len())`.
     fn copy_batch(&self, batch: &[u64], offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let shift = self.index.chunk_shift();

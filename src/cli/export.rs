@@ -91,6 +91,12 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
     };
     opts.cache_chunks = 0;
     opts.fetch.http = a.net.http_options();
+    // No control API can give an export new URLs: a 403 fails the read at once unless
+    // --fetch-deadline says to wait.
+    opts.fetch
+        .http
+        .deadline
+        .get_or_insert(std::time::Duration::ZERO);
     if a.max_connections == 0 {
         bail!("--max-connections must be at least 1");
     }

@@ -4,7 +4,8 @@
 //! (`--bearer-token-file`, read again after a 401 while serving). Without them, `prepare`
 //! fails in one clear line naming the option to give, and the disk is unchanged.
 //!
-//! And `POST /v1/target-urls` for a chunk-store target: a new index URL is taken when its
+//! A store that redirects to another origin is refused, as a raw image is. And
+//! `POST /v1/target-urls` for a chunk-store target: a new index URL is taken when its
 //! index hash is the pinned one, otherwise refused with nothing changed.
 
 mod common;
@@ -212,8 +213,10 @@ fn store_target_urls_are_replaced_only_for_the_pinned_index() {
     let flags = tempfile::tempdir().unwrap();
     let moved = flags.path().join("moved");
     // Location /a/ is withdrawn (403) once `moved` exists; /b/ serves the same store.
+    // /r/ redirects to another origin (localhost is not 127.0.0.1).
     let rule = format!(
-        "location /a/ {{ if (-f {}) {{ return 403; }} }}",
+        "location /a/ {{ if (-f {}) {{ return 403; }} }} \
+         location /r/ {{ return 302 http://localhost:$server_port/a/st/indexes/img.idx; }}",
         moved.display()
     );
     let nginx = Nginx::start_custom("", &rule);

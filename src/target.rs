@@ -118,9 +118,7 @@ pub fn open_store(
         }
     };
     let fetch = FetchOptions {
-        connect_timeout: http.connect_timeout,
-        request_timeout: http.request_timeout,
-        auth: http.auth.clone(),
+        http: http.clone(),
         ..FetchOptions::default()
     };
     let src = StoreSource::open_index(

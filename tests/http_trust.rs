@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::fault_proxy::{Fault, FaultProxy, Rule, When};
 use common::nginx::{set_mtime, Nginx};
 use common::random_bytes;
-use streamboot::source::{HttpOptions, HttpSource, RemoteSource, SourceError};
+use streamboot::source::{HttpOptions, HttpSource, NetError, RemoteSource, SourceError};
 
 const KIB: usize = 1 << 10;
 
@@ -168,7 +168,7 @@ fn cross_origin_redirect_is_refused_unless_allowed() {
     );
     let err = HttpSource::open(&[proxy.url("disk.img")], None, quick()).expect_err("redirect");
     assert!(
-        matches!(err, SourceError::RedirectRefused { .. }),
+        matches!(err, SourceError::Net(NetError::RedirectRefused { .. })),
         "{err:?}"
     );
     let text = err.to_string();
@@ -251,7 +251,10 @@ fn dripping_server_without_mirror_errors_at_the_deadline() {
     );
     let start = Instant::now();
     let err = read_within(&src, 0, 64 * KIB, Duration::from_secs(20)).expect_err("drip");
-    assert!(matches!(err, SourceError::Timeout { .. }), "{err:?}");
+    assert!(
+        matches!(err, SourceError::Net(NetError::Timeout { .. })),
+        "{err:?}"
+    );
     assert!(
         start.elapsed() < Duration::from_secs(10),
         "{:?}",
@@ -285,7 +288,8 @@ fn errors_and_names_never_show_url_secrets() {
 }
 
 /// A server that wants credentials (or a signed query) the URL does not carry: a clear
-/// one-line error that says to give the full URL with `--target`.
+/// one-line error that points to the credential files (`--bearer-token-file`,
+/// `--header-file`), never to credentials on the command line.
 #[test]
 fn missing_credentials_get_a_clear_error() {
     let nginx = Nginx::start();
@@ -306,9 +310,12 @@ fn missing_credentials_get_a_clear_error() {
         let text = err.to_string();
         assert!(!err.is_transient());
         assert!(
-            text.contains(&status.to_string()) && text.contains("--target"),
+            text.contains(&status.to_string())
+                && text.contains("--bearer-token-file")
+                && text.contains("--header-file"),
             "unclear: {text}"
         );
+        assert!(status == 403 || !text.contains("--target"), "{text}");
         assert!(!text.contains('\n'), "{text}");
         let ok = proxy
             .url("disk.img")

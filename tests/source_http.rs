@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 use common::nginx::{set_mtime, Nginx};
 use common::{dead_port, random_bytes, test_rng};
 use rand::Rng;
-use streamboot::source::{HttpOptions, HttpSource, RemoteSource, SourceError, SourceIdentity};
+use streamboot::source::{
+    HttpOptions, HttpSource, NetError, RemoteSource, SourceError, SourceIdentity,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -159,8 +161,7 @@ fn missing_image_is_a_clear_status_error() {
     let url = nginx.url("nope.img");
     let err = HttpSource::open(std::slice::from_ref(&url), None, quick()).expect_err("404");
     match &err {
-        SourceError::Status { url: u, status } => {
-            assert_eq!(*status, 404);
+        SourceError::Net(NetError::NotFound { url: u, http: true }) => {
             assert_eq!(u, &url);
         }
         other => panic!("expected Status 404, got {other:?}"),
@@ -190,7 +191,7 @@ fn unreachable_server_fails_fast_at_open_with_default_options() {
     let err = HttpSource::open(&[url], None, HttpOptions::default()).expect_err("dead port");
     let took = start.elapsed();
     assert!(
-        matches!(err, SourceError::Unreachable { .. }),
+        matches!(err, SourceError::Net(NetError::Unreachable { .. })),
         "got {err:?}"
     );
     assert!(err.to_string().contains("refused"), "{err}");
@@ -520,7 +521,7 @@ fn wrong_content_range_is_never_accepted() {
     let src = HttpSource::open(&[url], None, opts).unwrap();
     let err = read(&src, 100, 1000).expect_err("shifted range");
     assert!(
-        matches!(err, SourceError::BadResponse { .. }),
+        matches!(err, SourceError::Net(NetError::BadResponse { .. })),
         "got {err:?}"
     );
 }
@@ -578,7 +579,7 @@ fn encoded_body_is_refused() {
     let src = HttpSource::open(&[url], None, opts).unwrap();
     let err = read(&src, 0, 100).expect_err("gzip body");
     assert!(
-        matches!(err, SourceError::BadResponse { .. }),
+        matches!(err, SourceError::Net(NetError::BadResponse { .. })),
         "got {err:?}"
     );
 }
@@ -629,7 +630,10 @@ fn stalled_server_times_out() {
     };
     let start = Instant::now();
     let err = HttpSource::open(&[url], None, opts).expect_err("stall");
-    assert!(matches!(err, SourceError::Timeout { .. }), "got {err:?}");
+    assert!(
+        matches!(err, SourceError::Net(NetError::Timeout { .. })),
+        "got {err:?}"
+    );
     assert!(
         start.elapsed() < Duration::from_secs(3),
         "{:?}",

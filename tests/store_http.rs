@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use store_common::*;
 use streamboot::source::store::{StoreSource, StoreSourceOptions};
-use streamboot::source::{RemoteSource, SourceError};
+use streamboot::source::{NetError, RemoteSource, SourceError};
 use streamboot::store::publish;
 
 /// Failure injection knobs and counters of the test server.
@@ -94,8 +94,8 @@ fn handle(mut stream: TcpStream, root: &Path, k: &Knobs) -> std::io::Result<()> 
 
 fn opts(key: &ed25519_dalek::SigningKey) -> StoreSourceOptions {
     let mut o = StoreSourceOptions::trusted(key.verifying_key());
-    o.fetch.initial_backoff = Duration::from_millis(5);
-    o.fetch.max_backoff = Duration::from_millis(50);
+    o.fetch.http.backoff_base = Duration::from_millis(5);
+    o.fetch.http.backoff_max = Duration::from_millis(50);
     o.fetch.attempts = 4;
     o.cache_chunks = 0;
     o
@@ -150,7 +150,7 @@ fn store_over_http() {
     knobs.fail_next.store(100, Ordering::SeqCst);
     let err = read(&src, 0, 1).unwrap_err();
     assert!(
-        matches!(err, SourceError::Status { status: 503, .. }),
+        matches!(err, SourceError::Net(NetError::Status { status: 503, .. })),
         "{err}"
     );
     assert!(err.is_transient());
@@ -179,7 +179,7 @@ fn store_over_http() {
     std::fs::remove_file(&obj).unwrap();
     let err = read(&src, c * CS as u64, 10).unwrap_err();
     assert!(
-        matches!(err, SourceError::Status { status: 404, .. }),
+        matches!(err, SourceError::Net(NetError::NotFound { .. })),
         "{err}"
     );
     assert!(!err.is_transient());
@@ -191,7 +191,7 @@ fn store_over_http() {
     // No such image.
     let err = StoreSource::open(&url, "nope", opts(&key)).unwrap_err();
     assert!(
-        matches!(err, SourceError::Status { status: 404, .. }),
+        matches!(err, SourceError::Net(NetError::NotFound { .. })),
         "{err}"
     );
 

@@ -17,7 +17,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::serve::ServeArgs;
 use super::NetArgs;
-use crate::source::http::redact_url;
+use crate::net::redact_url;
 
 /// Size fields (`rate`, `min-rate`) take a number of bytes or a string such as "64K".
 pub(super) fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {

@@ -203,17 +203,8 @@ fn reloc(e: &RelocError) -> Kind {
 
 fn source(e: &SourceError) -> Option<Kind> {
     Some(match e {
-        SourceError::Unreachable { .. }
-        | SourceError::Status { .. }
-        | SourceError::NoRangeSupport { .. }
-        | SourceError::BadResponse { .. }
-        | SourceError::Transfer { .. }
-        | SourceError::Timeout { .. }
-        | SourceError::Unauthorized { .. }
-        | SourceError::RedirectRefused { .. }
-        | SourceError::Unvalidated { .. }
-        | SourceError::Tls { .. }
-        | SourceError::Forbidden { .. } => Kind::Network,
+        SourceError::Net(n) => net(n),
+        SourceError::NoRangeSupport { .. } | SourceError::Unvalidated { .. } => Kind::Network,
         SourceError::Changed { .. } | SourceError::Verify { .. } => Kind::Integrity,
         SourceError::Invalid(_) => Kind::Usage,
         SourceError::Io(x) => io_kind(x),
@@ -230,6 +221,15 @@ fn cache(e: &CacheError) -> Option<Kind> {
             Kind::Usage
         }
     })
+}
+
+fn net(e: &crate::net::NetError) -> Kind {
+    use crate::net::NetError as N;
+    match e {
+        N::Invalid(_) | N::NotFound { http: false, .. } => Kind::Usage,
+        N::Io(x) => io_kind(x),
+        _ => Kind::Network,
+    }
 }
 
 fn service(e: &ServiceError) -> Option<Kind> {

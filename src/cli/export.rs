@@ -14,8 +14,8 @@ use super::size::{human, parse_size};
 use super::store::parse_duration_secs;
 use crate::nbd::server::MAX_READ_CHARGE;
 use crate::nbd::{ChunkCache, NbdServer, ServerHandle, ServerOptions, StoreCatalog};
+use crate::net::redact_url;
 use crate::source::cache::{CacheConfig, SharedCache, DEFAULT_CACHE_SIZE};
-use crate::source::http::redact_url;
 use crate::source::store::StoreSourceOptions;
 use crate::store::seen::SeenVersions;
 
@@ -74,6 +74,9 @@ pub struct ExportArgs {
     /// (a 32 MiB read then needs about 0.6 MB/s; slower links: smaller reads or more).
     #[arg(long, default_value = "60s", value_parser = parse_duration_secs)]
     pub reply_timeout: u64,
+    /// HTTP(S) options for a store given as a URL (headers, token, CAs, timeouts).
+    #[command(flatten)]
+    pub net: super::NetArgs,
 }
 
 /// Runs the NBD server until SIGTERM/SIGINT.
@@ -96,6 +99,13 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
         o
     };
     opts.cache_chunks = 0;
+    opts.fetch.http = a.net.http_options();
+    // No control API can give an export new URLs: a 403 fails the read at once unless
+    // --fetch-deadline says to wait.
+    opts.fetch
+        .http
+        .deadline
+        .get_or_insert(std::time::Duration::ZERO);
     if a.max_connections == 0 {
         bail!("--max-connections must be at least 1");
     }

@@ -189,7 +189,7 @@ pub fn run(cli: &ServeArgs, json: bool) -> Result<()> {
 /// A URL with credentials given on the command line is readable by every local user
 /// (`ps`, /proc/PID/cmdline): say so, and where it belongs instead (never showing it).
 fn warn_secrets_in_argv(cli: &ServeArgs) {
-    use crate::source::http::redact_url;
+    use crate::net::redact_url;
     let urls = cli.targets.iter().map(|u| ("--target", "--target-file", u));
     for (flag, file, url) in urls.chain(cli.notify.iter().map(|u| ("--notify", "--notify-file", u)))
     {

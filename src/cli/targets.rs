@@ -34,7 +34,7 @@ impl std::fmt::Debug for TargetUrlsArgs {
         let shown: Vec<String> = self
             .urls
             .iter()
-            .map(|u| crate::source::http::redact_url(u))
+            .map(|u| crate::net::redact_url(u))
             .collect();
         f.debug_struct("TargetUrlsArgs")
             .field("disk", &self.disk)

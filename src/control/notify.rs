@@ -25,7 +25,7 @@ use serde_json::{Map, Value};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::source::http::redact_url;
+use crate::net::redact_url;
 
 /// Header with the signing time (Unix seconds) of a post.
 pub const TIMESTAMP_HEADER: &str = "x-streamboot-timestamp";

@@ -20,11 +20,7 @@ pub(super) struct SecretUrls(pub(super) Vec<String>);
 
 impl fmt::Debug for SecretUrls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let shown: Vec<String> = self
-            .0
-            .iter()
-            .map(|u| crate::source::http::redact_url(u))
-            .collect();
+        let shown: Vec<String> = self.0.iter().map(|u| crate::net::redact_url(u)).collect();
         f.debug_tuple("SecretUrls").field(&shown).finish()
     }
 }

@@ -113,7 +113,7 @@ impl StoreCatalog {
         if only.is_none() && matches!(StoreLocation::parse(location), StoreLocation::Http(_)) {
             return Err(format!(
                 "{}: a store served over HTTP cannot be listed: name its images with --image",
-                crate::source::http::redact_url(location)
+                crate::net::redact_url(location)
             ));
         }
         // The shared cache replaces the source's own.
@@ -207,10 +207,9 @@ impl Catalog for StoreCatalog {
             (None, StoreLocation::Dir(dir)) => StoreDir::new(&dir)
                 .list_indexes()
                 .map_err(|e| format!("listing the store: {e}")),
-            (None, StoreLocation::Http(url)) => Err(format!(
-                "{} cannot be listed",
-                crate::source::http::redact_url(&url)
-            )),
+            (None, StoreLocation::Http(url)) => {
+                Err(format!("{} cannot be listed", crate::net::redact_url(&url)))
+            }
         }
     }
 

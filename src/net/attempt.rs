@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::NetError;
 use super::{url, HttpOptions};
-use crate::source::SourceError;
 
 /// Time limits of one attempt: each wait at most the stall limit, all of them together at
 /// most the attempt budget (see [`HttpOptions::attempt_budget`]).
@@ -32,14 +32,14 @@ impl Clock {
     }
 
     /// Awaits `fut` within the stall limit and the rest of the budget.
-    pub async fn run<F: Future>(&self, shown: &str, fut: F) -> Result<F::Output, SourceError> {
+    pub async fn run<F: Future>(&self, shown: &str, fut: F) -> Result<F::Output, NetError> {
         let stall_end = Instant::now()
             .checked_add(self.stall)
             .unwrap_or_else(far_future);
         let stalled = stall_end <= self.end;
         tokio::time::timeout_at(stall_end.min(self.end), fut)
             .await
-            .map_err(|_| SourceError::Timeout {
+            .map_err(|_| NetError::Timeout {
                 url: shown.to_owned(),
                 secs: ceil_secs(if stalled {
                     self.stall
@@ -61,37 +61,37 @@ fn ceil_secs(d: Duration) -> u64 {
 
 /// Classifies a reqwest error: connection problems are `Unreachable`, broken transfers are
 /// `Transfer`, both transient; a client that cannot even build the request is `Invalid`.
-pub fn request_error(opts: &HttpOptions, shown: &str, e: reqwest::Error) -> SourceError {
+pub fn request_error(opts: &HttpOptions, shown: &str, e: reqwest::Error) -> NetError {
     let url = shown.to_owned();
     // reqwest's message names the URL it was requesting, query string included.
     let e = e.without_url();
     let reason = chain(&e);
     if let Some(refused) = url::refused_redirect(&e) {
-        return SourceError::RedirectRefused {
+        return NetError::RedirectRefused {
             url,
             reason: refused.to_string(),
         };
     }
     if let Some(reason) = tls_failure(&e) {
-        return SourceError::Tls { url, reason };
+        return NetError::Tls { url, reason };
     }
     if e.is_timeout() {
-        SourceError::Timeout {
+        NetError::Timeout {
             url,
             secs: ceil_secs(opts.connect_timeout),
         }
     } else if e.is_builder() {
-        SourceError::Invalid(format!("{url}: {reason}"))
+        NetError::Invalid(format!("{url}: {reason}"))
     } else if e.is_redirect() {
-        SourceError::Invalid(format!("{url}: redirect loop: {reason}"))
+        NetError::Invalid(format!("{url}: redirect loop: {reason}"))
     } else if e.is_connect() {
-        SourceError::Unreachable { url, reason }
+        NetError::Unreachable { url, reason }
     } else if e.is_body() || e.is_decode() {
-        SourceError::Transfer { url, reason }
+        NetError::Transfer { url, reason }
     } else {
         // Request errors without a connect failure: typically a pooled connection that
         // the server closed as we reused it.
-        SourceError::Unreachable { url, reason }
+        NetError::Unreachable { url, reason }
     }
 }
 

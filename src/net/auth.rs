@@ -16,7 +16,7 @@ use reqwest::{ClientBuilder, RequestBuilder, Response, StatusCode};
 
 use super::attempt::{request_error, Clock};
 use super::HttpOptions;
-use crate::source::SourceError;
+use super::NetError;
 
 /// Credentials and trust settings of an HTTP source (all empty by default: no extra
 /// header, the bundled web PKI roots).
@@ -65,32 +65,32 @@ impl fmt::Debug for HttpAuth {
 
 impl HttpAuth {
     /// Checks combinations that cannot work, before anything is read.
-    pub fn validate(&self) -> Result<(), SourceError> {
+    pub fn validate(&self) -> Result<(), NetError> {
         if self.no_default_roots && self.cacerts.is_empty() && !self.system_roots {
-            return Err(SourceError::Invalid(
+            return Err(NetError::Invalid(
                 "HTTP options: --no-default-roots needs --cacert or --system-roots \
                  (nothing would be trusted)"
                     .into(),
             ));
         }
         if self.client_cert.is_some() != self.client_key.is_some() {
-            return Err(SourceError::Invalid(
+            return Err(NetError::Invalid(
                 "HTTP options: --client-cert and --client-key go together".into(),
             ));
         }
         Ok(())
     }
 
-    /// Applies the extra headers and the trust settings to another client reaching the
-    /// same servers (for the chunk-store fetcher). The bearer token is not included: it
-    /// is sent per request and read again after a 401 (see `Auth::send`).
-    pub fn configure(&self, builder: ClientBuilder) -> Result<ClientBuilder, SourceError> {
+    /// Applies the extra headers and the trust settings to the client builder
+    /// ([`super::client::build_client`]). The bearer token is not included: it is sent per
+    /// request and read again after a 401 (see [`Auth::send`]).
+    pub fn configure(&self, builder: ClientBuilder) -> Result<ClientBuilder, NetError> {
         self.validate()?;
         self.apply_tls(builder.default_headers(self.header_map()?))
     }
 
     /// The extra headers (inline, then from the files), values marked sensitive.
-    pub fn header_map(&self) -> Result<HeaderMap, SourceError> {
+    fn header_map(&self) -> Result<HeaderMap, NetError> {
         let mut map = HeaderMap::new();
         for (i, line) in self.headers.iter().enumerate() {
             let (name, value) = parse_header(line)
@@ -118,7 +118,7 @@ impl HttpAuth {
     }
 
     /// Applies the trust settings and the client identity to `builder`.
-    pub fn apply_tls(&self, mut builder: ClientBuilder) -> Result<ClientBuilder, SourceError> {
+    fn apply_tls(&self, mut builder: ClientBuilder) -> Result<ClientBuilder, NetError> {
         // With rustls, these two decide which built-in roots are loaded.
         builder = builder
             .tls_built_in_webpki_certs(!self.no_default_roots)
@@ -160,12 +160,12 @@ impl HttpAuth {
     }
 }
 
-fn invalid(message: String) -> SourceError {
-    SourceError::Invalid(message)
+fn invalid(message: String) -> NetError {
+    NetError::Invalid(message)
 }
 
 /// Reads a file holding a secret; the error names the file, never its content.
-fn read_secret(path: &Path, what: &str) -> Result<String, SourceError> {
+fn read_secret(path: &Path, what: &str) -> Result<String, NetError> {
     fs::read_to_string(path).map_err(|e| invalid(format!("{what} {}: {e}", path.display())))
 }
 
@@ -188,7 +188,7 @@ struct Bearer {
 }
 
 impl Bearer {
-    fn load(path: &Path) -> Result<HeaderValue, SourceError> {
+    fn load(path: &Path) -> Result<HeaderValue, NetError> {
         let text = read_secret(path, "bearer token file")?;
         let token = text.trim();
         if token.is_empty() {
@@ -219,7 +219,7 @@ pub struct Auth {
 
 impl Auth {
     /// Reads the bearer token file, if any.
-    pub fn new(opts: &HttpAuth) -> Result<Auth, SourceError> {
+    pub fn new(opts: &HttpAuth) -> Result<Auth, NetError> {
         let bearer = match &opts.bearer_token_file {
             None => None,
             Some(path) => Some(Bearer {
@@ -245,7 +245,7 @@ impl Auth {
         opts: &HttpOptions,
         shown: &str,
         request: RequestBuilder,
-    ) -> Result<Response, SourceError> {
+    ) -> Result<Response, NetError> {
         let again = request.try_clone();
         let response = clock
             .run(shown, self.authorize(request).send())

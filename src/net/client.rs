@@ -2,15 +2,55 @@
 //! blocking code.
 
 use std::future::Future;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use reqwest::Client;
-use tokio::runtime::{Handle, RuntimeFlavor};
+use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
 use super::attempt::chain;
 use super::url;
 use super::HttpOptions;
-use crate::source::SourceError;
+use super::NetError;
+
+/// The process-wide runtime that drives every HTTP connection (2 worker threads, built on
+/// first use, never shut down: idle pooled connections need no graceful end).
+pub fn runtime() -> Result<Handle, NetError> {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt.handle().clone());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("streamboot-net")
+        .enable_all()
+        .build()?;
+    if let Err(lost) = RUNTIME.set(rt) {
+        // Another thread built one first; dropping a runtime may block, this does not.
+        lost.shutdown_background();
+    }
+    Ok(RUNTIME.get().expect("set above").handle().clone())
+}
+
+/// [`block_on`] that also works from the async thread of a current-thread runtime: there
+/// the future runs on a helper thread (hence `Send`), since blocking that runtime's only
+/// thread on another runtime would panic.
+pub fn block_on_anywhere<F>(handle: &Handle, fut: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    match Handle::try_current() {
+        Ok(outer) if outer.runtime_flavor() == RuntimeFlavor::CurrentThread => {
+            std::thread::scope(|s| {
+                s.spawn(|| handle.block_on(fut))
+                    .join()
+                    .expect("network thread panicked")
+            })
+        }
+        _ => block_on(handle, fut),
+    }
+}
 
 /// Runs `fut` to completion on the calling thread, with `handle`'s runtime driving I/O and
 /// timers.
@@ -30,7 +70,7 @@ pub fn block_on<F: Future>(handle: &Handle, fut: F) -> F::Output {
 
 /// The client for `opts`: timeouts, redirect policy, HTTP/1.1 or HTTP/2, extra headers,
 /// trusted CAs and client certificate (the bearer token is added per request).
-pub fn build_client(opts: &HttpOptions) -> Result<Client, SourceError> {
+pub fn build_client(opts: &HttpOptions) -> Result<Client, NetError> {
     let mut builder = Client::builder()
         .connect_timeout(opts.connect_timeout)
         .tcp_nodelay(true)
@@ -48,5 +88,5 @@ pub fn build_client(opts: &HttpOptions) -> Result<Client, SourceError> {
     builder = opts.auth.configure(builder)?;
     builder
         .build()
-        .map_err(|e| SourceError::Invalid(format!("cannot set up the HTTP client: {}", chain(&e))))
+        .map_err(|e| NetError::Invalid(format!("cannot set up the HTTP client: {}", chain(&e))))
 }

@@ -10,10 +10,13 @@
 pub mod attempt;
 pub mod auth;
 pub mod client;
+pub mod error;
 pub mod options;
 pub mod retry;
+pub mod status;
 pub mod url;
 
 pub use auth::HttpAuth;
+pub use error::{NetError, NetErrorKind};
 pub use options::{HttpOptions, DEFAULT_MIN_RATE};
 pub use url::{identity_url, redact_url};

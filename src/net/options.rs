@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::auth::HttpAuth;
 use super::retry::Backoff;
-use crate::source::SourceError;
+use super::NetError;
 
 /// Tuning of HTTP(S) access (raw-image sources and chunk-store fetchers). The defaults suit a guest waiting on a WAN link: fail fast
 /// at open, never give up on a transient fault while serving.
@@ -68,19 +68,19 @@ impl Default for HttpOptions {
 
 impl HttpOptions {
     /// Checks the options before anything is read or connected.
-    pub fn validate(&self) -> Result<(), SourceError> {
+    pub fn validate(&self) -> Result<(), NetError> {
         if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
-            return Err(SourceError::Invalid(
+            return Err(NetError::Invalid(
                 "HTTP options: connect_timeout and request_timeout must be non-zero".into(),
             ));
         }
         if self.min_rate == 0 {
-            return Err(SourceError::Invalid(
+            return Err(NetError::Invalid(
                 "HTTP options: min_rate must be non-zero".into(),
             ));
         }
         if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
-            return Err(SourceError::Invalid(
+            return Err(NetError::Invalid(
                 "HTTP options: backoff_base must be non-zero and at most backoff_max".into(),
             ));
         }

@@ -33,11 +33,11 @@
 //! [`HttpAuth`] adds request headers (values marked sensitive, never shown), a bearer token
 //! read from a file (read again after a 401, and the request retried once), trusted CAs,
 //! the OS store and a client certificate (`auth.rs`). A 403 is
-//! [`SourceError::Forbidden`] ("expired or forbidden"): opening fails at once, a read
+//! [`crate::net::NetError::Forbidden`] ("expired or forbidden"): opening fails at once, a read
 //! waits for new URLs ([`RemoteSource::replace_urls`], `mirrors.rs`) until its deadline.
 //!
 //! # Threads and I/O
-//! The source owns a small multi-thread tokio runtime (2 workers) that drives the pooled
+//! The network layer's shared multi-thread tokio runtime ([`crate::net::client::runtime`]) drives the pooled
 //! connections (HTTP/1.1 keep-alive). [`RemoteSource::read_at`] runs the request future on
 //! the caller's own thread with `Handle::block_on`, so N blocking callers keep N requests in
 //! flight, and the response body is copied straight from the network buffers into the
@@ -48,7 +48,7 @@
 //! any piece of the answer) and a total budget ([`HttpOptions::attempt_budget`]: at least
 //! `request_timeout`, more for long ranges at [`HttpOptions::min_rate`]), so a server
 //! dripping a byte now and then cannot hold an attempt forever: it ends as
-//! [`SourceError::Timeout`] and the retry logic below takes over (the next mirror, or, with
+//! [`crate::net::NetError::Timeout`] and the retry logic below takes over (the next mirror, or, with
 //! a deadline, an error once it passed).
 //!
 //! Transient errors ([`SourceError::is_transient`]) are retried: the next mirror at once,
@@ -70,16 +70,17 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 use parking_lot::RwLock;
 use reqwest::{Client, Url};
-use tokio::runtime::{Handle, Runtime};
+use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
 use self::mirrors::MirrorSet;
 use self::probe::{pin_mirrors, probe_with_retries};
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
 use crate::net::auth::Auth;
-use crate::net::client::{block_on, build_client};
+use crate::net::client::{block_on, build_client, runtime};
 use crate::net::url;
-pub use crate::net::{identity_url, redact_url, HttpAuth, HttpOptions, DEFAULT_MIN_RATE};
+use crate::net::{identity_url, redact_url};
+pub use crate::net::{HttpAuth, HttpOptions};
 
 /// Kind string of [`HttpSource`] identities.
 pub const HTTP_KIND: &str = "http";
@@ -138,8 +139,7 @@ impl Pin {
 
 /// A pinned raw image served over HTTP(S) by one or more mirrors. See the module docs.
 pub struct HttpSource {
-    /// Owned runtime; `None` only during drop.
-    runtime: Option<Runtime>,
+    /// The network layer's shared runtime.
     handle: Handle,
     inner: Inner,
 }
@@ -184,7 +184,7 @@ impl HttpSource {
     ///
     /// Fails with [`SourceError::Invalid`] for an unusable URL or option, an image that
     /// cannot be pinned, or mirrors that serve different images;
-    /// [`SourceError::NoRangeSupport`] when a server ignores `Range`; [`SourceError::Status`]
+    /// [`SourceError::NoRangeSupport`] when a server ignores `Range`; [`crate::net::NetError::Status`]
     /// for an error status (404...); [`SourceError::Changed`] when `expected` is given and
     /// the image differs from it. Mirrors that are unreachable at open are tolerated (and
     /// used later on failover, guarded by the pinned validator) as long as one mirror
@@ -204,12 +204,7 @@ impl HttpSource {
             .collect::<Result<Vec<_>, _>>()?;
         let client = build_client(&opts)?;
         let auth = Auth::new(&opts.auth)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("streamboot-http")
-            .enable_all()
-            .build()?;
-        let handle = runtime.handle().clone();
+        let handle = runtime()?;
 
         let probes = block_on(
             &handle,
@@ -236,7 +231,6 @@ impl HttpSource {
         }
         tracing::debug!(url = %mirrors[first_ok].shown, %identity, "pinned HTTP source");
         Ok(HttpSource {
-            runtime: Some(runtime),
             handle,
             inner: Inner {
                 client,
@@ -260,16 +254,6 @@ impl HttpSource {
     /// The options the source was opened with.
     pub fn options(&self) -> &HttpOptions {
         &self.inner.opts
-    }
-}
-
-impl Drop for HttpSource {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks until its tasks end, which panics inside an async
-        // context; nothing of ours needs a graceful end (idle pooled connections).
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
     }
 }
 

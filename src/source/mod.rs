@@ -12,6 +12,8 @@ mod chunk_share;
 
 use std::fmt;
 
+pub use crate::net::NetError;
+
 pub mod file;
 pub mod http;
 pub mod http_parse;
@@ -44,14 +46,6 @@ impl fmt::Display for SourceIdentity {
 /// alone. On any error, the caller's buffer holds unspecified bytes and must not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// The server could not be reached at all (DNS failure, connection refused or reset
-    /// before a response). Transient: the network or the server may come back.
-    #[error("cannot reach {url}: {reason}")]
-    Unreachable { url: String, reason: String },
-    /// The server answered with an unexpected HTTP status. Transient only for the statuses
-    /// that mean "try again later" (408, 429, 5xx gateway/availability errors).
-    #[error("{url}: server answered HTTP {status}")]
-    Status { url: String, status: u16 },
     /// The server ignores `Range` (answers 200 with the whole file). Permanent: streaming
     /// needs random access.
     #[error("{url}: server does not support byte-range requests")]
@@ -64,18 +58,6 @@ pub enum SourceError {
         expected: String,
         found: String,
     },
-    /// A response that breaks the protocol contract (wrong `Content-Range`, wrong length,
-    /// encoded body). Treated as transient: another attempt or mirror may answer properly,
-    /// and the bad bytes are never handed over.
-    #[error("{url}: bad response: {reason}")]
-    BadResponse { url: String, reason: String },
-    /// A transfer broke off after the response started (connection reset, truncated body).
-    /// Transient; bytes received before the break are kept and the rest is requested again.
-    #[error("{url}: transfer failed: {reason}")]
-    Transfer { url: String, reason: String },
-    /// No progress within the configured time (connect, response headers or body stall).
-    #[error("{url}: timed out after {secs} s")]
-    Timeout { url: String, secs: u64 },
     /// The caller asked for bytes outside the image. A bug in the caller, never retried.
     #[error("read {offset}+{len} is outside the image ({size} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
@@ -89,31 +71,16 @@ pub enum SourceError {
     /// Local I/O failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    /// The server refused the request for lack of (valid) credentials: HTTP 401/403.
-    /// Permanent until the operator gives a working URL or credentials.
-    #[error("{url}: server answered HTTP {status}: {hint}")]
-    Unauthorized {
-        url: String,
-        status: u16,
-        hint: &'static str,
-    },
-    /// A redirect leaves the origin (or downgrades https to http) without permission.
-    #[error("{url}: {reason}")]
-    RedirectRefused { url: String, reason: String },
     /// The server does not prove that it serves the pinned image (no pinned validator on
     /// its answers): it is not used.
     #[error("{url}: {reason}")]
     Unvalidated { url: String, reason: String },
-    /// TLS failed: the server's certificate is not trusted, or the server refused ours (or
-    /// wants one). Permanent until the operator gives the CA or the client certificate.
-    #[error("{url}: TLS: {reason}")]
-    Tls { url: String, reason: String },
-    /// HTTP 403 on a request for a pinned image: a presigned URL that expired, or access
-    /// withdrawn. Not transient (opening fails at once), but a read of an open source
-    /// waits and retries until its deadline ([`SourceError::awaits_refresh`]): a refreshed
-    /// URL (`POST /v1/target-urls`) recovers.
-    #[error("{url}: server answered HTTP 403: expired or forbidden: {hint}")]
-    Forbidden { url: String, hint: &'static str },
+    /// A network failure ([`NetError`]): unreachable, timed out, an HTTP error status,
+    /// 401/403, TLS. A 403 on an open source is not transient (opening fails at once),
+    /// but a read waits and retries it until its deadline ([`SourceError::awaits_refresh`]):
+    /// a refreshed URL (`POST /v1/target-urls`) recovers.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// The caller cancelled the read (its requester went away, or shutdown). Never retried.
     #[error("fetch cancelled")]
     Cancelled,
@@ -126,24 +93,13 @@ impl SourceError {
     /// True when retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            SourceError::Unreachable { .. }
-            | SourceError::Timeout { .. }
-            | SourceError::BadResponse { .. }
-            | SourceError::Transfer { .. }
-            | SourceError::Verify { .. } => true,
-            SourceError::Status { status, .. } => {
-                matches!(*status, 408 | 429 | 500 | 502 | 503 | 504)
-            }
-            SourceError::Io(_) => true,
+            SourceError::Net(e) => e.is_transient(),
+            SourceError::Verify { .. } | SourceError::Io(_) => true,
             SourceError::NoRangeSupport { .. }
             | SourceError::Changed { .. }
             | SourceError::OutOfRange { .. }
             | SourceError::Invalid(_)
-            | SourceError::Unauthorized { .. }
-            | SourceError::RedirectRefused { .. }
             | SourceError::Unvalidated { .. }
-            | SourceError::Tls { .. }
-            | SourceError::Forbidden { .. }
             | SourceError::Cache(_)
             | SourceError::Cancelled => false,
         }
@@ -152,7 +108,7 @@ impl SourceError {
     /// True for an error that new URLs of the same image can cure (an expired presigned
     /// URL): reads of an open source retry it like a transient error until their deadline.
     pub fn awaits_refresh(&self) -> bool {
-        matches!(self, SourceError::Forbidden { .. })
+        matches!(self, SourceError::Net(NetError::Forbidden { .. }))
     }
 }
 

@@ -12,10 +12,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
+use parking_lot::RwLock;
 
+mod refresh;
+
+use self::refresh::Replaced;
 use super::chunk_share::{ChunkShare, Claim};
-use super::http::redact_url;
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
+use crate::net::redact_url;
+use crate::net::NetError;
 use crate::store::fetch::{FetchOptions, Fetcher, StoreLocation};
 use crate::store::identity::{now_unix, IdentityError, ImageIdentity};
 use crate::store::index::{ChunkEntry, ChunkHash, Index, IndexHash, Trust, MAX_INDEX_LEN};
@@ -66,8 +71,13 @@ impl StoreSourceOptions {
 
 /// An image in a chunk store, as a [`RemoteSource`].
 pub struct StoreSource {
-    fetcher: Fetcher,
-    name: String,
+    /// Replaced as a whole by [`RemoteSource::replace_urls`].
+    fetcher: RwLock<Arc<Fetcher>>,
+    /// The image's name in the store (`indexes/<image>.idx`).
+    image: String,
+    fetch_opts: FetchOptions,
+    /// Wakes reads waiting out a 403 when the location was replaced.
+    replaced: Replaced,
     index: Index,
     index_hash: IndexHash,
     signer: Option<KeyId>,
@@ -79,8 +89,8 @@ pub struct StoreSource {
 impl std::fmt::Debug for StoreSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreSource")
-            .field("location", self.fetcher.location())
-            .field("name", &self.name)
+            .field("location", self.fetcher().location())
+            .field("image", &self.image)
             .field("index_hash", &self.index_hash)
             .finish_non_exhaustive()
     }
@@ -92,7 +102,7 @@ impl StoreSource {
     pub fn open(location: &str, name: &str, opts: StoreSourceOptions) -> Result<Self, SourceError> {
         validate_name(name).map_err(|e| SourceError::Invalid(e.to_string()))?;
         let location = StoreLocation::parse(location);
-        let fetcher = Fetcher::new(location, opts.fetch)?;
+        let fetcher = Fetcher::new(location, opts.fetch.clone())?;
         let rel = index_rel(name);
         let what = fetcher.location().describe(&rel);
         let bytes = fetcher.get(&rel, MAX_INDEX_LEN)?;
@@ -124,8 +134,10 @@ impl StoreSource {
             DUPLICATE_PIN_BYTES,
         );
         Ok(StoreSource {
-            fetcher,
-            name: what,
+            fetcher: RwLock::new(Arc::new(fetcher)),
+            image: name.to_owned(),
+            fetch_opts: opts.fetch,
+            replaced: Replaced::default(),
             index,
             index_hash: parsed.hash,
             signer: parsed.signer,
@@ -138,25 +150,13 @@ impl StoreSource {
     /// Opens from the location of an index file itself:
     /// `<store>/indexes/<name>.idx` (path or URL).
     pub fn open_index(index_location: &str, opts: StoreSourceOptions) -> Result<Self, SourceError> {
-        let bad = || {
-            SourceError::Invalid(format!(
-                "{}: expected <store>/{INDEXES_DIR}/<name>{INDEX_SUFFIX}",
-                redact_url(index_location)
-            ))
-        };
-        let trimmed = index_location.trim_end_matches('/');
-        let (dir, file) = trimmed.rsplit_once('/').ok_or_else(bad)?;
-        let name = file.strip_suffix(INDEX_SUFFIX).ok_or_else(bad)?;
-        let base = dir
-            .strip_suffix(INDEXES_DIR)
-            .filter(|b| b.is_empty() || b.ends_with('/'))
-            .ok_or_else(bad)?;
-        let base = match base.trim_end_matches('/') {
-            "" if base.starts_with('/') => "/",
-            "" => ".",
-            b => b,
-        };
+        let (base, name) = split_index_location(index_location)?;
         Self::open(base, name, opts)
+    }
+
+    /// The fetcher in use now.
+    fn fetcher(&self) -> Arc<Fetcher> {
+        self.fetcher.read().clone()
     }
 
     /// The image identity of the index (name, version, times); `None` for a version-1
@@ -271,7 +271,7 @@ impl StoreSource {
             .iter()
             .map(|(h, z, len)| (chunk_rel(h, *z), max_object_len(*len, *z)))
             .collect();
-        let results = self.fetcher.get_many(&reqs);
+        let results = self.fetcher().get_many(&reqs);
         let mut first_err = None;
         for (&(hash, compressed, len), (rel, result)) in want.iter().zip(reqs.iter().zip(results)) {
             let outcome = self
@@ -296,20 +296,21 @@ impl StoreSource {
     fn verify(
         &self,
         rel: &(String, u64),
-        result: Result<Vec<u8>, SourceError>,
+        result: Result<Vec<u8>, NetError>,
         hash: ChunkHash,
         compressed: bool,
         len: u64,
     ) -> Result<Vec<u8>, SourceError> {
+        let fetcher = self.fetcher();
         let mut outcome = decode_object(result?, &hash, compressed, len);
         for _ in 1..VERIFY_ATTEMPTS {
             if outcome.is_ok() {
                 break;
             }
-            outcome = decode_object(self.fetcher.get(&rel.0, rel.1)?, &hash, compressed, len);
+            outcome = decode_object(fetcher.get(&rel.0, rel.1)?, &hash, compressed, len);
         }
         outcome.map_err(|e| SourceError::Verify {
-            what: self.fetcher.location().describe(&rel.0),
+            what: fetcher.location().describe(&rel.0),
             reason: e.to_string(),
         })
     }
@@ -338,29 +339,55 @@ impl RemoteSource for StoreSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        check_range(offset, buf.len(), self.index.image_size())?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let shift = self.index.chunk_shift();
-        let end = offset + buf.len() as u64;
-        let first = offset >> shift;
-        let last = (end - 1) >> shift;
-        // Batches bound the memory one large read holds to a few dozen chunks.
-        let all: Vec<u64> = (first..=last).collect();
-        for batch in all.chunks(READ_BATCH) {
-            self.copy_batch(batch, offset, buf)?;
-        }
-        Ok(())
+        self.read_waiting(offset, buf, None)
+    }
+
+    fn read_at_cancellable(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        cancel: &super::CancellationToken,
+    ) -> Result<(), SourceError> {
+        self.read_waiting(offset, buf, Some(cancel))
     }
 
     fn known_zero(&self, offset: u64, len: u64) -> Option<bool> {
         self.known_zero_range(offset, len)
     }
 
-    fn name(&self) -> String {
-        self.name.clone()
+    /// Takes the index location `urls` (exactly one: `<store>/indexes/<name>.idx`) when
+    /// the index found there is the pinned one (same hash); otherwise nothing changes.
+    fn replace_urls(&self, urls: &[String]) -> Result<(), SourceError> {
+        self.replace_location(urls)
     }
+
+    fn name(&self) -> String {
+        self.fetcher().location().describe(&index_rel(&self.image))
+    }
+}
+
+/// Splits `<store>/indexes/<name>.idx` (a path or URL) into the store base and the name.
+fn split_index_location(index_location: &str) -> Result<(&str, &str), SourceError> {
+    let bad = || {
+        SourceError::Invalid(format!(
+            "{}: expected a chunk-store index location <store>/{INDEXES_DIR}/<name>{INDEX_SUFFIX}",
+            redact_url(index_location)
+        ))
+    };
+    let trimmed = index_location.trim().trim_end_matches('/');
+    let trimmed = trimmed.strip_prefix("file://").unwrap_or(trimmed);
+    let (dir, file) = trimmed.rsplit_once('/').ok_or_else(bad)?;
+    let name = file.strip_suffix(INDEX_SUFFIX).ok_or_else(bad)?;
+    let base = dir
+        .strip_suffix(INDEXES_DIR)
+        .filter(|b| b.is_empty() || b.ends_with('/'))
+        .ok_or_else(bad)?;
+    let base = match base.trim_end_matches('/') {
+        "" if base.starts_with('/') => "/",
+        "" => ".",
+        b => b,
+    };
+    Ok((base, name))
 }
 
 /// The identity rules of an open (docs/chunk-store.md section 2.7): the signed name must
@@ -388,6 +415,24 @@ const VERIFY_ATTEMPTS: u32 = 3;
 const READ_BATCH: usize = 32;
 
 impl StoreSource {
+    /// One attempt at [`RemoteSource::read_at`] (a 403 is returned, not waited out).
+    fn read_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        check_range(offset, buf.len(), self.index.image_size())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let shift = self.index.chunk_shift();
+        let end = offset + buf.len() as u64;
+        let first = offset >> shift;
+        let last = (end - 1) >> shift;
+        // Batches bound the memory one large read holds to a few dozen chunks.
+        let all: Vec<u64> = (first..=last).collect();
+        for batch in all.chunks(READ_BATCH) {
+            self.copy_batch(batch, offset, buf)?;
+        }
+        Ok(())
+    }
+
     /// Copies the parts of `batch`'s chunks that overlap `[offset, offset + buf.len())`.
     fn copy_batch(&self, batch: &[u64], offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let shift = self.index.chunk_shift();

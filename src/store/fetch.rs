@@ -1,25 +1,32 @@
 //! Getting store files (indexes, chunk objects) from a local directory or an HTTP(S)
-//! server, with bounded sizes and retries.
+//! server, with bounded sizes and retries, on the network layer ([`crate::net`]).
 //!
 //! HTTP uses plain `GET`s of whole files: chunk objects are small and immutable, so any
-//! static server or object store can serve them without Range support. Transient failures
-//! (connection errors, timeouts, 408/429/5xx, cut bodies) are retried with exponential
-//! backoff and jitter; permanent ones (404, 403, ...) are returned at once. Every body is
+//! static server or object store can serve them without Range support. Every
+//! [`HttpOptions`] option applies as for a raw image: timeouts and min-rate, redirect
+//! policy, HTTP/2, extra headers, the bearer token file (read again after a 401), trusted
+//! CAs and the client certificate. Transient failures (connection errors, timeouts,
+//! 408/429/5xx, cut bodies) are retried with the network layer's backoff; permanent ones
+//! (404, 401, 403, TLS...) are returned at once, classified as [`NetError`]. Every body is
 //! capped at a size the caller gives, checked against `Content-Length` before reading and
 //! again while reading, so a hostile server cannot make the client allocate without bound.
 //!
-//! The calls are blocking: [`Fetcher`] owns a small tokio runtime and may be used from many
-//! threads at once, each call driving its own requests on that runtime.
+//! The calls are blocking and may come from many threads at once; the requests run on the
+//! network layer's shared runtime.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use futures_util::StreamExt;
+use reqwest::{Client, StatusCode};
+use tokio::runtime::Handle;
 
-use crate::net::redact_url;
-use crate::source::SourceError;
+use crate::net::attempt::{request_error, Clock};
+use crate::net::auth::Auth;
+use crate::net::client::{block_on_anywhere, build_client, runtime};
+use crate::net::status::status_error;
+use crate::net::{redact_url, HttpOptions, NetError};
 
 /// Where a store is. Its `Debug` form hides a URL's secrets ([`redact_url`]).
 #[derive(Clone, PartialEq, Eq)]
@@ -73,91 +80,61 @@ fn object_url(base: &str, rel: &str) -> String {
     }
 }
 
-/// Retry and timeout policy for HTTP.
+/// Retry and HTTP policy of a store fetcher.
 #[derive(Clone, Debug)]
 pub struct FetchOptions {
     /// Tries per file, first included (at least 1).
     pub attempts: u32,
-    /// Wait before the first retry; doubles per retry.
-    pub initial_backoff: Duration,
-    /// Longest wait between tries.
-    pub max_backoff: Duration,
-    /// Whole-request timeout.
-    pub request_timeout: Duration,
-    /// TCP/TLS connect timeout.
-    pub connect_timeout: Duration,
     /// Requests in flight at once for one multi-chunk read.
     pub concurrency: usize,
-    /// Extra headers and TLS trust (`--header`, `--cacert`...; docs/sources.md).
-    pub auth: crate::net::HttpAuth,
+    /// Timeouts, min-rate, backoff, redirects, headers, token, TLS (the `serve`/`prepare`
+    /// HTTP options; docs/sources.md).
+    pub http: HttpOptions,
 }
 
 impl Default for FetchOptions {
     fn default() -> Self {
         FetchOptions {
             attempts: 6,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(10),
             concurrency: 8,
-            auth: crate::net::HttpAuth::default(),
+            http: HttpOptions::default(),
         }
     }
 }
 
 /// Gets files of one store.
-#[derive(Debug)]
 pub struct Fetcher {
     location: StoreLocation,
     opts: FetchOptions,
     http: Option<Http>,
 }
 
-#[derive(Debug)]
-struct Http {
-    client: reqwest::Client,
-    /// `Some` until drop; taken there to shut down without blocking.
-    rt: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for Http {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks, which panics inside another runtime's context;
-        // shutting down in the background is safe anywhere.
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("location", &self.location)
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
     }
 }
 
+struct Http {
+    client: Client,
+    auth: Auth,
+    handle: Handle,
+}
+
 impl Fetcher {
-    /// A fetcher for `location`; builds the HTTP client and runtime for a URL.
-    pub fn new(location: StoreLocation, opts: FetchOptions) -> Result<Self, SourceError> {
+    /// A fetcher for `location`; builds the HTTP client for a URL.
+    pub fn new(location: StoreLocation, opts: FetchOptions) -> Result<Self, NetError> {
         let http = match &location {
             StoreLocation::Dir(_) => None,
-            StoreLocation::Http(base) => {
-                let invalid = |e: &dyn std::fmt::Display| {
-                    SourceError::Invalid(format!("{}: cannot set up HTTP: {e}", redact_url(base)))
-                };
-                let builder = reqwest::Client::builder()
-                    .connect_timeout(opts.connect_timeout)
-                    .timeout(opts.request_timeout)
-                    .user_agent(concat!("streamboot/", env!("CARGO_PKG_VERSION")));
-                let client = opts
-                    .auth
-                    .configure(builder)?
-                    .build()
-                    .map_err(|e| invalid(&e))?;
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .thread_name("store-http")
-                    .enable_all()
-                    .build()
-                    .map_err(|e| invalid(&e))?;
+            StoreLocation::Http(_) => {
+                opts.http.validate()?;
                 Some(Http {
-                    client,
-                    rt: Some(rt),
+                    client: build_client(&opts.http)?,
+                    auth: Auth::new(&opts.http.auth)?,
+                    handle: runtime()?,
                 })
             }
         };
@@ -174,38 +151,26 @@ impl Fetcher {
     }
 
     /// Gets the file at `rel` (relative to the store root), at most `max_len` bytes.
-    pub fn get(&self, rel: &str, max_len: u64) -> Result<Vec<u8>, SourceError> {
+    pub fn get(&self, rel: &str, max_len: u64) -> Result<Vec<u8>, NetError> {
         self.get_many(&[(rel.to_owned(), max_len)])
             .pop()
             .expect("one result per request")
     }
 
     /// Gets several files, concurrently over HTTP; one result per request, in order.
-    pub fn get_many(&self, reqs: &[(String, u64)]) -> Vec<Result<Vec<u8>, SourceError>> {
+    pub fn get_many(&self, reqs: &[(String, u64)]) -> Vec<Result<Vec<u8>, NetError>> {
         match (&self.location, &self.http) {
             (StoreLocation::Dir(dir), _) => reqs
                 .iter()
                 .map(|(rel, max)| read_local(&dir.join(rel), *max))
                 .collect(),
             (StoreLocation::Http(base), Some(http)) => {
-                let client = &http.client;
                 let opts = &self.opts;
                 let fut = futures_util::stream::iter(reqs.iter())
-                    .map(|(rel, max)| get_with_retry(client, object_url(base, rel), *max, opts))
+                    .map(|(rel, max)| get_with_retry(http, object_url(base, rel), *max, opts))
                     .buffered(opts.concurrency.max(1))
                     .collect::<Vec<_>>();
-                let rt = http.rt.as_ref().expect("runtime lives until drop");
-                if tokio::runtime::Handle::try_current().is_ok() {
-                    // Called from async code: blocking this thread on our runtime would
-                    // panic, so drive the requests from a plain thread instead.
-                    std::thread::scope(|s| {
-                        s.spawn(|| rt.block_on(fut))
-                            .join()
-                            .expect("fetch thread panicked")
-                    })
-                } else {
-                    rt.block_on(fut)
-                }
+                block_on_anywhere(&http.handle, fut)
             }
             (StoreLocation::Http(_), None) => unreachable!("HTTP location without a client"),
         }
@@ -213,61 +178,55 @@ impl Fetcher {
 }
 
 /// Reads a local store file of at most `max_len` bytes.
-fn read_local(path: &std::path::Path, max_len: u64) -> Result<Vec<u8>, SourceError> {
+fn read_local(path: &std::path::Path, max_len: u64) -> Result<Vec<u8>, NetError> {
+    let shown = || path.display().to_string();
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(SourceError::Invalid(format!(
-                "{}: not in the store",
-                path.display()
-            )))
+            return Err(NetError::NotFound {
+                url: shown(),
+                http: false,
+            })
         }
-        Err(e) => return Err(SourceError::Io(e)),
+        Err(e) => return Err(NetError::Io(e)),
     };
     let len = f.metadata()?.len();
     if len > max_len {
-        return Err(too_large(&path.display().to_string(), len, max_len));
+        return Err(too_large(&shown(), len, max_len));
     }
     let mut buf = Vec::with_capacity(len as usize);
     // `take` guards against the file growing after the size check.
     f.take(max_len + 1).read_to_end(&mut buf)?;
     if buf.len() as u64 > max_len {
-        return Err(too_large(
-            &path.display().to_string(),
-            buf.len() as u64,
-            max_len,
-        ));
+        return Err(too_large(&shown(), buf.len() as u64, max_len));
     }
     Ok(buf)
 }
 
-fn too_large(url: &str, len: u64, max: u64) -> SourceError {
-    SourceError::BadResponse {
+fn too_large(url: &str, len: u64, max: u64) -> NetError {
+    NetError::BadResponse {
         url: url.to_owned(),
         reason: format!("{len} bytes, more than the {max} allowed"),
     }
 }
 
-/// One GET with retries for transient errors.
+/// One GET with retries for transient errors, waiting the network layer's backoff.
 async fn get_with_retry(
-    client: &reqwest::Client,
+    http: &Http,
     url: String,
     max_len: u64,
     opts: &FetchOptions,
-) -> Result<Vec<u8>, SourceError> {
-    let mut delay = opts.initial_backoff;
+) -> Result<Vec<u8>, NetError> {
+    let backoff = opts.http.backoff();
     let attempts = opts.attempts.max(1);
     let mut attempt = 1;
     loop {
-        match get_once(client, &url, max_len, opts).await {
+        match get_once(http, &url, max_len, &opts.http).await {
             Ok(b) => return Ok(b),
             Err(e) if e.is_transient() && attempt < attempts => {
                 // `e` names the URL in its redacted form already.
                 tracing::debug!("attempt {attempt} failed ({e}); retrying");
-                // Full jitter on the upper half keeps many clients from retrying in step.
-                let jitter = rand::random::<f64>() * 0.5 + 0.5;
-                tokio::time::sleep(delay.mul_f64(jitter)).await;
-                delay = (delay * 2).min(opts.max_backoff);
+                tokio::time::sleep(backoff.delay(attempt - 1)).await;
                 attempt += 1;
             }
             Err(e) => return Err(e),
@@ -275,24 +234,28 @@ async fn get_with_retry(
     }
 }
 
-/// One GET of a whole file, body capped at `max_len`. Errors name the URL without its
-/// secrets ([`redact_url`]).
+/// One GET of a whole file, body capped at `max_len`, within the stall limit and the
+/// attempt budget of `opts`. Errors name the URL without its secrets ([`redact_url`]).
 async fn get_once(
-    client: &reqwest::Client,
+    http: &Http,
     raw_url: &str,
     max_len: u64,
-    opts: &FetchOptions,
-) -> Result<Vec<u8>, SourceError> {
+    opts: &HttpOptions,
+) -> Result<Vec<u8>, NetError> {
     let shown = redact_url(raw_url);
     let url = shown.as_str();
-    let map = |e: reqwest::Error| map_reqwest(url, e, opts);
-    let mut resp = client.get(raw_url).send().await.map_err(map)?;
-    let status = resp.status().as_u16();
-    if status != 200 {
-        return Err(SourceError::Status {
-            url: url.to_owned(),
-            status,
-        });
+    let parsed = reqwest::Url::parse(raw_url)
+        .map_err(|e| NetError::Invalid(format!("{url:?}: not a URL ({e})")))?;
+    let clock = Clock::start(opts, max_len);
+    let mut resp = http
+        .auth
+        .send(&clock, opts, url, http.client.get(parsed.clone()))
+        .await?;
+    let status = resp.status();
+    if status != StatusCode::OK {
+        let https = parsed.scheme() == "https";
+        let secrets = crate::net::url::has_secrets(&parsed);
+        return Err(status_error(url, https, secrets, status, &opts.auth));
     }
     // Read it now: reqwest's value is a size hint of what is left to read.
     let declared = resp.content_length();
@@ -302,7 +265,11 @@ async fn get_once(
         }
     }
     let mut body = Vec::with_capacity(declared.unwrap_or(0).min(max_len) as usize);
-    while let Some(part) = resp.chunk().await.map_err(map)? {
+    while let Some(part) = clock
+        .run(url, resp.chunk())
+        .await?
+        .map_err(|e| request_error(opts, url, e))?
+    {
         if (body.len() + part.len()) as u64 > max_len {
             return Err(too_large(url, (body.len() + part.len()) as u64, max_len));
         }
@@ -310,37 +277,13 @@ async fn get_once(
     }
     if let Some(n) = declared {
         if n != body.len() as u64 {
-            return Err(SourceError::BadResponse {
+            return Err(NetError::BadResponse {
                 url: url.to_owned(),
                 reason: format!("body is {} bytes, Content-Length said {n}", body.len()),
             });
         }
     }
     Ok(body)
-}
-
-/// Classifies a reqwest error; `url` is the redacted form (the error's own copy of the
-/// URL, which carries the secrets, is dropped).
-fn map_reqwest(url: &str, e: reqwest::Error, opts: &FetchOptions) -> SourceError {
-    let e = e.without_url();
-    if e.is_timeout() {
-        SourceError::Timeout {
-            url: url.to_owned(),
-            secs: opts.request_timeout.as_secs(),
-        }
-    } else if e.is_body() || e.is_decode() {
-        SourceError::BadResponse {
-            url: url.to_owned(),
-            reason: e.to_string(),
-        }
-    } else if e.is_builder() {
-        SourceError::Invalid(format!("{url}: {e}"))
-    } else {
-        SourceError::Unreachable {
-            url: url.to_owned(),
-            reason: e.to_string(),
-        }
-    }
 }
 
 #[cfg(test)]

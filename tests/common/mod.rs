@@ -7,6 +7,7 @@ pub mod blkio_client;
 pub mod disk;
 pub mod fault_proxy;
 pub mod nginx;
+pub mod pki;
 pub mod powerloss;
 pub mod serve;
 

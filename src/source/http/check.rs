@@ -9,6 +9,7 @@ use reqwest::{Response, StatusCode};
 
 use super::mirrors::MirrorSet;
 use super::{HttpAuth, Inner, Mirror, Pin};
+use crate::net::NetError;
 use crate::source::http_parse::{parse_content_length, parse_content_range};
 use crate::source::SourceError;
 
@@ -69,25 +70,27 @@ impl Inner {
                 return Err(changed(format!("size {total}")));
             }
             _ => {
-                return Err(SourceError::BadResponse {
+                return Err(NetError::BadResponse {
                     url: m.shown.clone(),
                     reason: format!(
                         "asked for bytes {start}-{end}/{}, got Content-Range {:?}",
                         self.identity.size,
                         header_str(headers, CONTENT_RANGE.as_str())
                     ),
-                })
+                }
+                .into())
             }
         }
         if let Some(length) = header_str(headers, CONTENT_LENGTH.as_str()) {
             if parse_content_length(length) != Some(end - start + 1) {
-                return Err(SourceError::BadResponse {
+                return Err(NetError::BadResponse {
                     url: m.shown.clone(),
                     reason: format!(
                         "asked for {} bytes, got Content-Length {length:?}",
                         end - start + 1
                     ),
-                });
+                }
+                .into());
             }
         }
         Ok(())
@@ -124,57 +127,10 @@ pub(super) fn header_label(pin: &Pin) -> &'static str {
     }
 }
 
-/// The error for an unexpected status; 401 and 403 say how to give credentials, a 400
-/// over https that the client certificate may be missing or refused (nginx with
-/// `ssl_verify_client on` answers so after a TLS 1.3 handshake).
+/// The error for an unexpected status from mirror `m` ([`crate::net::status`]).
 pub(super) fn status_error(m: &Mirror, status: StatusCode, auth: &HttpAuth) -> SourceError {
-    let client_cert = auth.client_cert.is_some();
-    match status {
-        StatusCode::BAD_REQUEST if m.url.scheme() == "https" => SourceError::Tls {
-            url: m.shown.clone(),
-            reason: if client_cert {
-                "server answered HTTP 400: it may have refused the client certificate \
-                 (--client-cert: is it signed by a CA the server trusts, and not expired?)"
-            } else {
-                "server answered HTTP 400: it may require a client certificate \
-                 (mutual TLS); give --client-cert PEM --client-key PEM"
-            }
-            .into(),
-        },
-        StatusCode::FORBIDDEN => SourceError::Forbidden {
-            url: m.shown.clone(),
-            hint: if m.has_secrets {
-                "the signature (query string) or credentials of the URL were refused; give \
-                 a fresh URL (serve: POST /v1/target-urls or `streamboot target-urls`; \
-                 otherwise --target)"
-            } else {
-                "the server refuses access; give credentials (--header-file, \
-                 --bearer-token-file) or a signed URL with --target"
-            },
-        },
-        StatusCode::UNAUTHORIZED if auth.bearer_token_file.is_some() => SourceError::Unauthorized {
-            url: m.shown.clone(),
-            status: status.as_u16(),
-            hint: "the bearer token was refused, also after reading --bearer-token-file \
-                   again; put a valid token in that file",
-        },
-        StatusCode::UNAUTHORIZED => SourceError::Unauthorized {
-            url: m.shown.clone(),
-            status: status.as_u16(),
-            hint: if m.has_secrets {
-                "the credentials or the signature (query string) of the URL were refused \
-                     (expired presigned URL?); give a valid URL with --target"
-            } else {
-                "the server wants credentials or a signed URL; streamboot never records \
-                     them on the disk, so give the full URL (user:password@ or presigned \
-                     query string) with --target"
-            },
-        },
-        status => SourceError::Status {
-            url: m.shown.clone(),
-            status: status.as_u16(),
-        },
-    }
+    let https = m.url.scheme() == "https";
+    crate::net::status::status_error(&m.shown, https, m.has_secrets, status, auth).into()
 }
 
 pub(super) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -186,10 +142,11 @@ pub(super) fn check_identity_coding(m: &Mirror, headers: &HeaderMap) -> Result<(
     match header_str(headers, CONTENT_ENCODING.as_str()) {
         None => Ok(()),
         Some(coding) if coding.trim().eq_ignore_ascii_case("identity") => Ok(()),
-        Some(coding) => Err(SourceError::BadResponse {
+        Some(coding) => Err(NetError::BadResponse {
             url: m.shown.clone(),
             reason: format!("body has Content-Encoding {coding:?}"),
-        }),
+        }
+        .into()),
     }
 }
 

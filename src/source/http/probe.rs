@@ -9,6 +9,7 @@ use super::check::{check_identity_coding, content_range, header_label, header_st
 use super::{HttpOptions, Mirror, Pin, LAST_MODIFIED_PREFIX};
 use crate::net::attempt::{request_error, Clock};
 use crate::net::auth::Auth;
+use crate::net::NetError;
 use crate::source::http_parse::is_strong_etag;
 use crate::source::{SourceError, SourceIdentity};
 
@@ -190,13 +191,14 @@ async fn probe(
     let size = match content_range(headers) {
         Some((0, 0, Some(total))) if total > 0 => total,
         _ => {
-            return Err(SourceError::BadResponse {
+            return Err(NetError::BadResponse {
                 url: mirror.shown.clone(),
                 reason: format!(
                     "probe for bytes 0-0 answered Content-Range {:?}",
                     header_str(headers, CONTENT_RANGE.as_str())
                 ),
-            })
+            }
+            .into())
         }
     };
     let etag = header_str(headers, ETAG.as_str());
@@ -230,7 +232,7 @@ async fn probe(
         }
     }
     if body_len != 1 {
-        return Err(SourceError::BadResponse {
+        return Err(NetError::BadResponse {
             url: mirror.shown.clone(),
             reason: format!(
                 "probe for 1 byte returned {}",
@@ -240,7 +242,8 @@ async fn probe(
                     "more than 1 byte"
                 }
             ),
-        });
+        }
+        .into());
     }
     Ok(probe)
 }

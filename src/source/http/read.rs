@@ -11,6 +11,7 @@ use super::mirrors::MirrorSet;
 use super::{Inner, Pin};
 use crate::net::attempt::{request_error, Clock};
 use crate::net::retry::Deadline;
+use crate::net::NetError;
 use crate::source::SourceError;
 
 impl Inner {
@@ -152,13 +153,14 @@ impl Inner {
             };
             let Some(slot) = want.get_mut(pos..pos + piece.len()) else {
                 // Framing is broken: do not trust any byte of this response.
-                return Err(SourceError::BadResponse {
+                return Err(NetError::BadResponse {
                     url: m.shown.clone(),
                     reason: format!(
                         "body longer than the {} bytes requested at {start}",
                         want.len()
                     ),
-                });
+                }
+                .into());
             };
             slot.copy_from_slice(&piece);
             pos += piece.len();
@@ -166,13 +168,14 @@ impl Inner {
         *done += pos;
         outcome?;
         if pos != want.len() {
-            return Err(SourceError::Transfer {
+            return Err(NetError::Transfer {
                 url: m.shown.clone(),
                 reason: format!(
                     "body ended after {pos} of {} bytes requested at {start}",
                     want.len()
                 ),
-            });
+            }
+            .into());
         }
         Ok(())
     }

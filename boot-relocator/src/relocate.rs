@@ -180,9 +180,15 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
     for r in &spec.boot_ranges {
         mark(r);
     }
-    // A target's partition table must fit the target image and the device.
+    // A target's partition table must fit the target image and the device (a regular
+    // file grows to hold the target: only the image bounds it).
     let target_parts = partition::target_ranges(target_head);
-    partition::check_target_fits(&target_parts, target_size, dev_len)?;
+    let room = if storage.is_block_device() {
+        dev_len
+    } else {
+        u64::MAX
+    };
+    partition::check_target_fits(&target_parts, target_size, room)?;
     for p in target_parts.iter().filter(|p| p.boot) {
         if p.end - p.start > MAX_BOOT_PARTITION {
             notes.push(format!("{} is larger than 1 GiB: not staged whole", p.what));

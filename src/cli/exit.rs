@@ -155,6 +155,10 @@ fn one(e: &(dyn Error + 'static)) -> Option<Kind> {
         BindError => bind,
         VhostError => vhost,
         DaemonError => daemon,
+        crate::bench::BenchError => |x: &crate::bench::BenchError| match x {
+            crate::bench::BenchError::Usage(_) | crate::bench::BenchError::NotBuiltIn => Some(Kind::Usage),
+            _ => None,
+        },
         io::Error => |x: &io::Error| Some(io_kind(x)),
     );
     None

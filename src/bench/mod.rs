@@ -45,6 +45,13 @@ pub enum BenchError {
         #[source]
         source: std::io::Error,
     },
+    /// The origin does not accept connections (checked before the first run).
+    #[error("cannot connect to the origin {addr}")]
+    Origin {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("bench proxy")]
     Proxy(#[source] std::io::Error),
     #[error("cannot run {what}")]
@@ -119,9 +126,9 @@ pub fn parse_network(s: &str) -> Result<Network, String> {
     let mut link = Link::default();
     let mut seen_rtt = false;
     for part in s.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| format!("network profile {s:?}: expected loopback or rtt=20ms[,bw=100M]"))?;
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            format!("network profile {s:?}: expected loopback or rtt=20ms[,bw=100M]")
+        })?;
         match k.trim() {
             "rtt" if !seen_rtt => {
                 seen_rtt = true;
@@ -401,6 +408,13 @@ pub fn run_all(
     if !BUILT_IN {
         return Err(BenchError::NotBuiltIn);
     }
+    let (origin, _) = split_target(&o.target)?;
+    std::net::TcpStream::connect_timeout(&origin, Duration::from_secs(5)).map_err(|source| {
+        BenchError::Origin {
+            addr: origin,
+            source,
+        }
+    })?;
     let machine = Machine::here();
     let configs = o.configs();
     let total = configs.len() * o.rounds as usize;

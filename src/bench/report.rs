@@ -124,7 +124,13 @@ fn chart(title: &str, y_unit: &str, series: &[Series]) -> String {
     for (i, se) in series.iter().enumerate() {
         let mut d = String::new();
         for (j, &(px, py)) in se.points.iter().enumerate() {
-            let _ = write!(d, "{}{:.1},{:.1} ", if j == 0 { "M" } else { "L" }, x(px), y(py));
+            let _ = write!(
+                d,
+                "{}{:.1},{:.1} ",
+                if j == 0 { "M" } else { "L" },
+                x(px),
+                y(py)
+            );
         }
         if d.is_empty() {
             // A run with no points still gets its (empty) line, at zero.
@@ -136,7 +142,11 @@ fn chart(title: &str, y_unit: &str, series: &[Series]) -> String {
             esc(&se.run),
             d.trim_end(),
             se.colour,
-            if se.dashed { r#" stroke-dasharray="4 3""# } else { "" }
+            if se.dashed {
+                r#" stroke-dasharray="4 3""#
+            } else {
+                ""
+            }
         );
         let ly = H + 16.0 * i as f64 + 4.0;
         let _ = write!(
@@ -144,7 +154,11 @@ fn chart(title: &str, y_unit: &str, series: &[Series]) -> String {
             r#"<line x1="{LEFT}" x2="{}" y1="{ly:.1}" y2="{ly:.1}" stroke="{}" stroke-width="2"{}/><text x="{}" y="{:.1}" font-size="12">{}</text>"#,
             LEFT + 24.0,
             se.colour,
-            if se.dashed { r#" stroke-dasharray="4 3""# } else { "" },
+            if se.dashed {
+                r#" stroke-dasharray="4 3""#
+            } else {
+                ""
+            },
             LEFT + 30.0,
             ly + 4.0,
             esc(&se.label)
@@ -224,7 +238,12 @@ fn table(results: &[RunResult], summary: &[Summary]) -> String {
 }
 
 /// The whole report.
-pub fn render(results: &[RunResult], summary: &[Summary], machine: &Machine, title: &str) -> String {
+pub fn render(
+    results: &[RunResult],
+    summary: &[Summary],
+    machine: &Machine,
+    title: &str,
+) -> String {
     let mut fetch = Vec::new();
     let mut lat = Vec::new();
     for (i, r) in results.iter().enumerate() {
@@ -274,7 +293,9 @@ pub fn render(results: &[RunResult], summary: &[Summary], machine: &Machine, tit
     );
     h.push_str("<h2>Comparison</h2>");
     h.push_str(&table(results, summary));
-    h.push_str("<h2>Bytes per second fetched from the origin (solid: on demand, dashed: background)</h2>");
+    h.push_str(
+        "<h2>Bytes per second fetched from the origin (solid: on demand, dashed: background)</h2>",
+    );
     h.push_str(&chart("fetched bytes per second", "B/s", &fetch));
     h.push_str("<h2>Guest read latency over time (largest per 100 ms)</h2>");
     h.push_str(&chart("guest read latency", "ms", &lat));

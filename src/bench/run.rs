@@ -97,7 +97,10 @@ pub fn split_target(url: &str) -> Result<(SocketAddr, String), BenchError> {
     if authority.is_empty() || authority.contains('@') {
         return Err(bad("needs a host (and no user:password@)"));
     }
-    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         authority.to_string()
     } else {
         format!("{authority}:80")
@@ -173,7 +176,13 @@ impl Drop for ServeProc {
 }
 
 /// Runs `exe prepare` on `disk` through the proxy URL.
-fn prepare(o: &BenchOptions, dir: &Path, disk: &Path, url: &str, cfg: &RunConfig) -> Result<(), BenchError> {
+fn prepare(
+    o: &BenchOptions,
+    dir: &Path,
+    disk: &Path,
+    url: &str,
+    cfg: &RunConfig,
+) -> Result<(), BenchError> {
     let log = dir.join("prepare.log");
     let out = std::fs::File::create(&log).map_err(io(&log))?;
     let err = out.try_clone().map_err(io(&log))?;
@@ -200,7 +209,12 @@ fn prepare(o: &BenchOptions, dir: &Path, disk: &Path, url: &str, cfg: &RunConfig
 }
 
 /// Spawns `exe serve` and waits for its ready line; returns it with the time it took.
-fn serve(o: &BenchOptions, dir: &Path, disk: &Path, cfg: &RunConfig) -> Result<ServeProc, BenchError> {
+fn serve(
+    o: &BenchOptions,
+    dir: &Path,
+    disk: &Path,
+    cfg: &RunConfig,
+) -> Result<ServeProc, BenchError> {
     let log = dir.join("serve.log");
     let err = std::fs::File::create(&log).map_err(io(&log))?;
     let mut cmd = Command::new(&o.exe);

@@ -95,7 +95,8 @@ pub fn summarize(results: &[RunResult]) -> Vec<Summary> {
         .into_iter()
         .map(|name| {
             let rs: Vec<&RunResult> = results.iter().filter(|r| r.run == name).collect();
-            let f = |g: &dyn Fn(&RunResult) -> Option<f64>| Spread::of(rs.iter().filter_map(|r| g(r)));
+            let f =
+                |g: &dyn Fn(&RunResult) -> Option<f64>| Spread::of(rs.iter().filter_map(|r| g(r)));
             Summary {
                 kind: "summary",
                 run: name.to_string(),

@@ -110,7 +110,10 @@ impl Hooks for CliHooks {
 /// The options checked and turned into the library's.
 fn options(a: &BenchArgs, work: PathBuf) -> Result<BenchOptions> {
     if a.block_size == 0 || a.block_size % 512 != 0 || a.block_size > 1 << 20 {
-        bail!("--block-size {} must be a multiple of 512, at most 1M", a.block_size);
+        bail!(
+            "--block-size {} must be a multiple of 512, at most 1M",
+            a.block_size
+        );
     }
     if !(1..=256).contains(&a.queue_depth) {
         bail!("--queue-depth {} must be 1..=256", a.queue_depth);
@@ -119,7 +122,10 @@ fn options(a: &BenchArgs, work: PathBuf) -> Result<BenchOptions> {
         bail!("--rounds and --count must be at least 1");
     }
     let workload = match (a.workload, &a.profile) {
-        (WorkloadArg::Replay, Some(p)) => WorkloadKind::Replay(p.clone()),
+        (WorkloadArg::Replay, Some(p)) => {
+            crate::profile::BootProfile::load(p).map_err(bench::BenchError::Profile)?;
+            WorkloadKind::Replay(p.clone())
+        }
         (WorkloadArg::Replay, None) => bail!("--workload replay needs --profile FILE"),
         (_, Some(_)) => bail!("--profile is only for --workload replay"),
         (WorkloadArg::Random, None) => WorkloadKind::Random,
@@ -201,8 +207,13 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             .with_context(|| format!("--out {}", out.display()))?;
     }
     if let Some(path) = &a.report {
-        let title = format!("streamboot bench: {} ({} reads of {} bytes, queue depth {})",
-            a.target, o.workload.name(), o.block_size, o.queue_depth);
+        let title = format!(
+            "streamboot bench: {} ({} reads of {} bytes, queue depth {})",
+            a.target,
+            o.workload.name(),
+            o.block_size,
+            o.queue_depth
+        );
         let html = bench::report::render(&results, &summary, &machine, &title);
         std::fs::write(path, html).with_context(|| format!("--report {}", path.display()))?;
     }
@@ -223,14 +234,20 @@ fn text_table(results: &[RunResult], summary: &[bench::stats::Summary]) -> Strin
             "{:<32} {:>5} {:>9} ms {:>8.0} ms {:>6.2} ms {:>6.2} ms {:>12} {:>6} {:>8}{}\n",
             r.run,
             r.round,
-            r.time_to_first_read_ms.map_or("-".into(), |v| format!("{v:.1}")),
+            r.time_to_first_read_ms
+                .map_or("-".into(), |v| format!("{v:.1}")),
             r.time_to_finish_ms,
             r.latency_ms.p50,
             r.latency_ms.p99,
             r.bytes_fetched,
-            r.read_amplification.map_or("-".into(), |v| format!("{v:.2}")),
+            r.read_amplification
+                .map_or("-".into(), |v| format!("{v:.2}")),
             r.origin_requests,
-            if r.fetch_counts_agree { "" } else { "  (proxy count differs)" },
+            if r.fetch_counts_agree {
+                ""
+            } else {
+                "  (proxy count differs)"
+            },
         );
     }
     t += "\nmedian [min, max] over rounds:\n";

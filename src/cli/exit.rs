@@ -157,6 +157,7 @@ fn one(e: &(dyn Error + 'static)) -> Option<Kind> {
         DaemonError => daemon,
         crate::bench::BenchError => |x: &crate::bench::BenchError| match x {
             crate::bench::BenchError::Usage(_) | crate::bench::BenchError::NotBuiltIn => Some(Kind::Usage),
+            crate::bench::BenchError::Origin { .. } => Some(Kind::Network),
             _ => None,
         },
         io::Error => |x: &io::Error| Some(io_kind(x)),

@@ -37,18 +37,21 @@ pub fn esc(s: &str) -> String {
     o
 }
 
+/// (x, y) points of a line.
+type Points = Vec<(f64, f64)>;
+
 /// One line of a chart: its label and (x, y) points.
 struct Series {
     label: String,
     run: String,
     colour: &'static str,
     dashed: bool,
-    points: Vec<(f64, f64)>,
+    points: Points,
 }
 
 /// Fetch rate per run from serve's counter samples: (seconds, bytes/s) for demand and
 /// background.
-fn rates(r: &RunResult) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+fn rates(r: &RunResult) -> (Points, Points) {
     let mut demand = Vec::new();
     let mut background = Vec::new();
     for w in r.fetch_samples.windows(2) {

@@ -210,6 +210,24 @@ fn bad_options_are_one_line_usage_errors_and_create_nothing() {
         assert_eq!(v["kind"], "usage", "{args:?}");
         assert!(!work.exists(), "{args:?} created the work directory");
     }
+    // A --work directory that holds something is refused, and left as it was.
+    std::fs::create_dir(&work).unwrap();
+    std::fs::create_dir(work.join("run-0-r1")).unwrap();
+    std::fs::write(work.join("run-0-r1/keep"), b"mine").unwrap();
+    let out = bench(&[
+        "--target",
+        "http://127.0.0.1:1/t.img",
+        "--work",
+        work.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(work.join("run-0-r1/keep")).unwrap(), b"mine");
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 1);
 }
 
 #[test]

@@ -35,9 +35,13 @@ fn content_length(headers: &[httparse::Header<'_>]) -> Option<u64> {
     header(headers, "content-length").and_then(|v| v.parse().ok())
 }
 
-/// Splits the client-to-origin byte stream into requests.
+/// Splits the client-to-origin byte stream into requests, and gives every request the
+/// origin's `Host` header (streamboot addressed the proxy; a name-based virtual host at the
+/// origin must see its own name).
 #[derive(Default)]
 pub struct RequestParser {
+    /// `Host` value to send (None: forward the header as it is).
+    host: Option<String>,
     buf: Vec<u8>,
     /// Request body bytes still to skip.
     body_left: u64,
@@ -46,42 +50,76 @@ pub struct RequestParser {
 }
 
 impl RequestParser {
-    /// Feeds bytes; returns the requests whose header block ended in them.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Vec<RequestInfo> {
+    /// A parser that rewrites `Host` to `host`.
+    pub fn with_host(host: String) -> Self {
+        Self {
+            host: Some(host),
+            ..Self::default()
+        }
+    }
+
+    /// Feeds bytes; returns the requests whose header block ended in them, and appends
+    /// the bytes to forward to `fwd` (header blocks are held until complete; once the
+    /// stream cannot be parsed, everything is forwarded as it is).
+    pub fn feed(&mut self, mut bytes: &[u8], fwd: &mut Vec<u8>) -> Vec<RequestInfo> {
         let mut out = Vec::new();
-        while !self.lost && !bytes.is_empty() {
+        while !bytes.is_empty() {
+            if self.lost {
+                fwd.extend_from_slice(bytes);
+                break;
+            }
             if self.body_left > 0 {
                 let n = self.body_left.min(bytes.len() as u64);
                 self.body_left -= n;
+                fwd.extend_from_slice(&bytes[..n as usize]);
                 bytes = &bytes[n as usize..];
                 continue;
             }
             let before = self.buf.len();
             self.buf.extend_from_slice(bytes);
             let Some(len) = head_len(&self.buf) else {
-                self.lost = self.buf.len() > MAX_HEAD;
+                if self.buf.len() > MAX_HEAD {
+                    self.lost = true;
+                    fwd.append(&mut self.buf);
+                }
                 return out;
             };
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&self.buf[..len]) {
-                Ok(httparse::Status::Complete(_)) => {
-                    out.push(RequestInfo {
-                        head: req.method == Some("HEAD"),
-                        probe: header(req.headers, "range") == Some("bytes=0-0"),
-                    });
-                    self.body_left = content_length(req.headers).unwrap_or(0);
-                }
-                _ => {
-                    self.lost = true;
-                    return out;
-                }
+            let Ok(httparse::Status::Complete(_)) = req.parse(&self.buf[..len]) else {
+                self.lost = true;
+                fwd.append(&mut self.buf);
+                return out;
+            };
+            out.push(RequestInfo {
+                head: req.method == Some("HEAD"),
+                probe: header(req.headers, "range") == Some("bytes=0-0"),
+            });
+            self.body_left = content_length(req.headers).unwrap_or(0);
+            match &self.host {
+                Some(host) => rewrite_host(&self.buf[..len], host, fwd),
+                None => fwd.extend_from_slice(&self.buf[..len]),
             }
             // The rest of `bytes` after this header block.
             bytes = &bytes[len - before..];
             self.buf.clear();
         }
         out
+    }
+}
+
+/// Appends header block `head` to `fwd` with its `Host` line(s) replaced by `host`.
+fn rewrite_host(head: &[u8], host: &str, fwd: &mut Vec<u8>) {
+    let mut lines = head.split_inclusive(|&b| b == b'\n');
+    if let Some(first) = lines.next() {
+        fwd.extend_from_slice(first);
+    }
+    fwd.extend_from_slice(format!("Host: {host}\r\n").as_bytes());
+    for line in lines {
+        let is_host = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:");
+        if !is_host {
+            fwd.extend_from_slice(line);
+        }
     }
 }
 
@@ -164,8 +202,10 @@ mod tests {
         let resps = b"HTTP/1.1 206 Partial\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 206 Partial\r\ncontent-length: 10\r\n\r\n0123456789HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n";
         for split in 1..resps.len() {
             let mut rp = RequestParser::default();
-            let mut pending: VecDeque<_> = rp.feed(&reqs[..7]).into();
-            pending.extend(rp.feed(&reqs[7..]));
+            let mut fwd = Vec::new();
+            let mut pending: VecDeque<_> = rp.feed(&reqs[..7], &mut fwd).into();
+            pending.extend(rp.feed(&reqs[7..], &mut fwd));
+            assert_eq!(fwd, reqs);
             assert_eq!(pending.len(), 3);
             assert!(pending[0].probe && !pending[1].probe && pending[2].head);
             let mut p = ResponseParser::default();
@@ -174,6 +214,21 @@ mod tests {
             assert_eq!(a.body_bytes + b.body_bytes, 10, "split at {split}");
             assert!(pending.is_empty());
         }
+    }
+
+    #[test]
+    fn host_is_the_origins() {
+        let mut rp = RequestParser::with_host("img.example:8080".into());
+        let mut fwd = Vec::new();
+        let reqs = rp.feed(
+            b"GET /a HTTP/1.1\r\nhost: 127.0.0.1:9\r\nRange: bytes=0-9\r\n\r\n",
+            &mut fwd,
+        );
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(
+            fwd,
+            b"GET /a HTTP/1.1\r\nHost: img.example:8080\r\nRange: bytes=0-9\r\n\r\n"
+        );
     }
 
     #[test]

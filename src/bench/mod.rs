@@ -408,7 +408,7 @@ pub fn run_all(
     if !BUILT_IN {
         return Err(BenchError::NotBuiltIn);
     }
-    let (origin, _) = split_target(&o.target)?;
+    let (origin, _, _) = split_target(&o.target)?;
     std::net::TcpStream::connect_timeout(&origin, Duration::from_secs(5)).map_err(|source| {
         BenchError::Origin {
             addr: origin,

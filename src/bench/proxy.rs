@@ -122,6 +122,8 @@ impl Pacer {
 struct Shared {
     link: Link,
     origin: SocketAddr,
+    /// The origin's `Host` (from the target URL).
+    host: String,
     counters: Counters,
     up: Pacer,
     down: Pacer,
@@ -135,8 +137,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Listens on a free loopback port and forwards each connection to `origin`.
-    pub fn start(origin: SocketAddr, link: Link) -> std::io::Result<Self> {
+    /// Listens on a free loopback port and forwards each connection to `origin`, whose
+    /// requests get `Host: host`.
+    pub fn start(origin: SocketAddr, host: &str, link: Link) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("bench-proxy")
@@ -148,6 +151,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             link,
             origin,
+            host: host.to_string(),
             counters: Counters::default(),
             up: Pacer::default(),
             down: Pacer::default(),
@@ -240,18 +244,16 @@ async fn pump(
     let reader = {
         let s = s.clone();
         async move {
-            let mut requests = RequestParser::default();
+            let mut requests = RequestParser::with_host(s.host.clone());
             let mut buf = vec![0u8; CHUNK];
             loop {
                 let n = r.read(&mut buf).await?;
                 if n == 0 {
                     return Ok::<(), std::io::Error>(());
                 }
-                let bytes = buf[..n].to_vec();
-                let pacer = if is_up { &s.up } else { &s.down };
-                let leave = pacer.leave(n, s.link.bytes_per_sec);
+                let mut bytes = Vec::with_capacity(n);
                 if let Dir::Up(pending) = &dir {
-                    for req in requests.feed(&bytes) {
+                    for req in requests.feed(&buf[..n], &mut bytes) {
                         s.counters.requests.fetch_add(1, Relaxed);
                         if req.probe {
                             s.counters.probes.fetch_add(1, Relaxed);
@@ -259,8 +261,15 @@ async fn pump(
                         pending.lock().push_back(req);
                     }
                 } else {
+                    bytes.extend_from_slice(&buf[..n]);
                     s.counters.from_origin.fetch_add(n as u64, Relaxed);
                 }
+                if bytes.is_empty() {
+                    // A request's header block is not complete yet.
+                    continue;
+                }
+                let pacer = if is_up { &s.up } else { &s.down };
+                let leave = pacer.leave(bytes.len(), s.link.bytes_per_sec);
                 tokio::time::sleep_until(leave).await;
                 if tx.send((leave + delay, bytes)).is_err() {
                     return Ok(());
@@ -290,4 +299,62 @@ async fn pump(
     };
     let (a, b) = tokio::join!(reader, writer);
     a.and(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
+
+    use super::*;
+
+    /// An origin answering one request with `body`; returns what it received.
+    fn origin(body: Vec<u8>) -> (SocketAddr, std::thread::JoinHandle<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            let mut b = [0u8; 1];
+            while !req.ends_with(b"\r\n\r\n") {
+                c.read_exact(&mut b).unwrap();
+                req.push(b[0]);
+            }
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            c.write_all(head.as_bytes()).unwrap();
+            c.write_all(&body).unwrap();
+            String::from_utf8(req).unwrap()
+        });
+        (addr, t)
+    }
+
+    #[test]
+    fn delays_caps_counts_and_keeps_the_bytes() {
+        let body: Vec<u8> = (0..256u32 << 10).map(|i| (i % 251) as u8).collect();
+        let (addr, got) = origin(body.clone());
+        let link = Link {
+            rtt: Duration::from_millis(100),
+            bytes_per_sec: Some(1 << 20),
+        };
+        let proxy = Proxy::start(addr, "img.example", link).unwrap();
+        let t = Instant::now();
+        let mut c = TcpStream::connect(proxy.addr()).unwrap();
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).unwrap();
+        let took = t.elapsed();
+        // The RTT, plus 256 KiB at 1 MiB/s.
+        assert!(took >= Duration::from_millis(100 + 250), "{took:?}");
+        let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(&answer[split..], &body[..]);
+        let req = got.join().unwrap();
+        assert!(req.contains("\r\nHost: img.example\r\n"), "{req}");
+        let s = proxy.snapshot();
+        assert_eq!((s.requests, s.probes), (1, 0));
+        assert_eq!(s.body_bytes, body.len() as u64);
+        assert_eq!(s.from_origin, answer.len() as u64);
+        assert_eq!(s.to_origin, req.len() as u64);
+    }
 }

@@ -84,8 +84,8 @@ pub struct RunResult {
     pub latencies: Vec<(f64, f64)>,
 }
 
-/// `http://HOST[:PORT]/PATH` → (origin address, `/PATH`).
-pub fn split_target(url: &str) -> Result<(SocketAddr, String), BenchError> {
+/// `http://HOST[:PORT]/PATH` → (origin address, `HOST[:PORT]`, `/PATH`).
+pub fn split_target(url: &str) -> Result<(SocketAddr, String, String), BenchError> {
     let bad = |why: &str| BenchError::Usage(format!("--target {url:?}: {why}"));
     let rest = url
         .strip_prefix("http://")
@@ -110,7 +110,7 @@ pub fn split_target(url: &str) -> Result<(SocketAddr, String), BenchError> {
         .map_err(|e| bad(&format!("cannot resolve {authority}: {e}")))?
         .next()
         .ok_or_else(|| bad(&format!("{authority} has no address")))?;
-    Ok((addr, path.to_string()))
+    Ok((addr, authority.to_string(), path.to_string()))
 }
 
 /// The last lines of a log file, on one line.
@@ -341,7 +341,7 @@ pub fn run_one(
     machine: &Machine,
     hooks: &dyn Hooks,
 ) -> Result<RunResult, BenchError> {
-    let (origin, path) = split_target(&o.target)?;
+    let (origin, host, path) = split_target(&o.target)?;
     let replay = match &o.workload {
         super::WorkloadKind::Replay(p) => {
             let prof = crate::profile::BootProfile::load(p).map_err(BenchError::Profile)?;
@@ -351,16 +351,14 @@ pub fn run_one(
         _ => None,
     };
     let dir = o.work.join(format!("run-{index}-r{round}"));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
-    }
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    // The work directory was empty: a run's directory is new (nothing is overwritten).
+    std::fs::create_dir(&dir).map_err(io(&dir))?;
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(SOURCE_SIZE))
         .map_err(io(&disk))?;
 
-    let proxy = Proxy::start(origin, cfg.network.link).map_err(BenchError::Proxy)?;
+    let proxy = Proxy::start(origin, &host, cfg.network.link).map_err(BenchError::Proxy)?;
     let url = format!("http://{}{path}", proxy.addr());
     prepare(o, &dir, &disk, &url, cfg)?;
     let pre = proxy.snapshot();

@@ -118,6 +118,9 @@ fn options(a: &BenchArgs, work: PathBuf) -> Result<BenchOptions> {
     if !(1..=256).contains(&a.queue_depth) {
         bail!("--queue-depth {} must be 1..=256", a.queue_depth);
     }
+    if a.block_size * a.queue_depth as u64 > 64 << 20 {
+        bail!("--block-size times --queue-depth must be at most 64M (the guest's buffer)");
+    }
     if a.rounds == 0 || a.count == Some(0) {
         bail!("--rounds and --count must be at least 1");
     }
@@ -181,7 +184,20 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         ),
     };
     let o = options(a, work.clone())?;
-    std::fs::create_dir_all(&work).with_context(|| format!("{}", work.display()))?;
+    // The bench writes only into a directory it made or one that is empty, so it never
+    // overwrites (or, without --work, removes) anything it did not create.
+    let fresh = std::fs::create_dir(&work);
+    if let Err(e) = fresh {
+        let empty = e.kind() == std::io::ErrorKind::AlreadyExists
+            && keep
+            && std::fs::read_dir(&work).is_ok_and(|mut d| d.next().is_none());
+        if !empty {
+            bail!(
+                "--work {}: {e} (give a new or empty directory)",
+                work.display()
+            );
+        }
+    }
     let hooks = CliHooks {
         bars: Bars::new(false, false),
     };

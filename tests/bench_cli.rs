@@ -231,7 +231,7 @@ fn bad_options_are_one_line_usage_errors_and_create_nothing() {
 }
 
 #[test]
-fn an_unreachable_origin_fails_in_one_line_naming_the_step() {
+fn an_unreachable_origin_is_a_network_error_before_anything_is_created() {
     let dir = tempfile::tempdir().expect("tempdir");
     let work = dir.path().join("work");
     let url = format!("http://127.0.0.1:{}/t.img", common::dead_port());
@@ -244,6 +244,7 @@ fn an_unreachable_origin_fails_in_one_line_naming_the_step() {
         .unwrap_or_else(|| panic!("{stderr}"));
     assert!(line.contains("cannot connect to the origin"), "{line}");
     assert_eq!(out.status.code(), Some(5), "network error: {stderr}");
+    assert!(!work.exists());
 }
 
 /// A replayed boot profile whose first chunk is not home: the cold run's first read is a

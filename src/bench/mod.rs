@@ -398,6 +398,17 @@ pub trait Hooks: Sync {
     fn progress(&self, done: u64, total: Option<u64>);
 }
 
+/// Checks that `target` is an http:// URL whose origin accepts connections.
+pub fn check_origin(target: &str) -> Result<(), BenchError> {
+    let (origin, _, _) = split_target(target)?;
+    std::net::TcpStream::connect_timeout(&origin, Duration::from_secs(5))
+        .map(drop)
+        .map_err(|source| BenchError::Origin {
+            addr: origin,
+            source,
+        })
+}
+
 /// Runs every configuration `rounds` times, rounds interleaved (round 1 of each, then
 /// round 2 of each, ...); `each` gets every result as it is measured.
 pub fn run_all(
@@ -408,13 +419,7 @@ pub fn run_all(
     if !BUILT_IN {
         return Err(BenchError::NotBuiltIn);
     }
-    let (origin, _, _) = split_target(&o.target)?;
-    std::net::TcpStream::connect_timeout(&origin, Duration::from_secs(5)).map_err(|source| {
-        BenchError::Origin {
-            addr: origin,
-            source,
-        }
-    })?;
+    check_origin(&o.target)?;
     let machine = Machine::here();
     let configs = o.configs();
     let total = configs.len() * o.rounds as usize;

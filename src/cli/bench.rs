@@ -150,6 +150,7 @@ fn options(a: &BenchArgs, work: PathBuf) -> Result<BenchOptions> {
     }
     // Checked here so a typo fails before the first run, not in its prepare.
     bench::split_target(&a.target)?;
+    bench::check_origin(&a.target)?;
     let count = match (a.count, a.duration, &workload) {
         (None, None, WorkloadKind::Random | WorkloadKind::Sequential) => Some(1000),
         (c, _, _) => c,

@@ -150,7 +150,6 @@ fn options(a: &BenchArgs, work: PathBuf) -> Result<BenchOptions> {
     }
     // Checked here so a typo fails before the first run, not in its prepare.
     bench::split_target(&a.target)?;
-    bench::check_origin(&a.target)?;
     let count = match (a.count, a.duration, &workload) {
         (None, None, WorkloadKind::Random | WorkloadKind::Sequential) => Some(1000),
         (c, _, _) => c,
@@ -187,16 +186,18 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
     let o = options(a, work.clone())?;
     // The bench writes only into a directory it made or one that is empty, so it never
     // overwrites (or, without --work, removes) anything it did not create.
-    let fresh = std::fs::create_dir(&work);
-    if let Err(e) = fresh {
-        let empty = e.kind() == std::io::ErrorKind::AlreadyExists
-            && keep
-            && std::fs::read_dir(&work).is_ok_and(|mut d| d.next().is_none());
-        if !empty {
-            bail!(
-                "--work {}: {e} (give a new or empty directory)",
-                work.display()
-            );
+    let reuse = keep && std::fs::read_dir(&work).is_ok_and(|mut d| d.next().is_none());
+    if !reuse && std::fs::symlink_metadata(&work).is_ok() {
+        bail!(
+            "--work {} exists and is not an empty directory (give a new or empty one)",
+            work.display()
+        );
+    }
+    // Before anything is created: an unreachable origin fails at once.
+    bench::check_origin(&a.target)?;
+    if !reuse {
+        if let Err(e) = std::fs::create_dir(&work) {
+            bail!("--work {}: {e}", work.display());
         }
     }
     let hooks = CliHooks {

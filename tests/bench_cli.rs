@@ -120,9 +120,9 @@ fn loopback_and_rtt_profiles_agree_with_the_origin_and_draw_a_report() {
     // The same offsets (same seed) fetch the same chunks whatever the network.
     assert_eq!(u(cold_lo, "bytes_fetched"), u(cold_rtt, "bytes_fetched"));
     assert_eq!(u(cold_lo, "bytes_fetched_background"), 0);
-    // Some reads needed a fetch, and every fetch crosses the emulated link.
+    // Some reads needed a fetch, and every fetch crosses the emulated link (the first
+    // fetched read against serve's start: rtt_profile_delays_the_first_fetched_read_by_an_rtt).
     assert!(f(&cold_rtt["latency_ms"], "max") >= 20.0, "{cold_rtt}");
-    assert!(f(cold_rtt, "time_to_first_read_ms") >= 20.0, "{cold_rtt}");
 
     // --out: the same runs, the machine and the summary.
     let doc: Value =

@@ -10,7 +10,7 @@ use super::{Machine, RunResult};
 
 const W: f64 = 860.0;
 const H: f64 = 260.0;
-const LEFT: f64 = 70.0;
+const LEFT: f64 = 84.0;
 const BOTTOM: f64 = 30.0;
 const TOP: f64 = 16.0;
 /// Colours of successive runs.
@@ -135,6 +135,10 @@ fn chart(title: &str, y_unit: &str, series: &[Series]) -> String {
                 y(py)
             );
         }
+        if se.points.len() == 1 {
+            // One point: a short tick, so it shows.
+            d.push_str("h4 ");
+        }
         if d.is_empty() {
             // A run with no points still gets its (empty) line, at zero.
             let _ = write!(d, "M{LEFT:.1},{:.1}", y(0.0));
@@ -179,7 +183,7 @@ fn fmt_si(v: f64, unit: &str) -> String {
         v if v >= 1e3 => (1e3, "k"),
         _ => (1.0, ""),
     };
-    format!("{:.3} {p}{unit}", v / d)
+    format!("{:.1} {p}{unit}", v / d)
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {

@@ -199,6 +199,12 @@ fn bad_options_are_one_line_usage_errors_and_create_nothing() {
             "replay",
         ],
         vec!["--target", "http://127.0.0.1:1/t.img", "--queue-depth", "0"],
+        vec![
+            "--target",
+            "http://127.0.0.1:1/t.img",
+            "--strategy",
+            "staged",
+        ],
     ] {
         let mut a = args.clone();
         a.extend(["--work", work.to_str().unwrap()]);
@@ -273,6 +279,8 @@ fn rtt_profile_delays_the_first_fetched_read_by_an_rtt() {
         "1",
         "--network",
         "loopback;rtt=20ms",
+        "--strategy",
+        "cold,staged",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -285,15 +293,28 @@ fn rtt_profile_delays_the_first_fetched_read_by_an_rtt() {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|v| v["kind"] == "run")
         .collect();
-    assert_eq!(runs.len(), 2, "{stdout}");
+    assert_eq!(runs.len(), 4, "{stdout}");
     for r in &runs {
-        // Each chunk read whole, in 4K reads; each fetched once.
+        // Each chunk read whole, in 4K reads; each fetched once (cold), or staged home by
+        // prepare (staged: nothing left to fetch while serving).
         assert_eq!(u(r, "ops"), chunks.len() as u64 * 16, "{r}");
         assert_eq!(u(r, "bytes_read"), chunks.len() as u64 * 65536, "{r}");
-        assert_eq!(u(r, "bytes_fetched"), chunks.len() as u64 * 65536, "{r}");
+        let expect = match r["strategy"].as_str() {
+            Some("cold") => chunks.len() as u64 * 65536,
+            _ => 0,
+        };
+        assert_eq!(u(r, "bytes_fetched"), expect, "{r}");
         assert_eq!(u(r, "proxy_bytes_fetched"), u(r, "bytes_fetched"), "{r}");
     }
-    let rtt = runs.iter().find(|r| r["network"] == "rtt=20ms").unwrap();
+    let staged = runs.iter().find(|r| r["strategy"] == "staged").unwrap();
+    assert!(
+        u(staged, "prepare_origin_wire_bytes") > chunks.len() as u64 * 65536,
+        "prepare fetched the profile's chunks: {staged}"
+    );
+    let rtt = runs
+        .iter()
+        .find(|r| r["network"] == "rtt=20ms" && r["strategy"] == "cold")
+        .unwrap();
     assert!(f(rtt, "first_read_latency_ms") >= 20.0, "{rtt}");
     assert!(
         f(rtt, "time_to_first_read_ms") >= f(rtt, "serve_ready_ms") + 20.0,

@@ -93,6 +93,9 @@ pub enum Strategy {
     Cold,
     /// With background hydration (serve's default).
     Hydrate,
+    /// The boot profile's chunks placed home by prepare (`--boot-profile`), then on
+    /// demand only.
+    Staged,
 }
 
 impl Strategy {
@@ -101,6 +104,7 @@ impl Strategy {
         match self {
             Strategy::Cold => "cold",
             Strategy::Hydrate => "hydrate",
+            Strategy::Staged => "staged",
         }
     }
 }
@@ -199,6 +203,8 @@ pub struct BenchOptions {
     /// Stop issuing reads after this long (None: no limit).
     pub duration: Option<Duration>,
     pub strategies: Vec<Strategy>,
+    /// Boot profile file prepare stages for [`Strategy::Staged`].
+    pub boot_profile: Option<PathBuf>,
     pub chunk_sizes: Vec<u64>,
     pub networks: Vec<Network>,
     pub rounds: u32,

@@ -186,10 +186,19 @@ fn prepare(
     let log = dir.join("prepare.log");
     let out = std::fs::File::create(&log).map_err(io(&log))?;
     let err = out.try_clone().map_err(io(&log))?;
-    let status = Command::new(&o.exe)
-        .arg("prepare")
-        .arg(disk)
-        .args(["--target", url, "--chunk-size", &cfg.chunk_size.to_string()])
+    let mut cmd = Command::new(&o.exe);
+    cmd.arg("prepare").arg(disk).args([
+        "--target",
+        url,
+        "--chunk-size",
+        &cfg.chunk_size.to_string(),
+    ]);
+    if cfg.strategy == Strategy::Staged {
+        if let Some(p) = &o.boot_profile {
+            cmd.arg("--boot-profile").arg(p);
+        }
+    }
+    let status = cmd
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -228,7 +237,7 @@ fn serve(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(err);
-    if cfg.strategy == Strategy::Cold {
+    if cfg.strategy != Strategy::Hydrate {
         cmd.arg("--no-hydrate");
     }
     let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {

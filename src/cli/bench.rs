@@ -30,6 +30,9 @@ pub enum StrategyArg {
     Cold,
     /// Background hydration on (serve's default).
     Hydrate,
+    /// prepare places the chunks of --profile home first (--boot-profile), then on demand
+    /// only.
+    Staged,
 }
 
 /// Arguments of `bench`.
@@ -41,7 +44,8 @@ pub struct BenchArgs {
     /// What the guest (libblkio's vhost-user-blk client) does.
     #[arg(long, value_enum, default_value_t = WorkloadArg::Random)]
     pub workload: WorkloadArg,
-    /// Boot profile file to replay (`serve --record-profile`), with --workload replay.
+    /// Boot profile file (`serve --record-profile`): what --workload replay reads and
+    /// what --strategy staged places home.
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
     /// Bytes per read (multiple of 512, at most 1M).
@@ -124,15 +128,19 @@ fn options(a: &BenchArgs, work: PathBuf) -> Result<BenchOptions> {
     if a.rounds == 0 || a.count == Some(0) {
         bail!("--rounds and --count must be at least 1");
     }
-    let workload = match (a.workload, &a.profile) {
-        (WorkloadArg::Replay, Some(p)) => {
-            crate::profile::BootProfile::load(p).map_err(bench::BenchError::Profile)?;
-            WorkloadKind::Replay(p.clone())
+    let staged = a.strategies.contains(&StrategyArg::Staged);
+    if let Some(p) = &a.profile {
+        if a.workload != WorkloadArg::Replay && !staged {
+            bail!("--profile is for --workload replay or --strategy staged");
         }
-        (WorkloadArg::Replay, None) => bail!("--workload replay needs --profile FILE"),
-        (_, Some(_)) => bail!("--profile is only for --workload replay"),
-        (WorkloadArg::Random, None) => WorkloadKind::Random,
-        (WorkloadArg::Sequential, None) => WorkloadKind::Sequential,
+        crate::profile::BootProfile::load(p).map_err(bench::BenchError::Profile)?;
+    } else if staged || a.workload == WorkloadArg::Replay {
+        bail!("--workload replay and --strategy staged need --profile FILE");
+    }
+    let workload = match (a.workload, &a.profile) {
+        (WorkloadArg::Replay, Some(p)) => WorkloadKind::Replay(p.clone()),
+        (WorkloadArg::Sequential, _) => WorkloadKind::Sequential,
+        _ => WorkloadKind::Random,
     };
     let mut networks = Vec::new();
     for spec in a.networks.iter().flat_map(|n| n.split(';')) {
@@ -143,6 +151,7 @@ fn options(a: &BenchArgs, work: PathBuf) -> Result<BenchOptions> {
         let s = match s {
             StrategyArg::Cold => Strategy::Cold,
             StrategyArg::Hydrate => Strategy::Hydrate,
+            StrategyArg::Staged => Strategy::Staged,
         };
         if !strategies.contains(&s) {
             strategies.push(s);
@@ -164,6 +173,7 @@ fn options(a: &BenchArgs, work: PathBuf) -> Result<BenchOptions> {
         count,
         duration: a.duration,
         strategies,
+        boot_profile: a.profile.clone(),
         chunk_sizes: a.chunk_sizes.clone(),
         networks,
         rounds: a.rounds,

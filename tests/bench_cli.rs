@@ -15,6 +15,21 @@ const IMAGE: usize = 8 << 20;
 const READS: u64 = 100;
 const BLOCK: u64 = 4096;
 
+/// Random bytes with an MBR whose one partition spans the image after the first MiB (as a
+/// real disk image has): prepare checks that the partition table fits the disk.
+fn partitioned_image(seed: u64) -> Vec<u8> {
+    let mut img = common::random_bytes(seed, IMAGE);
+    let entry = &mut img[446..462];
+    entry.fill(0);
+    entry[4] = 0x83;
+    entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    entry[12..16].copy_from_slice(&((IMAGE / 512) as u32 - 2048).to_le_bytes());
+    img[462..510].fill(0);
+    img[510] = 0x55;
+    img[511] = 0xaa;
+    img
+}
+
 fn bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_streamboot"))
         .args(["--json", "bench"])
@@ -36,7 +51,7 @@ fn f(v: &Value, k: &str) -> f64 {
 #[test]
 fn loopback_and_rtt_profiles_agree_with_the_origin_and_draw_a_report() {
     let nginx = Nginx::start();
-    nginx.put("t.img", &common::random_bytes(17, IMAGE));
+    nginx.put("t.img", &partitioned_image(17));
     let dir = tempfile::tempdir().expect("tempdir");
     let report = dir.path().join("report.html");
     let out_file = dir.path().join("results.json");

@@ -52,6 +52,9 @@ pub enum BenchError {
         #[source]
         source: std::io::Error,
     },
+    /// The target's size could not be learnt (a `Range: bytes=0-0` request).
+    #[error("size of the target {url}: {reason}")]
+    TargetSize { url: String, reason: String },
     #[error("bench proxy")]
     Proxy(#[source] std::io::Error),
     #[error("cannot run {what}")]

@@ -18,8 +18,6 @@ use super::stats::Percentiles;
 use super::{workload, BenchError, BenchOptions, Hooks, Machine, Ops, RunConfig, Strategy};
 use crate::control::client;
 
-/// Size of the sparse source disk each run prepares (the file grows to hold the area).
-const SOURCE_SIZE: u64 = 1 << 20;
 /// Longest wait for serve's ready line, for serve to stop, and for counts to settle.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often serve's fetch counters are sampled for the timeline.
@@ -111,6 +109,48 @@ pub fn split_target(url: &str) -> Result<(SocketAddr, String, String), BenchErro
         .next()
         .ok_or_else(|| bad(&format!("{authority} has no address")))?;
     Ok((addr, authority.to_string(), path.to_string()))
+}
+
+/// The target's size: `Range: bytes=0-0` to `addr` (the run's proxy, so the request is
+/// counted with prepare's), read from the answer's `Content-Range: bytes 0-0/SIZE`.
+fn target_size(addr: SocketAddr, path: &str, url: &str) -> Result<u64, BenchError> {
+    use std::io::Write;
+    let fail = |reason: String| BenchError::TargetSize {
+        url: url.to_string(),
+        reason,
+    };
+    let mut c = std::net::TcpStream::connect_timeout(&addr, STEP_TIMEOUT)
+        .map_err(|e| fail(e.to_string()))?;
+    c.set_read_timeout(Some(STEP_TIMEOUT))
+        .map_err(|e| fail(e.to_string()))?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nRange: bytes=0-0\r\nConnection: close\r\n\r\n"
+    );
+    c.write_all(req.as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    let mut answer = Vec::new();
+    // The header block (and the 1-byte body): at most 64 KiB.
+    (&mut c)
+        .take(64 << 10)
+        .read_to_end(&mut answer)
+        .map_err(|e| fail(e.to_string()))?;
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    resp.parse(&answer).map_err(|e| fail(e.to_string()))?;
+    if resp.code != Some(206) {
+        return Err(fail(format!(
+            "answered {:?} to a range request (expected 206)",
+            resp.code
+        )));
+    }
+    resp.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-range"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .and_then(|v| v.rsplit_once('/'))
+        .and_then(|(_, n)| n.trim().parse::<u64>().ok())
+        .filter(|&n| n > 0)
+        .ok_or_else(|| fail("no Content-Range with the size".into()))
 }
 
 /// The last lines of a log file, on one line.
@@ -362,13 +402,15 @@ pub fn run_one(
     let dir = o.work.join(format!("run-{index}-r{round}"));
     // The work directory was empty: a run's directory is new (nothing is overwritten).
     std::fs::create_dir(&dir).map_err(io(&dir))?;
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(SOURCE_SIZE))
-        .map_err(io(&disk))?;
-
     let proxy = Proxy::start(origin, &host, cfg.network.link).map_err(BenchError::Proxy)?;
     let url = format!("http://{}{path}", proxy.addr());
+    // The source disk: sparse zeros of the target's size (a partition table of the target
+    // must fit the disk).
+    let disk = dir.join("disk.img");
+    let size = target_size(proxy.addr(), &path, &o.target)?;
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(size))
+        .map_err(io(&disk))?;
     prepare(o, &dir, &disk, &url, cfg)?;
     let pre = proxy.snapshot();
 

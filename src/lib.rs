@@ -19,6 +19,7 @@
 //! - [`control`]: the control API of `serve` (HTTP/JSON over a unix socket), its client,
 //!   Prometheus metrics and webhook notifications.
 
+pub mod bench;
 pub mod blockdev;
 pub mod cli;
 pub mod control;

@@ -11,6 +11,7 @@ use std::io;
 
 use boot_relocator::RelocError;
 
+use crate::bench::BenchError;
 use crate::blockdev::BlockError;
 use crate::control::client::ClientError;
 use crate::control::BindError;
@@ -155,9 +156,18 @@ fn one(e: &(dyn Error + 'static)) -> Option<Kind> {
         BindError => bind,
         VhostError => vhost,
         DaemonError => daemon,
+        BenchError => bench,
         io::Error => |x: &io::Error| Some(io_kind(x)),
     );
     None
+}
+
+fn bench(e: &BenchError) -> Option<Kind> {
+    match e {
+        BenchError::Usage(_) | BenchError::NotBuiltIn | BenchError::Profile(_) => Some(Kind::Usage),
+        BenchError::Origin { .. } => Some(Kind::Network),
+        _ => None,
+    }
 }
 
 fn migration(e: &MigrationError) -> Option<Kind> {

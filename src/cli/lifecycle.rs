@@ -167,6 +167,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Keygen { prefix } => super::store::keygen(prefix, cli.json),
         Command::Store(c) => super::store::run(c, cli.json),
         Command::Demo(a) => super::demo::run(a, cli.json),
+        Command::Bench(a) => super::bench::run(a, cli.json),
         Command::GenerateDocs { dir } => super::docs::generate(dir),
     }
 }

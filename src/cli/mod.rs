@@ -1,5 +1,6 @@
 //! The `streamboot` command line.
 
+mod bench;
 mod config;
 mod demo;
 mod docs;
@@ -213,6 +214,10 @@ pub enum Command {
     /// pair, serves v2 over loopback HTTP, prepares, serves (a VM boots it when QEMU is
     /// installed, else a blkio client reads it), confirms, commits and verifies.
     Demo(demo::DemoArgs),
+    /// Measure a workload on a streamed disk: strategies and emulated networks (RTT,
+    /// bandwidth) side by side, through a built-in proxy to the origin; JSON results and
+    /// an HTML report (needs the demo-blkio feature: libblkio's client is the guest).
+    Bench(Box<bench::BenchArgs>),
     /// Trust a disk prepared on this host by a streamboot before format v2: rewrite its
     /// metadata authenticated with this host's key. Only for disks you know were prepared
     /// here (the metadata sits where a guest can write).

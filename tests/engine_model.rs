@@ -122,12 +122,12 @@ fn run(
             }
             90..=92 => {
                 // The lock-free presence bitmap agrees with the map, chunk by chunk.
-                let missing: Vec<bool> = engine.with_meta(|m| {
-                    m.entries()
-                        .iter()
-                        .map(|e| e.loc == boot_relocator::Location::Missing)
-                        .collect()
-                });
+                let mut missing: Vec<bool> = Vec::new();
+                engine
+                    .with_meta(|m| {
+                        m.scan(|_, e| missing.push(e.loc == boot_relocator::Location::Missing))
+                    })
+                    .unwrap();
                 for (c, &miss) in missing.iter().enumerate() {
                     let local = engine.is_local(c as u64 * chunk, 1);
                     assert_eq!(

@@ -49,16 +49,18 @@ impl Engine {
             let Some(_g) = self.stripe(c).try_write() else {
                 continue;
             };
-            let e = store.entry(c);
+            // A page that cannot be read back is not evicted from.
+            let Ok(e) = store.entry(c) else {
+                continue;
+            };
             if let (Location::Slot(_), false) = (e.loc, e.dirty) {
-                self.set_entry(
-                    store,
-                    c,
-                    Entry {
-                        loc: Location::Missing,
-                        ..e
-                    },
-                );
+                let missing = Entry {
+                    loc: Location::Missing,
+                    ..e
+                };
+                if self.set_entry(store, c, missing).is_err() {
+                    continue;
+                }
                 lru.pop(&c);
                 evicted += 1;
             }

@@ -63,7 +63,7 @@ impl Engine {
             for c in 0..total {
                 loop {
                     let g = self.stripe(c).write();
-                    let e = self.meta.lock().store.entry(c);
+                    let e = self.meta.lock().store.entry(c)?;
                     let home = self.addr(c, Location::Home);
                     let len = self.layout.target_len(c);
                     match e.loc {
@@ -103,7 +103,7 @@ impl Engine {
                             dirty: false,
                             ..e
                         },
-                    );
+                    )?;
                     drop(m);
                     moved += 1;
                     if moved % MOVES_PER_COMMIT == 0 {
@@ -116,13 +116,7 @@ impl Engine {
             }
             self.commit_map()?;
             progress("moving chunks home", total, total);
-            let left = self
-                .meta
-                .lock()
-                .store
-                .entries()
-                .iter()
-                .any(|e| e.loc != Location::Home);
+            let left = self.meta.lock().store.counts().home != total;
             if !left {
                 return Ok(());
             }

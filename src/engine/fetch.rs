@@ -7,7 +7,7 @@ use std::sync::Arc;
 use boot_relocator::{Entry, Location};
 
 use super::flight::{ChunkIdx, Claim, FetchKind};
-use super::{Counters, Engine, FlightResult};
+use super::{meta_io, Counters, Engine, FlightResult};
 use crate::blockdev::BlockError;
 use crate::source::{CancellationToken, SourceError};
 
@@ -78,8 +78,7 @@ impl Engine {
             max
         };
         let claim = self.inflight.claim(c, max, |ChunkIdx(i)| {
-            i < self.layout.chunk_count()
-                && self.meta.lock().store.entry(i).loc == Location::Missing
+            i < self.layout.chunk_count() && self.is_missing(i)
         });
         match claim {
             Claim::NotNeeded => Ok(FlightResult::Mapped),
@@ -215,7 +214,7 @@ impl Engine {
             let zero = chunk.iter().all(|&b| b == 0);
             if to_home {
                 let _g = self.stripe(c).write();
-                let e = self.meta.lock().store.entry(c);
+                let e = self.meta.lock().store.entry(c).map_err(meta_io)?;
                 if e.loc == Location::Missing {
                     let home = self.addr(c, Location::Home);
                     if zero {
@@ -230,10 +229,10 @@ impl Engine {
                             loc: Location::Home,
                             ..e
                         },
-                    );
+                    )?;
                 }
             } else if zero {
-                self.publish_if_missing(c, Location::Zero);
+                self.publish_if_missing(c, Location::Zero)?;
             } else {
                 match self.get_slot(may_evict) {
                     Ok(s) => slotted.push((c, s)),
@@ -270,9 +269,18 @@ impl Engine {
             }
             i = j;
         }
-        for (c, s) in slotted {
-            if !self.publish_if_missing(c, Location::Slot(s)) {
-                self.with_meta(|m| m.free_unpublished(s));
+        for (k, &(c, s)) in slotted.iter().enumerate() {
+            match self.publish_if_missing(c, Location::Slot(s)) {
+                Ok(true) => {}
+                Ok(false) => self.with_meta(|m| m.free_unpublished(s)),
+                Err(e) => {
+                    self.with_meta(|m| {
+                        slotted[k..]
+                            .iter()
+                            .for_each(|&(_, s)| m.free_unpublished(s))
+                    });
+                    return Err(e);
+                }
             }
         }
         let n = self
@@ -293,12 +301,12 @@ impl Engine {
 
     /// Maps chunk `c` to `loc` (clean) under its stripe lock if it is still missing (a
     /// guest write may have mapped it meanwhile). Returns whether it did.
-    fn publish_if_missing(&self, c: u64, loc: Location) -> bool {
+    fn publish_if_missing(&self, c: u64, loc: Location) -> Result<bool, BlockError> {
         let _g = self.stripe(c).write();
         let mut m = self.meta.lock();
-        let e = m.store.entry(c);
+        let e = m.store.entry(c).map_err(meta_io)?;
         if e.loc != Location::Missing {
-            return false;
+            return Ok(false);
         }
         self.set_entry(
             &mut m.store,
@@ -308,10 +316,10 @@ impl Engine {
                 dirty: false,
                 ..e
             },
-        );
+        )?;
         if let (Location::Slot(_), Some(l)) = (loc, m.lru.as_mut()) {
             l.put(c, ());
         }
-        true
+        Ok(true)
     }
 }

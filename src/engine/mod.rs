@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bitvec::prelude::{BitVec, Lsb0};
-use boot_relocator::{Entry, Layout, Location, MetaStore, RelocError, State, Storage};
+use boot_relocator::{Entry, Layout, Location, MapCounts, MetaStore, RelocError, State, Storage};
 use parking_lot::{Mutex, RwLock};
 
 use crate::blockdev::{
@@ -162,21 +162,17 @@ impl Engine {
         }
         let layout = sb.layout;
         let chunks = layout.chunk_count();
-        let saved = meta.entries().iter().filter(|e| e.saved.is_some()).count() as u64;
-        let lru = (layout.slot_count < chunks + saved).then(|| {
-            let mut l = lru::LruCache::unbounded();
-            for (c, e) in meta.entries().iter().enumerate() {
-                if matches!(e.loc, Location::Slot(_)) && !e.dirty {
-                    l.put(c as u64, ());
-                }
+        let saved = meta.counts().saved;
+        let mut lru = (layout.slot_count < chunks + saved).then(lru::LruCache::unbounded);
+        let local: BitVec<AtomicU64, Lsb0> = BitVec::repeat(false, chunks as usize);
+        meta.scan(|c, e| {
+            if e.loc != Location::Missing {
+                local.set_aliased(c as usize, true);
             }
-            l
-        });
-        let local = meta
-            .entries()
-            .iter()
-            .map(|e| e.loc != Location::Missing)
-            .collect();
+            if let (Location::Slot(_), false, Some(l)) = (e.loc, e.dirty, lru.as_mut()) {
+                l.put(c, ());
+            }
+        })?;
         Ok(Self {
             local,
             storage: meta.storage().clone(),
@@ -241,10 +237,23 @@ impl Engine {
     }
 
     /// Changes chunk `c`'s entry (in memory) and keeps the presence bitmap in step.
-    pub(crate) fn set_entry(&self, store: &mut MetaStore, c: u64, e: Entry) {
-        store.set_entry(c, e);
+    pub(crate) fn set_entry(
+        &self,
+        store: &mut MetaStore,
+        c: u64,
+        e: Entry,
+    ) -> Result<(), BlockError> {
+        store.set_entry(c, e).map_err(meta_io)?;
         self.local
             .set_aliased(c as usize, e.loc != Location::Missing);
+        Ok(())
+    }
+
+    /// True when chunk `c` is missing (from the presence bitmap, under the metadata
+    /// lock so that it agrees with the map).
+    pub(crate) fn is_missing(&self, c: u64) -> bool {
+        let _m = self.meta.lock();
+        !self.local[c as usize]
     }
 
     pub(crate) fn stripe(&self, c: u64) -> &RwLock<()> {
@@ -280,7 +289,7 @@ impl Engine {
             ..Status::default()
         };
         let sb_seeded = sb.seeded_bytes;
-        tally(&mut s, m.store.entries(), &self.layout);
+        tally(&mut s, &m.store.counts());
         drop(m);
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -299,13 +308,13 @@ impl Engine {
     }
 
     /// Where chunk `c` is now (and, for a clean slot, marks it recently used).
-    fn locate(&self, c: u64) -> Entry {
+    fn locate(&self, c: u64) -> Result<Entry, BlockError> {
         let mut m = self.meta.lock();
-        let e = m.store.entry(c);
+        let e = m.store.entry(c).map_err(meta_io)?;
         if let (Location::Slot(_), false, Some(lru)) = (e.loc, e.dirty, m.lru.as_mut()) {
             lru.get(&c);
         }
-        e
+        Ok(e)
     }
 
     /// Disk address of chunk `c`'s bytes at `loc`.
@@ -363,7 +372,7 @@ impl Engine {
         loop {
             {
                 let _g = self.stripe(c).read();
-                let e = self.locate(c);
+                let e = self.locate(c)?;
                 match e.loc {
                     Location::Home | Location::Slot(_) => {
                         read_storage(self.storage.as_ref(), self.addr(c, e.loc) + within, out)?;
@@ -415,11 +424,11 @@ impl Engine {
             {
                 let _g = self.stripe(c).read();
                 let mut m = self.meta.lock();
-                let e = m.store.entry(c);
+                let e = m.store.entry(c).map_err(meta_io)?;
                 match e.loc {
                     Location::Home | Location::Slot(_) => {
                         if matches!(e.loc, Location::Slot(_)) && !e.dirty {
-                            self.set_entry(&mut m.store, c, Entry { dirty: true, ..e });
+                            self.set_entry(&mut m.store, c, Entry { dirty: true, ..e })?;
                             if let Some(l) = m.lru.as_mut() {
                                 l.pop(&c);
                             }
@@ -477,7 +486,15 @@ impl Engine {
         }
         let _g = self.stripe(c).write();
         let mut m = self.meta.lock();
-        let e = m.store.entry(c);
+        let e = match m.store.entry(c) {
+            Ok(e) => e,
+            Err(err) => {
+                if let Some(s) = slot {
+                    m.store.free_unpublished(s);
+                }
+                return Err(meta_io(err));
+            }
+        };
         match (e.loc, slot) {
             (Location::Missing | Location::Zero, Some(s)) => {
                 self.set_entry(
@@ -488,7 +505,7 @@ impl Engine {
                         dirty: true,
                         ..e
                     },
-                );
+                )?;
             }
             (Location::Missing | Location::Zero, None) => {
                 drop(m);
@@ -502,7 +519,7 @@ impl Engine {
                         dirty: true,
                         ..e
                     },
-                );
+                )?;
             }
             (loc, s) => {
                 // Someone mapped the chunk meanwhile: our write still has to land, on top.
@@ -510,7 +527,7 @@ impl Engine {
                     m.store.free_unpublished(s);
                 }
                 if let Location::Slot(_) = loc {
-                    self.set_entry(&mut m.store, c, Entry { dirty: true, ..e });
+                    self.set_entry(&mut m.store, c, Entry { dirty: true, ..e })?;
                     if let Some(l) = m.lru.as_mut() {
                         l.pop(&c);
                     }
@@ -541,7 +558,7 @@ impl Engine {
         }
         let _c = self.commit_lock.lock();
         self.unflushed.store(0, Ordering::Relaxed);
-        let batch = self.meta.lock().store.take_dirty();
+        let batch = self.meta.lock().store.take_dirty()?;
         match batch.write(self.storage.as_ref(), &self.layout) {
             Ok(()) => {
                 self.meta.lock().store.finish_batch(batch);
@@ -576,21 +593,20 @@ impl Engine {
     }
 }
 
-/// Counts entries by kind into a status.
-fn tally(s: &mut Status, entries: &[Entry], layout: &Layout) {
-    for (c, e) in entries.iter().enumerate() {
-        match e.loc {
-            Location::Missing => s.chunks_missing += 1,
-            Location::Zero => s.chunks_zero += 1,
-            Location::Home => s.chunks_home += 1,
-            Location::Slot(_) => s.chunks_slotted += 1,
-        }
-        s.chunks_dirty += e.dirty as u64;
-        if e.saved.is_some() {
-            s.chunks_saved_source += 1;
-            s.bytes_saved_source += layout.source_len(c as u64) as u64;
-        }
-    }
+/// Copies the map's counts into a status.
+fn tally(s: &mut Status, n: &MapCounts) {
+    s.chunks_missing = n.missing;
+    s.chunks_zero = n.zero;
+    s.chunks_home = n.home;
+    s.chunks_slotted = n.slotted;
+    s.chunks_dirty = n.dirty;
+    s.chunks_saved_source = n.saved;
+    s.bytes_saved_source = n.saved_bytes;
+}
+
+/// A metadata error met on the request path, as an I/O error (the cause kept).
+pub(crate) fn meta_io(e: RelocError) -> BlockError {
+    BlockError::Io(std::io::Error::other(e))
 }
 
 /// Status of a prepared disk read offline (no engine, no source).
@@ -613,7 +629,7 @@ pub fn offline_status(meta: &MetaStore) -> Status {
         bytes_seeded: sb.seeded_bytes,
         ..Status::default()
     };
-    tally(&mut s, meta.entries(), &l);
+    tally(&mut s, &meta.counts());
     s
 }
 
@@ -645,8 +661,7 @@ impl BlockBackend for Engine {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        self.discard_missing(offset, len);
-        Ok(())
+        self.discard_missing(offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         Engine::write_zeroes(self, offset, len)

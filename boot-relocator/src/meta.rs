@@ -476,14 +476,15 @@ impl MetaStore {
     pub fn set_entry(&mut self, c: u64, e: Entry) -> Result<()> {
         let p = c / ENTRIES_PER_PAGE as u64;
         let l = self.sb.layout;
+        // An unchanged entry leaves its page as it is (not pinned).
+        if self.entry(c)? == e {
+            return Ok(());
+        }
         let page = self
             .map
             .get_mut()
             .page_mut(self.storage.as_ref(), &l, &self.sb.uuid, p)?;
         let old = std::mem::replace(&mut page[(c % ENTRIES_PER_PAGE as u64) as usize], e);
-        if old == e {
-            return Ok(());
-        }
         let keeps = |s: u32| slots_of(&e).any(|k| k == s);
         for s in slots_of(&old) {
             if !keeps(s) {

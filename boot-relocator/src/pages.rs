@@ -310,7 +310,8 @@ impl MapPages {
 
     /// Keeps at most `n` (at least 1) clean pages in memory.
     pub(crate) fn set_capacity(&mut self, n: usize) {
-        self.clean.resize(NonZeroUsize::new(n.max(1)).expect("nonzero"));
+        self.clean
+            .resize(NonZeroUsize::new(n.max(1)).expect("nonzero"));
     }
 
     /// Pages in memory: (pinned, clean).

@@ -18,7 +18,7 @@ impl Engine {
     pub(crate) fn get_slot(&self, may_evict: bool) -> Result<u32, BlockError> {
         loop {
             {
-                let mut m = self.meta.lock();
+                let mut m = self.map.lock();
                 if let Some(s) = m.store.alloc_slot() {
                     return Ok(s);
                 }
@@ -46,7 +46,7 @@ impl Engine {
             if evicted == want {
                 break;
             }
-            let Some(_g) = self.stripe(c).try_write() else {
+            let Some(_g) = self.map.stripe(c).try_write() else {
                 continue;
             };
             // A page that cannot be read back is not evicted from.
@@ -58,7 +58,7 @@ impl Engine {
                     loc: Location::Missing,
                     ..e
                 };
-                if self.set_entry(store, c, missing).is_err() {
+                if self.map.set_entry(store, c, missing).is_err() {
                     continue;
                 }
                 lru.pop(&c);

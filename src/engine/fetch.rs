@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use boot_relocator::{Entry, Location};
 
-use super::flight::{ChunkIdx, Claim, FetchKind};
+use super::flight::{Claim, FetchKind};
+use super::ChunkIdx;
 use super::{meta_io, Counters, Engine, FlightResult};
 use crate::blockdev::BlockError;
 use crate::source::{CancellationToken, SourceError};
@@ -78,7 +79,7 @@ impl Engine {
             max
         };
         let claim = self.inflight.claim(c, max, |ChunkIdx(i)| {
-            i < self.layout.chunk_count() && self.is_missing(i)
+            i < self.layout.chunk_count() && self.map.is_missing(i)
         });
         match claim {
             Claim::NotNeeded => Ok(FlightResult::Mapped),
@@ -213,8 +214,8 @@ impl Engine {
             let chunk = &chunk[..self.layout.target_len(c)];
             let zero = chunk.iter().all(|&b| b == 0);
             if to_home {
-                let _g = self.stripe(c).write();
-                let e = self.meta.lock().store.entry(c).map_err(meta_io)?;
+                let _g = self.map.stripe(c).write();
+                let e = self.map.lock().store.entry(c).map_err(meta_io)?;
                 if e.loc == Location::Missing {
                     let home = self.addr(c, Location::Home);
                     if zero {
@@ -222,8 +223,8 @@ impl Engine {
                     } else {
                         self.storage.write_at(home, chunk)?;
                     }
-                    self.set_entry(
-                        &mut self.meta.lock().store,
+                    self.map.set_entry(
+                        &mut self.map.lock().store,
                         c,
                         Entry {
                             loc: Location::Home,
@@ -302,13 +303,13 @@ impl Engine {
     /// Maps chunk `c` to `loc` (clean) under its stripe lock if it is still missing (a
     /// guest write may have mapped it meanwhile). Returns whether it did.
     fn publish_if_missing(&self, c: u64, loc: Location) -> Result<bool, BlockError> {
-        let _g = self.stripe(c).write();
-        let mut m = self.meta.lock();
+        let _g = self.map.stripe(c).write();
+        let mut m = self.map.lock();
         let e = m.store.entry(c).map_err(meta_io)?;
         if e.loc != Location::Missing {
             return Ok(false);
         }
-        self.set_entry(
+        self.map.set_entry(
             &mut m.store,
             c,
             Entry {

@@ -56,8 +56,8 @@ impl Engine {
     /// Makes chunk `c` a zero chunk (its slot, if any, is released) when `when` holds for
     /// its entry, under the chunk's stripe lock.
     fn make_zero(&self, c: u64, when: impl Fn(&Entry) -> bool) -> Result<(), BlockError> {
-        let _g = self.stripe(c).write();
-        let mut m = self.meta.lock();
+        let _g = self.map.stripe(c).write();
+        let mut m = self.map.lock();
         let e = m.store.entry(c).map_err(meta_io)?;
         if !when(&e) {
             return Ok(());
@@ -65,7 +65,7 @@ impl Engine {
         if let Some(l) = m.lru.as_mut() {
             l.pop(&c);
         }
-        self.set_entry(
+        self.map.set_entry(
             &mut m.store,
             c,
             Entry {

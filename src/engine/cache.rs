@@ -6,7 +6,7 @@
 
 use boot_relocator::{Entry, Location};
 
-use super::{Counters, Engine, Meta};
+use super::{Counters, Engine, Meta, SlotIdx};
 use crate::blockdev::BlockError;
 
 /// Chunks evicted at once when the area is full (amortizes the commit that frees them).
@@ -15,12 +15,12 @@ const EVICT_BATCH: usize = 32;
 impl Engine {
     /// A free slot, evicting clean chunks (when `may_evict`) and committing as needed.
     /// `NoSpace` when nothing can be freed.
-    pub(crate) fn get_slot(&self, may_evict: bool) -> Result<u32, BlockError> {
+    pub(crate) fn get_slot(&self, may_evict: bool) -> Result<SlotIdx, BlockError> {
         loop {
             {
                 let mut m = self.map.lock();
                 if let Some(s) = m.store.alloc_slot() {
-                    return Ok(s);
+                    return Ok(SlotIdx(s));
                 }
                 if m.store.quarantined_slots() == 0
                     && !(may_evict && self.evict_some(&mut m, EVICT_BATCH))

@@ -8,7 +8,7 @@ use boot_relocator::{Entry, Location};
 
 use super::flight::{Claim, FetchKind};
 use super::ChunkIdx;
-use super::{meta_io, Counters, Engine, FlightResult};
+use super::{meta_io, Counters, Engine, FlightResult, SlotIdx};
 use crate::blockdev::BlockError;
 use crate::source::{CancellationToken, SourceError};
 
@@ -208,7 +208,7 @@ impl Engine {
         let to_home = self.to_home.load(Ordering::Acquire);
         let mut all_stored = true;
         // (chunk, slot) of the chunks to store in slots, in order.
-        let mut slotted: Vec<(u64, u32)> = Vec::new();
+        let mut slotted: Vec<(u64, SlotIdx)> = Vec::new();
         for (i, chunk) in bytes.chunks(cs).enumerate() {
             let c = first + i as u64;
             let chunk = &chunk[..self.layout.target_len(c)];
@@ -240,7 +240,7 @@ impl Engine {
                     Err(BlockError::NoSpace) => all_stored = false,
                     Err(e) => {
                         self.with_meta(|m| {
-                            slotted.iter().for_each(|&(_, s)| m.free_unpublished(s))
+                            slotted.iter().for_each(|&(_, s)| m.free_unpublished(s.0))
                         });
                         return Err(e);
                     }
@@ -253,15 +253,15 @@ impl Engine {
             let mut j = i + 1;
             while j < slotted.len()
                 && slotted[j].0 == slotted[j - 1].0 + 1
-                && slotted[j].1 == slotted[j - 1].1 + 1
+                && slotted[j].1 .0 == slotted[j - 1].1 .0 + 1
             {
                 j += 1;
             }
             let from = (slotted[i].0 - first) as usize * cs;
             let to = ((slotted[j - 1].0 - first) as usize * cs + cs).min(bytes.len());
-            let at = self.layout.slot_addr(slotted[i].1);
+            let at = self.layout.slot_addr(slotted[i].1 .0);
             if let Err(e) = self.storage.write_at(at, &bytes[from..to]) {
-                self.with_meta(|m| slotted.iter().for_each(|&(_, s)| m.free_unpublished(s)));
+                self.with_meta(|m| slotted.iter().for_each(|&(_, s)| m.free_unpublished(s.0)));
                 return Err(e.into());
             }
             if !may_evict {
@@ -271,14 +271,14 @@ impl Engine {
             i = j;
         }
         for (k, &(c, s)) in slotted.iter().enumerate() {
-            match self.publish_if_missing(c, Location::Slot(s)) {
+            match self.publish_if_missing(c, Location::Slot(s.0)) {
                 Ok(true) => {}
-                Ok(false) => self.with_meta(|m| m.free_unpublished(s)),
+                Ok(false) => self.with_meta(|m| m.free_unpublished(s.0)),
                 Err(e) => {
                     self.with_meta(|m| {
                         slotted[k..]
                             .iter()
-                            .for_each(|&(_, s)| m.free_unpublished(s))
+                            .for_each(|&(_, s)| m.free_unpublished(s.0))
                     });
                     return Err(e);
                 }

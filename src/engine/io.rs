@@ -180,10 +180,13 @@ impl Engine {
         let slot = if home {
             None
         } else {
-            Some(self.get_slot(true)?)
+            Some(self.get_slot(true)?.0)
         };
         if let Some(s) = slot {
-            write_storage(st, self.layout.slot_addr(s), &bytes)?;
+            if let Err(err) = write_storage(st, self.layout.slot_addr(s), &bytes) {
+                self.with_meta(|m| m.free_unpublished(s));
+                return Err(err.into());
+            }
         }
         let _g = self.map.stripe(c).write();
         let mut m = self.map.lock();
@@ -198,15 +201,15 @@ impl Engine {
         };
         match (e.loc, slot) {
             (Location::Missing | Location::Zero, Some(s)) => {
-                self.map.set_entry(
-                    &mut m.store,
-                    c,
-                    Entry {
-                        loc: Location::Slot(s),
-                        dirty: true,
-                        ..e
-                    },
-                )?;
+                let slotted = Entry {
+                    loc: Location::Slot(s),
+                    dirty: true,
+                    ..e
+                };
+                if let Err(err) = self.map.set_entry(&mut m.store, c, slotted) {
+                    m.store.free_unpublished(s);
+                    return Err(err);
+                }
             }
             (Location::Missing | Location::Zero, None) => {
                 drop(m);

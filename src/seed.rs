@@ -183,17 +183,17 @@ pub fn seed(
     }
     // Missing full target chunks the disk holds, grouped by source address.
     let mut by_addr: BTreeMap<u64, (ChunkHash, Vec<u64>)> = BTreeMap::new();
-    for t in meta.chunks_where(|e| e.loc == Location::Missing)? {
-        if l.target_len(t) as u64 != c {
-            continue;
+    meta.scan(|t, e| {
+        if e.loc != Location::Missing || l.target_len(t) as u64 != c {
+            return;
         }
         let Some(h) = store.chunk_hash(t) else {
-            continue;
+            return;
         };
         if let Some(&a) = index.by_hash.get(&h) {
             by_addr.entry(a).or_insert((h, Vec::new())).1.push(t);
         }
-    }
+    })?;
     let mut report = SeedReport {
         chunks_hashed: index.chunks_hashed,
         ..SeedReport::default()

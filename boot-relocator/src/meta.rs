@@ -423,7 +423,8 @@ impl MetaStore {
     }
 
     /// Calls `f` with every chunk's entry in order, reading the map pages that are not
-    /// in memory in large reads without caching them.
+    /// in memory in large reads without caching them. `f` runs under the page cache's
+    /// lock: it must not call back into this store.
     pub fn scan(&self, mut f: impl FnMut(u64, Entry)) -> Result<()> {
         const PAGES_PER_READ: u64 = 256;
         let l = self.sb.layout;

@@ -340,3 +340,7 @@ impl MapPages {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "pages_tests.rs"]
+mod tests;

@@ -516,6 +516,10 @@ impl MetaStore {
     pub fn quarantined_slots(&self) -> usize {
         self.quarantine.len()
     }
+    /// Map pages changed since the last commit took them (kept in memory until written).
+    pub fn dirty_page_count(&self) -> usize {
+        self.dirty_pages.len()
+    }
     /// True when some page or quarantined slot awaits a commit.
     pub fn has_pending(&self) -> bool {
         !self.dirty_pages.is_empty() || !self.quarantine.is_empty()

@@ -84,7 +84,11 @@ fn pages_leave_memory_only_when_written() {
         m.set_entry(c, e).unwrap();
         model[c as usize] = e;
     }
-    assert_eq!(m.resident_pages().0, 4, "chunks 0..=1000 step 100 lie on pages 0..=3");
+    assert_eq!(
+        m.resident_pages().0,
+        4,
+        "chunks 0..=1000 step 100 lie on pages 0..=3"
+    );
     assert_eq!(all(&m), model);
 
     // A batch in flight; page 0 changes again meanwhile: it stays pinned afterwards.

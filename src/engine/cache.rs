@@ -29,7 +29,7 @@ impl Engine {
                 }
             }
             self.commit_map()
-                .map_err(|e| BlockError::Io(std::io::Error::other(e.to_string())))?;
+                .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
         }
     }
 

@@ -20,6 +20,10 @@ thread_local! {
 /// Largest fetch buffer a thread keeps between fetches.
 const MAX_KEPT_FETCH_BUF: usize = 16 << 20;
 
+/// Map pages changed by fetches before the engine commits them (about 5 KiB each in
+/// memory until written; see `boot_relocator::pages`).
+const MAX_DIRTY_PAGES: usize = 1024;
+
 impl Engine {
     /// The token that cancels fetches of this kind started from now on.
     fn cancel_token(&self, kind: FetchKind) -> CancellationToken {
@@ -287,9 +291,12 @@ impl Engine {
         let n = self
             .unflushed
             .fetch_add(bytes.len().div_ceil(cs) as u64, Ordering::Relaxed);
-        if n * self.chunk_size() >= self.opts.commit_every_bytes {
+        // Map pages changed since the last commit stay in memory until one writes them:
+        // commit often enough that they stay few (scattered fetches dirty one page each).
+        let pinned = self.map.lock().store.dirty_page_count();
+        if n * self.chunk_size() >= self.opts.commit_every_bytes || pinned >= MAX_DIRTY_PAGES {
             self.commit_map()
-                .map_err(|e| BlockError::Io(std::io::Error::other(e.to_string())))?;
+                .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
         }
         Ok(all_stored)
     }

@@ -133,34 +133,6 @@ pub enum Claim<K = ChunkIdx, R = FlightResult> {
     NotNeeded,
 }
 
-impl<K: Copy + Eq + Hash, R: Clone> SingleFlight<K, R> {
-    /// Claims key `k` alone (keys without runs, e.g. content hashes): `Wait` when
-    /// someone works on it, `NotNeeded` when `needed` says no (evaluated under the
-    /// table lock), else `Owned` with a count of 1 — release it with [`Self::finish_one`].
-    pub fn claim_one(&self, k: K, needed: impl FnOnce(K) -> bool) -> Claim<K, R> {
-        let mut t = self.table.lock();
-        if let Some(f) = t.get(&k) {
-            return Claim::Wait(f.clone());
-        }
-        if !needed(k) {
-            return Claim::NotNeeded;
-        }
-        let flight = Arc::new(Flight::default());
-        t.insert(k, flight.clone());
-        Claim::Owned {
-            first: k,
-            count: 1,
-            flight,
-        }
-    }
-
-    /// Releases a key claimed by [`Self::claim_one`] and wakes its waiters with `r`.
-    pub fn finish_one(&self, k: K, flight: &Flight<R>, r: R) {
-        self.table.lock().remove(&k);
-        flight.complete(r);
-    }
-}
-
 impl<K: FlightKey, R: Clone> SingleFlight<K, R> {
     /// Claims key `c` and up to `max - 1` following keys for which `missing` holds and
     /// nobody else works on. `missing` is evaluated under the table lock.
@@ -236,32 +208,6 @@ mod tests {
         ));
         assert!(matches!(
             t.claim(ChunkIdx(12), 1, |_| true),
-            Claim::Owned { .. }
-        ));
-    }
-
-    #[test]
-    fn single_keys_of_any_type() {
-        let t: SingleFlight<[u8; 4], Option<u32>> = SingleFlight::default();
-        let Claim::Owned { flight, .. } = t.claim_one(*b"abcd", |_| true) else {
-            panic!("first claim must own");
-        };
-        let Claim::Wait(w) = t.claim_one(*b"abcd", |_| true) else {
-            panic!("second claim must wait");
-        };
-        assert!(matches!(t.claim_one(*b"efgh", |_| false), Claim::NotNeeded));
-        let cancelled = tokio_util::sync::CancellationToken::new();
-        cancelled.cancel();
-        assert_eq!(
-            w.wait_or_cancel(&cancelled),
-            None,
-            "a cancelled waiter gives up"
-        );
-        t.finish_one(*b"abcd", &flight, Some(7));
-        let never = tokio_util::sync::CancellationToken::new();
-        assert_eq!(w.wait_or_cancel(&never), Some(Some(7)));
-        assert!(matches!(
-            t.claim_one(*b"abcd", |_| true),
             Claim::Owned { .. }
         ));
     }

@@ -43,6 +43,12 @@ for f in ./usr/bin/streamboot ./usr/share/man/man1/streamboot-serve.1.gz \
 	grep -qF " $f" <<<"$contents" || die "$deb lacks $f"
 done
 
+# The units are new or changed on install/upgrade/remove: the scripts make systemd reread them.
+for script in postinst postrm; do
+	dpkg-deb --info "$deb" "$script" | grep -q "systemctl --system daemon-reload" ||
+		die "$deb: its $script does not run systemctl daemon-reload"
+done
+
 cleanup() { dpkg -r streamboot >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 log "installing $deb"

@@ -26,6 +26,7 @@ pub mod demo;
 pub mod engine;
 pub mod migration;
 pub mod nbd;
+pub mod net;
 pub mod plain;
 pub mod profile;
 pub mod seed;

@@ -21,7 +21,8 @@ use std::sync::Arc;
 
 use boot_relocator::{Superblock, TargetRecord};
 
-use crate::source::http::{identity_url, redact_url};
+use crate::net::{identity_url, redact_url};
+use crate::source::cache;
 use crate::source::store::{IndexTrust, StoreSource, StoreSourceOptions};
 use crate::source::{
     FileSource, HttpOptions, HttpSource, RemoteSource, SourceError, SourceIdentity,
@@ -59,11 +60,13 @@ pub fn open_target(
         return Err(SourceError::Invalid("no target given".into()));
     };
     if urls.iter().any(|u| is_store_target(u)) {
-        return Ok(Arc::new(open_store(urls, expected, http, trust)?));
+        let store = Arc::new(open_store(urls, expected, http, trust)?);
+        return cache::cached_store(store, http.cache.as_ref());
     }
     let is_http = |u: &String| u.starts_with("http://") || u.starts_with("https://");
     if urls.iter().all(is_http) {
-        return Ok(Arc::new(HttpSource::open(urls, expected, http.clone())?));
+        let src = Arc::new(HttpSource::open(urls, expected, http.clone())?);
+        return cache::cached_raw(src, urls, http.cache.as_ref());
     }
     if urls.len() > 1 {
         return Err(SourceError::Invalid(

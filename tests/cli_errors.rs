@@ -280,6 +280,30 @@ fn write_gpt(img: &mut [u8], first: u64, last: u64, alt: u64) {
     e[16] = 1; // unique partition GUID: anything non-zero
     e[32..40].copy_from_slice(&first.to_le_bytes());
     e[40..48].copy_from_slice(&last.to_le_bytes());
+    // Header size 92, its own LBA 1, and both CRC32s (prepare checks them).
+    let entries = crc32(&img[1024..1024 + 128 * 128]);
+    let h = &mut img[512..1024];
+    h[12..16].copy_from_slice(&92u32.to_le_bytes());
+    h[24..32].copy_from_slice(&1u64.to_le_bytes());
+    h[88..92].copy_from_slice(&entries.to_le_bytes());
+    let crc = crc32(&h[..92]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// CRC32 (IEEE), as GPT uses.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
 }
 
 #[test]

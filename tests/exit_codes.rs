@@ -151,6 +151,37 @@ fn usage_errors_exit_2() {
         "usage",
         "ftp://127.0.0.1/x.img",
     );
+    // A config file that is wrong is a wrong command line too: an unknown key, a value of
+    // the wrong type, a secret written into the file, a serve without a socket.
+    let dir = TempDir::new().unwrap();
+    for (body, phrase) in [
+        ("sokcet = \"/x\"\n", "unknown key `sokcet`"),
+        ("connect-timeout = \"soon\"\n", "`connect-timeout`"),
+        (
+            "target = [\"http://u:pw@127.0.0.1/t.img\"]\n",
+            "holds a secret",
+        ),
+    ] {
+        let cfg = dir.path().join("serve.toml");
+        fs::write(&cfg, body).unwrap();
+        let f = refused(
+            &s.disk,
+            &["serve", s.disk(), "--config", cfg.to_str().unwrap()],
+            2,
+            "usage",
+            phrase,
+        );
+        assert!(!f.stderr.contains("pw@"), "{}", f.stderr);
+    }
+    let cfg = dir.path().join("nosock.toml");
+    fs::write(&cfg, format!("target = [\"{url}\"]\n")).unwrap();
+    refused(
+        &s.disk,
+        &["serve", s.disk(), "--config", cfg.to_str().unwrap()],
+        2,
+        "usage",
+        "--socket",
+    );
 }
 
 #[test]

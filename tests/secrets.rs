@@ -187,3 +187,54 @@ fn failing_prepare_error_shows_no_secret() {
     assert_no_secret("prepare error", &err);
     assert!(String::from_utf8_lossy(&err).contains("cannot reach"));
 }
+
+/// `prepare`, `hydrate` and `commit` take a URL with secrets from `--target-file` (one
+/// URL a line), so the secret stays off the command line (`ps`) too; the disk and the
+/// output never show it, and the commit gives the target.
+#[test]
+fn target_file_for_prepare_hydrate_and_commit() {
+    let nginx = Nginx::start();
+    let target = common::random_bytes(4, 2 << 20);
+    nginx.put("t.img", &target);
+    let proxy = FaultProxy::start(nginx.port());
+    proxy.set_plan(
+        1,
+        vec![Rule::new(
+            When::Always,
+            Fault::Require {
+                needles: vec!["X-Amz-Signature=topsecret".into()],
+                status: 403,
+            },
+        )],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let urls = dir.path().join("target.url");
+    std::fs::write(
+        &urls,
+        format!(
+            "# the presigned URL\n{}\n",
+            proxy.url("t.img?X-Amz-Signature=topsecret")
+        ),
+    )
+    .unwrap();
+    let f = urls.to_str().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, common::random_bytes(5, 1 << 20)).unwrap();
+    let d = disk.to_str().unwrap();
+
+    let (ok, out, err) = run(&["prepare", d, "--target-file", f, "--chunk-size", "64K"]);
+    assert!(ok, "prepare failed: {}", String::from_utf8_lossy(&err));
+    assert_no_secret("prepare output", &[out, err].concat());
+    let (ok, out, err) = run(&["hydrate", d, "--target-file", f]);
+    assert!(ok, "hydrate failed: {}", String::from_utf8_lossy(&err));
+    assert_no_secret("hydrate output", &[out, err].concat());
+    let (ok, out, err) = run(&["commit", d, "--force", "--target-file", f]);
+    assert!(ok, "commit failed: {}", String::from_utf8_lossy(&err));
+    assert_no_secret("commit output", &[out, err].concat());
+    let after = std::fs::read(&disk).unwrap();
+    assert!(
+        after[..target.len()] == target[..],
+        "commit did not give the target"
+    );
+    assert_no_secret_bytes("the committed disk", &after[target.len()..]);
+}

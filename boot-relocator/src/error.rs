@@ -49,6 +49,10 @@ pub enum RelocError {
     /// Fetching target data failed.
     #[error("fetching target chunk {chunk}: {reason}")]
     Fetch { chunk: u64, reason: String },
+    /// The source's partition table cannot be read safely (a GPT damaged in both copies,
+    /// a broken EBR chain): nothing tells which bytes of the disk are in use.
+    #[error("refusing to prepare: the partition table is damaged: {0}")]
+    PartitionTable(String),
 }
 
 /// Result alias for this crate.

@@ -4,7 +4,8 @@
 //! - [`storage`]: positional disk I/O (file or block device) behind a trait.
 //! - [`format`]: byte layout of superblocks and map pages (format v2).
 //! - [`hostkey`]: the host key that authenticates superblocks.
-//! - [`gpt`]: moving a committed target's backup GPT to the device's end.
+//! - [`gpt`]: checking a GPT; moving a committed target's backup GPT to the device's end.
+//! - `mbr`: MBR primary entries and the EBR chain of logical partitions.
 //! - [`growth`]: recognising a file an interrupted prepare extended.
 //! - [`meta`]: the metadata store and its durability protocol.
 //! - [`partition`]: which disk ranges a partition table says are in use.
@@ -18,6 +19,7 @@ pub mod gpt;
 pub mod growth;
 pub mod hostkey;
 mod lock;
+mod mbr;
 pub mod meta;
 mod pages;
 pub mod partition;

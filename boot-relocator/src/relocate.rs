@@ -20,7 +20,7 @@ use crate::format::{
     ENTRIES_PER_PAGE, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT,
 };
 use crate::meta::MetaStore;
-use crate::partition::{used_ranges, UsedRange};
+use crate::partition::{self, UsedRange};
 use crate::storage::Storage;
 
 use crate::area::{self, AREA_ALIGN, TAIL};
@@ -89,13 +89,12 @@ pub fn chunk_shift(chunk_size: u64) -> Result<u8> {
     Ok(shift)
 }
 
-fn read_head(storage: &dyn Storage, len: u64) -> Result<(Vec<u8>, Vec<UsedRange>)> {
+fn read_head(storage: &dyn Storage, len: u64) -> Result<(Vec<u8>, partition::SourceTable)> {
     let mut head = vec![0u8; (1u64 << 20).min(len) as usize];
     storage
         .read_at(0, &mut head)
         .ctx(|| "reading partition table".into())?;
-    let ranges = used_ranges(&head, &mut |off, buf| storage.read_at(off, buf))
-        .ctx(|| "reading partition table".into())?;
+    let ranges = partition::source_ranges(storage, &head)?;
     Ok((head, ranges))
 }
 
@@ -117,7 +116,8 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
         ));
     }
     let dev_len = storage.len().ctx(|| "reading disk size".into())?;
-    let (_, used) = read_head(storage, dev_len)?;
+    let (_, table) = read_head(storage, dev_len)?;
+    let used = table.used;
     let used_end = used.iter().map(|u| u.end).max().unwrap_or(0);
     let source_size =
         match (spec.source_size, storage.is_block_device()) {
@@ -165,7 +165,7 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
     }
     let target_size = spec.target_size;
     let chunks = target_size.div_ceil(c);
-    let mut notes = Vec::new();
+    let mut notes = table.warnings;
 
     // Boot set: requested ranges plus the target's boot partitions.
     let mut boot = vec![false; chunks as usize];
@@ -180,25 +180,9 @@ pub fn plan(storage: &dyn Storage, spec: &PrepareSpec, target_head: &[u8]) -> Re
     for r in &spec.boot_ranges {
         mark(r);
     }
-    let target_parts = used_ranges(target_head, &mut |_, _| {
-        Err(std::io::Error::other(
-            "target partition table extends past its first MiB",
-        ))
-    })
-    .unwrap_or_default();
-    // A target GPT must fit the target image and the device. (An MBR is not checked:
-    // random bytes end in 0x55AA once in 65536 images.)
-    let gpt = target_parts.iter().any(|p| p.what.contains("GPT"));
-    if let Some(p) = target_parts
-        .iter()
-        .find(|p| gpt && (p.end > target_size || p.end > dev_len))
-    {
-        return Err(RelocError::Overlap(format!(
-            "the target's {} ends at byte {}, past the target image ({target_size} bytes) or \
-             the device ({dev_len} bytes): its partition table does not fit",
-            p.what, p.end
-        )));
-    }
+    // A target's partition table must fit the target image and the device.
+    let target_parts = partition::target_ranges(target_head);
+    partition::check_target_fits(&target_parts, target_size, dev_len)?;
     for p in target_parts.iter().filter(|p| p.boot) {
         if p.end - p.start > MAX_BOOT_PARTITION {
             notes.push(format!("{} is larger than 1 GiB: not staged whole", p.what));

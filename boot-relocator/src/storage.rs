@@ -40,6 +40,11 @@ pub trait Storage: Send + Sync {
     }
     /// True for a block device: its length is fixed and it cannot be truncated.
     fn is_block_device(&self) -> bool;
+    /// A block device's logical sector size (what its partition tables count in);
+    /// `None` for a regular file.
+    fn logical_sector_size(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
     /// The open file behind this storage, for vectored I/O straight between the disk and
     /// caller memory (`preadv`/`pwritev`); `None` (the default) sends callers through
     /// `read_at`/`write_at`. When `write` is set, fails as `write_at` would (out of service).
@@ -207,6 +212,22 @@ impl Storage for FileStorage {
 
     fn is_block_device(&self) -> bool {
         self.block_device
+    }
+
+    fn logical_sector_size(&self) -> io::Result<Option<u64>> {
+        if !self.block_device {
+            return Ok(None);
+        }
+        // BLKSSZGET = _IO(0x12, 104)
+        const BLKSSZGET: libc::c_ulong = 0x1268;
+        let mut size: libc::c_int = 0;
+        // SAFETY: the fd is open for the lifetime of `self.file`, and BLKSSZGET writes
+        // exactly one int through the pointer, which points at a live, aligned c_int.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKSSZGET as _, &mut size) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Some(size as u64))
     }
 
     fn direct_file(&self, write: bool) -> io::Result<Option<&File>> {

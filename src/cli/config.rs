@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Deserializer};
 
 use super::serve::ServeArgs;
@@ -59,20 +59,20 @@ pub(super) fn load(path: &Path) -> Result<ServeArgs> {
                 }
             })
             .unwrap_or_default();
-        anyhow!(
+        usage(format!(
             "config file {}: {}{line}",
             path.display(),
             e.message().trim().replace('\n', " ")
-        )
+        ))
     };
     let table: toml::Table = text.parse().map_err(at)?;
     let known = known_keys();
     if let Some(key) = table.keys().find(|k| !known.contains(*k)) {
-        bail!(
+        return Err(usage(format!(
             "config file {}: unknown key `{key}` (keys are serve's long option names, \
              e.g. `socket`, `target`, `connect-timeout`; see `streamboot serve --help`)",
             path.display()
-        );
+        )));
     }
     // Key by key first, so that an error names its key and line (serde's flatten, used
     // for the net options, loses the position).
@@ -88,11 +88,11 @@ pub(super) fn load(path: &Path) -> Result<ServeArgs> {
                 })
                 .map(|n| format!(" (line {})", n + 1))
                 .unwrap_or_default();
-            bail!(
+            return Err(usage(format!(
                 "config file {}: `{key}`: {}{line}",
                 path.display(),
                 e.message().trim().replace('\n', " ")
-            );
+            )));
         }
     }
     let args: ServeArgs = toml::from_str(&text).map_err(at)?;
@@ -103,20 +103,20 @@ pub(super) fn load(path: &Path) -> Result<ServeArgs> {
         .chain(args.notify.iter().map(|u| ("notify", u)))
     {
         if redact_url(url) != *url {
-            bail!(
+            return Err(usage(format!(
                 "config file {}: `{key}` holds a secret (user:password@ or a ?query) in {}; \
                  put the URL in a file of its own (mode 0600) named by `{key}-file`",
                 path.display(),
                 redact_url(url)
-            );
+            )));
         }
     }
     if !args.net.headers.is_empty() {
-        bail!(
+        return Err(usage(format!(
             "config file {}: `header` values are secrets; put the headers in a file of \
              their own (mode 0600) named by `header-file`",
             path.display()
-        );
+        )));
     }
     Ok(args)
 }
@@ -201,6 +201,8 @@ fn merge_net(cli: NetArgs, file: NetArgs) -> NetArgs {
         system_roots,
         client_cert,
         client_key,
+        cache,
+        cache_size,
     } = file;
     NetArgs {
         connect_timeout: cli.connect_timeout.or(connect_timeout),
@@ -230,6 +232,8 @@ fn merge_net(cli: NetArgs, file: NetArgs) -> NetArgs {
         system_roots: cli.system_roots || system_roots,
         client_cert: cli.client_cert.or(client_cert),
         client_key: cli.client_key.or(client_key),
+        cache: cli.cache.or(cache),
+        cache_size: cli.cache_size.or(cache_size),
     }
 }
 
@@ -251,15 +255,26 @@ pub(super) fn read_secret_urls(path: &Path) -> Result<Vec<String>> {
         .map(str::to_string)
         .collect();
     if urls.is_empty() {
-        bail!("the URL file {} holds no URL", path.display());
+        return Err(usage(format!(
+            "the URL file {} holds no URL",
+            path.display()
+        )));
     }
     Ok(urls)
 }
 
+/// A wrong command line or config file: exit code 2, kind "usage".
+fn usage(msg: String) -> anyhow::Error {
+    super::exit::UsageError(msg).into()
+}
+
 /// A required option, or an error saying where to give it.
 pub(super) fn required<T: Clone>(v: &Option<T>, what: &str) -> Result<T> {
-    v.clone()
-        .ok_or_else(|| anyhow!("serve needs {what}: give it on the command line or in --config"))
+    v.clone().ok_or_else(|| {
+        usage(format!(
+            "serve needs {what}: give it on the command line or in --config"
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -287,7 +302,8 @@ mod tests {
     fn flags_override_the_file_and_targets_replace_as_a_whole() {
         let file: ServeArgs = toml::from_str(
             "disk = '/d'\nqueues = 4\nrate = '1M'\nmin-rate = 1024\n\
-             target-file = ['/etc/t']\nconnect-timeout = 3\nread-only = true",
+             target-file = ['/etc/t']\nconnect-timeout = 3\nread-only = true\n\
+             cache = '/var/cache/sb'\ncache-size = '2G'",
         )
         .unwrap();
         let cli = ServeArgs {
@@ -304,5 +320,7 @@ mod tests {
         assert!(m.read_only);
         assert_eq!(m.targets, vec!["http://a/x".to_string()]);
         assert!(m.target_files.is_empty());
+        assert_eq!(m.net.cache.as_deref(), Some(Path::new("/var/cache/sb")));
+        assert_eq!(m.net.cache_size, Some(2 << 30));
     }
 }

@@ -19,12 +19,19 @@ use crate::migration::daemon::DaemonError;
 use crate::migration::{Conflict, MigrationError, StepError};
 use crate::seed::SeedError;
 use crate::service::ServiceError;
+use crate::source::cache::CacheError;
 use crate::source::SourceError;
 use crate::store::identity::IdentityError;
 use crate::store::index::IndexError;
 use crate::store::seen::SeenError;
 use crate::store::{ObjectError, StoreError};
 use crate::vhost::VhostError;
+
+/// A wrong command line found by the CLI itself after clap (a config file with an unknown
+/// key, a value of the wrong type or a secret in it; a required option given nowhere).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
 /// What kind of failure ended a command; decides the exit code and the `"kind"` of a
 /// `--json` error.
@@ -128,10 +135,12 @@ fn one(e: &(dyn Error + 'static)) -> Option<Kind> {
         };
     }
     try_as!(
+        UsageError => |_| Some(Kind::Usage),
         MigrationError => migration,
         StepError => step,
         RelocError => |x| Some(reloc(x)),
         SourceError => source,
+        CacheError => cache,
         ServiceError => service,
         EngineError => engine,
         BlockError => block,
@@ -185,7 +194,7 @@ fn reloc(e: &RelocError) -> Kind {
         RelocError::NotPrepared | RelocError::AlreadyPrepared(_) | RelocError::BadState { .. } => {
             Kind::InvalidState
         }
-        RelocError::Corrupt(_) => Kind::Integrity,
+        RelocError::Corrupt(_) | RelocError::PartitionTable(_) => Kind::Integrity,
         RelocError::InvalidChunkSize(_) | RelocError::Invalid(_) => Kind::Usage,
         RelocError::Fetch { .. } => Kind::Network,
         RelocError::TooSmall(_) | RelocError::Overlap(_) => Kind::Other,
@@ -209,6 +218,17 @@ fn source(e: &SourceError) -> Option<Kind> {
         SourceError::Invalid(_) => Kind::Usage,
         SourceError::Io(x) => io_kind(x),
         SourceError::OutOfRange { .. } | SourceError::Cancelled => Kind::Other,
+        // The cause decides.
+        SourceError::Cache(x) => return cache(x),
+    })
+}
+
+fn cache(e: &CacheError) -> Option<Kind> {
+    Some(match e {
+        CacheError::Io { source, .. } => io_kind(source),
+        CacheError::NotOwned { .. } | CacheError::NotADirectory { .. } | CacheError::ZeroSize => {
+            Kind::Usage
+        }
     })
 }
 

@@ -14,6 +14,7 @@ use super::size::{human, parse_size};
 use super::store::parse_duration_secs;
 use crate::nbd::server::MAX_READ_CHARGE;
 use crate::nbd::{ChunkCache, NbdServer, ServerHandle, ServerOptions, StoreCatalog};
+use crate::source::cache::{CacheConfig, SharedCache, DEFAULT_CACHE_SIZE};
 use crate::source::http::redact_url;
 use crate::source::store::StoreSourceOptions;
 use crate::store::seen::SeenVersions;
@@ -41,6 +42,14 @@ pub struct ExportArgs {
     /// Memory for verified chunks shared by all exports.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Host-wide chunk cache on disk shared with every streamboot on the host (as
+    /// `--cache` of prepare/serve; docs/cache.md): chunks missing in memory are looked up
+    /// there before the store is asked.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Size cap of --cache on disk (default 10G; --cache-size is the memory cache).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "cache")]
+    pub cache_disk_size: Option<u64>,
     /// Clients served at once (more are closed right away).
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
@@ -107,6 +116,13 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
         .ok_or_else(|| anyhow!("--listen {}: no address", a.listen))?;
     let only = (!a.images.is_empty()).then(|| a.images.clone());
     let cache = Arc::new(ChunkCache::new(a.cache_size));
+    let shared = match &a.cache {
+        Some(dir) => Some(SharedCache::open(&CacheConfig {
+            dir: dir.clone(),
+            max_bytes: a.cache_disk_size.unwrap_or(DEFAULT_CACHE_SIZE),
+        })?),
+        None => None,
+    };
     let seen = match &a.seen_versions {
         Some(p) => SeenVersions::persistent(p).context("--seen-versions")?,
         None => SeenVersions::in_memory(),
@@ -114,7 +130,8 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
     let catalog = Arc::new(
         StoreCatalog::new(&a.store, only, opts, cache)
             .map_err(|e| anyhow!(e))?
-            .with_seen_versions(seen),
+            .with_seen_versions(seen)
+            .with_shared_cache(shared),
     );
     let names = catalog
         .open_all()

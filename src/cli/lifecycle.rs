@@ -21,8 +21,12 @@ pub struct PrepareArgs {
     pub disk: PathBuf,
     /// Target image: http(s) URL (repeat for mirrors), file:// URL or path, or a
     /// chunk-store image as the path/URL of its index file (`STORE/indexes/NAME.idx`).
-    #[arg(long = "target", required = true)]
+    #[arg(long = "target", required_unless_present = "target_files")]
     pub targets: Vec<String>,
+    /// Like --target, with the URLs read from FILE (one a line, `#` comments): for URLs
+    /// that carry credentials or a presigned query, which then stay off the command line.
+    #[arg(long = "target-file", value_name = "FILE")]
+    pub target_files: Vec<PathBuf>,
     /// Chunk size (power of two, 4K..4M; default: the store's for a chunk-store target,
     /// else 64K).
     #[arg(long, value_parser = parse_size)]
@@ -81,6 +85,9 @@ pub struct HydrateArgs {
     /// Fetch from these URLs instead of the recorded ones (must be the same image).
     #[arg(long = "target")]
     pub targets: Vec<String>,
+    /// Like --target, with the URLs read from FILE (one a line, `#` comments).
+    #[arg(long = "target-file", value_name = "FILE")]
+    pub target_files: Vec<PathBuf>,
     /// Limit in bytes per second (0 = unlimited).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub rate: u64,
@@ -110,6 +117,9 @@ pub struct CommitArgs {
     /// Fetch from these URLs instead of the recorded ones (must be the same image).
     #[arg(long = "target")]
     pub targets: Vec<String>,
+    /// Like --target, with the URLs read from FILE (one a line, `#` comments).
+    #[arg(long = "target-file", value_name = "FILE")]
+    pub target_files: Vec<PathBuf>,
     /// Afterwards, move the target's backup GPT from the end of the target image to the
     /// end of the device (as `sgdisk -e` does). Offline only.
     #[arg(long, conflicts_with = "control")]
@@ -255,7 +265,7 @@ fn prepare(cli: &Cli, a: &PrepareArgs) -> Result<()> {
         discard_free_space: a.discard_free_space,
         max_trial_starts: a.max_trial_starts,
         http: a.net.http_options(),
-        ..PrepareOptions::new(a.disk.clone(), a.targets.clone())
+        ..PrepareOptions::new(a.disk.clone(), all_targets(&a.targets, &a.target_files)?)
     };
     if a.dry_run {
         let p = migration::plan_prepare(&o)?;
@@ -282,11 +292,20 @@ fn status(cli: &Cli, disk: &Path) -> Result<()> {
     })
 }
 
+/// The URLs of `--target` followed by those read from each `--target-file`.
+fn all_targets(targets: &[String], files: &[PathBuf]) -> Result<Vec<String>> {
+    let mut all = targets.to_vec();
+    for f in files {
+        all.extend(super::config::read_secret_urls(f)?);
+    }
+    Ok(all)
+}
+
 fn hydrate(cli: &Cli, a: &HydrateArgs) -> Result<()> {
     let r = migration::hydrate(
         &HydrateRequest {
             disk: a.disk.clone(),
-            targets: a.targets.clone(),
+            targets: all_targets(&a.targets, &a.target_files)?,
             rate: a.rate,
             threads: a.threads,
             http: a.net.http_options(),
@@ -306,7 +325,7 @@ fn commit(cli: &Cli, a: &CommitArgs) -> Result<()> {
         &CommitOptions {
             disk: a.disk.clone(),
             force: a.force,
-            targets: a.targets.clone(),
+            targets: all_targets(&a.targets, &a.target_files)?,
             http: a.net.http_options(),
             relocate_backup_gpt: a.relocate_backup_gpt,
         },

@@ -19,6 +19,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
+use crate::source::cache::{CacheConfig, DEFAULT_CACHE_SIZE};
 use crate::source::{HttpAuth, HttpOptions};
 
 /// Boot a VM on a remote disk image while it streams.
@@ -108,6 +109,16 @@ pub struct NetArgs {
     /// PEM private key of --client-cert.
     #[arg(long, value_name = "PEM", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
+    /// Host-wide chunk cache shared by every streamboot on the host (created 0700 if
+    /// missing): each chunk of a target is fetched from its origin once; entries are
+    /// verified on every read (docs/cache.md).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Size cap of --cache: least recently used entries are evicted beyond it (default
+    /// 10G).
+    #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
+    #[serde(deserialize_with = "config::de_size")]
+    pub cache_size: Option<u64>,
 }
 
 impl std::fmt::Debug for NetArgs {
@@ -143,6 +154,10 @@ impl NetArgs {
                 client_cert: self.client_cert.clone(),
                 client_key: self.client_key.clone(),
             },
+            cache: self.cache.clone().map(|dir| CacheConfig {
+                dir,
+                max_bytes: self.cache_size.unwrap_or(DEFAULT_CACHE_SIZE),
+            }),
             ..d
         }
     }

@@ -2,24 +2,16 @@
 //! shutdown (the accept loop, connection limits and timeouts) and removing it. What each
 //! request gets is [`super::server`].
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{oneshot, watch, Semaphore};
-use tokio::task::JoinSet;
-use tokio_io_timeout::TimeoutStream;
+use tokio::sync::oneshot;
 
-use super::server::{handle, sample_loop, Shared, HEADER_TIMEOUT, MAX_CONNECTIONS, SHUTDOWN_GRACE};
+use super::http_serve;
+use super::server::{handle, Shared, SHUTDOWN_GRACE};
 use super::ControlOps;
 use crate::vhost::socket::bind_socket;
 use crate::vhost::VhostError;
@@ -236,84 +228,9 @@ async fn run(
             path: path.to_path_buf(),
             source,
         })?;
-    let sampler = tokio::spawn(sample_loop(shared.clone()));
-    let (closing_tx, closing_rx) = watch::channel(false);
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = JoinSet::new();
-    tokio::pin!(shutdown);
     tracing::info!("control API listening on {}", path.display());
-    loop {
-        // Reap finished connection tasks so the set does not grow.
-        while conns.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-        };
-        let stream = tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Typically EMFILE: back off instead of spinning.
-                    tracing::warn!("control socket accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let shared = shared.clone();
-        let mut closing = closing_rx.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stalled_writes_fail(stream)), svc);
-            tokio::pin!(conn);
-            let closed = async move {
-                let _ = closing.wait_for(|c| *c).await;
-            };
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = closed => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!("control connection: {e}");
-            }
-        });
-    }
-    drop(listener);
-    sampler.abort();
-    let _ = closing_tx.send(true);
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        conns.abort_all();
-    }
+    let handler = |shared: Arc<Shared>, req| async move { handle(&shared, req).await };
+    http_serve::serve(listener, shared, handler, "control socket", shutdown).await;
     tracing::info!("control API stopped");
     Ok(())
-}
-
-/// Longest a write to a client may make no progress before its connection is closed.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A client that stops reading its answers (while pipelining more requests) would
-/// otherwise hold its connection slot for ever: a write that makes no progress for
-/// [`WRITE_TIMEOUT`] ends the connection (control socket and metrics listener alike).
-pub(super) fn stalled_writes_fail<S: AsyncRead + AsyncWrite>(
-    stream: S,
-) -> Pin<Box<TimeoutStream<S>>> {
-    let mut s = TimeoutStream::new(stream);
-    s.set_write_timeout(Some(WRITE_TIMEOUT));
-    Box::pin(s)
 }

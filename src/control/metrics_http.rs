@@ -2,23 +2,14 @@
 //! `GET /metrics` (and `/v1/metrics`) only. It is read-only: no other path or method is
 //! served, so exposing it never exposes the control operations of the unix socket.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Method, StatusCode};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::{oneshot, watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::oneshot;
 
-use super::listener::stalled_writes_fail;
-use super::server::{
-    error_response, metrics_response, sample_loop, Resp, Shared, HEADER_TIMEOUT, MAX_CONNECTIONS,
-    SHUTDOWN_GRACE,
-};
+use super::http_serve;
+use super::server::{error_response, metrics_response, Resp, Shared, SHUTDOWN_GRACE};
 use super::{BindError, ControlOps};
 
 /// A running metrics listener; stops when shut down or dropped.
@@ -52,10 +43,13 @@ impl MetricsHandle {
             .spawn(move || {
                 let r = rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
-                    accept_loop(listener, shared, async {
+                    let handler = |shared: Arc<Shared>, req: http::Request<hyper::body::Incoming>| async move {
+                        handle(&shared, req.method(), req.uri().path()).await
+                    };
+                    let stop = async {
                         let _ = stop_rx.await;
-                    })
-                    .await;
+                    };
+                    http_serve::serve(listener, shared, handler, "metrics listener", stop).await;
                     Ok::<_, std::io::Error>(())
                 });
                 if let Err(e) = r {
@@ -97,75 +91,6 @@ impl MetricsHandle {
 impl Drop for MetricsHandle {
     fn drop(&mut self) {
         self.stop_and_join();
-    }
-}
-
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let sampler = tokio::spawn(sample_loop(shared.clone()));
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = JoinSet::new();
-    let (closing_tx, closing_rx) = watch::channel(false);
-    tokio::pin!(shutdown);
-    loop {
-        while conns.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-        };
-        let stream = tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!("metrics listener accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let shared = shared.clone();
-        let mut closing = closing_rx.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req.method(), req.uri().path()).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stalled_writes_fail(stream)), svc);
-            tokio::pin!(conn);
-            // A scraper's idle keep-alive connection must not hold up shutdown.
-            let closed = async move {
-                let _ = closing.wait_for(|c| *c).await;
-            };
-            let r = tokio::select! {
-                r = conn.as_mut() => r,
-                () = closed => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = r {
-                tracing::debug!("metrics connection: {e}");
-            }
-        });
-    }
-    sampler.abort();
-    let _ = closing_tx.send(true);
-    if tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await
-    .is_err()
-    {
-        conns.abort_all();
     }
 }
 

@@ -17,6 +17,7 @@
 //! The wire format is documented in `docs/control-api.md`.
 
 pub mod client;
+mod http_serve;
 mod listener;
 pub mod metrics;
 pub mod metrics_http;

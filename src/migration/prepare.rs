@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::{check, open_disk, read_meta, step, MigrationError, Op, Progress, Result, StepError};
 use crate::engine::{offline_status, Status};
 use crate::seed::{add_seeded, seed, LocalIndex, SeedReport};
+use crate::source::cache::cached_store;
 use crate::source::store::{IndexTrust, StoreSource};
 use crate::source::{HttpOptions, RemoteSource};
 use crate::target::{is_store_target, open_source, open_store, target_record};
@@ -310,7 +311,7 @@ pub(super) fn open_target(o: &PrepareOptions, trust: Option<&IndexTrust>) -> Res
         Some(t) => {
             let st = Arc::new(open_store(&o.targets, None, &http, Some(t)).map_err(opening)?);
             Target {
-                source: st.clone(),
+                source: cached_store(st.clone(), http.cache.as_ref()).map_err(opening)?,
                 store: Some(st),
             }
         }

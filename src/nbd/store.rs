@@ -11,6 +11,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::{Catalog, ChunkCache, Export};
+use crate::source::cache::SharedCache;
 use crate::source::store::{StoreSource, StoreSourceOptions};
 use crate::source::RemoteSource;
 use crate::store::fetch::StoreLocation;
@@ -22,6 +23,8 @@ use crate::store::StoreDir;
 pub struct StoreImage {
     source: StoreSource,
     cache: Arc<ChunkCache>,
+    /// Host-wide cache on disk (`export --cache`), behind the memory cache.
+    shared: Option<Arc<SharedCache>>,
 }
 
 impl StoreImage {
@@ -61,7 +64,12 @@ impl Export for StoreImage {
                 None => dst.fill(0),
                 Some(hash) => {
                     let data = self.cache.get_or_load(hash, || {
-                        self.source.read_chunk(c).map_err(|e| e.to_string())
+                        let len = self.source.index().chunk_len(c) as usize;
+                        match &self.shared {
+                            Some(s) => s.store_chunk(hash, len, || self.source.read_chunk(c)),
+                            None => self.source.read_chunk(c),
+                        }
+                        .map_err(|e| e.to_string())
                     })?;
                     let src = data
                         .get((from - c_start) as usize..(to - c_start) as usize)
@@ -84,6 +92,7 @@ pub struct StoreCatalog {
     open: Mutex<HashMap<String, Arc<StoreImage>>>,
     /// Highest index version accepted per image: an older one is refused (rollback).
     seen: SeenVersions,
+    shared: Option<Arc<SharedCache>>,
 }
 
 impl StoreCatalog {
@@ -116,7 +125,14 @@ impl StoreCatalog {
             only,
             open: Mutex::new(HashMap::new()),
             seen: SeenVersions::in_memory(),
+            shared: None,
         })
+    }
+
+    /// Keeps the chunks in the host-wide cache `shared` too (`export --cache`).
+    pub fn with_shared_cache(mut self, shared: Option<Arc<SharedCache>>) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// Remembers accepted versions in `seen` (e.g. a file, so that the rollback floor
@@ -161,6 +177,7 @@ impl StoreCatalog {
         let img = Arc::new(StoreImage {
             source,
             cache: self.cache.clone(),
+            shared: self.shared.clone(),
         });
         // If two clients opened it at once, the first one stays pinned.
         Ok(self

@@ -58,131 +58,34 @@
 //! return at once. Opening retries only [`HttpOptions::open_retries`] times, so that a wrong
 //! URL fails fast.
 
-mod attempt;
-mod auth;
 mod check;
 mod mirrors;
 mod probe;
 mod read;
-pub mod url;
 
 use std::fmt;
-use std::future::Future;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::future::join_all;
 use parking_lot::RwLock;
 use reqwest::{Client, Url};
-use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
+use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Notify;
 
-use self::attempt::chain;
-use self::auth::Auth;
-pub use self::auth::HttpAuth;
 use self::mirrors::MirrorSet;
 use self::probe::{pin_mirrors, probe_with_retries};
-pub use self::url::{identity_url, redact_url};
-use super::retry::Backoff;
 use super::{check_range, RemoteSource, SourceError, SourceIdentity};
+use crate::net::auth::Auth;
+use crate::net::client::{block_on, build_client};
+use crate::net::url;
+pub use crate::net::{identity_url, redact_url, HttpAuth, HttpOptions, DEFAULT_MIN_RATE};
 
 /// Kind string of [`HttpSource`] identities.
 pub const HTTP_KIND: &str = "http";
 
 /// Prefix of a validator taken from `Last-Modified` (when the server sends no strong ETag).
 pub const LAST_MODIFIED_PREFIX: &str = "lm:";
-
-/// Tuning of an [`HttpSource`]. The defaults suit a guest waiting on a WAN link: fail fast
-/// at open, never give up on a transient fault while serving.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HttpOptions {
-    /// Limit for establishing one TCP (and TLS) connection.
-    pub connect_timeout: Duration,
-    /// Stall limit of one request: the longest wait for the response headers, and then for
-    /// each further piece of the body. A slow but steady transfer never hits it; a stalled
-    /// connection is abandoned and the range retried (on the next mirror if any).
-    pub request_timeout: Duration,
-    /// Slowest transfer rate (bytes per second) an attempt is granted: the total budget of
-    /// one attempt for `len` bytes is `max(request_timeout, len / min_rate)`
-    /// ([`HttpOptions::attempt_budget`]). Bytes received before the budget ran out are kept.
-    pub min_rate: u64,
-    /// Follow redirects to another origin (scheme, host or port) than the URL given. A
-    /// redirect from https to http is refused even then.
-    pub allow_cross_origin_redirects: bool,
-    /// Retries of the probe of each mirror at open, after the first attempt. Small, so a bad
-    /// URL or a dead server is reported quickly.
-    pub open_retries: u32,
-    /// How long one `read_at` may keep retrying transient errors. `None`: retry forever
-    /// (the guest's request waits for the network to come back). The bound is approximate:
-    /// an attempt already running when it passes can take up to its budget more
-    /// ([`HttpOptions::attempt_budget`]).
-    pub deadline: Option<Duration>,
-    /// First backoff delay after a full round of mirrors failed (doubles each round).
-    pub backoff_base: Duration,
-    /// Largest backoff delay.
-    pub backoff_max: Duration,
-    /// Allow HTTP/2 when a TLS server offers it. Off by default: over one connection,
-    /// HTTP/2 flow control tends to cap bulk throughput below several HTTP/1.1 connections.
-    pub http2: bool,
-    /// Extra headers, bearer token, trusted CAs and client certificate.
-    pub auth: HttpAuth,
-}
-
-/// Default [`HttpOptions::min_rate`]: 64 KiB/s (a 4 MiB range gets 64 s).
-pub const DEFAULT_MIN_RATE: u64 = 64 << 10;
-
-impl Default for HttpOptions {
-    fn default() -> Self {
-        HttpOptions {
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(30),
-            min_rate: DEFAULT_MIN_RATE,
-            allow_cross_origin_redirects: false,
-            open_retries: 2,
-            deadline: None,
-            backoff_base: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(10),
-            http2: false,
-            auth: HttpAuth::default(),
-        }
-    }
-}
-
-impl HttpOptions {
-    fn validate(&self) -> Result<(), SourceError> {
-        if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
-            return Err(SourceError::Invalid(
-                "HTTP options: connect_timeout and request_timeout must be non-zero".into(),
-            ));
-        }
-        if self.min_rate == 0 {
-            return Err(SourceError::Invalid(
-                "HTTP options: min_rate must be non-zero".into(),
-            ));
-        }
-        if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
-            return Err(SourceError::Invalid(
-                "HTTP options: backoff_base must be non-zero and at most backoff_max".into(),
-            ));
-        }
-        self.auth.validate()
-    }
-
-    /// Total time one attempt to fetch `len` bytes may take:
-    /// `max(request_timeout, len / min_rate)`.
-    pub fn attempt_budget(&self, len: u64) -> Duration {
-        let transfer = Duration::from_millis(len.saturating_mul(1000) / self.min_rate.max(1));
-        self.request_timeout.max(transfer)
-    }
-
-    fn backoff(&self) -> Backoff {
-        Backoff {
-            base: self.backoff_base,
-            max: self.backoff_max,
-        }
-    }
-}
 
 /// One URL of the image.
 struct Mirror {
@@ -415,43 +318,6 @@ impl RemoteSource for HttpSource {
     }
 }
 
-/// Runs `fut` to completion on the calling thread, with `handle`'s runtime driving I/O and
-/// timers.
-///
-/// From a plain thread (the normal case) this is `Handle::block_on`. From inside a
-/// multi-thread tokio runtime it steps out of the async context first (`block_in_place`), so
-/// a caller there does not panic. Calling it from the async thread of a current-thread
-/// runtime is a caller bug (it would block that runtime) and panics inside tokio.
-fn block_on<F: Future>(handle: &Handle, fut: F) -> F::Output {
-    match Handle::try_current() {
-        Ok(outer) if outer.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| handle.block_on(fut))
-        }
-        _ => handle.block_on(fut),
-    }
-}
-
-fn build_client(opts: &HttpOptions) -> Result<Client, SourceError> {
-    let mut builder = Client::builder()
-        .connect_timeout(opts.connect_timeout)
-        .tcp_nodelay(true)
-        .tcp_keepalive(Some(Duration::from_secs(30)))
-        .pool_idle_timeout(Some(Duration::from_secs(60)))
-        .user_agent(concat!("streamboot/", env!("CARGO_PKG_VERSION")));
-    builder = builder
-        .redirect(url::redirect_policy(opts.allow_cross_origin_redirects))
-        .referer(false);
-    builder = if opts.http2 {
-        builder.http2_adaptive_window(true)
-    } else {
-        builder.http1_only()
-    };
-    builder = opts.auth.configure(builder)?;
-    builder
-        .build()
-        .map_err(|e| SourceError::Invalid(format!("cannot set up the HTTP client: {}", chain(&e))))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,41 +351,5 @@ mod tests {
             .unwrap();
         assert!(!bad.to_string().contains("secret"), "{bad}");
         assert!(Mirror::parse(" http://127.0.0.1:8080/a ").is_ok());
-    }
-
-    #[test]
-    fn options_validation() {
-        assert!(HttpOptions::default().validate().is_ok());
-        let zero = HttpOptions {
-            request_timeout: Duration::ZERO,
-            ..HttpOptions::default()
-        };
-        assert!(zero.validate().is_err());
-        let inverted = HttpOptions {
-            backoff_base: Duration::from_secs(5),
-            backoff_max: Duration::from_secs(1),
-            ..HttpOptions::default()
-        };
-        assert!(inverted.validate().is_err());
-        let no_rate = HttpOptions {
-            min_rate: 0,
-            ..HttpOptions::default()
-        };
-        assert!(no_rate.validate().is_err());
-    }
-
-    #[test]
-    fn attempt_budget_grows_with_the_range() {
-        let opts = HttpOptions {
-            request_timeout: Duration::from_secs(30),
-            min_rate: 64 << 10,
-            ..HttpOptions::default()
-        };
-        assert_eq!(opts.attempt_budget(1), Duration::from_secs(30));
-        assert_eq!(opts.attempt_budget(4 << 20), Duration::from_secs(64));
-        assert_eq!(
-            opts.attempt_budget(u64::MAX),
-            Duration::from_millis(u64::MAX / (64 << 10))
-        );
     }
 }

@@ -5,6 +5,7 @@
 //! HTTP server, a local file or a chunk store; each source verifies what it returns
 //! (pinned validators, exact ranges, chunk hashes) before handing it over.
 
+pub mod cache;
 pub mod store;
 
 mod chunk_share;
@@ -14,7 +15,6 @@ use std::fmt;
 pub mod file;
 pub mod http;
 pub mod http_parse;
-pub mod retry;
 
 pub use file::FileSource;
 pub use http::{HttpAuth, HttpOptions, HttpSource};
@@ -117,6 +117,9 @@ pub enum SourceError {
     /// The caller cancelled the read (its requester went away, or shutdown). Never retried.
     #[error("fetch cancelled")]
     Cancelled,
+    /// The host-wide chunk cache (`--cache DIR`) cannot be used. Permanent.
+    #[error("--cache")]
+    Cache(#[from] cache::CacheError),
 }
 
 impl SourceError {
@@ -141,6 +144,7 @@ impl SourceError {
             | SourceError::Unvalidated { .. }
             | SourceError::Tls { .. }
             | SourceError::Forbidden { .. }
+            | SourceError::Cache(_)
             | SourceError::Cancelled => false,
         }
     }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use crate::source::http::redact_url;
+use crate::net::redact_url;
 use crate::source::SourceError;
 
 /// Where a store is. Its `Debug` form hides a URL's secrets ([`redact_url`]).
@@ -89,7 +89,7 @@ pub struct FetchOptions {
     /// Requests in flight at once for one multi-chunk read.
     pub concurrency: usize,
     /// Extra headers and TLS trust (`--header`, `--cacert`...; docs/sources.md).
-    pub auth: crate::source::HttpAuth,
+    pub auth: crate::net::HttpAuth,
 }
 
 impl Default for FetchOptions {
@@ -101,7 +101,7 @@ impl Default for FetchOptions {
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             concurrency: 8,
-            auth: crate::source::HttpAuth::default(),
+            auth: crate::net::HttpAuth::default(),
         }
     }
 }

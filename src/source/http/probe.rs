@@ -5,10 +5,10 @@
 use reqwest::header::{CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE};
 use reqwest::{Client, StatusCode};
 
-use super::attempt::{request_error, Clock};
-use super::auth::Auth;
 use super::check::{check_identity_coding, content_range, header_label, header_str, status_error};
 use super::{HttpOptions, Mirror, Pin, LAST_MODIFIED_PREFIX};
+use crate::net::attempt::{request_error, Clock};
+use crate::net::auth::Auth;
 use crate::source::http_parse::is_strong_etag;
 use crate::source::{SourceError, SourceIdentity};
 
@@ -169,7 +169,7 @@ async fn probe(
 ) -> Result<Probe, SourceError> {
     let clock = Clock::start(opts, 1);
     let request = client.get(mirror.url.clone()).header(RANGE, "bytes=0-0");
-    let mut response = auth.send(&clock, opts, mirror, request).await?;
+    let mut response = auth.send(&clock, opts, &mirror.shown, request).await?;
     match response.status() {
         StatusCode::PARTIAL_CONTENT => {}
         StatusCode::OK => {
@@ -220,9 +220,9 @@ async fn probe(
     // Drain the one-byte body so the connection goes back to the pool.
     let mut body_len = 0usize;
     while let Some(piece) = clock
-        .run(mirror, response.chunk())
+        .run(&mirror.shown, response.chunk())
         .await?
-        .map_err(|e| request_error(opts, mirror, e))?
+        .map_err(|e| request_error(opts, &mirror.shown, e))?
     {
         body_len += piece.len();
         if body_len > 1 {

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use reqwest::header::{IF_MATCH, IF_UNMODIFIED_SINCE, RANGE};
 
-use super::attempt::{request_error, Clock};
 use super::check::header_label;
 use super::mirrors::MirrorSet;
 use super::{Inner, Pin};
-use crate::source::retry::Deadline;
+use crate::net::attempt::{request_error, Clock};
+use crate::net::retry::Deadline;
 use crate::source::SourceError;
 
 impl Inner {
@@ -136,15 +136,18 @@ impl Inner {
             Pin::ETag(etag) => request.header(IF_MATCH, etag),
             Pin::LastModified(date) => request.header(IF_UNMODIFIED_SINCE, date),
         };
-        let mut response = self.auth.send(&clock, &self.opts, m, request).await?;
+        let mut response = self
+            .auth
+            .send(&clock, &self.opts, &m.shown, request)
+            .await?;
         self.check_response(set, mirror, &response, start, end)?;
 
         let mut pos = 0usize;
         let outcome = loop {
-            let piece = match clock.run(m, response.chunk()).await {
+            let piece = match clock.run(&m.shown, response.chunk()).await {
                 Ok(Ok(Some(piece))) => piece,
                 Ok(Ok(None)) => break Ok(()),
-                Ok(Err(e)) => break Err(request_error(&self.opts, m, e)),
+                Ok(Err(e)) => break Err(request_error(&self.opts, &m.shown, e)),
                 Err(timeout) => break Err(timeout),
             };
             let Some(slot) = want.get_mut(pos..pos + piece.len()) else {

@@ -15,7 +15,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 use reqwest::{ClientBuilder, RequestBuilder, Response, StatusCode};
 
 use super::attempt::{request_error, Clock};
-use super::{HttpOptions, Mirror};
+use super::HttpOptions;
 use crate::source::SourceError;
 
 /// Credentials and trust settings of an HTTP source (all empty by default: no extra
@@ -65,7 +65,7 @@ impl fmt::Debug for HttpAuth {
 
 impl HttpAuth {
     /// Checks combinations that cannot work, before anything is read.
-    pub(super) fn validate(&self) -> Result<(), SourceError> {
+    pub fn validate(&self) -> Result<(), SourceError> {
         if self.no_default_roots && self.cacerts.is_empty() && !self.system_roots {
             return Err(SourceError::Invalid(
                 "HTTP options: --no-default-roots needs --cacert or --system-roots \
@@ -90,7 +90,7 @@ impl HttpAuth {
     }
 
     /// The extra headers (inline, then from the files), values marked sensitive.
-    pub(super) fn header_map(&self) -> Result<HeaderMap, SourceError> {
+    pub fn header_map(&self) -> Result<HeaderMap, SourceError> {
         let mut map = HeaderMap::new();
         for (i, line) in self.headers.iter().enumerate() {
             let (name, value) = parse_header(line)
@@ -118,10 +118,7 @@ impl HttpAuth {
     }
 
     /// Applies the trust settings and the client identity to `builder`.
-    pub(super) fn apply_tls(
-        &self,
-        mut builder: ClientBuilder,
-    ) -> Result<ClientBuilder, SourceError> {
+    pub fn apply_tls(&self, mut builder: ClientBuilder) -> Result<ClientBuilder, SourceError> {
         // With rustls, these two decide which built-in roots are loaded.
         builder = builder
             .tls_built_in_webpki_certs(!self.no_default_roots)
@@ -216,13 +213,13 @@ impl Bearer {
 }
 
 /// Per-request credentials of an open source (the static headers live in the client).
-pub(super) struct Auth {
+pub struct Auth {
     bearer: Option<Bearer>,
 }
 
 impl Auth {
     /// Reads the bearer token file, if any.
-    pub(super) fn new(opts: &HttpAuth) -> Result<Auth, SourceError> {
+    pub fn new(opts: &HttpAuth) -> Result<Auth, SourceError> {
         let bearer = match &opts.bearer_token_file {
             None => None,
             Some(path) => Some(Bearer {
@@ -240,20 +237,20 @@ impl Auth {
         }
     }
 
-    /// Sends `request` with the credentials within `clock`. A 401 with a bearer token file
+    /// Sends `request` (to the URL shown as `shown`) with the credentials within `clock`. A 401 with a bearer token file
     /// reads the file again and retries once (the token may have been rotated).
-    pub(super) async fn send(
+    pub async fn send(
         &self,
         clock: &Clock,
         opts: &HttpOptions,
-        mirror: &Mirror,
+        shown: &str,
         request: RequestBuilder,
     ) -> Result<Response, SourceError> {
         let again = request.try_clone();
         let response = clock
-            .run(mirror, self.authorize(request).send())
+            .run(shown, self.authorize(request).send())
             .await?
-            .map_err(|e| request_error(opts, mirror, e))?;
+            .map_err(|e| request_error(opts, shown, e))?;
         let (Some(bearer), Some(again)) = (&self.bearer, again) else {
             return Ok(response);
         };
@@ -262,16 +259,16 @@ impl Auth {
         }
         let fresh = Bearer::load(&bearer.path)?;
         tracing::info!(
-            url = %mirror.shown,
+            url = %shown,
             file = %bearer.path.display(),
             "HTTP 401: read the bearer token file again, retrying once"
         );
         *bearer.value.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
         drop(response);
         clock
-            .run(mirror, self.authorize(again).send())
+            .run(shown, self.authorize(again).send())
             .await?
-            .map_err(|e| request_error(opts, mirror, e))
+            .map_err(|e| request_error(opts, shown, e))
     }
 }
 

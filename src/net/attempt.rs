@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{url, HttpOptions, Mirror};
+use super::{url, HttpOptions};
 use crate::source::SourceError;
 
 /// Time limits of one attempt: each wait at most the stall limit, all of them together at
 /// most the attempt budget (see [`HttpOptions::attempt_budget`]).
-pub(super) struct Clock {
+pub struct Clock {
     stall: Duration,
     started: Instant,
     end: Instant,
@@ -19,7 +19,7 @@ pub(super) struct Clock {
 
 impl Clock {
     /// Starts the clock of an attempt for `len` bytes.
-    pub(super) fn start(opts: &HttpOptions, len: u64) -> Clock {
+    pub fn start(opts: &HttpOptions, len: u64) -> Clock {
         let started = Instant::now();
         let end = started
             .checked_add(opts.attempt_budget(len))
@@ -32,11 +32,7 @@ impl Clock {
     }
 
     /// Awaits `fut` within the stall limit and the rest of the budget.
-    pub(super) async fn run<F: Future>(
-        &self,
-        mirror: &Mirror,
-        fut: F,
-    ) -> Result<F::Output, SourceError> {
+    pub async fn run<F: Future>(&self, shown: &str, fut: F) -> Result<F::Output, SourceError> {
         let stall_end = Instant::now()
             .checked_add(self.stall)
             .unwrap_or_else(far_future);
@@ -44,7 +40,7 @@ impl Clock {
         tokio::time::timeout_at(stall_end.min(self.end), fut)
             .await
             .map_err(|_| SourceError::Timeout {
-                url: mirror.shown.clone(),
+                url: shown.to_owned(),
                 secs: ceil_secs(if stalled {
                     self.stall
                 } else {
@@ -65,8 +61,8 @@ fn ceil_secs(d: Duration) -> u64 {
 
 /// Classifies a reqwest error: connection problems are `Unreachable`, broken transfers are
 /// `Transfer`, both transient; a client that cannot even build the request is `Invalid`.
-pub(super) fn request_error(opts: &HttpOptions, mirror: &Mirror, e: reqwest::Error) -> SourceError {
-    let url = mirror.shown.clone();
+pub fn request_error(opts: &HttpOptions, shown: &str, e: reqwest::Error) -> SourceError {
+    let url = shown.to_owned();
     // reqwest's message names the URL it was requesting, query string included.
     let e = e.without_url();
     let reason = chain(&e);
@@ -143,7 +139,7 @@ fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rust
 
 /// An error and all its causes on one line (reqwest's own message omits the cause, which
 /// is where "Connection refused" lives).
-pub(super) fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -183,17 +183,17 @@ pub fn seed(
     }
     // Missing full target chunks the disk holds, grouped by source address.
     let mut by_addr: BTreeMap<u64, (ChunkHash, Vec<u64>)> = BTreeMap::new();
-    for t in 0..l.chunk_count() {
-        if meta.entry(t).loc != Location::Missing || l.target_len(t) as u64 != c {
-            continue;
+    meta.scan(|t, e| {
+        if e.loc != Location::Missing || l.target_len(t) as u64 != c {
+            return;
         }
         let Some(h) = store.chunk_hash(t) else {
-            continue;
+            return;
         };
         if let Some(&a) = index.by_hash.get(&h) {
             by_addr.entry(a).or_insert((h, Vec::new())).1.push(t);
         }
-    }
+    })?;
     let mut report = SeedReport {
         chunks_hashed: index.chunks_hashed,
         ..SeedReport::default()
@@ -206,7 +206,7 @@ pub fn seed(
         progress(done as u64, total);
         // Past the target's end the map has no entry: the source chunk is untouched.
         let e = if a < l.chunk_count() {
-            meta.entry(a)
+            meta.entry(a)?
         } else {
             Entry::MISSING
         };
@@ -230,7 +230,7 @@ pub fn seed(
                     source: e,
                 }
             })?;
-            let cur = meta.entry(t);
+            let cur = meta.entry(t)?;
             meta.set_entry(
                 t,
                 Entry {
@@ -238,7 +238,7 @@ pub fn seed(
                     dirty: false,
                     ..cur
                 },
-            );
+            )?;
             if t == a {
                 report.chunks_same_address += 1;
             } else {

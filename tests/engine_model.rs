@@ -6,8 +6,9 @@ mod common;
 
 use std::sync::Arc;
 
+use boot_relocator::MetaStore;
 use rand::{Rng, RngCore};
-use streamboot::engine::{HydrateOptions, Hydrator};
+use streamboot::engine::{Engine, EngineOptions, HydrateOptions, Hydrator};
 use streamboot::source::{FileSource, RemoteSource};
 
 use common::disk;
@@ -19,17 +20,35 @@ fn seed() -> u64 {
         .unwrap_or_else(|| rand::rng().random())
 }
 
+/// Opens the engine over `disk` keeping at most `page_cache` clean map pages in memory
+/// (`None`: the default bound).
+fn open_engine(
+    disk: &std::path::Path,
+    source: &Arc<dyn RemoteSource>,
+    page_cache: Option<usize>,
+) -> Engine {
+    let mut meta = MetaStore::open(disk::storage(disk))
+        .expect("open meta")
+        .expect("prepared");
+    if let Some(n) = page_cache {
+        meta.set_page_cache_pages(n);
+    }
+    Engine::new(meta, source.clone(), EngineOptions::default()).expect("engine")
+}
+
 /// One model run: `chunk` size, target/source sizes, an area that holds `area_chunks`
-/// slots (small areas force eviction).
+/// slots (small areas force eviction), at most `page_cache` clean map pages in memory
+/// (small bounds force map pages out and back in).
 fn run(
     seed: u64,
     chunk: u64,
     source_len: usize,
     target_len: usize,
     area_chunks: Option<u64>,
+    page_cache: Option<usize>,
     ops: usize,
 ) {
-    println!("engine model: seed {seed} chunk {chunk} source {source_len} target {target_len} area {area_chunks:?}");
+    println!("engine model: seed {seed} chunk {chunk} source {source_len} target {target_len} area {area_chunks:?} page cache {page_cache:?}");
     let mut rng = common::test_rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let target_path = dir.path().join("target.img");
@@ -53,7 +72,7 @@ fn run(
     // Writes stay inside the first half so dirty chunks cannot fill a small area.
     let write_limit = target_len / 2;
     let mut model = target.clone();
-    let mut engine = disk::engine(&disk_path, &source);
+    let mut engine = open_engine(&disk_path, &source, page_cache);
     for op in 0..ops {
         match rng.random_range(0..100) {
             0..=39 => {
@@ -93,12 +112,20 @@ fn run(
                     model[off..off + len].fill(0);
                 }
             }
-            70..=79 => engine.flush().unwrap(),
+            70..=79 => {
+                engine.flush().unwrap();
+                // Committed pages leave the pinned set; clean ones respect the bound.
+                let (pinned, clean) = engine.with_meta(|m| m.resident_pages());
+                assert_eq!(pinned, 0, "seed {seed} op {op}: pages pinned after a flush");
+                if let Some(n) = page_cache {
+                    assert!(clean <= n, "seed {seed} op {op}: {clean} clean pages > {n}");
+                }
+            }
             80..=84 => {
                 // Reopen: everything flushed must survive; the model is unchanged.
                 engine.flush().unwrap();
                 drop(engine);
-                engine = disk::engine(&disk_path, &source);
+                engine = open_engine(&disk_path, &source, page_cache);
             }
             85..=89 => {
                 // A short burst of background hydration.
@@ -122,12 +149,12 @@ fn run(
             }
             90..=92 => {
                 // The lock-free presence bitmap agrees with the map, chunk by chunk.
-                let missing: Vec<bool> = engine.with_meta(|m| {
-                    m.entries()
-                        .iter()
-                        .map(|e| e.loc == boot_relocator::Location::Missing)
-                        .collect()
-                });
+                let mut missing: Vec<bool> = Vec::new();
+                engine
+                    .with_meta(|m| {
+                        m.scan(|_, e| missing.push(e.loc == boot_relocator::Location::Missing))
+                    })
+                    .unwrap();
                 for (c, &miss) in missing.iter().enumerate() {
                     let local = engine.is_local(c as u64 * chunk, 1);
                     assert_eq!(
@@ -164,18 +191,26 @@ fn run(
 #[test]
 fn model_4k_chunks_roomy_area() {
     let s = seed();
-    run(s, 4096, 300_000, 400_123, None, 600);
+    run(s, 4096, 300_000, 400_123, None, None, 600);
 }
 
 #[test]
 fn model_64k_chunks_small_area_evicts() {
     let s = seed();
     // 40 slots for a 3 MiB target of 64 KiB chunks: constant eviction.
-    run(s, 65536, 2_000_000, 3_000_017, Some(40), 600);
+    run(s, 65536, 2_000_000, 3_000_017, Some(40), None, 600);
 }
 
 #[test]
 fn model_target_smaller_than_source() {
     let s = seed();
-    run(s, 16384, 1_500_000, 700_001, Some(48), 400);
+    run(s, 16384, 1_500_000, 700_001, Some(48), None, 400);
+}
+
+#[test]
+fn model_map_pages_leave_memory() {
+    let s = seed();
+    // 1,001 chunks of 4 KiB: four map pages, one clean page in memory at a time, and an
+    // area of 300 slots (chunk eviction too).
+    run(s, 4096, 2_000_000, 4_100_000, Some(300), Some(1), 600);
 }

@@ -10,9 +10,9 @@
 use std::sync::Arc;
 
 use crate::error::{IoContext, RelocError, Result};
-use crate::format::{Entry, Layout, PreparePhase, State, Superblock, BLOCK};
+use crate::format::{Layout, PreparePhase, State, Superblock, BLOCK};
 use crate::hostkey::HostKey;
-use crate::meta::{read_map, read_superblocks, MetaStore};
+use crate::meta::{read_map, read_superblocks, MapScan, MetaStore};
 use crate::storage::Storage;
 
 impl MetaStore {
@@ -50,17 +50,14 @@ impl MetaStore {
                 "no format-v1 streamboot superblock for a disk of {len} bytes: nothing to adopt"
             ))
         })?;
-        let n = sb.layout.chunk_count() as usize;
         let reserved = sb.state == State::Preparing && sb.phase == PreparePhase::Reserved;
-        let (entries, max_gen) = if reserved {
-            (vec![Entry::MISSING; n], 1)
+        let scan = if reserved {
+            MapScan::empty(&sb.layout)
         } else {
-            let (entries, _, max_gen) = read_map(storage.as_ref(), &sb)?;
-            (entries, max_gen)
+            read_map(storage.as_ref(), &sb)?
         };
         let pages = sb.layout.map_pages;
-        let mut m = Self::from_parts(storage, key, sb, entries);
-        m.next_page_gen = max_gen + 1;
+        let mut m = Self::from_parts(storage, key, sb, scan);
         if !reserved {
             m.dirty_pages.extend(0..pages);
         }

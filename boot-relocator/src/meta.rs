@@ -20,12 +20,16 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use bitvec::prelude::{BitVec, Lsb0};
+use parking_lot::Mutex;
+
 use crate::error::{IoContext, RelocError, Result};
 use crate::format::{
-    decode_page, encode_page, Entry, Layout, Location, PreparePhase, SbDecodeError, State,
-    Superblock, BLOCK, ENTRIES_PER_PAGE, GROWTH_AT, GROWTH_LEN, SB_MAGIC,
+    encode_page, Entry, Layout, PreparePhase, SbDecodeError, State, Superblock, BLOCK,
+    ENTRIES_PER_PAGE, GROWTH_AT, GROWTH_LEN, SB_MAGIC,
 };
 use crate::hostkey::HostKey;
+use crate::pages::{decode_at, read_raw, slots_of, MapCounts, MapPages, SlotBits};
 use crate::storage::Storage;
 
 /// Encoded pages to write in one commit, and the slots it will release.
@@ -68,22 +72,49 @@ impl PageBatch {
 }
 
 /// In-memory view of a prepared disk's metadata, and the only code that writes it.
+///
+/// Map pages are read on demand into a bounded cache (see [`crate::pages`]); memory
+/// does not grow with the target's size, only with the slots (one bit each).
 pub struct MetaStore {
     storage: Arc<dyn Storage>,
     key: HostKey,
     sb: Superblock,
-    entries: Vec<Entry>,
+    map: Mutex<MapPages>,
+    counts: MapCounts,
     pub(crate) dirty_pages: BTreeSet<u64>,
     pub(crate) next_page_gen: u64,
-    free: Vec<u32>,
+    free: SlotBits,
     quarantine: Vec<u32>,
+}
+
+/// What a pass over a map found: slots in use, counts, and pages to rewrite.
+pub(crate) struct MapScan {
+    pub(crate) used: BitVec<u64, Lsb0>,
+    pub(crate) counts: MapCounts,
+    pub(crate) stale: Vec<u64>,
+    pub(crate) max_gen: u64,
+    /// No map on disk: every entry is missing.
+    pub(crate) virtual_map: bool,
+}
+
+impl MapScan {
+    /// The scan of a map not written yet (all missing).
+    pub(crate) fn empty(l: &Layout) -> Self {
+        Self {
+            used: BitVec::repeat(false, l.slot_count as usize),
+            counts: MapCounts::all_missing(l),
+            stale: Vec::new(),
+            max_gen: 1,
+            virtual_map: true,
+        }
+    }
 }
 
 impl std::fmt::Debug for MetaStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetaStore")
             .field("sb", &self.sb)
-            .field("free_slots", &self.free.len())
+            .field("free_slots", &self.free.count())
             .finish_non_exhaustive()
     }
 }
@@ -249,41 +280,29 @@ impl MetaStore {
                 .ctx(|| "writing superblocks".into())?;
         }
         storage.sync().ctx(|| "syncing superblocks".into())?;
-        let mut entries = vec![Entry::MISSING; l.chunk_count() as usize];
-        for &c in boot {
-            entries[c as usize].boot = true;
-        }
-        Ok(Self::from_parts(storage, key, sb, entries))
+        let m = Self::from_parts(storage, key, sb, MapScan::empty(&l));
+        let mut boot = boot.to_vec();
+        boot.sort_unstable();
+        boot.dedup();
+        m.map.lock().boot = boot;
+        Ok(m)
     }
 
     pub(crate) fn from_parts(
         storage: Arc<dyn Storage>,
         key: HostKey,
         sb: Superblock,
-        entries: Vec<Entry>,
+        scan: MapScan,
     ) -> Self {
-        let l = sb.layout;
-        let mut used = vec![false; l.slot_count as usize];
-        for e in &entries {
-            if let Location::Slot(s) = e.loc {
-                used[s as usize] = true;
-            }
-            if let Some(s) = e.saved {
-                used[s as usize] = true;
-            }
-        }
-        let free = (0..l.slot_count as u32)
-            .rev()
-            .filter(|&s| !used[s as usize])
-            .collect();
         Self {
             storage,
             key,
             sb,
-            entries,
+            map: Mutex::new(MapPages::new(scan.virtual_map)),
+            counts: scan.counts,
             dirty_pages: BTreeSet::new(),
-            next_page_gen: 2,
-            free,
+            next_page_gen: scan.max_gen + 1,
+            free: SlotBits::from_used(scan.used),
             quarantine: Vec::new(),
         }
     }
@@ -301,7 +320,7 @@ impl MetaStore {
             // refers to the map before the superblock's phase says it is ready).
             let mut buf = Vec::with_capacity((2 * n) as usize * BLOCK);
             for p in i..i + n {
-                let page = encode_page(p, 1, &uuid, &self.page_entries(p));
+                let page = encode_page(p, 1, &uuid, &self.page_entries(p)?);
                 buf.extend_from_slice(&page);
                 buf.extend_from_slice(&page);
             }
@@ -311,6 +330,7 @@ impl MetaStore {
             i += n;
         }
         self.storage.sync().ctx(|| "syncing map".into())?;
+        self.map.get_mut().written(&self.dirty_pages);
         self.update_sb(|sb| sb.phase = PreparePhase::MapReady)
     }
 
@@ -340,22 +360,17 @@ impl MetaStore {
         else {
             return Ok(None);
         };
-        let n = sb.layout.chunk_count() as usize;
         // No map yet (reserved), or none needed any more: a v3 rollback that reached
         // `rolled-back` only removes the area, whose zeroing takes the map away first.
         let no_map = (sb.state == State::Preparing && sb.phase == PreparePhase::Reserved)
             || (sb.state == State::RolledBack && sb.release.area_end != 0);
         if no_map {
-            return Ok(Some(Self::from_parts(
-                storage,
-                key,
-                sb,
-                vec![Entry::MISSING; n],
-            )));
+            let empty = MapScan::empty(&sb.layout);
+            return Ok(Some(Self::from_parts(storage, key, sb, empty)));
         }
-        let (entries, stale, max_gen) = read_map(storage.as_ref(), &sb)?;
-        let mut m = Self::from_parts(storage, key, sb, entries);
-        m.next_page_gen = max_gen + 1;
+        let mut scan = read_map(storage.as_ref(), &sb)?;
+        let stale = std::mem::take(&mut scan.stale);
+        let mut m = Self::from_parts(storage, key, sb, scan);
         if (!in_sync || !stale.is_empty()) && m.storage.is_writable() {
             m.dirty_pages.extend(stale);
             m.commit()?;
@@ -382,94 +397,183 @@ impl MetaStore {
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
     }
-    /// Entry of target chunk `c`.
-    pub fn entry(&self, c: u64) -> Entry {
-        self.entries[c as usize]
+    /// Entry of target chunk `c` (its map page is read from the disk when it is not in
+    /// memory).
+    pub fn entry(&self, c: u64) -> Result<Entry> {
+        let p = c / ENTRIES_PER_PAGE as u64;
+        let mut map = self.map.lock();
+        let page = map.page(self.storage.as_ref(), &self.sb.layout, &self.sb.uuid, p)?;
+        Ok(page[(c % ENTRIES_PER_PAGE as u64) as usize])
     }
-    /// All entries.
-    pub fn entries(&self) -> &[Entry] {
-        &self.entries
+
+    /// Keeps at most `n` clean map pages in memory (default [`crate::PAGE_CACHE_PAGES`]);
+    /// pages changed since their last commit are kept whatever the bound.
+    pub fn set_page_cache_pages(&mut self, n: usize) {
+        self.map.get_mut().set_capacity(n);
+    }
+
+    /// Map pages in memory: (pinned until a commit writes them, clean).
+    pub fn resident_pages(&self) -> (usize, usize) {
+        self.map.lock().resident()
+    }
+
+    /// Chunks of each kind.
+    pub fn counts(&self) -> MapCounts {
+        self.counts
+    }
+
+    /// Calls `f` with every chunk's entry in order, reading the map pages that are not
+    /// in memory in large reads without caching them. `f` runs under the page cache's
+    /// lock: it must not call back into this store.
+    pub fn scan(&self, mut f: impl FnMut(u64, Entry)) -> Result<()> {
+        const PAGES_PER_READ: u64 = 256;
+        let l = self.sb.layout;
+        let mut buf = Vec::new();
+        let mut i = 0;
+        while i < l.map_pages {
+            let cnt = PAGES_PER_READ.min(l.map_pages - i);
+            let mut map = self.map.lock();
+            let all_cached = (i..i + cnt).all(|p| map.cached(p).is_some());
+            if !all_cached && !map.virtual_map {
+                read_raw(self.storage.as_ref(), &l, i, cnt, &mut buf)?;
+            }
+            for p in i..i + cnt {
+                let first = p * ENTRIES_PER_PAGE as u64;
+                let from_disk;
+                let entries: &[Entry] = match map.cached(p) {
+                    Some(e) => e,
+                    None if map.virtual_map => {
+                        map.page(self.storage.as_ref(), &l, &self.sb.uuid, p)?;
+                        map.cached(p).expect("just cached")
+                    }
+                    None => {
+                        from_disk = decode_at(&buf, i, p, &l, &self.sb.uuid)?.0.entries;
+                        &from_disk
+                    }
+                };
+                for (k, e) in entries.iter().enumerate() {
+                    f(first + k as u64, *e);
+                }
+            }
+            drop(map);
+            i += cnt;
+        }
+        Ok(())
+    }
+
+    /// The chunks `f` selects, in order (a [`Self::scan`]).
+    pub fn chunks_where(&self, mut f: impl FnMut(&Entry) -> bool) -> Result<Vec<u64>> {
+        let mut v = Vec::new();
+        self.scan(|c, e| {
+            if f(&e) {
+                v.push(c)
+            }
+        })?;
+        Ok(v)
     }
 
     /// Changes the entry of chunk `c` in memory (durable at the next commit). A slot the
     /// entry stops referencing is quarantined.
-    pub fn set_entry(&mut self, c: u64, e: Entry) {
-        let old = std::mem::replace(&mut self.entries[c as usize], e);
-        if old == e {
-            return;
+    pub fn set_entry(&mut self, c: u64, e: Entry) -> Result<()> {
+        let p = c / ENTRIES_PER_PAGE as u64;
+        let l = self.sb.layout;
+        // An unchanged entry leaves its page as it is (not pinned).
+        if self.entry(c)? == e {
+            return Ok(());
         }
-        let keeps = |s: u32| e.loc == Location::Slot(s) || e.saved == Some(s);
-        if let Location::Slot(s) = old.loc {
+        let page = self
+            .map
+            .get_mut()
+            .page_mut(self.storage.as_ref(), &l, &self.sb.uuid, p)?;
+        let old = std::mem::replace(&mut page[(c % ENTRIES_PER_PAGE as u64) as usize], e);
+        let keeps = |s: u32| slots_of(&e).any(|k| k == s);
+        for s in slots_of(&old) {
             if !keeps(s) {
                 self.quarantine.push(s);
             }
         }
-        if let Some(s) = old.saved {
-            if !keeps(s) {
-                self.quarantine.push(s);
-            }
-        }
-        self.dirty_pages.insert(c / ENTRIES_PER_PAGE as u64);
+        self.counts.change(&l, c, &old, &e);
+        self.dirty_pages.insert(p);
+        Ok(())
     }
 
     /// Takes a free slot (never one still referenced by durable metadata).
     pub fn alloc_slot(&mut self) -> Option<u32> {
-        self.free.pop()
+        self.free.alloc()
     }
 
     /// Returns a slot that was allocated but never published in an entry.
     pub fn free_unpublished(&mut self, s: u32) {
-        debug_assert!(!self
-            .entries
-            .iter()
-            .any(|e| e.loc == Location::Slot(s) || e.saved == Some(s)));
-        self.free.push(s);
+        debug_assert!(!self.free.is_free(s));
+        self.free.release(s);
     }
 
     /// Free slots right now (quarantined ones excluded).
     pub fn free_slots(&self) -> usize {
-        self.free.len()
+        self.free.count()
     }
     /// Slots waiting for a commit before they can be reused.
     pub fn quarantined_slots(&self) -> usize {
         self.quarantine.len()
+    }
+    /// Map pages changed since the last commit took them (kept in memory until written).
+    pub fn dirty_page_count(&self) -> usize {
+        self.dirty_pages.len()
     }
     /// True when some page or quarantined slot awaits a commit.
     pub fn has_pending(&self) -> bool {
         !self.dirty_pages.is_empty() || !self.quarantine.is_empty()
     }
 
-    fn page_entries(&self, p: u64) -> Vec<Entry> {
-        let start = p as usize * ENTRIES_PER_PAGE;
-        let end = (start + ENTRIES_PER_PAGE).min(self.entries.len());
-        self.entries[start..end].to_vec()
+    fn page_entries(&self, p: u64) -> Result<Vec<Entry>> {
+        let mut map = self.map.lock();
+        Ok(map
+            .page(self.storage.as_ref(), &self.sb.layout, &self.sb.uuid, p)?
+            .to_vec())
     }
 
-    /// Snapshots the dirty pages into a batch (first half of a commit).
-    pub fn take_dirty(&mut self) -> PageBatch {
+    /// Snapshots the dirty pages into a batch (first half of a commit). The pages stay
+    /// in memory until [`Self::finish_batch`] or [`Self::abort_batch`]. Fails (changing
+    /// nothing) only when a dirty page that is not in memory cannot be read back.
+    pub fn take_dirty(&mut self) -> Result<PageBatch> {
         let uuid = self.sb.uuid;
         let gen = self.next_page_gen;
+        let mut pages = Vec::with_capacity(self.dirty_pages.len());
+        for &p in &self.dirty_pages {
+            pages.push((p, encode_page(p, gen, &uuid, &self.page_entries(p)?)));
+        }
         self.next_page_gen += 1;
-        let pages = std::mem::take(&mut self.dirty_pages)
-            .into_iter()
-            .map(|p| (p, encode_page(p, gen, &uuid, &self.page_entries(p))))
-            .collect();
-        PageBatch {
+        self.dirty_pages.clear();
+        let map = self.map.get_mut();
+        for (p, _) in &pages {
+            map.start_write(*p);
+        }
+        Ok(PageBatch {
             pages,
             released: std::mem::take(&mut self.quarantine),
-        }
+        })
     }
 
     /// Records a written batch (second half of a commit): the batch's quarantined slots
-    /// become free.
+    /// become free and its pages may leave memory unless they changed again.
     pub fn finish_batch(&mut self, batch: PageBatch) {
-        self.free.extend(batch.released);
+        let map = self.map.get_mut();
+        for (p, _) in &batch.pages {
+            map.end_write(*p, self.dirty_pages.contains(p));
+        }
+        for s in batch.released {
+            self.free.release(s);
+        }
     }
 
     /// Puts a batch that failed to write back: its pages are dirty again and its slots
     /// stay quarantined.
     pub fn abort_batch(&mut self, batch: PageBatch) {
-        self.dirty_pages.extend(batch.pages.iter().map(|(p, _)| *p));
+        let map = self.map.get_mut();
+        for (p, _) in &batch.pages {
+            map.end_write(*p, true);
+            self.dirty_pages.insert(*p);
+        }
         self.quarantine.extend(batch.released);
     }
 
@@ -479,7 +583,7 @@ impl MetaStore {
         if !self.has_pending() {
             return Ok(());
         }
-        let batch = self.take_dirty();
+        let batch = self.take_dirty()?;
         match batch.write(self.storage.as_ref(), &self.sb.layout) {
             Ok(()) => {
                 self.finish_batch(batch);
@@ -523,82 +627,41 @@ impl MetaStore {
     }
 }
 
-/// Reads the map of `sb`: the entries, the pages whose two copies differ (to rewrite),
-/// and the highest page generation seen.
-pub(crate) fn read_map(
-    storage: &dyn Storage,
-    sb: &Superblock,
-) -> Result<(Vec<Entry>, Vec<u64>, u64)> {
+/// Reads the whole map of `sb` once, page by page: slots in use (a slot referenced twice
+/// is corruption), counts, the pages whose two copies differ (to rewrite), and the
+/// highest page generation seen. Memory: one bit per slot.
+pub(crate) fn read_map(storage: &dyn Storage, sb: &Superblock) -> Result<MapScan> {
     let l = sb.layout;
-    let n = l.chunk_count() as usize;
-    let mut entries = Vec::with_capacity(n);
-    let mut stale = Vec::new();
-    let mut max_gen = 1;
+    let mut scan = MapScan::empty(&l);
+    scan.virtual_map = false;
+    scan.counts = MapCounts::default();
     const PAGES_PER_READ: u64 = 256;
-    let mut buf = vec![0u8; (2 * PAGES_PER_READ) as usize * BLOCK];
+    let mut buf = Vec::new();
     let mut i = 0;
     while i < l.map_pages {
         let cnt = PAGES_PER_READ.min(l.map_pages - i);
-        let bytes = &mut buf[..(2 * cnt) as usize * BLOCK];
-        storage
-            .read_at(l.page_addr(i, 0), bytes)
-            .ctx(|| "reading map".into())?;
+        read_raw(storage, &l, i, cnt, &mut buf)?;
         for p in i..i + cnt {
-            let want = (n - (p as usize * ENTRIES_PER_PAGE)).min(ENTRIES_PER_PAGE);
-            let at = |k: u64| (2 * (p - i) + k) as usize * BLOCK;
-            let copies = [0, 1].map(|k| {
-                decode_page(
-                    &bytes[at(k)..at(k) + BLOCK],
-                    p,
-                    &sb.uuid,
-                    want,
-                    l.slot_count,
-                )
-            });
-            let page = match copies {
-                [Ok(a), Ok(b)] => {
-                    if a.generation != b.generation || a.entries != b.entries {
-                        // A commit was cut between its two writes: it was never
-                        // acknowledged, either copy is acceptable; take the newer.
-                        stale.push(p);
-                    }
-                    if b.generation > a.generation {
-                        b
-                    } else {
-                        a
+            let (page, stale) = decode_at(&buf, i, p, &l, &sb.uuid)?;
+            if stale {
+                scan.stale.push(p);
+            }
+            scan.max_gen = scan.max_gen.max(page.generation);
+            let first = p * ENTRIES_PER_PAGE as u64;
+            for (k, e) in page.entries.iter().enumerate() {
+                let c = first + k as u64;
+                scan.counts.missing += 1;
+                scan.counts.change(&l, c, &Entry::MISSING, e);
+                for s in slots_of(e) {
+                    if scan.used.replace(s as usize, true) {
+                        return Err(RelocError::Corrupt(format!(
+                            "slot {s} is referenced twice (chunk {c})"
+                        )));
                     }
                 }
-                [Ok(x), Err(_)] | [Err(_), Ok(x)] => {
-                    stale.push(p);
-                    x
-                }
-                [Err(a), Err(b)] => {
-                    return Err(RelocError::Corrupt(format!(
-                        "map page {p} has no valid copy ({a}; {b})"
-                    )))
-                }
-            };
-            max_gen = max_gen.max(page.generation);
-            entries.extend(page.entries);
+            }
         }
         i += cnt;
     }
-    let mut seen = vec![false; l.slot_count as usize];
-    for (c, e) in entries.iter().enumerate() {
-        let slots = [
-            match e.loc {
-                Location::Slot(s) => Some(s),
-                _ => None,
-            },
-            e.saved,
-        ];
-        for s in slots.into_iter().flatten() {
-            if std::mem::replace(&mut seen[s as usize], true) {
-                return Err(RelocError::Corrupt(format!(
-                    "slot {s} is referenced twice (chunk {c})"
-                )));
-            }
-        }
-    }
-    Ok((entries, stale, max_gen))
+    Ok(scan)
 }

@@ -399,16 +399,15 @@ pub fn resume_prepare(
     let l = sb.layout;
     let c = l.chunk_size();
     let storage = meta.storage().clone();
-    let boot: Vec<u64> = (0..l.chunk_count())
-        .filter(|&i| meta.entry(i).boot)
-        .collect();
+    let boot: Vec<u64> = meta.chunks_where(|e| e.boot)?;
 
     // Step 3: save the source chunks at the boot locations.
-    let to_save: Vec<u64> = boot
-        .iter()
-        .copied()
-        .filter(|&b| l.source_len(b) > 0 && meta.entry(b).saved.is_none())
-        .collect();
+    let mut to_save = Vec::new();
+    for &b in &boot {
+        if l.source_len(b) > 0 && meta.entry(b)?.saved.is_none() {
+            to_save.push(b);
+        }
+    }
     let mut buf = vec![0u8; c as usize];
     let per_commit = (IO_BATCH / c).max(1) as usize;
     for (n, group) in to_save.chunks(per_commit).enumerate() {
@@ -428,14 +427,14 @@ pub fn resume_prepare(
             done.push((b, slot));
         }
         for (b, slot) in done {
-            let e = meta.entry(b);
+            let e = meta.entry(b)?;
             meta.set_entry(
                 b,
                 Entry {
                     saved: Some(slot),
                     ..e
                 },
-            );
+            )?;
         }
         meta.commit()?;
         progress(
@@ -446,11 +445,12 @@ pub fn resume_prepare(
     }
 
     // Step 4: write the target's boot chunks home, coalescing neighbours.
-    let to_place: Vec<u64> = boot
-        .iter()
-        .copied()
-        .filter(|&b| meta.entry(b).loc != Location::Home)
-        .collect();
+    let mut to_place = Vec::new();
+    for &b in &boot {
+        if meta.entry(b)?.loc != Location::Home {
+            to_place.push(b);
+        }
+    }
     let mut placed = 0u64;
     let mut i = 0;
     let mut big = Vec::new();
@@ -474,14 +474,14 @@ pub fn resume_prepare(
             .write_at(start, &big)
             .ctx(|| format!("writing target boot chunk {first} home"))?;
         for b in first..first + n as u64 {
-            let e = meta.entry(b);
+            let e = meta.entry(b)?;
             meta.set_entry(
                 b,
                 Entry {
                     loc: Location::Home,
                     ..e
                 },
-            );
+            )?;
         }
         meta.commit()?;
         placed += n as u64;
@@ -511,12 +511,12 @@ pub fn rollback(meta: &mut MetaStore, progress: Progress<'_>) -> Result<()> {
         let l = *meta.layout();
         let c = l.chunk_size();
         let storage = meta.storage().clone();
-        let saved: Vec<(u64, u32)> = meta
-            .entries()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.saved.map(|s| (i as u64, s)))
-            .collect();
+        let mut saved: Vec<(u64, u32)> = Vec::new();
+        meta.scan(|i, e| {
+            if let Some(s) = e.saved {
+                saved.push((i, s))
+            }
+        })?;
         let mut buf = vec![0u8; c as usize];
         for (n, &(b, s)) in saved.iter().enumerate() {
             let len = l.source_len(b);

@@ -6,7 +6,7 @@
 
 use boot_relocator::{Entry, Location};
 
-use super::{Counters, Engine, Meta};
+use super::{Counters, Engine, Meta, SlotIdx};
 use crate::blockdev::BlockError;
 
 /// Chunks evicted at once when the area is full (amortizes the commit that frees them).
@@ -15,12 +15,12 @@ const EVICT_BATCH: usize = 32;
 impl Engine {
     /// A free slot, evicting clean chunks (when `may_evict`) and committing as needed.
     /// `NoSpace` when nothing can be freed.
-    pub(crate) fn get_slot(&self, may_evict: bool) -> Result<u32, BlockError> {
+    pub(crate) fn get_slot(&self, may_evict: bool) -> Result<SlotIdx, BlockError> {
         loop {
             {
-                let mut m = self.meta.lock();
+                let mut m = self.map.lock();
                 if let Some(s) = m.store.alloc_slot() {
-                    return Ok(s);
+                    return Ok(SlotIdx(s));
                 }
                 if m.store.quarantined_slots() == 0
                     && !(may_evict && self.evict_some(&mut m, EVICT_BATCH))
@@ -29,7 +29,7 @@ impl Engine {
                 }
             }
             self.commit_map()
-                .map_err(|e| BlockError::Io(std::io::Error::other(e.to_string())))?;
+                .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
         }
     }
 
@@ -46,19 +46,21 @@ impl Engine {
             if evicted == want {
                 break;
             }
-            let Some(_g) = self.stripe(c).try_write() else {
+            let Some(_g) = self.map.stripe(c).try_write() else {
                 continue;
             };
-            let e = store.entry(c);
+            // A page that cannot be read back is not evicted from.
+            let Ok(e) = store.entry(c) else {
+                continue;
+            };
             if let (Location::Slot(_), false) = (e.loc, e.dirty) {
-                self.set_entry(
-                    store,
-                    c,
-                    Entry {
-                        loc: Location::Missing,
-                        ..e
-                    },
-                );
+                let missing = Entry {
+                    loc: Location::Missing,
+                    ..e
+                };
+                if self.map.set_entry(store, c, missing).is_err() {
+                    continue;
+                }
                 lru.pop(&c);
                 evicted += 1;
             }

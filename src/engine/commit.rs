@@ -49,7 +49,7 @@ impl Engine {
             self.update_superblock(|sb| sb.state = State::Committed)?;
         }
         let _c = self.commit_lock.lock();
-        relocate::remove_area(&mut self.meta.lock().store)?;
+        relocate::remove_area(&mut self.map.lock().store)?;
         self.finished
             .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
@@ -62,8 +62,8 @@ impl Engine {
             let mut moved = 0u64;
             for c in 0..total {
                 loop {
-                    let g = self.stripe(c).write();
-                    let e = self.meta.lock().store.entry(c);
+                    let g = self.map.stripe(c).write();
+                    let e = self.map.lock().store.entry(c)?;
                     let home = self.addr(c, Location::Home);
                     let len = self.layout.target_len(c);
                     match e.loc {
@@ -91,11 +91,11 @@ impl Engine {
                             }
                         }
                     }
-                    let mut m = self.meta.lock();
+                    let mut m = self.map.lock();
                     if let Some(l) = m.lru.as_mut() {
                         l.pop(&c);
                     }
-                    self.set_entry(
+                    self.map.set_entry(
                         &mut m.store,
                         c,
                         Entry {
@@ -103,7 +103,7 @@ impl Engine {
                             dirty: false,
                             ..e
                         },
-                    );
+                    )?;
                     drop(m);
                     moved += 1;
                     if moved % MOVES_PER_COMMIT == 0 {
@@ -116,13 +116,7 @@ impl Engine {
             }
             self.commit_map()?;
             progress("moving chunks home", total, total);
-            let left = self
-                .meta
-                .lock()
-                .store
-                .entries()
-                .iter()
-                .any(|e| e.loc != Location::Home);
+            let left = self.map.lock().store.counts().home != total;
             if !left {
                 return Ok(());
             }

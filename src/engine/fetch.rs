@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use boot_relocator::{Entry, Location};
 
-use super::flight::{ChunkIdx, Claim, FetchKind};
-use super::{Counters, Engine, FlightResult};
+use super::flight::{Claim, FetchKind};
+use super::ChunkIdx;
+use super::{meta_io, Counters, Engine, FlightResult, SlotIdx};
 use crate::blockdev::BlockError;
 use crate::source::{CancellationToken, SourceError};
 
@@ -18,6 +19,10 @@ thread_local! {
 
 /// Largest fetch buffer a thread keeps between fetches.
 const MAX_KEPT_FETCH_BUF: usize = 16 << 20;
+
+/// Map pages changed by fetches before the engine commits them (about 5 KiB each in
+/// memory until written; see `boot_relocator::pages`).
+const MAX_DIRTY_PAGES: usize = 1024;
 
 impl Engine {
     /// The token that cancels fetches of this kind started from now on.
@@ -78,8 +83,7 @@ impl Engine {
             max
         };
         let claim = self.inflight.claim(c, max, |ChunkIdx(i)| {
-            i < self.layout.chunk_count()
-                && self.meta.lock().store.entry(i).loc == Location::Missing
+            i < self.layout.chunk_count() && self.map.is_missing(i)
         });
         match claim {
             Claim::NotNeeded => Ok(FlightResult::Mapped),
@@ -208,14 +212,14 @@ impl Engine {
         let to_home = self.to_home.load(Ordering::Acquire);
         let mut all_stored = true;
         // (chunk, slot) of the chunks to store in slots, in order.
-        let mut slotted: Vec<(u64, u32)> = Vec::new();
+        let mut slotted: Vec<(u64, SlotIdx)> = Vec::new();
         for (i, chunk) in bytes.chunks(cs).enumerate() {
             let c = first + i as u64;
             let chunk = &chunk[..self.layout.target_len(c)];
             let zero = chunk.iter().all(|&b| b == 0);
             if to_home {
-                let _g = self.stripe(c).write();
-                let e = self.meta.lock().store.entry(c);
+                let _g = self.map.stripe(c).write();
+                let e = self.map.lock().store.entry(c).map_err(meta_io)?;
                 if e.loc == Location::Missing {
                     let home = self.addr(c, Location::Home);
                     if zero {
@@ -223,24 +227,24 @@ impl Engine {
                     } else {
                         self.storage.write_at(home, chunk)?;
                     }
-                    self.set_entry(
-                        &mut self.meta.lock().store,
+                    self.map.set_entry(
+                        &mut self.map.lock().store,
                         c,
                         Entry {
                             loc: Location::Home,
                             ..e
                         },
-                    );
+                    )?;
                 }
             } else if zero {
-                self.publish_if_missing(c, Location::Zero);
+                self.publish_if_missing(c, Location::Zero)?;
             } else {
                 match self.get_slot(may_evict) {
                     Ok(s) => slotted.push((c, s)),
                     Err(BlockError::NoSpace) => all_stored = false,
                     Err(e) => {
                         self.with_meta(|m| {
-                            slotted.iter().for_each(|&(_, s)| m.free_unpublished(s))
+                            slotted.iter().for_each(|&(_, s)| m.free_unpublished(s.0))
                         });
                         return Err(e);
                     }
@@ -253,15 +257,15 @@ impl Engine {
             let mut j = i + 1;
             while j < slotted.len()
                 && slotted[j].0 == slotted[j - 1].0 + 1
-                && slotted[j].1 == slotted[j - 1].1 + 1
+                && slotted[j].1 .0 == slotted[j - 1].1 .0 + 1
             {
                 j += 1;
             }
             let from = (slotted[i].0 - first) as usize * cs;
             let to = ((slotted[j - 1].0 - first) as usize * cs + cs).min(bytes.len());
-            let at = self.layout.slot_addr(slotted[i].1);
+            let at = self.layout.slot_addr(slotted[i].1 .0);
             if let Err(e) = self.storage.write_at(at, &bytes[from..to]) {
-                self.with_meta(|m| slotted.iter().for_each(|&(_, s)| m.free_unpublished(s)));
+                self.with_meta(|m| slotted.iter().for_each(|&(_, s)| m.free_unpublished(s.0)));
                 return Err(e.into());
             }
             if !may_evict {
@@ -270,17 +274,29 @@ impl Engine {
             }
             i = j;
         }
-        for (c, s) in slotted {
-            if !self.publish_if_missing(c, Location::Slot(s)) {
-                self.with_meta(|m| m.free_unpublished(s));
+        for (k, &(c, s)) in slotted.iter().enumerate() {
+            match self.publish_if_missing(c, Location::Slot(s.0)) {
+                Ok(true) => {}
+                Ok(false) => self.with_meta(|m| m.free_unpublished(s.0)),
+                Err(e) => {
+                    self.with_meta(|m| {
+                        slotted[k..]
+                            .iter()
+                            .for_each(|&(_, s)| m.free_unpublished(s.0))
+                    });
+                    return Err(e);
+                }
             }
         }
         let n = self
             .unflushed
             .fetch_add(bytes.len().div_ceil(cs) as u64, Ordering::Relaxed);
-        if n * self.chunk_size() >= self.opts.commit_every_bytes {
+        // Map pages changed since the last commit stay in memory until one writes them:
+        // commit often enough that they stay few (scattered fetches dirty one page each).
+        let pinned = self.map.lock().store.dirty_page_count();
+        if n * self.chunk_size() >= self.opts.commit_every_bytes || pinned >= MAX_DIRTY_PAGES {
             self.commit_map()
-                .map_err(|e| BlockError::Io(std::io::Error::other(e.to_string())))?;
+                .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
         }
         Ok(all_stored)
     }
@@ -293,14 +309,14 @@ impl Engine {
 
     /// Maps chunk `c` to `loc` (clean) under its stripe lock if it is still missing (a
     /// guest write may have mapped it meanwhile). Returns whether it did.
-    fn publish_if_missing(&self, c: u64, loc: Location) -> bool {
-        let _g = self.stripe(c).write();
-        let mut m = self.meta.lock();
-        let e = m.store.entry(c);
+    fn publish_if_missing(&self, c: u64, loc: Location) -> Result<bool, BlockError> {
+        let _g = self.map.stripe(c).write();
+        let mut m = self.map.lock();
+        let e = m.store.entry(c).map_err(meta_io)?;
         if e.loc != Location::Missing {
-            return false;
+            return Ok(false);
         }
-        self.set_entry(
+        self.map.set_entry(
             &mut m.store,
             c,
             Entry {
@@ -308,10 +324,10 @@ impl Engine {
                 dirty: false,
                 ..e
             },
-        );
+        )?;
         if let (Location::Slot(_), Some(l)) = (loc, m.lru.as_mut()) {
             l.put(c, ());
         }
-        true
+        Ok(true)
     }
 }

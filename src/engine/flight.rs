@@ -1,19 +1,25 @@
-//! Single-flight fetches: one network request per missing chunk, however many readers
-//! and writers want it at once.
+//! Single flight: one piece of work (a fetch) per key, however many callers want it at
+//! once; the others wait for its result. Generic over the key and the result; the
+//! engine's table is keyed by chunk ([`InFlight`]).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
-/// The index of a chunk of the target (chunk `i` covers bytes `i * chunk_size ..`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ChunkIdx(pub u64);
+use super::chunk_map::ChunkIdx;
 
-impl ChunkIdx {
-    /// The chunk `n` chunks after this one.
-    pub fn after(self, n: u64) -> ChunkIdx {
-        ChunkIdx(self.0 + n)
+/// A key of a single-flight table; runs of keys (`first.after(0..count)`) can be claimed
+/// together.
+pub trait FlightKey: Copy + Eq + Hash {
+    /// The key `n` places after this one.
+    fn after(self, n: u64) -> Self;
+}
+
+impl FlightKey for ChunkIdx {
+    fn after(self, n: u64) -> Self {
+        ChunkIdx::after(self, n)
     }
 }
 
@@ -60,19 +66,25 @@ pub enum FlightResult {
 /// How often a waiter checks its cancellation token while a fetch it waits on runs.
 const CANCEL_POLL_MS: u64 = 20;
 
-/// One fetch in progress.
-#[derive(Debug, Default)]
-pub struct Flight {
-    done: Mutex<Option<FlightResult>>,
+/// One piece of work in progress, and its result once done.
+#[derive(Debug)]
+pub struct Flight<R = FlightResult> {
+    done: Mutex<Option<R>>,
     cv: Condvar,
 }
 
-impl Flight {
+impl<R> Default for Flight<R> {
+    fn default() -> Self {
+        Self {
+            done: Mutex::new(None),
+            cv: Condvar::new(),
+        }
+    }
+}
+
+impl<R: Clone> Flight<R> {
     /// Blocks until the fetch finishes; gives up (`None`) once `cancel` fires.
-    pub fn wait_or_cancel(
-        &self,
-        cancel: &tokio_util::sync::CancellationToken,
-    ) -> Option<FlightResult> {
+    pub fn wait_or_cancel(&self, cancel: &tokio_util::sync::CancellationToken) -> Option<R> {
         let mut g = self.done.lock();
         while g.is_none() {
             if cancel.is_cancelled() {
@@ -84,36 +96,47 @@ impl Flight {
         g.clone()
     }
 
-    fn complete(&self, r: FlightResult) {
+    fn complete(&self, r: R) {
         *self.done.lock() = Some(r);
         self.cv.notify_all();
     }
 }
 
-/// Table of chunks being fetched.
-#[derive(Debug, Default)]
-pub struct InFlight {
-    table: Mutex<HashMap<ChunkIdx, Arc<Flight>>>,
+/// Table of keys being worked on.
+#[derive(Debug)]
+pub struct SingleFlight<K, R = FlightResult> {
+    table: Mutex<HashMap<K, Arc<Flight<R>>>>,
 }
 
-/// Outcome of trying to claim chunks for fetching.
-pub enum Claim {
-    /// Someone else is fetching the chunk: wait on this.
-    Wait(Arc<Flight>),
-    /// We own chunks `first..first+count`.
+impl<K, R> Default for SingleFlight<K, R> {
+    fn default() -> Self {
+        Self {
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// The engine's table: chunks being fetched.
+pub type InFlight = SingleFlight<ChunkIdx, FlightResult>;
+
+/// Outcome of trying to claim keys.
+pub enum Claim<K = ChunkIdx, R = FlightResult> {
+    /// Someone else works on the key: wait on this.
+    Wait(Arc<Flight<R>>),
+    /// We own keys `first.after(0..count)`.
     Owned {
-        first: ChunkIdx,
+        first: K,
         count: u64,
-        flight: Arc<Flight>,
+        flight: Arc<Flight<R>>,
     },
-    /// Nothing to fetch (the chunk is no longer missing).
+    /// Nothing to do (e.g. the chunk is no longer missing).
     NotNeeded,
 }
 
-impl InFlight {
-    /// Claims chunk `c` and up to `max - 1` following chunks for which `missing` holds
-    /// and nobody else is fetching. `missing` is evaluated under the table lock.
-    pub fn claim(&self, c: ChunkIdx, max: u64, mut missing: impl FnMut(ChunkIdx) -> bool) -> Claim {
+impl<K: FlightKey, R: Clone> SingleFlight<K, R> {
+    /// Claims key `c` and up to `max - 1` following keys for which `missing` holds and
+    /// nobody else works on. `missing` is evaluated under the table lock.
+    pub fn claim(&self, c: K, max: u64, mut missing: impl FnMut(K) -> bool) -> Claim<K, R> {
         let mut t = self.table.lock();
         if let Some(f) = t.get(&c) {
             return Claim::Wait(f.clone());
@@ -137,7 +160,7 @@ impl InFlight {
     }
 
     /// Releases chunks claimed by `claim` and wakes the waiters.
-    pub fn finish(&self, first: ChunkIdx, count: u64, flight: &Flight, r: FlightResult) {
+    pub fn finish(&self, first: K, count: u64, flight: &Flight<R>, r: R) {
         {
             let mut t = self.table.lock();
             for i in 0..count {
@@ -145,5 +168,47 @@ impl InFlight {
             }
         }
         flight.complete(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_stop_at_claimed_or_present_keys() {
+        let t: InFlight = SingleFlight::default();
+        let Claim::Owned {
+            first,
+            count,
+            flight,
+        } = t.claim(ChunkIdx(10), 8, |c| c.0 != 14)
+        else {
+            panic!("first claim must own");
+        };
+        assert_eq!((first, count), (ChunkIdx(10), 4));
+        // A key inside the run waits on the same flight; a run ends before it.
+        let Claim::Wait(w) = t.claim(ChunkIdx(12), 8, |_| true) else {
+            panic!("claimed key must wait");
+        };
+        assert!(Arc::ptr_eq(&w, &flight));
+        let Claim::Owned { count, .. } = t.claim(ChunkIdx(8), 8, |_| true) else {
+            panic!("free key must own");
+        };
+        assert_eq!(count, 2);
+        assert!(matches!(
+            t.claim(ChunkIdx(14), 8, |c| c.0 != 14),
+            Claim::NotNeeded
+        ));
+        t.finish(first, 4, &flight, FlightResult::Mapped);
+        let never = tokio_util::sync::CancellationToken::new();
+        assert!(matches!(
+            w.wait_or_cancel(&never),
+            Some(FlightResult::Mapped)
+        ));
+        assert!(matches!(
+            t.claim(ChunkIdx(12), 1, |_| true),
+            Claim::Owned { .. }
+        ));
     }
 }

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use boot_relocator::Location;
 use parking_lot::Mutex;
 
 use super::flight::Claim;
@@ -178,9 +177,7 @@ impl Hydrator {
     ) -> Option<(ChunkIdx, u64, Arc<super::flight::Flight>)> {
         let total = engine.layout.chunk_count();
         let max = (self.opts.request_bytes / engine.chunk_size()).max(1);
-        let missing = |ChunkIdx(i): ChunkIdx| {
-            i < total && engine.meta.lock().store.entry(i).loc == Location::Missing
-        };
+        let missing = |ChunkIdx(i): ChunkIdx| i < total && engine.map.is_missing(i);
         let mut cur = cur.lock();
         while cur.profile_pos < self.opts.profile.len() {
             let c = self.opts.profile[cur.profile_pos];

@@ -13,10 +13,12 @@
 //! table → stripe → metadata; eviction only *tries* stripe locks, so it cannot deadlock.
 
 mod cache;
+mod chunk_map;
 mod commit;
 mod fetch;
 mod flight;
 mod hydrate;
+mod io;
 mod readahead;
 mod stats;
 mod zero;
@@ -24,23 +26,19 @@ mod zero;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bitvec::prelude::{BitVec, Lsb0};
-use boot_relocator::{Entry, Layout, Location, MetaStore, RelocError, State, Storage};
+use boot_relocator::{Layout, MapCounts, MetaStore, RelocError, State, Storage};
 use parking_lot::{Mutex, RwLock};
 
-use crate::blockdev::{
-    check_range, read_storage, write_storage, BlockBackend, BlockError, GuestBuf, GuestBufMut,
-};
+use crate::blockdev::{check_range, BlockBackend, BlockError, GuestBuf, GuestBufMut};
 use crate::source::{CancellationToken, RemoteSource};
 
-pub use flight::{ChunkIdx, FetchKind, FlightResult};
+pub use chunk_map::{ChunkIdx, SlotIdx};
+pub use flight::{FetchKind, FlightResult};
 pub use hydrate::{HydrateOptions, HydrateReport, Hydrator, RateLimit};
 pub use stats::{Counters, HistogramSnapshot, LatencySnapshot, Status, LATENCY_BUCKETS};
 
+use chunk_map::{meta_io, ChunkMap, Meta};
 use flight::InFlight;
-
-/// Number of stripe locks (power of two).
-const STRIPES: usize = 1024;
 
 /// Errors of engine-level operations (not per-request I/O).
 #[derive(Debug, thiserror::Error)]
@@ -81,23 +79,13 @@ impl Default for EngineOptions {
     }
 }
 
-pub(crate) struct Meta {
-    pub(crate) store: MetaStore,
-    /// Clean slotted chunks in recency order; `None` when the area fits the whole target
-    /// (nothing is ever evicted then).
-    pub(crate) lru: Option<lru::LruCache<u64, ()>>,
-}
-
 /// The engine over one prepared disk.
 pub struct Engine {
     storage: Arc<dyn Storage>,
     layout: Layout,
     source: Arc<dyn RemoteSource>,
-    pub(crate) meta: Mutex<Meta>,
-    /// One bit per chunk: not missing. Mirrors the map for lock-free `is_local` checks
-    /// on the request path (a hint for scheduling; the map stays the truth).
-    local: BitVec<AtomicU64, Lsb0>,
-    stripes: Box<[RwLock<()>]>,
+    /// Where chunks live, presence, stripe locks, slot cache.
+    pub(crate) map: ChunkMap,
     inflight: InFlight,
     /// Recent sequential guest streams (readahead windows).
     streams: Mutex<readahead::Streams>,
@@ -161,30 +149,12 @@ impl Engine {
             )));
         }
         let layout = sb.layout;
-        let chunks = layout.chunk_count();
-        let saved = meta.entries().iter().filter(|e| e.saved.is_some()).count() as u64;
-        let lru = (layout.slot_count < chunks + saved).then(|| {
-            let mut l = lru::LruCache::unbounded();
-            for (c, e) in meta.entries().iter().enumerate() {
-                if matches!(e.loc, Location::Slot(_)) && !e.dirty {
-                    l.put(c as u64, ());
-                }
-            }
-            l
-        });
-        let local = meta
-            .entries()
-            .iter()
-            .map(|e| e.loc != Location::Missing)
-            .collect();
         Ok(Self {
-            local,
             storage: meta.storage().clone(),
             layout,
             source,
             to_home: AtomicBool::new(sb.state == State::Committing),
-            meta: Mutex::new(Meta { store: meta, lru }),
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            map: ChunkMap::new(meta)?,
             inflight: InFlight::default(),
             streams: Mutex::new(readahead::Streams::default()),
             commit_lock: Mutex::new(()),
@@ -233,22 +203,11 @@ impl Engine {
     }
     /// Current lifecycle state.
     pub fn state(&self) -> State {
-        self.meta.lock().store.state()
+        self.map.lock().store.state()
     }
     /// True once commit removed the released area.
     pub fn is_finished(&self) -> bool {
         self.finished.load(Ordering::Acquire)
-    }
-
-    /// Changes chunk `c`'s entry (in memory) and keeps the presence bitmap in step.
-    pub(crate) fn set_entry(&self, store: &mut MetaStore, c: u64, e: Entry) {
-        store.set_entry(c, e);
-        self.local
-            .set_aliased(c as usize, e.loc != Location::Missing);
-    }
-
-    pub(crate) fn stripe(&self, c: u64) -> &RwLock<()> {
-        &self.stripes[(c as usize) & (STRIPES - 1)]
     }
 
     fn chunk_size(&self) -> u64 {
@@ -257,12 +216,12 @@ impl Engine {
 
     /// Applies `f` to the metadata store (in memory only).
     pub fn with_meta<R>(&self, f: impl FnOnce(&mut MetaStore) -> R) -> R {
-        f(&mut self.meta.lock().store)
+        f(&mut self.map.lock().store)
     }
 
     /// A snapshot of the migration's state and counters.
     pub fn status(&self) -> Status {
-        let m = self.meta.lock();
+        let m = self.map.lock();
         let sb = m.store.superblock();
         let mut s = Status {
             state: sb.state.to_string(),
@@ -280,7 +239,7 @@ impl Engine {
             ..Status::default()
         };
         let sb_seeded = sb.seeded_bytes;
-        tally(&mut s, m.store.entries(), &self.layout);
+        tally(&mut s, &m.store.counts());
         drop(m);
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -296,232 +255,6 @@ impl Engine {
         s.start_time_secs = c.start_time_secs();
         s.latency = c.latency.snapshot();
         s
-    }
-
-    /// Where chunk `c` is now (and, for a clean slot, marks it recently used).
-    fn locate(&self, c: u64) -> Entry {
-        let mut m = self.meta.lock();
-        let e = m.store.entry(c);
-        if let (Location::Slot(_), false, Some(lru)) = (e.loc, e.dirty, m.lru.as_mut()) {
-            lru.get(&c);
-        }
-        e
-    }
-
-    /// Disk address of chunk `c`'s bytes at `loc`.
-    fn addr(&self, c: u64, loc: Location) -> u64 {
-        match loc {
-            Location::Home => c << self.layout.chunk_shift,
-            Location::Slot(s) => self.layout.slot_addr(s),
-            _ => unreachable!("no address for {loc:?}"),
-        }
-    }
-
-    /// Splits the byte range `offset..offset+len` at chunk boundaries: yields (chunk,
-    /// offset inside the chunk, range of the caller's buffer).
-    fn pieces(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> impl Iterator<Item = (u64, u64, std::ops::Range<usize>)> {
-        let cs = self.chunk_size();
-        let mut done = 0usize;
-        std::iter::from_fn(move || {
-            if done >= len {
-                return None;
-            }
-            let pos = offset + done as u64;
-            let within = pos % cs;
-            let n = ((cs - within) as usize).min(len - done);
-            let piece = (pos / cs, within, done..done + n);
-            done += n;
-            Some(piece)
-        })
-    }
-
-    /// Reads `buf.len()` bytes of the target at `offset` into an owned buffer.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.read_into(offset, &GuestBufMut::from_slice(buf))
-    }
-
-    /// Reads `buf.len()` bytes of the target at `offset` into `buf` (guest memory): local
-    /// chunks with one `preadv` each, fetched bytes with volatile copies.
-    pub fn read_into(&self, offset: u64, buf: &GuestBufMut<'_>) -> Result<(), BlockError> {
-        let _timer = self.counters.latency.read.timer();
-        check_range(offset, buf.len() as u64, self.layout.target_size)?;
-        self.counters.note_read(buf.len() as u64);
-        for (c, within, r) in self.pieces(offset, buf.len()) {
-            if let Some(rec) = &self.recorder {
-                rec.note(c);
-            }
-            self.read_chunk(c, within, &buf.range(r))?;
-        }
-        Ok(())
-    }
-
-    fn read_chunk(&self, c: u64, within: u64, out: &GuestBufMut<'_>) -> Result<(), BlockError> {
-        loop {
-            {
-                let _g = self.stripe(c).read();
-                let e = self.locate(c);
-                match e.loc {
-                    Location::Home | Location::Slot(_) => {
-                        read_storage(self.storage.as_ref(), self.addr(c, e.loc) + within, out)?;
-                        return Ok(());
-                    }
-                    Location::Zero => {
-                        out.fill_zero();
-                        return Ok(());
-                    }
-                    Location::Missing => {}
-                }
-            }
-            match self.fetch(ChunkIdx(c), FetchKind::Demand)? {
-                FlightResult::Uncached { first, bytes } => {
-                    let at = ((c - first.0) * self.chunk_size() + within) as usize;
-                    out.copy_from(&bytes[at..at + out.len()]);
-                    Counters::add(&self.counters.uncached_reads, 1);
-                    return Ok(());
-                }
-                FlightResult::Mapped => continue,
-                FlightResult::Failed(m) => return Err(BlockError::Remote(m)),
-                FlightResult::Cancelled => return Err(BlockError::Cancelled),
-            }
-        }
-    }
-
-    /// Writes `data` (an owned buffer) at `offset` of the target.
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
-        self.write_from(offset, &GuestBuf::from_slice(data))
-    }
-
-    /// Writes `data` (guest memory) at `offset` of the target: one `pwritev` per chunk.
-    pub fn write_from(&self, offset: u64, data: &GuestBuf<'_>) -> Result<(), BlockError> {
-        let _timer = self.counters.latency.write.timer();
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        check_range(offset, data.len() as u64, self.layout.target_size)?;
-        Counters::add(&self.counters.written_bytes, data.len() as u64);
-        for (c, within, r) in self.pieces(offset, data.len()) {
-            self.write_chunk(c, within, &data.range(r))?;
-        }
-        Ok(())
-    }
-
-    fn write_chunk(&self, c: u64, within: u64, data: &GuestBuf<'_>) -> Result<(), BlockError> {
-        let whole = within == 0 && data.len() == self.layout.target_len(c);
-        loop {
-            {
-                let _g = self.stripe(c).read();
-                let mut m = self.meta.lock();
-                let e = m.store.entry(c);
-                match e.loc {
-                    Location::Home | Location::Slot(_) => {
-                        if matches!(e.loc, Location::Slot(_)) && !e.dirty {
-                            self.set_entry(&mut m.store, c, Entry { dirty: true, ..e });
-                            if let Some(l) = m.lru.as_mut() {
-                                l.pop(&c);
-                            }
-                        }
-                        drop(m);
-                        write_storage(self.storage.as_ref(), self.addr(c, e.loc) + within, data)?;
-                        return Ok(());
-                    }
-                    Location::Zero | Location::Missing if whole => {}
-                    Location::Zero => {
-                        drop(m);
-                        drop(_g);
-                        self.materialize(c, None)?;
-                        continue;
-                    }
-                    Location::Missing => {}
-                }
-            }
-            if whole {
-                return self.materialize(c, Some(data));
-            }
-            match self.fetch(ChunkIdx(c), FetchKind::Demand)? {
-                FlightResult::Mapped => continue,
-                FlightResult::Uncached { .. } => {
-                    Counters::add(&self.counters.nospace_errors, 1);
-                    return Err(BlockError::NoSpace);
-                }
-                FlightResult::Failed(m) => return Err(BlockError::Remote(m)),
-                FlightResult::Cancelled => return Err(BlockError::Cancelled),
-            }
-        }
-    }
-
-    /// Gives chunk `c` (missing or zero) a dirty slot holding `data` (a whole chunk) or
-    /// zeros. After commit started the chunk goes straight home instead.
-    fn materialize(&self, c: u64, data: Option<&GuestBuf<'_>>) -> Result<(), BlockError> {
-        let len = self.layout.target_len(c);
-        let zeros;
-        let bytes = match data {
-            Some(d) => d.clone(),
-            None => {
-                zeros = vec![0u8; len];
-                GuestBuf::from_slice(&zeros)
-            }
-        };
-        let st = self.storage.as_ref();
-        let home = self.to_home.load(Ordering::Acquire);
-        let slot = if home {
-            None
-        } else {
-            Some(self.get_slot(true)?)
-        };
-        if let Some(s) = slot {
-            write_storage(st, self.layout.slot_addr(s), &bytes)?;
-        }
-        let _g = self.stripe(c).write();
-        let mut m = self.meta.lock();
-        let e = m.store.entry(c);
-        match (e.loc, slot) {
-            (Location::Missing | Location::Zero, Some(s)) => {
-                self.set_entry(
-                    &mut m.store,
-                    c,
-                    Entry {
-                        loc: Location::Slot(s),
-                        dirty: true,
-                        ..e
-                    },
-                );
-            }
-            (Location::Missing | Location::Zero, None) => {
-                drop(m);
-                write_storage(st, self.addr(c, Location::Home), &bytes)?;
-                let mut m = self.meta.lock();
-                self.set_entry(
-                    &mut m.store,
-                    c,
-                    Entry {
-                        loc: Location::Home,
-                        dirty: true,
-                        ..e
-                    },
-                );
-            }
-            (loc, s) => {
-                // Someone mapped the chunk meanwhile: our write still has to land, on top.
-                if let Some(s) = s {
-                    m.store.free_unpublished(s);
-                }
-                if let Location::Slot(_) = loc {
-                    self.set_entry(&mut m.store, c, Entry { dirty: true, ..e });
-                    if let Some(l) = m.lru.as_mut() {
-                        l.pop(&c);
-                    }
-                }
-                drop(m);
-                if data.is_some() {
-                    write_storage(st, self.addr(c, loc), &bytes)?;
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Makes every completed write and every published mapping durable.
@@ -541,15 +274,15 @@ impl Engine {
         }
         let _c = self.commit_lock.lock();
         self.unflushed.store(0, Ordering::Relaxed);
-        let batch = self.meta.lock().store.take_dirty();
+        let batch = self.map.lock().store.take_dirty()?;
         match batch.write(self.storage.as_ref(), &self.layout) {
             Ok(()) => {
-                self.meta.lock().store.finish_batch(batch);
+                self.map.lock().store.finish_batch(batch);
                 Counters::add(&self.counters.commits, 1);
                 Ok(())
             }
             Err(e) => {
-                self.meta.lock().store.abort_batch(batch);
+                self.map.lock().store.abort_batch(batch);
                 Err(e.into())
             }
         }
@@ -561,7 +294,7 @@ impl Engine {
         f: impl FnOnce(&mut boot_relocator::Superblock),
     ) -> Result<(), EngineError> {
         let _c = self.commit_lock.lock();
-        self.meta.lock().store.update_sb(f)?;
+        self.map.lock().store.update_sb(f)?;
         Ok(())
     }
 
@@ -572,25 +305,19 @@ impl Engine {
         }
         let cs = self.chunk_size();
         let last = (offset + len - 1).min(self.layout.target_size - 1) / cs;
-        self.local[(offset / cs) as usize..=last as usize].all()
+        self.map.all_present(offset / cs, last)
     }
 }
 
-/// Counts entries by kind into a status.
-fn tally(s: &mut Status, entries: &[Entry], layout: &Layout) {
-    for (c, e) in entries.iter().enumerate() {
-        match e.loc {
-            Location::Missing => s.chunks_missing += 1,
-            Location::Zero => s.chunks_zero += 1,
-            Location::Home => s.chunks_home += 1,
-            Location::Slot(_) => s.chunks_slotted += 1,
-        }
-        s.chunks_dirty += e.dirty as u64;
-        if e.saved.is_some() {
-            s.chunks_saved_source += 1;
-            s.bytes_saved_source += layout.source_len(c as u64) as u64;
-        }
-    }
+/// Copies the map's counts into a status.
+fn tally(s: &mut Status, n: &MapCounts) {
+    s.chunks_missing = n.missing;
+    s.chunks_zero = n.zero;
+    s.chunks_home = n.home;
+    s.chunks_slotted = n.slotted;
+    s.chunks_dirty = n.dirty;
+    s.chunks_saved_source = n.saved;
+    s.bytes_saved_source = n.saved_bytes;
 }
 
 /// Status of a prepared disk read offline (no engine, no source).
@@ -613,7 +340,7 @@ pub fn offline_status(meta: &MetaStore) -> Status {
         bytes_seeded: sb.seeded_bytes,
         ..Status::default()
     };
-    tally(&mut s, meta.entries(), &l);
+    tally(&mut s, &meta.counts());
     s
 }
 
@@ -645,14 +372,13 @@ impl BlockBackend for Engine {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        self.discard_missing(offset, len);
-        Ok(())
+        self.discard_missing(offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         Engine::write_zeroes(self, offset, len)
     }
     fn device_id(&self) -> Vec<u8> {
-        let v = self.meta.lock().store.superblock().uuid;
+        let v = self.map.lock().store.superblock().uuid;
         let mut id = b"streamboot-".to_vec();
         id.extend(
             v[..4]

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use boot_relocator::{Entry, Location};
 
-use super::Engine;
+use super::{meta_io, Engine};
 use crate::blockdev::{check_range, BlockError, GuestBuf};
 
 impl Engine {
@@ -25,7 +25,7 @@ impl Engine {
             // Once commit started, zeros must land home: no `zero` shortcut then.
             let whole = within == 0 && n as usize == self.layout.target_len(c);
             if whole && !self.to_home.load(Ordering::Acquire) {
-                self.make_zero(c, |_| true);
+                self.make_zero(c, |_| true)?;
             } else {
                 let zeros = vec![0u8; n as usize];
                 self.write_chunk(c, within, &GuestBuf::from_slice(&zeros))?;
@@ -38,9 +38,9 @@ impl Engine {
     /// A discard covering whole chunks that are still missing makes them zero chunks:
     /// space the guest gave up is never downloaded (discarded contents are unspecified;
     /// zeros are a valid answer). Local chunks keep their contents.
-    pub(super) fn discard_missing(&self, offset: u64, len: u64) {
+    pub(super) fn discard_missing(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         if self.to_home.load(Ordering::Acquire) {
-            return; // commit moves chunks home; let it fetch rather than race it
+            return Ok(()); // commit moves chunks home; let it fetch rather than race it
         }
         let cs = self.chunk_size();
         let end = offset + len;
@@ -48,23 +48,24 @@ impl Engine {
             if (c * cs + cs).min(self.layout.target_size) > end {
                 break;
             }
-            self.make_zero(c, |e| e.loc == Location::Missing);
+            self.make_zero(c, |e| e.loc == Location::Missing)?;
         }
+        Ok(())
     }
 
     /// Makes chunk `c` a zero chunk (its slot, if any, is released) when `when` holds for
     /// its entry, under the chunk's stripe lock.
-    fn make_zero(&self, c: u64, when: impl Fn(&Entry) -> bool) {
-        let _g = self.stripe(c).write();
-        let mut m = self.meta.lock();
-        let e = m.store.entry(c);
+    fn make_zero(&self, c: u64, when: impl Fn(&Entry) -> bool) -> Result<(), BlockError> {
+        let _g = self.map.stripe(c).write();
+        let mut m = self.map.lock();
+        let e = m.store.entry(c).map_err(meta_io)?;
         if !when(&e) {
-            return;
+            return Ok(());
         }
         if let Some(l) = m.lru.as_mut() {
             l.pop(&c);
         }
-        self.set_entry(
+        self.map.set_entry(
             &mut m.store,
             c,
             Entry {
@@ -72,6 +73,6 @@ impl Engine {
                 dirty: false,
                 ..e
             },
-        );
+        )
     }
 }

@@ -1,0 +1,127 @@
+//! The chunk map behind the engine: where every target chunk lives (the metadata store's
+//! paged map), which chunks are present (one bit each, readable without the metadata
+//! lock), the stripe locks that order data I/O against changes of location, and the
+//! cache of clean slotted chunks (eviction candidates). The engine reaches the map only
+//! through this type.
+//!
+//! Lock order: stripe → metadata. The metadata mutex is held only for in-memory updates
+//! and the read of a map page that is not in memory (a few KiB, bounded cache).
+
+use std::sync::atomic::AtomicU64;
+
+use bitvec::prelude::{BitVec, Lsb0};
+use boot_relocator::{Entry, Location, MetaStore, RelocError};
+use parking_lot::{Mutex, MutexGuard, RwLock};
+
+use crate::blockdev::BlockError;
+
+/// Number of stripe locks (power of two).
+const STRIPES: usize = 1024;
+
+/// The index of a chunk of the target (chunk `i` covers bytes `i * chunk_size ..`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkIdx(pub u64);
+
+impl ChunkIdx {
+    /// The chunk `n` chunks after this one.
+    pub fn after(self, n: u64) -> ChunkIdx {
+        ChunkIdx(self.0 + n)
+    }
+}
+
+/// The index of a slot of the released area (see `Layout::slot_addr`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SlotIdx(pub u32);
+
+/// The metadata store and the slot cache, under one mutex.
+pub(crate) struct Meta {
+    pub(crate) store: MetaStore,
+    /// Clean slotted chunks in recency order; `None` when the area fits the whole target
+    /// (nothing is ever evicted then).
+    pub(crate) lru: Option<lru::LruCache<u64, ()>>,
+}
+
+/// See the module documentation.
+pub(crate) struct ChunkMap {
+    meta: Mutex<Meta>,
+    /// One bit per chunk: not missing. Kept in step with the map under the metadata
+    /// lock; read lock-free by `is_local` (a scheduling hint; the map stays the truth).
+    local: BitVec<AtomicU64, Lsb0>,
+    stripes: Box<[RwLock<()>]>,
+}
+
+/// A metadata error met on the request path, as an I/O error (the cause kept).
+pub(crate) fn meta_io(e: RelocError) -> BlockError {
+    BlockError::Io(std::io::Error::other(e))
+}
+
+impl ChunkMap {
+    /// Builds the presence bitmap and (when the area cannot hold every chunk) the slot
+    /// cache with one pass over the map.
+    pub(crate) fn new(store: MetaStore) -> Result<Self, RelocError> {
+        let layout = *store.layout();
+        let chunks = layout.chunk_count();
+        let saved = store.counts().saved;
+        let mut lru = (layout.slot_count < chunks + saved).then(lru::LruCache::unbounded);
+        let local: BitVec<AtomicU64, Lsb0> = BitVec::repeat(false, chunks as usize);
+        store.scan(|c, e| {
+            if e.loc != Location::Missing {
+                local.set_aliased(c as usize, true);
+            }
+            if let (Location::Slot(_), false, Some(l)) = (e.loc, e.dirty, lru.as_mut()) {
+                l.put(c, ());
+            }
+        })?;
+        Ok(Self {
+            meta: Mutex::new(Meta { store, lru }),
+            local,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+        })
+    }
+
+    /// The metadata (store and slot cache).
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock()
+    }
+
+    /// The stripe lock of chunk `c`: shared for data I/O, exclusive to change where the
+    /// chunk lives.
+    pub(crate) fn stripe(&self, c: u64) -> &RwLock<()> {
+        &self.stripes[(c as usize) & (STRIPES - 1)]
+    }
+
+    /// Changes chunk `c`'s entry (in memory) and keeps the presence bitmap in step.
+    pub(crate) fn set_entry(
+        &self,
+        store: &mut MetaStore,
+        c: u64,
+        e: Entry,
+    ) -> Result<(), BlockError> {
+        store.set_entry(c, e).map_err(meta_io)?;
+        self.local
+            .set_aliased(c as usize, e.loc != Location::Missing);
+        Ok(())
+    }
+
+    /// True when chunk `c` is missing (under the metadata lock, so that it agrees with
+    /// the map).
+    pub(crate) fn is_missing(&self, c: u64) -> bool {
+        let _m = self.meta.lock();
+        !self.local[c as usize]
+    }
+
+    /// True when every chunk of `first..=last` is present (lock-free).
+    pub(crate) fn all_present(&self, first: u64, last: u64) -> bool {
+        self.local[first as usize..=last as usize].all()
+    }
+
+    /// Where chunk `c` is now (and, for a clean slot, marks it recently used).
+    pub(crate) fn locate(&self, c: u64) -> Result<Entry, BlockError> {
+        let mut m = self.meta.lock();
+        let e = m.store.entry(c).map_err(meta_io)?;
+        if let (Location::Slot(_), false, Some(lru)) = (e.loc, e.dirty, m.lru.as_mut()) {
+            lru.get(&c);
+        }
+        Ok(e)
+    }
+}

@@ -1,0 +1,127 @@
+//! Hostile review of issue 12's partition-table reading: entries that Linux and
+//! sfdisk count as partitions must never be taken as free space for the released area.
+//! Real `streamboot`, real loop devices and sfdisk.
+//!
+//! Needs root and loop devices (tests run as root).
+
+mod common;
+mod loopdisk;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+
+use common::disk::{cli_err, sha256};
+use loopdisk::{json, Disk, LoopDev, MIB};
+
+/// CRC32 (IEEE), as GPT uses.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+fn write_at(path: &std::path::Path, at: u64, bytes: &[u8]) {
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// An MBR entry of type 0x00 with a size is a partition to Linux (msdos.c skips only
+/// entries without a size) and to sfdisk: its bytes are not free space, even with
+/// --discard-free-space (which gives up free space, not partitions).
+#[test]
+fn mbr_entry_of_type_zero_with_a_size_is_not_free_space() {
+    // Partition 1 at 1..11 MiB, partition 2 at 20..40 MiB (data), then set to type 0.
+    let d = Disk::new(
+        64 * MIB,
+        "label: dos\n\
+         start=2048, size=20480, type=83\n\
+         start=40960, size=40960, type=83\n",
+        4 * MIB as usize,
+        120,
+    );
+    write_at(&d.file, 446 + 16 + 4, &[0]);
+    write_at(&d.file, 20 * MIB + 4096, &[0x5A; 4096]);
+    let dev = LoopDev::attach(&d.file);
+    let before = dev.read();
+    let plan = json(&d.prepare(&dev, &["--dry-run", "--discard-free-space"]));
+    let (start, end) = (
+        plan["area"]["start"].as_u64().unwrap(),
+        plan["area"]["end"].as_u64().unwrap(),
+    );
+    assert!(
+        start >= 40 * MIB || end <= 20 * MIB,
+        "the area {start}..{end} overwrites MBR partition 2 (type 0x00, 20..40 MiB): {plan}"
+    );
+    // Asked for explicitly: refused, naming it.
+    let err = cli_err(&[
+        "prepare",
+        dev.p(),
+        "--target",
+        d.target.to_str().unwrap(),
+        "--area",
+        "24M..30M",
+        "--discard-free-space",
+    ]);
+    assert!(
+        err.contains("not free space") && err.contains("MBR partition 2 (type 0x00)"),
+        "{err}"
+    );
+    assert!(sha256(&dev.read()) == sha256(&before), "a refusal wrote");
+}
+
+/// A GPT entry whose last LBA is below its first (sfdisk --verify: "Partition 2 ends
+/// before it starts"; Linux keeps it, truncated at the device's end) is refused in one
+/// line, writing nothing, even with --discard-free-space.
+#[test]
+fn gpt_entry_that_ends_before_it_starts_is_refused() {
+    let d = Disk::new(
+        64 * MIB,
+        "label: gpt\nstart=2048, size=20480, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
+        4 * MIB as usize,
+        121,
+    );
+    // Entry 2 (both copies): a Linux partition from LBA 40960 "to" LBA 30000.
+    let mut img = fs::read(&d.file).unwrap();
+    let last_lba = img.len() / 512 - 1;
+    for lba in [1, last_lba] {
+        let h = lba * 512;
+        let elba = u64::from_le_bytes(img[h + 72..h + 80].try_into().unwrap()) as usize;
+        let e = elba * 512 + 128;
+        let ty = img[elba * 512..elba * 512 + 16].to_vec();
+        img[e..e + 16].copy_from_slice(&ty);
+        img[e + 16] = 1; // a unique GUID that is not zero
+        img[e + 32..e + 40].copy_from_slice(&40960u64.to_le_bytes());
+        img[e + 40..e + 48].copy_from_slice(&30000u64.to_le_bytes());
+        let crc = crc32(&img[elba * 512..elba * 512 + 128 * 128]);
+        img[h + 88..h + 92].copy_from_slice(&crc.to_le_bytes());
+        img[h + 16..h + 20].fill(0);
+        let crc = crc32(&img[h..h + 92]);
+        img[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
+    }
+    img[20 * MIB as usize + 4096..20 * MIB as usize + 8192].fill(0x5A);
+    fs::write(&d.file, &img).unwrap();
+    let dev = LoopDev::attach(&d.file);
+    let before = dev.read();
+    let t = d.target.to_str().unwrap();
+    for extra in [&[][..], &["--discard-free-space"][..]] {
+        let mut args = vec!["prepare", dev.p(), "--target", t, "--dry-run"];
+        args.extend_from_slice(extra);
+        let err = cli_err(&args);
+        assert!(
+            err.contains("GPT partition 2 ends before it starts")
+                && err.lines().count() == 1,
+            "{err}"
+        );
+    }
+    assert!(sha256(&dev.read()) == sha256(&before), "a refusal wrote");
+}

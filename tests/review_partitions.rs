@@ -118,8 +118,7 @@ fn gpt_entry_that_ends_before_it_starts_is_refused() {
         args.extend_from_slice(extra);
         let err = cli_err(&args);
         assert!(
-            err.contains("GPT partition 2 ends before it starts")
-                && err.lines().count() == 1,
+            err.contains("GPT partition 2 ends before it starts") && err.lines().count() == 1,
             "{err}"
         );
     }

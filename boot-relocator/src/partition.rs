@@ -177,7 +177,7 @@ fn gpt_ranges(
     let mut why = Vec::new();
     for ss in sizes {
         let primary = match gpt::read_checked(read, 1, ss, dev_len)? {
-            Ok(g) => return Ok(gpt_view(&g, false)),
+            Ok(g) => return gpt_view(&g, false),
             Err(w) => w,
         };
         let mut hdr = vec![0u8; ss as usize];
@@ -194,7 +194,7 @@ fn gpt_ranges(
                         "the primary GPT is damaged ({primary}): using the backup GPT at \
                          LBA {lba} ({ss}-byte sectors)"
                     ));
-                    return Ok(gpt_view(&g, true));
+                    return gpt_view(&g, true);
                 }
                 Err(w) => backup.push(format!("the backup at LBA {lba}: {w}")),
             }
@@ -210,8 +210,10 @@ fn gpt_ranges(
     )))
 }
 
-/// The used ranges of a checked GPT copy `g` (`backup`: the copy at the disk's end).
-fn gpt_view(g: &gpt::Gpt, backup: bool) -> Vec<UsedRange> {
+/// The used ranges of a checked GPT copy `g` (`backup`: the copy at the disk's end). An
+/// entry that ends before it starts is refused: Linux keeps such a partition (up to the
+/// device's end), so nothing tells which bytes it really uses.
+fn gpt_view(g: &gpt::Gpt, backup: bool) -> Result<Vec<UsedRange>> {
     let ss = g.ss;
     // The primary copy: the protective MBR, the header and its entries (at LBA 2 when
     // the backup is all there is to go by), up to the first usable LBA.
@@ -231,7 +233,11 @@ fn gpt_view(g: &gpt::Gpt, backup: bool) -> Vec<UsedRange> {
         }
         let (first, last) = (u64_at(e, 32), u64_at(e, 40));
         if last < first {
-            continue;
+            return Err(RelocError::PartitionTable(format!(
+                "GPT partition {} ends before it starts (first LBA {first}, last LBA {last}; \
+                 repair it with gdisk or sgdisk first)",
+                i + 1
+            )));
         }
         out.push(UsedRange {
             start: first.saturating_mul(ss),
@@ -254,7 +260,7 @@ fn gpt_view(g: &gpt::Gpt, backup: bool) -> Vec<UsedRange> {
             boot: false,
         });
     }
-    out
+    Ok(out)
 }
 
 fn read_slice(head: &[u8], offset: u64, out: &mut [u8], read_more: Read) -> std::io::Result<()> {
@@ -303,6 +309,33 @@ mod tests {
         assert_eq!(
             (r[1].start, r[1].end, r[1].boot),
             (8192 * 512, 8292 * 512, true)
+        );
+    }
+
+    #[test]
+    fn an_mbr_entry_of_type_zero_with_a_length_is_used() {
+        let r = used_ranges(&mbr(&[(0x83, 2048, 10), (0x00, 4096, 100)])).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[1].start, r[1].end), (4096 * 512, 4196 * 512));
+        assert_eq!(r[1].what, "MBR partition 2 (type 0x00)");
+    }
+
+    #[test]
+    fn a_gpt_entry_that_ends_before_it_starts_is_refused() {
+        let mut b = gpt_disk(512);
+        let n = b.len();
+        for (h, e) in [(512, 1024), (n - 512, n - 512 - 16384)] {
+            b[e + 40..e + 48].copy_from_slice(&1000u64.to_le_bytes());
+            let crc = crc32fast::hash(&b[e..e + 16384]);
+            b[h + 88..h + 92].copy_from_slice(&crc.to_le_bytes());
+            b[h + 16..h + 20].fill(0);
+            let crc = crc32fast::hash(&b[h..h + 92]);
+            b[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
+        }
+        let e = used_ranges(&b).unwrap_err().to_string();
+        assert!(
+            e.contains("GPT partition 1 ends before it starts (first LBA 1024, last LBA 1000"),
+            "{e}"
         );
     }
 

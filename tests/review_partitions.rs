@@ -124,3 +124,65 @@ fn gpt_entry_that_ends_before_it_starts_is_refused() {
     }
     assert!(sha256(&dev.read()) == sha256(&before), "a refusal wrote");
 }
+
+/// Sets the header CRC32 of the GPT header at byte `h` of `img`.
+fn seal_header(img: &mut [u8], h: usize) {
+    img[h + 16..h + 20].fill(0);
+    let crc = crc32(&img[h..h + 92]);
+    img[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A backup GPT that is not at the device's end, its entries right *after* its header
+/// (LBA 40961..40993, 20 MiB + 512): they are in use whether the primary is valid (it
+/// names the backup) or damaged (the backup's own view), so an `--area` over them is
+/// refused, even with --discard-free-space.
+#[test]
+fn backup_gpt_entries_after_their_header_are_not_free_space() {
+    let d = Disk::new(
+        64 * MIB,
+        "label: gpt\n\
+         start=2048, size=20480, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n\
+         start=81920, size=20480, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
+        4 * MIB as usize,
+        122,
+    );
+    let mut img = fs::read(&d.file).unwrap();
+    let last = img.len() / 512 - 1;
+    let (h, e) = (40960usize, 40961usize);
+    let entries = img[1024..1024 + 128 * 128].to_vec();
+    let mut backup = img[512..1024].to_vec();
+    backup[24..32].copy_from_slice(&(h as u64).to_le_bytes());
+    backup[32..40].copy_from_slice(&1u64.to_le_bytes());
+    backup[72..80].copy_from_slice(&(e as u64).to_le_bytes());
+    seal_header(&mut backup, 0);
+    // The old backup at the device's end is gone; the primary names the new one.
+    img[(last - 32) * 512..].fill(0);
+    img[h * 512..(h + 1) * 512].copy_from_slice(&backup);
+    img[e * 512..e * 512 + entries.len()].copy_from_slice(&entries);
+    img[512 + 32..512 + 40].copy_from_slice(&(h as u64).to_le_bytes());
+    seal_header(&mut img, 512);
+    let t = d.target.to_str().unwrap();
+    for damage_primary in [false, true] {
+        if damage_primary {
+            img[512 + 56] ^= 1; // the header CRC fails: the backup at LBA 40960 is used
+        }
+        fs::write(&d.file, &img).unwrap();
+        let dev = LoopDev::attach(&d.file);
+        let before = dev.read();
+        let area = format!("{}..{}", 20 * MIB + 4096, 30 * MIB);
+        let err = cli_err(&[
+            "prepare",
+            dev.p(),
+            "--target",
+            t,
+            "--area",
+            &area,
+            "--discard-free-space",
+        ]);
+        assert!(
+            err.contains("not free space") && err.contains("backup GPT"),
+            "primary damaged: {damage_primary}: {err}"
+        );
+        assert!(sha256(&dev.read()) == sha256(&before), "a refusal wrote");
+    }
+}

@@ -177,7 +177,12 @@ fn gpt_ranges(
     let mut why = Vec::new();
     for ss in sizes {
         let primary = match gpt::read_checked(read, 1, ss, dev_len)? {
-            Ok(g) => return gpt_view(&g, false),
+            Ok(g) => {
+                // The backup the primary names, when it reads as valid: its entries may
+                // lie anywhere, not only right before it (an I/O error: not counted).
+                let alt = gpt::read_checked(read, g.alt_lba, ss, dev_len).ok();
+                return gpt_view(&g, false, alt.and_then(|r| r.ok()).as_ref());
+            }
             Err(w) => w,
         };
         let mut hdr = vec![0u8; ss as usize];
@@ -194,7 +199,7 @@ fn gpt_ranges(
                         "the primary GPT is damaged ({primary}): using the backup GPT at \
                          LBA {lba} ({ss}-byte sectors)"
                     ));
-                    return gpt_view(&g, true);
+                    return gpt_view(&g, true, None);
                 }
                 Err(w) => backup.push(format!("the backup at LBA {lba}: {w}")),
             }
@@ -210,10 +215,11 @@ fn gpt_ranges(
     )))
 }
 
-/// The used ranges of a checked GPT copy `g` (`backup`: the copy at the disk's end). An
+/// The used ranges of a checked GPT copy `g` (`backup`: the copy at the disk's end;
+/// `alt`: for a primary, the valid backup header it names, if any). An
 /// entry that ends before it starts is refused: Linux keeps such a partition (up to the
 /// device's end), so nothing tells which bytes it really uses.
-fn gpt_view(g: &gpt::Gpt, backup: bool) -> Result<Vec<UsedRange>> {
+fn gpt_view(g: &gpt::Gpt, backup: bool, alt: Option<&gpt::Gpt>) -> Result<Vec<UsedRange>> {
     let ss = g.ss;
     // The primary copy: the protective MBR, the header and its entries (at LBA 2 when
     // the backup is all there is to go by), up to the first usable LBA.
@@ -246,21 +252,37 @@ fn gpt_view(g: &gpt::Gpt, backup: bool) -> Result<Vec<UsedRange>> {
             boot: e[0..16] == ESP || e[0..16] == XBOOTLDR,
         });
     }
-    // The backup copy: its entries right before its header.
-    let (entries, header) = if backup {
-        (g.entries_lba, g.my_lba)
+    // The backup copy: from the backup itself, its header and entries where it says;
+    // from the primary, the entries right before the header it names, and where that
+    // header (when valid) says they are.
+    if backup {
+        out.push(copy_range(g));
     } else {
-        (g.alt_lba.saturating_sub(g.entry_sectors()), g.alt_lba)
-    };
-    if header > 0 {
-        out.push(UsedRange {
-            start: entries.min(header).saturating_mul(ss),
-            end: header.saturating_add(1).saturating_mul(ss),
-            what: "backup GPT".into(),
-            boot: false,
-        });
+        if g.alt_lba > 0 {
+            let header = g.alt_lba;
+            out.push(UsedRange {
+                start: header.saturating_sub(g.entry_sectors()).saturating_mul(ss),
+                end: header.saturating_add(1).saturating_mul(ss),
+                what: "backup GPT".into(),
+                boot: false,
+            });
+        }
+        if let Some(r) = alt.map(copy_range).filter(|r| !out.contains(r)) {
+            out.push(r);
+        }
     }
     Ok(out)
+}
+
+/// The bytes a checked GPT copy's header and entry array take (either order; both lie
+/// inside the disk, `read_checked` made sure).
+fn copy_range(g: &gpt::Gpt) -> UsedRange {
+    UsedRange {
+        start: g.entries_lba.min(g.my_lba) * g.ss,
+        end: (g.entries_lba + g.entry_sectors()).max(g.my_lba + 1) * g.ss,
+        what: "backup GPT".into(),
+        boot: false,
+    }
 }
 
 fn read_slice(head: &[u8], offset: u64, out: &mut [u8], read_more: Read) -> std::io::Result<()> {

@@ -186,3 +186,66 @@ fn backup_gpt_entries_after_their_header_are_not_free_space() {
         assert!(sha256(&dev.read()) == sha256(&before), "a refusal wrote");
     }
 }
+
+/// `--area` at the edges: exactly the gap between two partitions (touching both) is
+/// taken, rollback gives every byte back and commit gives the target; one sector more on
+/// either side, or an area that runs to the backup GPT or to the device's end, is refused
+/// in one line naming what it overlaps, writing nothing.
+#[test]
+fn area_edges_touching_partitions_and_the_backup_gpt() {
+    let d = Disk::new(
+        64 * MIB,
+        "label: gpt\n\
+         start=2048, size=20480, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n\
+         start=81920, size=20480, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
+        4 * MIB as usize,
+        123,
+    );
+    let dev = LoopDev::attach(&d.file);
+    let before = dev.read();
+    let t = d.target.to_str().unwrap();
+    let backup = 64 * MIB - 33 * 512;
+    let refused = [
+        (11 * MIB - 4096, 40 * MIB, "GPT partition 1"),
+        (11 * MIB, 40 * MIB + 512, "GPT partition 2"),
+        (50 * MIB, backup + 512, "backup GPT"),
+        (50 * MIB, 64 * MIB, "backup GPT"),
+    ];
+    for (start, end, what) in refused {
+        let area = format!("{start}..{end}");
+        let err = cli_err(&["prepare", dev.p(), "--target", t, "--area", &area]);
+        assert!(
+            err.contains("not free space") && err.contains(what),
+            "{area}: {err}"
+        );
+        assert!(
+            sha256(&dev.read()) == sha256(&before),
+            "{area}: a refusal wrote"
+        );
+    }
+    // Up to the backup GPT's first byte is free.
+    let area = format!("{}..{backup}", 50 * MIB);
+    let plan = json(&d.prepare(&dev, &["--dry-run", "--area", &area]));
+    assert_eq!(plan["area"]["start"], 50 * MIB, "{plan}");
+    // The whole gap between the partitions: prepare, rollback, prepare, commit.
+    let area = format!("{}..{}", 11 * MIB, 40 * MIB);
+    let r = json(&d.prepare(&dev, &["--area", &area]));
+    assert_eq!(r["area_offset"], 11 * MIB, "{r}");
+    assert!(r["area_end"].as_u64().unwrap() <= 40 * MIB, "{r}");
+    common::disk::cli_ok(&["rollback", dev.p()]);
+    assert!(
+        sha256(&dev.read()) == sha256(&before),
+        "rollback not bit-exact"
+    );
+    d.prepare(&dev, &["--area", &area]);
+    common::disk::cli_ok(&["confirm", dev.p()]);
+    common::disk::cli_ok(&["commit", dev.p()]);
+    let after = dev.read();
+    assert!(
+        after[..d.target_bytes.len()] == d.target_bytes[..],
+        "commit did not give the target"
+    );
+    // Past the target and the area, the second partition is as it was.
+    let p2 = (40 * MIB) as usize..(50 * MIB) as usize;
+    assert!(after[p2.clone()] == before[p2], "partition 2 changed");
+}

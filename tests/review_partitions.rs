@@ -249,3 +249,41 @@ fn area_edges_touching_partitions_and_the_backup_gpt() {
     let p2 = (40 * MIB) as usize..(50 * MIB) as usize;
     assert!(after[p2.clone()] == before[p2], "partition 2 changed");
 }
+
+/// `commit --relocate-backup-gpt` with a target whose primary GPT claims a last usable
+/// LBA up to the device's end (no room for the backup entries there): the commit stands,
+/// the move is refused in one line that says why, and nothing of the GPT is written.
+#[test]
+fn relocate_backup_gpt_refuses_a_last_usable_lba_without_room() {
+    let d = Disk::new(
+        64 * MIB,
+        "label: gpt\nstart=2048, size=20480, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
+        4 * MIB as usize,
+        124,
+    );
+    // The target: an 8 MiB GPT image whose primary says "usable up to LBA 131070".
+    fs::File::create(&d.target)
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+    loopdisk::run(
+        "sfdisk",
+        &["--no-reread", "-q", d.target.to_str().unwrap()],
+        Some("label: gpt\nstart=2048, size=4096, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n"),
+    );
+    let mut t = fs::read(&d.target).unwrap();
+    t[512 + 48..512 + 56].copy_from_slice(&131070u64.to_le_bytes());
+    seal_header(&mut t, 512);
+    fs::write(&d.target, &t).unwrap();
+    let dev = LoopDev::attach(&d.file);
+    d.prepare(&dev, &[]);
+    common::disk::cli_ok(&["confirm", dev.p()]);
+    let err = cli_err(&["commit", dev.p(), "--relocate-backup-gpt"]);
+    assert!(
+        err.contains("committed, but moving the backup GPT failed")
+            && err.contains("last usable LBA 131070 leaves no room"),
+        "{err}"
+    );
+    let after = dev.read();
+    assert!(after[..t.len()] == t[..], "the target changed");
+}

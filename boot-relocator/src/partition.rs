@@ -154,7 +154,7 @@ fn ranges(
     }
     if protective {
         let mut w = Vec::new();
-        out.extend(gpt_ranges(&mut read, hint, dev_len, &mut w)?);
+        out.extend(gpt_ranges(&mut read, hint, dev_len, &mut w, !target)?);
         if let Some(warnings) = warnings.as_mut() {
             warnings.extend(w);
         }
@@ -164,11 +164,13 @@ fn ranges(
 
 /// The ranges a GPT uses, from its primary copy, or from its backup (the header at the
 /// device's last LBA, or where the primary says) when the primary fails its checks.
+/// `strict` (the source): an entry that ends before it starts is refused; else skipped.
 fn gpt_ranges(
     read: Read,
     hint: Option<u64>,
     dev_len: u64,
     warnings: &mut Vec<String>,
+    strict: bool,
 ) -> Result<Vec<UsedRange>> {
     let sizes: Vec<u64> = match gpt::sector_size(read, hint)? {
         Some(ss) => vec![ss],
@@ -181,7 +183,7 @@ fn gpt_ranges(
                 // The backup the primary names, when it reads as valid: its entries may
                 // lie anywhere, not only right before it (an I/O error: not counted).
                 let alt = gpt::read_checked(read, g.alt_lba, ss, dev_len).ok();
-                return gpt_view(&g, false, alt.and_then(|r| r.ok()).as_ref());
+                return gpt_view(&g, false, alt.and_then(|r| r.ok()).as_ref(), strict);
             }
             Err(w) => w,
         };
@@ -199,7 +201,7 @@ fn gpt_ranges(
                         "the primary GPT is damaged ({primary}): using the backup GPT at \
                          LBA {lba} ({ss}-byte sectors)"
                     ));
-                    return gpt_view(&g, true, None);
+                    return gpt_view(&g, true, None, strict);
                 }
                 Err(w) => backup.push(format!("the backup at LBA {lba}: {w}")),
             }
@@ -217,9 +219,14 @@ fn gpt_ranges(
 
 /// The used ranges of a checked GPT copy `g` (`backup`: the copy at the disk's end;
 /// `alt`: for a primary, the valid backup header it names, if any). An
-/// entry that ends before it starts is refused: Linux keeps such a partition (up to the
-/// device's end), so nothing tells which bytes it really uses.
-fn gpt_view(g: &gpt::Gpt, backup: bool, alt: Option<&gpt::Gpt>) -> Result<Vec<UsedRange>> {
+/// entry that ends before it starts is refused when `strict`: Linux keeps such a
+/// partition (up to the device's end), so nothing tells which bytes it really uses.
+fn gpt_view(
+    g: &gpt::Gpt,
+    backup: bool,
+    alt: Option<&gpt::Gpt>,
+    strict: bool,
+) -> Result<Vec<UsedRange>> {
     let ss = g.ss;
     // The primary copy: the protective MBR, the header and its entries (at LBA 2 when
     // the backup is all there is to go by), up to the first usable LBA.
@@ -239,6 +246,9 @@ fn gpt_view(g: &gpt::Gpt, backup: bool, alt: Option<&gpt::Gpt>) -> Result<Vec<Us
         }
         let (first, last) = (u64_at(e, 32), u64_at(e, 40));
         if last < first {
+            if !strict {
+                continue;
+            }
             return Err(RelocError::PartitionTable(format!(
                 "GPT partition {} ends before it starts (first LBA {first}, last LBA {last}; \
                  repair it with gdisk or sgdisk first)",
@@ -359,6 +369,10 @@ mod tests {
             e.contains("GPT partition 1 ends before it starts (first LBA 1024, last LBA 1000"),
             "{e}"
         );
+        // A target's table is a sanity check: the entry is skipped, the rest still counts.
+        let r = target_ranges(&b);
+        assert!(r.iter().any(|u| u.what == "backup GPT"), "{r:?}");
+        assert!(!r.iter().any(|u| u.what == "GPT partition 1"), "{r:?}");
     }
 
     #[test]

@@ -287,3 +287,51 @@ fn relocate_backup_gpt_refuses_a_last_usable_lba_without_room() {
     let after = dev.read();
     assert!(after[..t.len()] == t[..], "the target changed");
 }
+
+/// A hybrid MBR (the protective 0xEE entry plus an MBR-only partition over GPT free
+/// space, 30..40 MiB) counts both tables: the area avoids the MBR partition. The plain
+/// 512-byte GPT on a 4096-byte-sector device is read in 512-byte sectors: prepare, then
+/// rollback gives every byte back.
+#[test]
+fn hybrid_mbr_and_a_512_byte_gpt_on_a_4k_device() {
+    let d = Disk::new(
+        64 * MIB,
+        "label: gpt\nstart=2048, size=20480, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
+        4 * MIB as usize,
+        125,
+    );
+    let mut e = [0u8; 16];
+    e[4] = 0x83;
+    e[8..12].copy_from_slice(&61440u32.to_le_bytes());
+    e[12..16].copy_from_slice(&20480u32.to_le_bytes());
+    write_at(&d.file, 446 + 16, &e);
+    let dev = LoopDev::attach(&d.file);
+    let plan = json(&d.prepare(&dev, &["--dry-run", "--discard-free-space"]));
+    let start = plan["area"]["start"].as_u64().unwrap();
+    assert!(
+        start >= 40 * MIB,
+        "the area overlaps the hybrid MBR's partition: {plan}"
+    );
+    let err = cli_err(&[
+        "prepare",
+        dev.p(),
+        "--target",
+        d.target.to_str().unwrap(),
+        "--area",
+        "25M..35M",
+    ]);
+    assert!(err.contains("MBR partition 2 (type 0x83)"), "{err}");
+    drop(dev);
+
+    // Without the hybrid entry (an MBR there would count in 4 KiB sectors).
+    write_at(&d.file, 446 + 16, &[0; 16]);
+    let dev = LoopDev::attach_with(&d.file, &["--sector-size", "4096"]);
+    let before = dev.read();
+    let r = json(&d.prepare(&dev, &[]));
+    assert!(r["area_offset"].as_u64().unwrap() >= 11 * MIB, "{r}");
+    common::disk::cli_ok(&["rollback", dev.p()]);
+    assert!(
+        sha256(&dev.read()) == sha256(&before),
+        "rollback not bit-exact"
+    );
+}

@@ -335,3 +335,38 @@ fn hybrid_mbr_and_a_512_byte_gpt_on_a_4k_device() {
         "rollback not bit-exact"
     );
 }
+
+/// A 512-byte-sector GPT image with a hybrid MBR on a 4096-byte-sector device: the MBR's
+/// own partition (30..40 MiB in the image's 512-byte sectors) is in use in the GPT's
+/// sector size too, not only at 8 times its offset: an `--area` over it is refused.
+#[test]
+fn hybrid_mbr_of_a_512_byte_gpt_on_a_4k_device_counts_in_512_byte_sectors() {
+    let d = Disk::new(
+        1024 * MIB,
+        "label: gpt\nstart=2048, size=20480, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
+        4 * MIB as usize,
+        126,
+    );
+    let mut e = [0u8; 16];
+    e[4] = 0x83;
+    e[8..12].copy_from_slice(&61440u32.to_le_bytes());
+    e[12..16].copy_from_slice(&20480u32.to_le_bytes());
+    write_at(&d.file, 446 + 16, &e);
+    let dev = LoopDev::attach_with(&d.file, &["--sector-size", "4096"]);
+    let before = sha256(&dev.read());
+    let err = cli_err(&[
+        "prepare",
+        dev.p(),
+        "--target",
+        d.target.to_str().unwrap(),
+        "--area",
+        "25M..35M",
+        "--discard-free-space",
+        "--dry-run",
+    ]);
+    assert!(
+        err.contains("not free space") && err.contains("MBR partition 2 (type 0x83)"),
+        "{err}"
+    );
+    assert!(sha256(&dev.read()) == before, "a refusal wrote");
+}

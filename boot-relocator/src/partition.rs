@@ -158,8 +158,30 @@ fn ranges(
         if let Some(warnings) = warnings.as_mut() {
             warnings.extend(w);
         }
+        // A hybrid MBR next to a GPT of another sector size than the device's (a
+        // 512-byte image on a 4 KiB device) counts in the GPT's sectors as well.
+        let ss = hint.unwrap_or(512);
+        if let Some(gss) = gpt::sector_size(&mut read, hint)?.filter(|&g| g != ss) {
+            out.extend(hybrid_ranges(head, gss));
+        }
     }
     Ok(out)
+}
+
+/// The entries of a hybrid MBR other than the protective one, in sectors of `ss` bytes
+/// (an extended partition whole).
+fn hybrid_ranges(head: &[u8], ss: u64) -> Vec<UsedRange> {
+    let primaries = mbr::primaries(head, ss).unwrap_or_default();
+    primaries
+        .into_iter()
+        .filter(|p| p.ty != 0xEE)
+        .map(|p| UsedRange {
+            start: p.start,
+            end: p.end,
+            what: format!("MBR partition {} (type {:#04x})", p.index, p.ty),
+            boot: p.ty == 0xEF,
+        })
+        .collect()
 }
 
 /// The ranges a GPT uses, from its primary copy, or from its backup (the header at the

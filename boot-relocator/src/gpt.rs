@@ -169,9 +169,16 @@ pub fn relocate_backup(storage: &dyn Storage) -> Result<Option<(u64, u64)>> {
         return Ok(None);
     }
     let entry_sectors = g.entry_sectors();
-    if old_alt > new_alt || g.last_usable.saturating_add(entry_sectors) >= new_alt {
+    if old_alt > new_alt {
         return Err(bad(format!(
             "the GPT's backup header is at LBA {old_alt}, the device ends at LBA {new_alt}"
+        )));
+    }
+    if g.last_usable.saturating_add(entry_sectors) >= new_alt {
+        return Err(bad(format!(
+            "the GPT's last usable LBA {} leaves no room for its {entry_sectors} sectors of \
+             backup entries before the device's last LBA {new_alt}",
+            g.last_usable
         )));
     }
     let size = g.size();

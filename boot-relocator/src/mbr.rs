@@ -35,7 +35,8 @@ fn u32_at(b: &[u8], at: usize) -> u64 {
 }
 
 /// The non-empty entries of the MBR in `sector` (its first 512 bytes), `ss` bytes per
-/// sector; `None` when it is no MBR: no 0x55AA signature, or a boot indicator other than
+/// sector: every entry with a length, type 0x00 included (Linux and sfdisk count such an
+/// entry as a partition, so its bytes are not free space); `None` when it is no MBR: no 0x55AA signature, or a boot indicator other than
 /// 0x00/0x80 (boot code of a file system's boot sector, random data), as Linux checks.
 pub(crate) fn primaries(sector: &[u8], ss: u64) -> Option<Vec<Primary>> {
     if sector.len() < 512 || sector[510] != 0x55 || sector[511] != 0xAA {
@@ -48,7 +49,7 @@ pub(crate) fn primaries(sector: &[u8], ss: u64) -> Option<Vec<Primary>> {
     Some(
         entries
             .enumerate()
-            .filter(|(_, e)| e[4] != 0 && u32_at(e, 12) != 0)
+            .filter(|(_, e)| u32_at(e, 12) != 0)
             .map(|(i, e)| Primary {
                 index: i + 1,
                 ty: e[4],
@@ -120,7 +121,8 @@ pub(crate) fn logicals(
         for i in 0..4 {
             let e = &sector[446 + 16 * i..446 + 16 * (i + 1)];
             let (ty, rel, len) = (e[4], u32_at(e, 8) * ss, u32_at(e, 12) * ss);
-            if ty == 0 || len == 0 {
+            // A type 0x00 entry with a length is a logical partition to Linux too.
+            if len == 0 {
                 continue;
             }
             if is_extended(ty) {
@@ -193,6 +195,15 @@ mod tests {
         let spans: Vec<_> = r.iter().map(|u| (u.start / 512, u.end / 512)).collect();
         assert_eq!(spans, [(100, 101), (102, 202), (600, 601), (602, 702)]);
         assert_eq!(r[3].what, "MBR logical partition 6 (type 0x83)");
+    }
+
+    #[test]
+    fn a_logical_entry_of_type_zero_with_a_length_is_used() {
+        let (mut d, ext) = disk(&[(100, (2, 100), None)]);
+        d[100 * 512 + 446 + 4] = 0;
+        let r = run(&d, &ext).unwrap();
+        let spans: Vec<_> = r.iter().map(|u| (u.start / 512, u.end / 512)).collect();
+        assert_eq!(spans, [(100, 101), (102, 202)]);
     }
 
     #[test]

@@ -154,21 +154,45 @@ fn ranges(
     }
     if protective {
         let mut w = Vec::new();
-        out.extend(gpt_ranges(&mut read, hint, dev_len, &mut w)?);
+        out.extend(gpt_ranges(&mut read, hint, dev_len, &mut w, !target)?);
         if let Some(warnings) = warnings.as_mut() {
             warnings.extend(w);
+        }
+        // A hybrid MBR next to a GPT of another sector size than the device's (a
+        // 512-byte image on a 4 KiB device) counts in the GPT's sectors as well.
+        let ss = hint.unwrap_or(512);
+        if let Some(gss) = gpt::sector_size(&mut read, hint)?.filter(|&g| g != ss) {
+            out.extend(hybrid_ranges(head, gss));
         }
     }
     Ok(out)
 }
 
+/// The entries of a hybrid MBR other than the protective one, in sectors of `ss` bytes
+/// (an extended partition whole).
+fn hybrid_ranges(head: &[u8], ss: u64) -> Vec<UsedRange> {
+    let primaries = mbr::primaries(head, ss).unwrap_or_default();
+    primaries
+        .into_iter()
+        .filter(|p| p.ty != 0xEE)
+        .map(|p| UsedRange {
+            start: p.start,
+            end: p.end,
+            what: format!("MBR partition {} (type {:#04x})", p.index, p.ty),
+            boot: p.ty == 0xEF,
+        })
+        .collect()
+}
+
 /// The ranges a GPT uses, from its primary copy, or from its backup (the header at the
 /// device's last LBA, or where the primary says) when the primary fails its checks.
+/// `strict` (the source): an entry that ends before it starts is refused; else skipped.
 fn gpt_ranges(
     read: Read,
     hint: Option<u64>,
     dev_len: u64,
     warnings: &mut Vec<String>,
+    strict: bool,
 ) -> Result<Vec<UsedRange>> {
     let sizes: Vec<u64> = match gpt::sector_size(read, hint)? {
         Some(ss) => vec![ss],
@@ -177,7 +201,12 @@ fn gpt_ranges(
     let mut why = Vec::new();
     for ss in sizes {
         let primary = match gpt::read_checked(read, 1, ss, dev_len)? {
-            Ok(g) => return Ok(gpt_view(&g, false)),
+            Ok(g) => {
+                // The backup the primary names, when it reads as valid: its entries may
+                // lie anywhere, not only right before it (an I/O error: not counted).
+                let alt = gpt::read_checked(read, g.alt_lba, ss, dev_len).ok();
+                return gpt_view(&g, false, alt.and_then(|r| r.ok()).as_ref(), strict);
+            }
             Err(w) => w,
         };
         let mut hdr = vec![0u8; ss as usize];
@@ -194,7 +223,7 @@ fn gpt_ranges(
                         "the primary GPT is damaged ({primary}): using the backup GPT at \
                          LBA {lba} ({ss}-byte sectors)"
                     ));
-                    return Ok(gpt_view(&g, true));
+                    return gpt_view(&g, true, None, strict);
                 }
                 Err(w) => backup.push(format!("the backup at LBA {lba}: {w}")),
             }
@@ -210,8 +239,16 @@ fn gpt_ranges(
     )))
 }
 
-/// The used ranges of a checked GPT copy `g` (`backup`: the copy at the disk's end).
-fn gpt_view(g: &gpt::Gpt, backup: bool) -> Vec<UsedRange> {
+/// The used ranges of a checked GPT copy `g` (`backup`: the copy at the disk's end;
+/// `alt`: for a primary, the valid backup header it names, if any). An
+/// entry that ends before it starts is refused when `strict`: Linux keeps such a
+/// partition (up to the device's end), so nothing tells which bytes it really uses.
+fn gpt_view(
+    g: &gpt::Gpt,
+    backup: bool,
+    alt: Option<&gpt::Gpt>,
+    strict: bool,
+) -> Result<Vec<UsedRange>> {
     let ss = g.ss;
     // The primary copy: the protective MBR, the header and its entries (at LBA 2 when
     // the backup is all there is to go by), up to the first usable LBA.
@@ -231,7 +268,14 @@ fn gpt_view(g: &gpt::Gpt, backup: bool) -> Vec<UsedRange> {
         }
         let (first, last) = (u64_at(e, 32), u64_at(e, 40));
         if last < first {
-            continue;
+            if !strict {
+                continue;
+            }
+            return Err(RelocError::PartitionTable(format!(
+                "GPT partition {} ends before it starts (first LBA {first}, last LBA {last}; \
+                 repair it with gdisk or sgdisk first)",
+                i + 1
+            )));
         }
         out.push(UsedRange {
             start: first.saturating_mul(ss),
@@ -240,21 +284,37 @@ fn gpt_view(g: &gpt::Gpt, backup: bool) -> Vec<UsedRange> {
             boot: e[0..16] == ESP || e[0..16] == XBOOTLDR,
         });
     }
-    // The backup copy: its entries right before its header.
-    let (entries, header) = if backup {
-        (g.entries_lba, g.my_lba)
+    // The backup copy: from the backup itself, its header and entries where it says;
+    // from the primary, the entries right before the header it names, and where that
+    // header (when valid) says they are.
+    if backup {
+        out.push(copy_range(g));
     } else {
-        (g.alt_lba.saturating_sub(g.entry_sectors()), g.alt_lba)
-    };
-    if header > 0 {
-        out.push(UsedRange {
-            start: entries.min(header).saturating_mul(ss),
-            end: header.saturating_add(1).saturating_mul(ss),
-            what: "backup GPT".into(),
-            boot: false,
-        });
+        if g.alt_lba > 0 {
+            let header = g.alt_lba;
+            out.push(UsedRange {
+                start: header.saturating_sub(g.entry_sectors()).saturating_mul(ss),
+                end: header.saturating_add(1).saturating_mul(ss),
+                what: "backup GPT".into(),
+                boot: false,
+            });
+        }
+        if let Some(r) = alt.map(copy_range).filter(|r| !out.contains(r)) {
+            out.push(r);
+        }
     }
-    out
+    Ok(out)
+}
+
+/// The bytes a checked GPT copy's header and entry array take (either order; both lie
+/// inside the disk, `read_checked` made sure).
+fn copy_range(g: &gpt::Gpt) -> UsedRange {
+    UsedRange {
+        start: g.entries_lba.min(g.my_lba) * g.ss,
+        end: (g.entries_lba + g.entry_sectors()).max(g.my_lba + 1) * g.ss,
+        what: "backup GPT".into(),
+        boot: false,
+    }
 }
 
 fn read_slice(head: &[u8], offset: u64, out: &mut [u8], read_more: Read) -> std::io::Result<()> {
@@ -304,6 +364,37 @@ mod tests {
             (r[1].start, r[1].end, r[1].boot),
             (8192 * 512, 8292 * 512, true)
         );
+    }
+
+    #[test]
+    fn an_mbr_entry_of_type_zero_with_a_length_is_used() {
+        let r = used_ranges(&mbr(&[(0x83, 2048, 10), (0x00, 4096, 100)])).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[1].start, r[1].end), (4096 * 512, 4196 * 512));
+        assert_eq!(r[1].what, "MBR partition 2 (type 0x00)");
+    }
+
+    #[test]
+    fn a_gpt_entry_that_ends_before_it_starts_is_refused() {
+        let mut b = gpt_disk(512);
+        let n = b.len();
+        for (h, e) in [(512, 1024), (n - 512, n - 512 - 16384)] {
+            b[e + 40..e + 48].copy_from_slice(&1000u64.to_le_bytes());
+            let crc = crc32fast::hash(&b[e..e + 16384]);
+            b[h + 88..h + 92].copy_from_slice(&crc.to_le_bytes());
+            b[h + 16..h + 20].fill(0);
+            let crc = crc32fast::hash(&b[h..h + 92]);
+            b[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
+        }
+        let e = used_ranges(&b).unwrap_err().to_string();
+        assert!(
+            e.contains("GPT partition 1 ends before it starts (first LBA 1024, last LBA 1000"),
+            "{e}"
+        );
+        // A target's table is a sanity check: the entry is skipped, the rest still counts.
+        let r = target_ranges(&b);
+        assert!(r.iter().any(|u| u.what == "backup GPT"), "{r:?}");
+        assert!(!r.iter().any(|u| u.what == "GPT partition 1"), "{r:?}");
     }
 
     #[test]

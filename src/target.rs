@@ -1,8 +1,9 @@
 //! Opening the pinned target named on the command line or recorded in a superblock.
 //!
-//! A target is one of: `http(s)://` URLs of a raw image (several = mirrors), a local path
+//! A target is one of: `http(s)://` URLs of a raw image (several = mirrors), an `s3://bucket/key`
+//! object (docs/s3.md), a local path
 //! or `file://` URL of a raw image, or a chunk-store image named by the location of its
-//! index file, `<store>/indexes/<name>.idx` (a path or an `http(s)://` URL; see
+//! index file, `<store>/indexes/<name>.idx` (a path, an `http(s)://` or `s3://` URL; see
 //! docs/chunk-store.md). A new chunk-store target is trusted only through a signing key
 //! (or an explicit insecure opt-out); a prepared disk pins the index hash, so reopening
 //! it later needs no key: an index whose hash differs is refused.
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use boot_relocator::{Superblock, TargetRecord};
 
 use crate::source::http::{identity_url, redact_url};
+use crate::source::s3::S3Source;
 use crate::source::store::{IndexTrust, StoreSource, StoreSourceOptions};
 use crate::source::{
     FileSource, HttpOptions, HttpSource, RemoteSource, SourceError, SourceIdentity,
@@ -60,6 +62,14 @@ pub fn open_target(
     };
     if urls.iter().any(|u| is_store_target(u)) {
         return Ok(Arc::new(open_store(urls, expected, http, trust)?));
+    }
+    if urls.iter().any(|u| crate::source::s3::is_s3_url(u)) {
+        let [url] = urls else {
+            return Err(SourceError::Invalid(
+                "an s3:// target takes exactly one --target (no mirrors)".into(),
+            ));
+        };
+        return Ok(Arc::new(S3Source::open(url, expected, &http.s3, http)?));
     }
     let is_http = |u: &String| u.starts_with("http://") || u.starts_with("https://");
     if urls.iter().all(is_http) {
@@ -118,6 +128,7 @@ pub fn open_store(
         connect_timeout: http.connect_timeout,
         request_timeout: http.request_timeout,
         auth: http.auth.clone(),
+        s3: http.s3.clone(),
         ..FetchOptions::default()
     };
     let src = StoreSource::open_index(

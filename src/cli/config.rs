@@ -201,6 +201,10 @@ fn merge_net(cli: NetArgs, file: NetArgs) -> NetArgs {
         system_roots,
         client_cert,
         client_key,
+        s3_endpoint,
+        s3_region,
+        s3_path_style,
+        aws_profile,
     } = file;
     NetArgs {
         connect_timeout: cli.connect_timeout.or(connect_timeout),
@@ -230,6 +234,10 @@ fn merge_net(cli: NetArgs, file: NetArgs) -> NetArgs {
         system_roots: cli.system_roots || system_roots,
         client_cert: cli.client_cert.or(client_cert),
         client_key: cli.client_key.or(client_key),
+        s3_endpoint: cli.s3_endpoint.or(s3_endpoint),
+        s3_region: cli.s3_region.or(s3_region),
+        s3_path_style: cli.s3_path_style || s3_path_style,
+        aws_profile: cli.aws_profile.or(aws_profile),
     }
 }
 

@@ -209,7 +209,21 @@ fn source(e: &SourceError) -> Option<Kind> {
         SourceError::Invalid(_) => Kind::Usage,
         SourceError::Io(x) => io_kind(x),
         SourceError::OutOfRange { .. } | SourceError::Cancelled => Kind::Other,
+        SourceError::S3(x) => s3(x),
     })
+}
+
+fn s3(e: &crate::source::s3::S3Error) -> Kind {
+    use crate::source::s3::S3Error as E;
+    match e {
+        E::BadUrl(_) | E::Config(_) => Kind::Usage,
+        E::Credentials { .. }
+        | E::AccessDenied { .. }
+        | E::NoSuchObject { .. }
+        | E::NoSuchBucket { .. }
+        | E::Unreachable { .. }
+        | E::Request { .. } => Kind::Network,
+    }
 }
 
 fn service(e: &ServiceError) -> Option<Kind> {
@@ -269,6 +283,7 @@ fn store(e: &StoreError) -> Option<Kind> {
         StoreError::Key { .. } | StoreError::TooLarge { .. } | StoreError::Unnumbered { .. } => {
             Some(Kind::Other)
         }
+        StoreError::Remote(x) => source(x),
     }
 }
 

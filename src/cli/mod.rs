@@ -19,6 +19,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
+use crate::source::s3::S3Options;
 use crate::source::{HttpAuth, HttpOptions};
 
 /// Boot a VM on a remote disk image while it streams.
@@ -108,6 +109,21 @@ pub struct NetArgs {
     /// PEM private key of --client-cert.
     #[arg(long, value_name = "PEM", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
+    /// Endpoint of an S3-compatible service for s3:// targets and stores (default:
+    /// AWS_ENDPOINT_URL, else AWS). Give no credentials in it: see docs/s3.md.
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION, AWS_DEFAULT_REGION, the profile's, us-east-1).
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// Path-style S3 requests (ENDPOINT/bucket/key) instead of virtual-hosted ones
+    /// (bucket.ENDPOINT/key).
+    #[arg(long)]
+    pub s3_path_style: bool,
+    /// Profile of the shared AWS credentials file (AWS_SHARED_CREDENTIALS_FILE or
+    /// ~/.aws/credentials) to use instead of AWS_* environment keys.
+    #[arg(long, value_name = "NAME")]
+    pub aws_profile: Option<String>,
 }
 
 impl std::fmt::Debug for NetArgs {
@@ -142,6 +158,12 @@ impl NetArgs {
                 system_roots: self.system_roots,
                 client_cert: self.client_cert.clone(),
                 client_key: self.client_key.clone(),
+            },
+            s3: S3Options {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                path_style: self.s3_path_style,
+                profile: self.aws_profile.clone(),
             },
             ..d
         }

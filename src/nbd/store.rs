@@ -101,7 +101,7 @@ impl StoreCatalog {
                 validate_name(n).map_err(|e| e.to_string())?;
             }
         }
-        if only.is_none() && matches!(StoreLocation::parse(location), StoreLocation::Http(_)) {
+        if only.is_none() && !matches!(StoreLocation::parse(location), StoreLocation::Dir(_)) {
             return Err(format!(
                 "{}: a store served over HTTP cannot be listed: name its images with --image",
                 crate::source::http::redact_url(location)
@@ -190,7 +190,7 @@ impl Catalog for StoreCatalog {
             (None, StoreLocation::Dir(dir)) => StoreDir::new(&dir)
                 .list_indexes()
                 .map_err(|e| format!("listing the store: {e}")),
-            (None, StoreLocation::Http(url)) => Err(format!(
+            (None, StoreLocation::Http(url) | StoreLocation::S3(url)) => Err(format!(
                 "{} cannot be listed",
                 crate::source::http::redact_url(&url)
             )),

@@ -127,6 +127,8 @@ pub struct HttpOptions {
     pub http2: bool,
     /// Extra headers, bearer token, trusted CAs and client certificate.
     pub auth: HttpAuth,
+    /// Endpoint, region, addressing and profile of `s3://` targets (docs/s3.md).
+    pub s3: super::s3::S3Options,
 }
 
 /// Default [`HttpOptions::min_rate`]: 64 KiB/s (a 4 MiB range gets 64 s).
@@ -145,6 +147,7 @@ impl Default for HttpOptions {
             backoff_max: Duration::from_secs(10),
             http2: false,
             auth: HttpAuth::default(),
+            s3: super::s3::S3Options::default(),
         }
     }
 }

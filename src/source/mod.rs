@@ -15,6 +15,8 @@ pub mod file;
 pub mod http;
 pub mod http_parse;
 pub mod retry;
+pub mod s3;
+mod s3_creds;
 
 pub use file::FileSource;
 pub use http::{HttpAuth, HttpOptions, HttpSource};
@@ -117,6 +119,9 @@ pub enum SourceError {
     /// The caller cancelled the read (its requester went away, or shutdown). Never retried.
     #[error("fetch cancelled")]
     Cancelled,
+    /// S3 object storage (`s3://`) refused or failed a request.
+    #[error(transparent)]
+    S3(s3::S3Error),
 }
 
 impl SourceError {
@@ -132,6 +137,7 @@ impl SourceError {
                 matches!(*status, 408 | 429 | 500 | 502 | 503 | 504)
             }
             SourceError::Io(_) => true,
+            SourceError::S3(e) => e.is_transient(),
             SourceError::NoRangeSupport { .. }
             | SourceError::Changed { .. }
             | SourceError::OutOfRange { .. }

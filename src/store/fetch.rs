@@ -28,6 +28,8 @@ pub enum StoreLocation {
     Dir(PathBuf),
     /// Base URL of a store served over HTTP(S) (no trailing slash).
     Http(String),
+    /// `s3://bucket/prefix` (docs/s3.md).
+    S3(String),
 }
 
 impl std::fmt::Debug for StoreLocation {
@@ -35,6 +37,7 @@ impl std::fmt::Debug for StoreLocation {
         match self {
             StoreLocation::Dir(d) => f.debug_tuple("Dir").field(d).finish(),
             StoreLocation::Http(base) => f.debug_tuple("Http").field(&redact_url(base)).finish(),
+            StoreLocation::S3(base) => f.debug_tuple("S3").field(base).finish(),
         }
     }
 }
@@ -45,6 +48,8 @@ impl StoreLocation {
         let lower = s.to_ascii_lowercase();
         if lower.starts_with("http://") || lower.starts_with("https://") {
             StoreLocation::Http(s.trim_end_matches('/').to_owned())
+        } else if crate::source::s3::is_s3_url(s) {
+            StoreLocation::S3(s.trim_end_matches('/').to_owned())
         } else {
             StoreLocation::Dir(PathBuf::from(s))
         }
@@ -56,6 +61,7 @@ impl StoreLocation {
         match self {
             StoreLocation::Dir(d) => d.join(rel).display().to_string(),
             StoreLocation::Http(base) => redact_url(&object_url(base, rel)),
+            StoreLocation::S3(base) => format!("{base}/{rel}"),
         }
     }
 }
@@ -90,6 +96,8 @@ pub struct FetchOptions {
     pub concurrency: usize,
     /// Extra headers and TLS trust (`--header`, `--cacert`...; docs/sources.md).
     pub auth: crate::source::HttpAuth,
+    /// Endpoint, region and credentials profile of `s3://` stores (docs/s3.md).
+    pub s3: crate::source::s3::S3Options,
 }
 
 impl Default for FetchOptions {
@@ -102,6 +110,7 @@ impl Default for FetchOptions {
             connect_timeout: Duration::from_secs(10),
             concurrency: 8,
             auth: crate::source::HttpAuth::default(),
+            s3: crate::source::s3::S3Options::default(),
         }
     }
 }
@@ -112,6 +121,7 @@ pub struct Fetcher {
     location: StoreLocation,
     opts: FetchOptions,
     http: Option<Http>,
+    s3: Option<super::s3::S3Store>,
 }
 
 #[derive(Debug)]
@@ -134,8 +144,12 @@ impl Drop for Http {
 impl Fetcher {
     /// A fetcher for `location`; builds the HTTP client and runtime for a URL.
     pub fn new(location: StoreLocation, opts: FetchOptions) -> Result<Self, SourceError> {
+        let s3 = match &location {
+            StoreLocation::S3(base) => Some(super::s3::S3Store::open(base, &opts)?),
+            _ => None,
+        };
         let http = match &location {
-            StoreLocation::Dir(_) => None,
+            StoreLocation::Dir(_) | StoreLocation::S3(_) => None,
             StoreLocation::Http(base) => {
                 let invalid = |e: &dyn std::fmt::Display| {
                     SourceError::Invalid(format!("{}: cannot set up HTTP: {e}", redact_url(base)))
@@ -165,6 +179,7 @@ impl Fetcher {
             location,
             opts,
             http,
+            s3,
         })
     }
 
@@ -208,6 +223,11 @@ impl Fetcher {
                 }
             }
             (StoreLocation::Http(_), None) => unreachable!("HTTP location without a client"),
+            (StoreLocation::S3(_), _) => self
+                .s3
+                .as_ref()
+                .expect("S3 location with a client")
+                .get_many(reqs),
         }
     }
 }

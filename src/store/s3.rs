@@ -174,16 +174,16 @@ impl S3Store {
         Ok(out)
     }
 
-    /// Every chunk object: relative path, hash, size and age.
-    pub fn chunk_objects(&self) -> Result<Vec<(Listed, ChunkHash)>, StoreError> {
+    /// Every chunk object: relative path, size and age, hash and form (compressed).
+    pub fn chunk_objects(&self) -> Result<Vec<(Listed, (ChunkHash, bool))>, StoreError> {
         Ok(self
             .list(CHUNKS_DIR)
             .map_err(s3_store_err)?
             .into_iter()
             .filter_map(|l| {
                 let file = l.rel.rsplit('/').next()?;
-                let (hash, _) = parse_object_name(file)?;
-                Some((l, hash))
+                let obj = parse_object_name(file)?;
+                Some((l, obj))
             })
             .collect())
     }
@@ -214,7 +214,7 @@ fn referenced(store: &S3Store) -> Result<(HashSet<ChunkHash>, Vec<(String, Index
 }
 
 /// What [`gc`] did (or would do with `dry_run`).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct S3GcReport {
     pub indexes: u64,
     pub objects_kept: u64,
@@ -231,7 +231,7 @@ pub fn gc(store: &S3Store, grace: Duration, dry_run: bool) -> Result<S3GcReport,
         indexes: parsed.len() as u64,
         ..S3GcReport::default()
     };
-    for (obj, hash) in store.chunk_objects()? {
+    for (obj, (hash, _)) in store.chunk_objects()? {
         if live.contains(&hash) {
             report.objects_kept += 1;
         } else if obj.age < grace {
@@ -298,4 +298,46 @@ pub fn download_indexes(store: &S3Store, staged: &Path) -> Result<(), StoreError
         std::fs::write(&path, bytes).map_err(|e| StoreError::io(&path, e))?;
     }
     Ok(())
+}
+
+/// `publish --store s3://…`: publishes `image` into a temporary local store holding
+/// copies of the bucket's indexes (so the version follows the bucket's), then uploads the
+/// new objects and the index last ([`upload_staged`]). The staging directory (under
+/// `TMPDIR`) holds the image's new chunk objects until the upload ends; it is removed
+/// whatever happens.
+pub fn publish(
+    image: &Path,
+    store: &S3Store,
+    name: &str,
+    opts: &super::PublishOptions<'_>,
+) -> Result<super::PublishReport, StoreError> {
+    let staged = std::env::temp_dir().join(format!("streamboot-publish-{}", uuid::Uuid::new_v4()));
+    let result = (|| {
+        super::StoreDir::create(&staged)?;
+        download_indexes(store, &staged)?;
+        let mut report = super::publish_with(image, &staged, name, opts)?;
+        upload_staged(store, &staged, name)?;
+        report.index_path = store.describe(&super::layout::index_rel(name)).into();
+        Ok(report)
+    })();
+    let _ = std::fs::remove_dir_all(&staged);
+    result
+}
+
+/// `store stats s3://…`.
+pub fn stats(store: &S3Store) -> Result<super::StoreStats, StoreError> {
+    let indexes = store
+        .indexes()?
+        .into_iter()
+        .map(|(name, bytes)| {
+            let at = store.describe(&super::layout::index_rel(&name)).into();
+            (name, at, bytes)
+        })
+        .collect();
+    let on_disk = store
+        .chunk_objects()?
+        .into_iter()
+        .map(|(l, obj)| (obj, l.size))
+        .collect();
+    super::stats::compute(indexes, &on_disk)
 }

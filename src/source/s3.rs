@@ -193,6 +193,13 @@ impl S3Client {
             .or_else(|| super::s3_creds::profile_region(opts.profile.as_deref()))
             .unwrap_or_else(|| "us-east-1".to_owned());
         b = b.with_region(region);
+        let mut client = ClientOptions::new()
+            .with_connect_timeout(connect_timeout)
+            .with_timeout(request_timeout.max(Duration::from_secs(60)))
+            .with_user_agent(http::HeaderValue::from_static(concat!(
+                "streamboot/",
+                env!("CARGO_PKG_VERSION")
+            )));
         let endpoint = opts
             .endpoint
             .clone()
@@ -206,15 +213,9 @@ impl S3Client {
                 // Virtual-hosted: the bucket is the first label of the host.
                 format!("{}{bucket}.{}", &ep[..scheme_end], &ep[scheme_end..])
             };
-            b = b.with_allow_http(ep.starts_with("http://")).with_endpoint(ep);
+            client = client.with_allow_http(ep.starts_with("http://"));
+            b = b.with_endpoint(ep);
         }
-        let client = ClientOptions::new()
-            .with_connect_timeout(connect_timeout)
-            .with_timeout(request_timeout.max(Duration::from_secs(60)))
-            .with_user_agent(http::HeaderValue::from_static(concat!(
-                "streamboot/",
-                env!("CARGO_PKG_VERSION")
-            )));
         let retry = RetryConfig {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(100),
@@ -310,7 +311,7 @@ pub fn classify(url: &str, bucket: &str, e: object_store::Error) -> S3Error {
         },
         _ if code.is_empty() && !text.contains("Server returned") => S3Error::Unreachable {
             url,
-            reason: last_line(&text),
+            reason: innermost(&e),
         },
         _ => S3Error::Request {
             url,
@@ -333,6 +334,15 @@ fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     text
+}
+
+/// The innermost cause of `e` (the reason, without the wrappers' repeated prefixes).
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string().replace(['\n', '\r'], " ")
 }
 
 /// The innermost cause of a chain as one line (no request URL: the caller names it).

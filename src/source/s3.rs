@@ -65,8 +65,8 @@ impl S3Url {
             && bucket
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
-        if !valid_bucket || rest.contains(['?', '#', '@']) {
-            return Some(Err(S3Error::BadUrl(s.to_owned())));
+        if !valid_bucket || rest.contains(['?', '#']) {
+            return Some(Err(S3Error::BadUrl(super::http::redact_url(s))));
         }
         Some(Ok(S3Url {
             bucket: bucket.to_owned(),
@@ -408,7 +408,7 @@ impl S3Source {
         )?;
         let path = parsed.path("");
         let meta = client
-            .block_on(client.store().head(&path))
+            .block_on(probe(&client, &path))
             .map_err(|e| classify(&shown, &parsed.bucket, e))?;
         let Some(e_tag) = meta.e_tag.clone() else {
             return Err(SourceError::Unvalidated {
@@ -547,6 +547,28 @@ impl RemoteSource for S3Source {
     }
 }
 
+/// The object's metadata from a one-byte `GET` rather than a `HEAD`: an error answer to a
+/// `GET` carries S3's error code (`SignatureDoesNotMatch`, `NoSuchBucket`...), one to a
+/// `HEAD` only a status. An empty object (which has no byte 0) is asked with a `HEAD`.
+async fn probe(
+    client: &S3Client,
+    path: &ObjectPath,
+) -> Result<object_store::ObjectMeta, object_store::Error> {
+    let opts = GetOptions {
+        range: Some(GetRange::Bounded(0..1)),
+        ..GetOptions::default()
+    };
+    match client.store().get_opts(path, opts).await {
+        Ok(res) => Ok(res.meta),
+        Err(object_store::Error::Generic { source, .. })
+            if source.to_string().contains("416") || source.to_string().contains("InvalidRange") =>
+        {
+            client.store().head(path).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Where the credential chain looks, for messages (no secret in it).
 pub fn credentials_file() -> Option<PathBuf> {
     super::s3_creds::credentials_path()
@@ -566,8 +588,10 @@ mod tests {
         assert_eq!(store.path("chunks/x").as_ref(), "chunks/x");
         assert!(S3Url::parse("http://x").is_none());
         for bad in ["s3://", "s3://Upper/k", "s3://b/k?x=1", "s3://key:secret@b/k"] {
-            assert!(S3Url::parse(bad).unwrap().is_err(), "{bad}");
+            let e = S3Url::parse(bad).unwrap().unwrap_err().to_string();
+            assert!(!e.contains("secret"), "{e}");
         }
+        assert_eq!(S3Url::parse("s3://b/a@b").unwrap().unwrap().key, "a@b");
     }
 
     #[test]

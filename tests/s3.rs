@@ -52,9 +52,7 @@ fn one_line_error(out: &Output, code: i32, want: &str) -> String {
 fn assert_no_credentials(moto: &Moto, what: &str, bytes: &[u8]) {
     for secret in [&moto.key_id, &moto.secret] {
         assert!(
-            !bytes
-                .windows(secret.len())
-                .any(|w| w == secret.as_bytes()),
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
             "{what} holds a credential"
         );
     }
@@ -123,14 +121,19 @@ fn chunk_store_on_s3_publish_prepare_serve_commit_gives_target() {
         let img = image.to_str().unwrap();
         let k = key.to_str().unwrap();
         let st = "s3://bkt/st";
-        let out = moto.cli_ok(&["--json", "publish", img, "--store", st, "--name", name, "--key", k]);
+        let out = moto.cli_ok(&[
+            "--json", "publish", img, "--store", st, "--name", name, "--key", k,
+        ]);
         serde_json::from_str::<serde_json::Value>(&out).unwrap()["report"].clone()
     };
     let first = publish("a");
     assert!(first["chunks_new"].as_u64().unwrap() > 0, "{first}");
     // The same image again under another name: every object is in the bucket already.
     let second = publish("b");
-    assert_eq!(second["index_path"], "s3://bkt/st/indexes/b.idx", "{second}");
+    assert_eq!(
+        second["index_path"], "s3://bkt/st/indexes/b.idx",
+        "{second}"
+    );
     let stats = moto.cli_ok(&["--json", "store", "stats", "s3://bkt/st"]);
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     let total = &stats["stats"]["total"];
@@ -138,7 +141,13 @@ fn chunk_store_on_s3_publish_prepare_serve_commit_gives_target() {
     assert_eq!(total["missing_objects"], 0, "{stats}");
     assert_eq!(total["stored_objects"], first["chunks_new"], "{stats}");
     let trusted = ["--trusted-key", public.to_str().unwrap()];
-    lifecycle(&moto, "s3://bkt/st/indexes/a.idx", &source, &target, &trusted);
+    lifecycle(
+        &moto,
+        "s3://bkt/st/indexes/a.idx",
+        &source,
+        &target,
+        &trusted,
+    );
 }
 
 #[test]
@@ -197,7 +206,10 @@ fn s3_failures_are_one_line_and_change_nothing() {
         5,
         "S3 refused the credentials for s3://bkt/images/t.raw: SignatureDoesNotMatch",
     );
-    assert!(!err.contains(&moto.secret) && !err.contains("wrongwrong"), "{err}");
+    assert!(
+        !err.contains(&moto.secret) && !err.contains("wrongwrong"),
+        "{err}"
+    );
     unchanged();
 
     let missing = moto.cli(&prepare(d, "s3://bkt/images/nope.raw"));
@@ -215,7 +227,11 @@ fn s3_failures_are_one_line_and_change_nothing() {
         "s3://bkt/st/indexes/a.idx",
         "--insecure-unverified-index",
     ]);
-    one_line_error(&missing_store, 5, "s3://bkt/st/indexes/a.idx: no such object");
+    one_line_error(
+        &missing_store,
+        5,
+        "s3://bkt/st/indexes/a.idx: no such object",
+    );
     unchanged();
 
     let dead = format!("http://127.0.0.1:{}", common::dead_port());
@@ -225,7 +241,11 @@ fn s3_failures_are_one_line_and_change_nothing() {
         .args(["--s3-endpoint", &dead, "--s3-path-style"])
         .output()
         .unwrap();
-    one_line_error(&unreachable, 5, "cannot reach the S3 endpoint for s3://bkt/images/t.raw");
+    one_line_error(
+        &unreachable,
+        5,
+        "cannot reach the S3 endpoint for s3://bkt/images/t.raw",
+    );
     unchanged();
 
     // Prepared, then the object is replaced: reopening refuses the other image.
@@ -236,5 +256,8 @@ fn s3_failures_are_one_line_and_change_nothing() {
     moto.put("images/t.raw", &other);
     let commit = moto.cli(&["commit", d, "--force"]);
     one_line_error(&commit, 6, "the image changed on the server");
-    assert!(std::fs::read(&disk).unwrap() == prepared, "commit changed the disk");
+    assert!(
+        std::fs::read(&disk).unwrap() == prepared,
+        "commit changed the disk"
+    );
 }

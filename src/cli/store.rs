@@ -131,8 +131,14 @@ pub fn publish(a: &PublishArgs, json_out: bool) -> Result<()> {
 }
 
 /// The S3 store named by `location` (`s3://bucket/prefix`), or `None` for a directory.
-fn s3_store(location: &std::path::Path, net: &super::NetArgs) -> Result<Option<store::s3::S3Store>> {
-    let Some(url) = location.to_str().filter(|l| crate::source::s3::is_s3_url(l)) else {
+fn s3_store(
+    location: &std::path::Path,
+    net: &super::NetArgs,
+) -> Result<Option<store::s3::S3Store>> {
+    let Some(url) = location
+        .to_str()
+        .filter(|l| crate::source::s3::is_s3_url(l))
+    else {
         return Ok(None);
     };
     let http = net.http_options();

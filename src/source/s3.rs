@@ -561,7 +561,8 @@ async fn probe(
     match client.store().get_opts(path, opts).await {
         Ok(res) => Ok(res.meta),
         Err(object_store::Error::Generic { source, .. })
-            if source.to_string().contains("416") || source.to_string().contains("InvalidRange") =>
+            if source.to_string().contains("416")
+                || source.to_string().contains("InvalidRange") =>
         {
             client.store().head(path).await
         }
@@ -587,7 +588,12 @@ mod tests {
         assert_eq!(store.join("chunks/x"), "s3://bkt/chunks/x");
         assert_eq!(store.path("chunks/x").as_ref(), "chunks/x");
         assert!(S3Url::parse("http://x").is_none());
-        for bad in ["s3://", "s3://Upper/k", "s3://b/k?x=1", "s3://key:secret@b/k"] {
+        for bad in [
+            "s3://",
+            "s3://Upper/k",
+            "s3://b/k?x=1",
+            "s3://key:secret@b/k",
+        ] {
             let e = S3Url::parse(bad).unwrap().unwrap_err().to_string();
             assert!(!e.contains("secret"), "{e}");
         }
@@ -600,7 +606,10 @@ mod tests {
                  non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?><Error>\
                  <Code>SignatureDoesNotMatch</Code><Message>The request signature we \
                  calculated does not match</Message></Error>";
-        assert_eq!(xml_field(t, "Code").as_deref(), Some("SignatureDoesNotMatch"));
+        assert_eq!(
+            xml_field(t, "Code").as_deref(),
+            Some("SignatureDoesNotMatch")
+        );
         assert_eq!(last_line("a - b\nc"), "b c");
     }
 }

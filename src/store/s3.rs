@@ -175,18 +175,30 @@ impl S3Store {
     }
 
     /// Every chunk object: relative path, size and age, hash and form (compressed).
-    pub fn chunk_objects(&self) -> Result<Vec<(Listed, (ChunkHash, bool))>, StoreError> {
+    pub fn chunk_objects(&self) -> Result<Vec<ChunkObject>, StoreError> {
         Ok(self
             .list(CHUNKS_DIR)
             .map_err(s3_store_err)?
             .into_iter()
             .filter_map(|l| {
                 let file = l.rel.rsplit('/').next()?;
-                let obj = parse_object_name(file)?;
-                Some((l, obj))
+                let (hash, compressed) = parse_object_name(file)?;
+                Some(ChunkObject {
+                    listed: l,
+                    hash,
+                    compressed,
+                })
             })
             .collect())
     }
+}
+
+/// A chunk object found in the bucket.
+#[derive(Debug, Clone)]
+pub struct ChunkObject {
+    pub listed: Listed,
+    pub hash: ChunkHash,
+    pub compressed: bool,
 }
 
 /// An S3 error of store maintenance.
@@ -198,19 +210,19 @@ fn source_store_err(e: SourceError) -> StoreError {
     StoreError::Remote(e)
 }
 
-/// The chunk hashes every index of the store references.
-fn referenced(store: &S3Store) -> Result<(HashSet<ChunkHash>, Vec<(String, Index)>), StoreError> {
+/// The chunk hashes the indexes of the store reference, and the number of indexes.
+fn referenced(store: &S3Store) -> Result<(HashSet<ChunkHash>, u64), StoreError> {
     let mut all = HashSet::new();
-    let mut parsed = Vec::new();
+    let mut count = 0;
     for (name, bytes) in store.indexes()? {
         let p = Index::parse(&bytes, Trust::Unverified).map_err(|e| StoreError::Index {
             path: store.describe(&super::layout::index_rel(&name)).into(),
             source: e,
         })?;
         all.extend(p.index.entries().iter().filter_map(|e| e.hash()));
-        parsed.push((name, p.index));
+        count += 1;
     }
-    Ok((all, parsed))
+    Ok((all, count))
 }
 
 /// What [`gc`] did (or would do with `dry_run`).
@@ -226,13 +238,14 @@ pub struct S3GcReport {
 
 /// Deletes chunk objects no index references and older than `grace`.
 pub fn gc(store: &S3Store, grace: Duration, dry_run: bool) -> Result<S3GcReport, StoreError> {
-    let (live, parsed) = referenced(store)?;
+    let (live, indexes) = referenced(store)?;
     let mut report = S3GcReport {
-        indexes: parsed.len() as u64,
+        indexes,
         ..S3GcReport::default()
     };
-    for (obj, (hash, _)) in store.chunk_objects()? {
-        if live.contains(&hash) {
+    for c in store.chunk_objects()? {
+        let obj = c.listed;
+        if live.contains(&c.hash) {
             report.objects_kept += 1;
         } else if obj.age < grace {
             report.objects_too_young += 1;
@@ -337,7 +350,7 @@ pub fn stats(store: &S3Store) -> Result<super::StoreStats, StoreError> {
     let on_disk = store
         .chunk_objects()?
         .into_iter()
-        .map(|(l, obj)| (obj, l.size))
+        .map(|c| ((c.hash, c.compressed), c.listed.size))
         .collect();
     super::stats::compute(indexes, &on_disk)
 }

@@ -261,3 +261,49 @@ fn s3_failures_are_one_line_and_change_nothing() {
         "commit changed the disk"
     );
 }
+
+#[test]
+fn credentials_come_from_the_profile_the_environment_or_the_credentials_file() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("credentials");
+    std::fs::write(
+        &file,
+        format!(
+            "[default]\naws_access_key_id = {id}\naws_secret_access_key = wrongwrongwrong\n\n\
+             [sb]\naws_access_key_id = {id}\naws_secret_access_key = {secret}\n",
+            id = moto.key_id,
+            secret = moto.secret
+        ),
+    )
+    .unwrap();
+    let stats = |env: &[(&str, &str)], extra: &[&str]| {
+        let mut c = moto.command_without_keys();
+        c.env("AWS_SHARED_CREDENTIALS_FILE", &file)
+            .envs(env.iter().copied())
+            .args(["store", "stats", "s3://bkt/st"])
+            .args(moto.args())
+            .args(extra);
+        c.output().unwrap()
+    };
+    let refused = "S3 refused the credentials for s3://bkt/st";
+    // No keys in the environment: the file's [default], then AWS_PROFILE or --aws-profile.
+    one_line_error(&stats(&[], &[]), 5, refused);
+    assert!(stats(&[("AWS_PROFILE", "sb")], &[]).status.success());
+    assert!(stats(&[], &["--aws-profile", "sb"]).status.success());
+    // Keys in the environment win over the file's default profile...
+    let env_keys = [
+        ("AWS_ACCESS_KEY_ID", moto.key_id.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", moto.secret.as_str()),
+    ];
+    assert!(stats(&env_keys, &[]).status.success());
+    // ...and --aws-profile wins over them.
+    one_line_error(&stats(&env_keys, &["--aws-profile", "default"]), 5, refused);
+    let missing = stats(&[], &["--aws-profile", "nope"]);
+    let err = one_line_error(&missing, 2, "AWS credentials: ");
+    assert!(err.contains("no profile [nope]"), "{err}");
+    assert!(
+        !err.contains(&moto.secret) && !err.contains("wrongwrong"),
+        "{err}"
+    );
+}

@@ -1,5 +1,5 @@
 //! The static part of the AWS credential chain: `--aws-profile`, the environment, the
-//! shared credentials file (read with `rust-ini`). Keys are never shown (`Debug` prints
+//! shared credentials file (read with `configparser`). Keys are never shown (`Debug` prints
 //! `***`); the file's text is zeroized once parsed.
 
 use std::path::PathBuf;
@@ -84,11 +84,12 @@ fn from_file(profile: &str, required: bool) -> Result<Option<Credential>, S3Erro
             )))
         }
     };
-    let ini = ini::Ini::load_from_str(&text).map_err(|e| {
-        // The parser's message quotes no line content, only a position.
-        S3Error::Config(format!("{}: not a valid INI file: {e}", path.display()))
-    })?;
-    let Some(section) = ini.section(Some(profile)) else {
+    let mut ini = configparser::ini::Ini::new_cs();
+    // The parser's message may quote a line, which may hold a key: not shown.
+    let sections = ini
+        .read(text.to_string())
+        .map_err(|_| S3Error::Config(format!("{}: not a valid INI file", path.display())))?;
+    let Some(section) = sections.get(profile) else {
         return if required {
             Err(S3Error::Config(format!(
                 "{}: no profile [{profile}]",
@@ -98,7 +99,13 @@ fn from_file(profile: &str, required: bool) -> Result<Option<Credential>, S3Erro
             Ok(None)
         };
     };
-    let get = |k: &str| section.get(k).map(str::trim).filter(|v| !v.is_empty());
+    let get = |k: &str| {
+        section
+            .get(k)
+            .and_then(|v| v.as_deref())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
     match (get("aws_access_key_id"), get("aws_secret_access_key")) {
         (Some(id), Some(secret)) => Ok(Some(Credential {
             key_id: id.to_owned(),
@@ -116,10 +123,11 @@ fn from_file(profile: &str, required: bool) -> Result<Option<Credential>, S3Erro
 pub(crate) fn profile_region(profile: Option<&str>) -> Option<String> {
     let name = profile.map(str::to_owned).or_else(|| env("AWS_PROFILE"));
     let text = std::fs::read_to_string(config_path()?).ok()?;
-    let ini = ini::Ini::load_from_str(&text).ok()?;
+    let mut ini = configparser::ini::Ini::new_cs();
+    ini.read(text).ok()?;
     let section = match name.as_deref() {
-        None | Some("default") => ini.section(Some("default")),
-        Some(n) => ini.section(Some(format!("profile {n}"))),
-    }?;
-    section.get("region").map(|r| r.trim().to_owned())
+        None | Some("default") => "default".to_owned(),
+        Some(n) => format!("profile {n}"),
+    };
+    ini.get(&section, "region").map(|r| r.trim().to_owned())
 }

@@ -143,15 +143,21 @@ impl Moto {
     /// the secret key: `Some("wrong")` signs with a wrong one), a HOME of its own and no
     /// other `AWS_*` variable of the test's environment.
     pub fn command_with_secret(&self, secret: &str) -> Command {
+        let mut c = self.command_without_keys();
+        c.env("AWS_ACCESS_KEY_ID", &self.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", secret);
+        c
+    }
+
+    /// The streamboot binary with a HOME of its own and no `AWS_*` variable.
+    pub fn command_without_keys(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_streamboot"));
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("AWS_") {
                 c.env_remove(k);
             }
         }
-        c.env("HOME", self.home.path())
-            .env("AWS_ACCESS_KEY_ID", &self.key_id)
-            .env("AWS_SECRET_ACCESS_KEY", secret);
+        c.env("HOME", self.home.path());
         c
     }
 

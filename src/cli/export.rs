@@ -21,7 +21,8 @@ use crate::store::seen::SeenVersions;
 /// Arguments of `export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// Store: a directory, or the http(s):// URL of a store on a static server.
+    /// Store: a directory, the http(s):// URL of a store on a static server, or
+    /// s3://bucket/prefix (docs/s3.md).
     #[arg(long)]
     pub store: String,
     /// Address to listen on.
@@ -65,6 +66,8 @@ pub struct ExportArgs {
     /// (a 32 MiB read then needs about 0.6 MB/s; slower links: smaller reads or more).
     #[arg(long, default_value = "60s", value_parser = parse_duration_secs)]
     pub reply_timeout: u64,
+    #[command(flatten)]
+    pub net: super::NetArgs,
 }
 
 /// Runs the NBD server until SIGTERM/SIGINT.
@@ -87,6 +90,14 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
         o
     };
     opts.cache_chunks = 0;
+    let http = a.net.http_options();
+    opts.fetch = crate::store::fetch::FetchOptions {
+        connect_timeout: http.connect_timeout,
+        request_timeout: http.request_timeout,
+        auth: http.auth,
+        s3: http.s3,
+        ..Default::default()
+    };
     if a.max_connections == 0 {
         bail!("--max-connections must be at least 1");
     }

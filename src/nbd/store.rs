@@ -103,7 +103,7 @@ impl StoreCatalog {
         }
         if only.is_none() && !matches!(StoreLocation::parse(location), StoreLocation::Dir(_)) {
             return Err(format!(
-                "{}: a store served over HTTP cannot be listed: name its images with --image",
+                "{}: a store served over HTTP or on S3 cannot be listed: name its images with --image",
                 crate::source::http::redact_url(location)
             ));
         }

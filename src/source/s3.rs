@@ -31,6 +31,8 @@ use object_store::{
     StaticCredentialProvider,
 };
 
+use futures_util::StreamExt;
+
 use super::{check_range, CancellationToken, RemoteSource, SourceError, SourceIdentity};
 
 /// Where and how to reach S3 (`--s3-endpoint`, `--s3-region`, `--s3-path-style`,
@@ -465,18 +467,29 @@ impl S3Source {
                 reason: format!("asked for bytes {offset}..{end}, got {:?}", res.range),
             });
         }
-        let bytes = res
-            .bytes()
-            .await
-            .map_err(|e| classify(&self.shown, &self.url.bucket, e))?;
-        if bytes.len() != buf.len() {
-            return Err(SourceError::BadResponse {
-                url: self.shown.clone(),
-                reason: format!("{} bytes for a {}-byte range", bytes.len(), buf.len()),
-            });
+        // Streamed into `buf`: a server sending more than the range is cut off, never
+        // buffered.
+        let mut body = res.into_stream();
+        let mut filled = 0;
+        while let Some(part) = body.next().await {
+            let part = part.map_err(|e| classify(&self.shown, &self.url.bucket, e))?;
+            let Some(dest) = buf.get_mut(filled..filled + part.len()) else {
+                return Err(self.short_or_long(filled + part.len(), buf.len()));
+            };
+            dest.copy_from_slice(&part);
+            filled += part.len();
         }
-        buf.copy_from_slice(&bytes);
+        if filled != buf.len() {
+            return Err(self.short_or_long(filled, buf.len()));
+        }
         Ok(())
+    }
+
+    fn short_or_long(&self, got: usize, want: usize) -> SourceError {
+        SourceError::BadResponse {
+            url: self.shown.clone(),
+            reason: format!("{got} bytes (or more) for a {want}-byte range"),
+        }
     }
 
     fn changed(&self, found: &str) -> SourceError {

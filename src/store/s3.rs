@@ -83,14 +83,20 @@ impl S3Store {
                 reason: format!("{} bytes, more than the {max_len} allowed", res.meta.size),
             });
         }
-        let bytes = res.bytes().await.map_err(|e| self.err(rel, e))?;
-        if bytes.len() as u64 > max_len {
-            return Err(SourceError::BadResponse {
-                url: self.describe(rel),
-                reason: format!("{} bytes, more than the {max_len} allowed", bytes.len()),
-            });
+        // Streamed with a cap: a body longer than announced is cut off, never buffered.
+        let mut body = res.into_stream();
+        let mut out = Vec::with_capacity(res_size_hint(max_len));
+        while let Some(part) = body.next().await {
+            let part = part.map_err(|e| self.err(rel, e))?;
+            if (out.len() + part.len()) as u64 > max_len {
+                return Err(SourceError::BadResponse {
+                    url: self.describe(rel),
+                    reason: format!("more than the {max_len} bytes allowed"),
+                });
+            }
+            out.extend_from_slice(&part);
         }
-        Ok(bytes.to_vec())
+        Ok(out)
     }
 
     /// Gets several files concurrently; one result per request, in order.
@@ -191,6 +197,11 @@ impl S3Store {
             })
             .collect())
     }
+}
+
+/// Initial capacity for a body of at most `max_len` bytes (grown as it arrives).
+fn res_size_hint(max_len: u64) -> usize {
+    max_len.min(4 << 20) as usize
 }
 
 /// A chunk object found in the bucket.

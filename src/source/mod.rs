@@ -16,7 +16,6 @@ pub mod http;
 pub mod http_parse;
 pub mod retry;
 pub mod s3;
-mod s3_creds;
 
 pub use file::FileSource;
 pub use http::{HttpAuth, HttpOptions, HttpSource};

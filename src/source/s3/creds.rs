@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
-use super::s3::S3Error;
+use super::S3Error;
 
 /// Static keys found by [`chain`].
 pub(crate) struct Credential {

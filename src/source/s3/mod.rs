@@ -206,14 +206,7 @@ impl S3Client {
             .clone()
             .or_else(|| env_nonempty("AWS_ENDPOINT_URL"));
         if let Some(ep) = endpoint {
-            let ep = ep.trim_end_matches('/');
-            let scheme_end = ep.find("://").map(|i| i + 3).unwrap_or(0);
-            let ep = if opts.path_style {
-                ep.to_owned()
-            } else {
-                // Virtual-hosted: the bucket is the first label of the host.
-                format!("{}{bucket}.{}", &ep[..scheme_end], &ep[scheme_end..])
-            };
+            let ep = bucket_endpoint(&ep, bucket, opts.path_style);
             client = client.with_allow_http(ep.starts_with("http://"));
             b = b.with_endpoint(ep);
         }
@@ -266,6 +259,17 @@ impl S3Client {
             rt.block_on(fut)
         }
     }
+}
+
+/// The endpoint object_store is given: `ENDPOINT` for path-style requests, else the
+/// bucket as the first label of its host (`https://BUCKET.HOST`).
+fn bucket_endpoint(endpoint: &str, bucket: &str, path_style: bool) -> String {
+    let ep = endpoint.trim_end_matches('/');
+    if path_style {
+        return ep.to_owned();
+    }
+    let scheme_end = ep.find("://").map_or(0, |i| i + 3);
+    format!("{}{bucket}.{}", &ep[..scheme_end], &ep[scheme_end..])
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -389,6 +393,16 @@ mod tests {
             assert!(!e.contains("secret"), "{e}");
         }
         assert_eq!(S3Url::parse("s3://b/a@b").unwrap().unwrap().key, "a@b");
+    }
+
+    #[test]
+    fn endpoints_are_path_style_or_virtual_hosted() {
+        let ep = "https://minio.example:9000/";
+        assert_eq!(bucket_endpoint(ep, "b", true), "https://minio.example:9000");
+        assert_eq!(
+            bucket_endpoint(ep, "b", false),
+            "https://b.minio.example:9000"
+        );
     }
 
     #[test]

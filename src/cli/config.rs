@@ -313,4 +313,20 @@ mod tests {
         assert_eq!(m.targets, vec!["http://a/x".to_string()]);
         assert!(m.target_files.is_empty());
     }
+
+    #[test]
+    fn s3_keys_merge_like_the_other_net_options() {
+        let file: ServeArgs = toml::from_str(
+            "s3-endpoint = 'http://127.0.0.1:9000'\ns3-region = 'eu-west-1'\n\
+             s3-path-style = true\naws-profile = 'file'",
+        )
+        .unwrap();
+        let mut cli = ServeArgs::default();
+        cli.net.aws_profile = Some("cli".into());
+        let s3 = merge(cli, file).net.http_options().s3;
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.region.as_deref(), Some("eu-west-1"));
+        assert!(s3.path_style);
+        assert_eq!(s3.profile.as_deref(), Some("cli"));
+    }
 }

@@ -307,3 +307,23 @@ fn credentials_come_from_the_profile_the_environment_or_the_credentials_file() {
         "{err}"
     );
 }
+
+#[test]
+fn publish_uploads_again_an_object_no_index_references() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::random_bytes(11, 256 << 10);
+    let image = dir.path().join("t.img");
+    std::fs::write(&image, &data).unwrap();
+    // A leftover under the name of the image's first chunk, referenced by no index (gc
+    // may delete it any time), and damaged.
+    let hash = blake3::hash(&data[..64 << 10]).to_hex().to_string();
+    let rel = format!("st/chunks/{}/{hash}", &hash[..2]);
+    moto.put(&rel, b"leftover");
+    let img = image.to_str().unwrap();
+    moto.cli_ok(&["publish", img, "--store", "s3://bkt/st", "--name", "a"]);
+    assert!(
+        moto.get(&rel) == data[..64 << 10],
+        "the leftover object was kept"
+    );
+}

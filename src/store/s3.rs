@@ -272,9 +272,16 @@ pub fn gc(store: &S3Store, grace: Duration, dry_run: bool) -> Result<S3GcReport,
 }
 
 /// Uploads a store staged in the local directory `staged` (one publish's result) to
-/// `store`: chunk objects the bucket lacks first, then the index of `name`. Returns the
-/// number of objects uploaded.
-pub fn upload_staged(store: &S3Store, staged: &Path, name: &str) -> Result<u64, StoreError> {
+/// `store`: chunk objects first, then the index of `name`. An object is skipped only when
+/// the bucket has it and an index of the bucket references it (`live`): an unreferenced
+/// one may be deleted by a concurrent gc, so it is uploaded again, which also makes it
+/// young enough for gc's grace period. Returns the number of objects uploaded.
+pub fn upload_staged(
+    store: &S3Store,
+    staged: &Path,
+    name: &str,
+    live: &HashSet<ChunkHash>,
+) -> Result<u64, StoreError> {
     let have: HashSet<String> = store
         .list(CHUNKS_DIR)
         .map_err(s3_store_err)?
@@ -294,11 +301,12 @@ pub fn upload_staged(store: &S3Store, staged: &Path, name: &str) -> Result<u64, 
                 .expect("listed under the staged store")
                 .to_string_lossy()
                 .into_owned();
-            let is_object = path
+            let object = path
                 .file_name()
                 .and_then(|f| f.to_str())
-                .is_some_and(|f| parse_object_name(f).is_some());
-            if !is_object || have.contains(&rel) {
+                .and_then(parse_object_name);
+            let Some((hash, _)) = object else { continue };
+            if have.contains(&rel) && live.contains(&hash) {
                 continue;
             }
             let data = std::fs::read(&path).map_err(|e| StoreError::io(&path, e))?;
@@ -314,14 +322,21 @@ pub fn upload_staged(store: &S3Store, staged: &Path, name: &str) -> Result<u64, 
 }
 
 /// Copies every index of `store` into the local store at `staged` (so that a staged
-/// publish numbers its version after the bucket's and names only new objects).
-pub fn download_indexes(store: &S3Store, staged: &Path) -> Result<(), StoreError> {
+/// publish numbers its version after the bucket's); returns the chunk hashes they
+/// reference.
+pub fn download_indexes(store: &S3Store, staged: &Path) -> Result<HashSet<ChunkHash>, StoreError> {
     let dir = staged.join(INDEXES_DIR);
+    let mut live = HashSet::new();
     for (name, bytes) in store.indexes()? {
         let path = dir.join(format!("{name}{INDEX_SUFFIX}"));
+        let p = Index::parse(&bytes, Trust::Unverified).map_err(|e| StoreError::Index {
+            path: store.describe(&super::layout::index_rel(&name)).into(),
+            source: e,
+        })?;
+        live.extend(p.index.entries().iter().filter_map(|e| e.hash()));
         std::fs::write(&path, bytes).map_err(|e| StoreError::io(&path, e))?;
     }
-    Ok(())
+    Ok(live)
 }
 
 /// `publish --store s3://…`: publishes `image` into a temporary local store holding
@@ -338,9 +353,9 @@ pub fn publish(
     let staged = std::env::temp_dir().join(format!("streamboot-publish-{}", uuid::Uuid::new_v4()));
     let result = (|| {
         super::StoreDir::create(&staged)?;
-        download_indexes(store, &staged)?;
+        let live = download_indexes(store, &staged)?;
         let mut report = super::publish_with(image, &staged, name, opts)?;
-        upload_staged(store, &staged, name)?;
+        upload_staged(store, &staged, name, &live)?;
         report.index_path = store.describe(&super::layout::index_rel(name)).into();
         Ok(report)
     })();

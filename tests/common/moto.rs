@@ -41,6 +41,13 @@ ep, bucket, key, path = sys.argv[1:5]
 boto3.client("s3", endpoint_url=ep, region_name="us-east-1").upload_file(path, bucket, key)
 "#;
 
+const GET: &str = r#"
+import sys, boto3
+ep, bucket, key = sys.argv[1:4]
+body = boto3.client("s3", endpoint_url=ep, region_name="us-east-1").get_object(Bucket=bucket, Key=key)["Body"]
+sys.stdout.buffer.write(body.read())
+"#;
+
 /// A running moto server; killed on drop.
 pub struct Moto {
     child: Child,
@@ -137,6 +144,16 @@ impl Moto {
         let ep = self.endpoint();
         self.python(PUT, &[&ep, BUCKET, key, f.to_str().unwrap()], &keys);
         std::fs::remove_file(f).unwrap();
+    }
+
+    /// The object `key` of [`BUCKET`].
+    pub fn get(&self, key: &str) -> Vec<u8> {
+        let keys = [
+            ("AWS_ACCESS_KEY_ID", self.key_id.as_str()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.as_str()),
+        ];
+        self.python(GET, &[&self.endpoint(), BUCKET, key], &keys)
+            .stdout
     }
 
     /// The streamboot binary with the user's keys in its environment (`secret` replaces

@@ -217,6 +217,7 @@ fn s3(e: &crate::source::s3::S3Error) -> Kind {
     use crate::source::s3::S3Error as E;
     match e {
         E::BadUrl(_) | E::Config(_) => Kind::Usage,
+        E::NoStaticKeys(inner) => s3(inner),
         E::Credentials { .. }
         | E::AccessDenied { .. }
         | E::NoSuchObject { .. }

@@ -21,7 +21,7 @@ use super::fetch::FetchOptions;
 use super::index::{Index, Trust};
 use super::layout::{parse_object_name, CHUNKS_DIR, INDEXES_DIR, INDEX_SUFFIX};
 use super::{ChunkHash, StoreError};
-use crate::source::s3::{classify, S3Client, S3Error, S3Url};
+use crate::source::s3::{S3Client, S3Error, S3Url};
 use crate::source::SourceError;
 
 /// Largest index read while listing (as a reader's limit).
@@ -67,7 +67,8 @@ impl S3Store {
     }
 
     fn err(&self, rel: &str, e: object_store::Error) -> S3Error {
-        classify(&self.describe(rel), &self.url.bucket, e)
+        self.client
+            .classify(&self.describe(rel), &self.url.bucket, e)
     }
 
     async fn get_one(&self, rel: &str, max_len: u64) -> Result<Vec<u8>, SourceError> {

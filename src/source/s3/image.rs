@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, ObjectStore};
 
-use super::{classify, S3Client, S3Error, S3Options, S3Url};
+use super::{S3Client, S3Error, S3Options, S3Url};
 use crate::source::{
     check_range, CancellationToken, HttpOptions, RemoteSource, SourceError, SourceIdentity,
 };
@@ -57,7 +57,7 @@ impl S3Source {
         let path = parsed.path("");
         let meta = client
             .block_on(probe(&client, &path))
-            .map_err(|e| classify(&shown, &parsed.bucket, e))?;
+            .map_err(|e| client.classify(&shown, &parsed.bucket, e))?;
         let Some(e_tag) = meta.e_tag.clone() else {
             return Err(SourceError::Unvalidated {
                 url: shown,
@@ -102,7 +102,12 @@ impl S3Source {
             Err(object_store::Error::Precondition { .. }) => {
                 return Err(self.changed("a different ETag"))
             }
-            Err(e) => return Err(classify(&self.shown, &self.url.bucket, e).into()),
+            Err(e) => {
+                return Err(self
+                    .client
+                    .classify(&self.shown, &self.url.bucket, e)
+                    .into())
+            }
         };
         if res.meta.size != self.identity.size {
             return Err(self.changed(&format!("size={}", res.meta.size)));
@@ -118,7 +123,7 @@ impl S3Source {
         let mut body = res.into_stream();
         let mut filled = 0;
         while let Some(part) = body.next().await {
-            let part = part.map_err(|e| classify(&self.shown, &self.url.bucket, e))?;
+            let part = part.map_err(|e| self.client.classify(&self.shown, &self.url.bucket, e))?;
             let Some(dest) = buf.get_mut(filled..filled + part.len()) else {
                 return Err(self.short_or_long(filled + part.len(), buf.len()));
             };

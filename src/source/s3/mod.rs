@@ -131,6 +131,13 @@ pub enum S3Error {
     /// Another answer S3 gave (5xx after retries, a malformed response...).
     #[error("{url}: S3 request failed: {reason}")]
     Request { url: String, reason: String },
+    /// A failure while no static keys were found (see [`S3Client::classify`]).
+    #[error(
+        "{0} (no AWS keys found in --aws-profile, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or \
+         the shared credentials file; web identity, container and instance-metadata \
+         credentials were tried)"
+    )]
+    NoStaticKeys(Box<S3Error>),
     /// The credentials file or profile cannot be used.
     #[error("AWS credentials: {0}")]
     Config(String),
@@ -139,7 +146,11 @@ pub enum S3Error {
 impl S3Error {
     /// True when a later attempt may succeed (network, server errors).
     pub fn is_transient(&self) -> bool {
-        matches!(self, S3Error::Unreachable { .. } | S3Error::Request { .. })
+        match self {
+            S3Error::Unreachable { .. } | S3Error::Request { .. } => true,
+            S3Error::NoStaticKeys(e) => e.is_transient(),
+            _ => false,
+        }
     }
 }
 
@@ -148,6 +159,9 @@ impl S3Error {
 pub struct S3Client {
     store: AmazonS3,
     rt: Option<tokio::runtime::Runtime>,
+    /// Keys came from the profile, the environment or the credentials file (not from
+    /// object_store's providers).
+    static_keys: bool,
 }
 
 impl fmt::Debug for S3Client {
@@ -176,7 +190,9 @@ impl S3Client {
         request_timeout: Duration,
     ) -> Result<Self, S3Error> {
         let mut b = AmazonS3Builder::new().with_bucket_name(bucket);
-        if let Some(cred) = creds::chain(opts.profile.as_deref())? {
+        let cred = creds::chain(opts.profile.as_deref())?;
+        let static_keys = cred.is_some();
+        if let Some(cred) = cred {
             b = b.with_credentials(Arc::new(StaticCredentialProvider::new(AwsCredential {
                 key_id: cred.key_id,
                 secret_key: cred.secret_key,
@@ -234,7 +250,24 @@ impl S3Client {
         Ok(S3Client {
             store,
             rt: Some(rt),
+            static_keys,
         })
+    }
+
+    /// [`classify`], noting when no static keys were found: then object_store's
+    /// providers (instance metadata...) were asked, and their failure is the likely cause.
+    pub fn classify(&self, url: &str, bucket: &str, e: object_store::Error) -> S3Error {
+        let e = classify(url, bucket, e);
+        match e {
+            S3Error::Request { .. }
+            | S3Error::Unreachable { .. }
+            | S3Error::AccessDenied { .. }
+                if !self.static_keys =>
+            {
+                S3Error::NoStaticKeys(Box::new(e))
+            }
+            e => e,
+        }
     }
 
     /// The object store.
@@ -321,7 +354,7 @@ pub fn classify(url: &str, bucket: &str, e: object_store::Error) -> S3Error {
         _ => S3Error::Request {
             url,
             reason: if code.is_empty() {
-                last_line(&text)
+                innermost(&e)
             } else {
                 format!("{code}: {message}")
             },
@@ -348,12 +381,6 @@ fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string().replace(['\n', '\r'], " ")
-}
-
-/// The innermost cause of a chain as one line (no request URL: the caller names it).
-fn last_line(text: &str) -> String {
-    let tail = text.rsplit(" - ").next().unwrap_or(text);
-    tail.replace(['\n', '\r'], " ")
 }
 
 /// The text of `<field>…</field>` in an S3 XML error body.
@@ -415,6 +442,5 @@ mod tests {
             xml_field(t, "Code").as_deref(),
             Some("SignatureDoesNotMatch")
         );
-        assert_eq!(last_line("a - b\nc"), "b c");
     }
 }

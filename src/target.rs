@@ -1,8 +1,9 @@
 //! Opening the pinned target named on the command line or recorded in a superblock.
 //!
-//! A target is one of: `http(s)://` URLs of a raw image (several = mirrors), a local path
+//! A target is one of: `http(s)://` URLs of a raw image (several = mirrors), an `s3://bucket/key`
+//! object (docs/s3.md), a local path
 //! or `file://` URL of a raw image, or a chunk-store image named by the location of its
-//! index file, `<store>/indexes/<name>.idx` (a path or an `http(s)://` URL; see
+//! index file, `<store>/indexes/<name>.idx` (a path, an `http(s)://` or `s3://` URL; see
 //! docs/chunk-store.md). A new chunk-store target is trusted only through a signing key
 //! (or an explicit insecure opt-out); a prepared disk pins the index hash, so reopening
 //! it later needs no key: an index whose hash differs is refused.
@@ -62,6 +63,17 @@ pub fn open_target(
     if urls.iter().any(|u| is_store_target(u)) {
         let store = Arc::new(open_store(urls, expected, http, trust)?);
         return cache::cached_store(store, http.cache.as_ref());
+    }
+    if urls.iter().any(|u| crate::net::s3::is_s3_url(u)) {
+        let [url] = urls else {
+            return Err(SourceError::Invalid(
+                "an s3:// target takes exactly one --target (no mirrors)".into(),
+            ));
+        };
+        let src = Arc::new(crate::source::s3::S3Source::open(
+            url, expected, &http.s3, http,
+        )?);
+        return cache::cached_raw(src, urls, http.cache.as_ref());
     }
     let is_http = |u: &String| u.starts_with("http://") || u.starts_with("https://");
     if urls.iter().all(is_http) {

@@ -87,6 +87,20 @@ qemu_utils_version() {
 	fi
 }
 
+# moto's S3 server (tests/s3.rs) from PyPI, in its own virtualenv.
+MOTO_VENV=/opt/streamboot-test/moto-venv
+if [[ ! -x $MOTO_VENV/bin/moto_server ]]; then
+	log "missing: $MOTO_VENV (moto[server] from PyPI)"
+	((check_only == 0)) || exit 1
+	[[ $(id -u) == 0 ]] || die "not root: cannot create $MOTO_VENV"
+	if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv >&2; } ||
+			die "apt-get install python3-venv failed"
+	fi
+	{ python3 -m venv "$MOTO_VENV" && "$MOTO_VENV/bin/pip" install -q 'moto[server]>=5,<6' >&2; } ||
+		die "pip install moto[server] into $MOTO_VENV failed"
+fi
+
 mapfile -t missing < <(missing_packages)
 if ((${#missing[@]} == 0)); then
 	log "all tools present"

@@ -203,6 +203,10 @@ fn merge_net(cli: NetArgs, file: NetArgs) -> NetArgs {
         client_key,
         cache,
         cache_size,
+        s3_endpoint,
+        s3_region,
+        s3_path_style,
+        aws_profile,
     } = file;
     NetArgs {
         connect_timeout: cli.connect_timeout.or(connect_timeout),
@@ -234,6 +238,10 @@ fn merge_net(cli: NetArgs, file: NetArgs) -> NetArgs {
         client_key: cli.client_key.or(client_key),
         cache: cli.cache.or(cache),
         cache_size: cli.cache_size.or(cache_size),
+        s3_endpoint: cli.s3_endpoint.or(s3_endpoint),
+        s3_region: cli.s3_region.or(s3_region),
+        s3_path_style: cli.s3_path_style || s3_path_style,
+        aws_profile: cli.aws_profile.or(aws_profile),
     }
 }
 
@@ -322,5 +330,21 @@ mod tests {
         assert!(m.target_files.is_empty());
         assert_eq!(m.net.cache.as_deref(), Some(Path::new("/var/cache/sb")));
         assert_eq!(m.net.cache_size, Some(2 << 30));
+    }
+
+    #[test]
+    fn s3_keys_merge_like_the_other_net_options() {
+        let file: ServeArgs = toml::from_str(
+            "s3-endpoint = 'http://127.0.0.1:9000'\ns3-region = 'eu-west-1'\n\
+             s3-path-style = true\naws-profile = 'file'",
+        )
+        .unwrap();
+        let mut cli = ServeArgs::default();
+        cli.net.aws_profile = Some("cli".into());
+        let s3 = merge(cli, file).net.http_options().s3;
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.region.as_deref(), Some("eu-west-1"));
+        assert!(s3.path_style);
+        assert_eq!(s3.profile.as_deref(), Some("cli"));
     }
 }

@@ -141,6 +141,8 @@ fn one(e: &(dyn Error + 'static)) -> Option<Kind> {
         StepError => step,
         RelocError => |x| Some(reloc(x)),
         SourceError => source,
+        crate::net::NetError => |x| Some(net(x)),
+        crate::net::s3::S3Error => |x| Some(s3(x)),
         CacheError => cache,
         ServiceError => service,
         EngineError => engine,
@@ -238,7 +240,22 @@ fn net(e: &crate::net::NetError) -> Kind {
     match e {
         N::Invalid(_) | N::NotFound { http: false, .. } => Kind::Usage,
         N::Io(x) => io_kind(x),
+        N::S3(x) => s3(x),
         _ => Kind::Network,
+    }
+}
+
+fn s3(e: &crate::net::s3::S3Error) -> Kind {
+    use crate::net::s3::S3Error as E;
+    match e {
+        E::BadUrl(_) | E::Config(_) => Kind::Usage,
+        E::NoStaticKeys(inner) => s3(inner),
+        E::Credentials { .. }
+        | E::AccessDenied { .. }
+        | E::NoSuchObject { .. }
+        | E::NoSuchBucket { .. }
+        | E::Unreachable { .. }
+        | E::Request { .. } => Kind::Network,
     }
 }
 
@@ -299,6 +316,7 @@ fn store(e: &StoreError) -> Option<Kind> {
         StoreError::Key { .. } | StoreError::TooLarge { .. } | StoreError::Unnumbered { .. } => {
             Some(Kind::Other)
         }
+        StoreError::Remote(x) => Some(net(x)),
     }
 }
 

@@ -22,7 +22,8 @@ use crate::store::seen::SeenVersions;
 /// Arguments of `export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// Store: a directory, or the http(s):// URL of a store on a static server.
+    /// Store: a directory, the http(s):// URL of a store on a static server, or
+    /// s3://bucket/prefix (docs/s3.md).
     #[arg(long)]
     pub store: String,
     /// Address to listen on.

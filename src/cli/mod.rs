@@ -20,6 +20,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
+use crate::net::s3::S3Options;
 use crate::source::cache::{CacheConfig, DEFAULT_CACHE_SIZE};
 use crate::source::{HttpAuth, HttpOptions};
 
@@ -120,6 +121,21 @@ pub struct NetArgs {
     #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
     #[serde(deserialize_with = "config::de_size")]
     pub cache_size: Option<u64>,
+    /// Endpoint of an S3-compatible service for s3:// targets and stores (default:
+    /// AWS_ENDPOINT_URL, else AWS). Give no credentials in it: see docs/s3.md.
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION, AWS_DEFAULT_REGION, the profile's, us-east-1).
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// Path-style S3 requests (ENDPOINT/bucket/key) instead of virtual-hosted ones
+    /// (bucket.ENDPOINT/key).
+    #[arg(long)]
+    pub s3_path_style: bool,
+    /// Profile of the shared AWS credentials file (AWS_SHARED_CREDENTIALS_FILE or
+    /// ~/.aws/credentials) to use instead of AWS_* environment keys.
+    #[arg(long, value_name = "NAME")]
+    pub aws_profile: Option<String>,
 }
 
 impl std::fmt::Debug for NetArgs {
@@ -159,6 +175,12 @@ impl NetArgs {
                 dir,
                 max_bytes: self.cache_size.unwrap_or(DEFAULT_CACHE_SIZE),
             }),
+            s3: S3Options {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                path_style: self.s3_path_style,
+                profile: self.aws_profile.clone(),
+            },
             ..d
         }
     }

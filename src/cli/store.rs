@@ -14,7 +14,8 @@ use crate::store;
 pub struct PublishArgs {
     /// Raw image to publish.
     pub image: PathBuf,
-    /// Store directory (created if missing; serve it with any static HTTP server).
+    /// Store directory (created if missing; serve it with any static HTTP server), or
+    /// s3://bucket/prefix (docs/s3.md).
     #[arg(long)]
     pub store: PathBuf,
     /// Name of the image's index (`indexes/NAME.idx`).
@@ -40,6 +41,8 @@ pub struct PublishArgs {
     /// that check the signature refuse it then. Default: never.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
     pub valid_for: Option<u64>,
+    #[command(flatten)]
+    pub net: super::NetArgs,
 }
 
 /// Parses `N`, `Ns`, `Nm`, `Nh` or `Nd` into seconds (0 allowed).
@@ -66,16 +69,25 @@ pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
 pub enum StoreCommand {
     /// Bytes shared and unique per image and in total.
     Stats {
-        /// Store directory.
+        /// Store directory, or s3://bucket/prefix.
         dir: PathBuf,
+        #[command(flatten)]
+        net: super::NetArgs,
     },
     /// Delete chunks no index references (safe against a concurrent publish).
     Gc {
-        /// Store directory.
+        /// Store directory, or s3://bucket/prefix.
         dir: PathBuf,
         /// Only report what would be deleted.
         #[arg(long)]
         dry_run: bool,
+        /// S3 stores only (they have no lock): keep unreferenced objects younger than this
+        /// (e.g. 3600, 90m, 12h), which a publish still running may have uploaded before
+        /// its index.
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration_secs)]
+        grace: u64,
+        #[command(flatten)]
+        net: super::NetArgs,
     },
 }
 
@@ -107,12 +119,33 @@ pub fn publish(a: &PublishArgs, json_out: bool) -> Result<()> {
         opts.boot_profile = crate::profile::store_profile(path, &a.image, a.chunk_size)
             .context("--boot-profile")?;
     }
-    let r = store::publish_with(&a.image, &a.store, &a.name, &opts)
-        .with_context(|| format!("publishing {}", a.image.display()))?;
+    let r = match s3_store(&a.store, &a.net)? {
+        Some(s3) => store::s3::publish(&a.image, &s3, &a.name, &opts),
+        None => store::publish_with(&a.image, &a.store, &a.name, &opts),
+    }
+    .with_context(|| format!("publishing {}", a.image.display()))?;
     emit(json_out, json!({"ok": true, "report": r}), || {
         format!("published {} version {}: {r:?}", a.name, r.identity.version)
     });
     Ok(())
+}
+
+/// The S3 store named by `location` (`s3://bucket/prefix`), or `None` for a directory.
+fn s3_store(
+    location: &std::path::Path,
+    net: &super::NetArgs,
+) -> Result<Option<store::s3::S3Store>> {
+    let Some(url) = location.to_str().filter(|l| crate::net::s3::is_s3_url(l)) else {
+        return Ok(None);
+    };
+    let http = net.http_options();
+    let opts = store::fetch::FetchOptions {
+        http,
+        ..Default::default()
+    };
+    let s3 =
+        store::s3::S3Store::open(url, &opts).with_context(|| format!("opening store {url}"))?;
+    Ok(Some(s3))
 }
 
 /// `keygen`.
@@ -132,9 +165,12 @@ pub fn keygen(prefix: &std::path::Path, json_out: bool) -> Result<()> {
 /// `store ...`.
 pub fn run(cmd: &StoreCommand, json_out: bool) -> Result<()> {
     match cmd {
-        StoreCommand::Stats { dir } => {
-            let s =
-                store::stats(dir).with_context(|| format!("reading store {}", dir.display()))?;
+        StoreCommand::Stats { dir, net } => {
+            let s = match s3_store(dir, net)? {
+                Some(s3) => store::s3::stats(&s3),
+                None => store::stats(dir),
+            }
+            .with_context(|| format!("reading store {}", dir.display()))?;
             emit(json_out, json!({"ok": true, "stats": s}), || {
                 let mut t = String::new();
                 for i in &s.images {
@@ -144,9 +180,22 @@ pub fn run(cmd: &StoreCommand, json_out: bool) -> Result<()> {
                 t
             });
         }
-        StoreCommand::Gc { dir, dry_run } => {
-            let r = store::gc::gc_with(dir, *dry_run)
-                .with_context(|| format!("collecting garbage in {}", dir.display()))?;
+        StoreCommand::Gc {
+            dir,
+            dry_run,
+            grace,
+            net,
+        } => {
+            let context = || format!("collecting garbage in {}", dir.display());
+            if let Some(s3) = s3_store(dir, net)? {
+                let grace = std::time::Duration::from_secs(*grace);
+                let r = store::s3::gc(&s3, grace, *dry_run).with_context(context)?;
+                emit(json_out, json!({"ok": true, "report": r}), || {
+                    format!("gc: {r:?}")
+                });
+                return Ok(());
+            }
+            let r = store::gc::gc_with(dir, *dry_run).with_context(context)?;
             emit(json_out, json!({"ok": true, "report": r}), || {
                 format!("gc: {r:?}")
             });

@@ -110,9 +110,9 @@ impl StoreCatalog {
                 validate_name(n).map_err(|e| e.to_string())?;
             }
         }
-        if only.is_none() && matches!(StoreLocation::parse(location), StoreLocation::Http(_)) {
+        if only.is_none() && !matches!(StoreLocation::parse(location), StoreLocation::Dir(_)) {
             return Err(format!(
-                "{}: a store served over HTTP cannot be listed: name its images with --image",
+                "{}: a store served over HTTP or on S3 cannot be listed: name its images with --image",
                 crate::net::redact_url(location)
             ));
         }
@@ -207,7 +207,7 @@ impl Catalog for StoreCatalog {
             (None, StoreLocation::Dir(dir)) => StoreDir::new(&dir)
                 .list_indexes()
                 .map_err(|e| format!("listing the store: {e}")),
-            (None, StoreLocation::Http(url)) => {
+            (None, StoreLocation::Http(url) | StoreLocation::S3(url)) => {
                 Err(format!("{} cannot be listed", crate::net::redact_url(&url)))
             }
         }

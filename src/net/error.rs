@@ -62,6 +62,9 @@ pub enum NetError {
     /// Local I/O failed (a store directory).
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// S3 object storage (`s3://`) refused or failed a request.
+    #[error(transparent)]
+    S3(#[from] super::s3::S3Error),
 }
 
 impl NetError {
@@ -85,6 +88,7 @@ impl NetError {
             NetError::Forbidden { .. } => NetErrorKind::Forbidden,
             NetError::Tls { .. } => NetErrorKind::Tls,
             NetError::RedirectRefused { .. } | NetError::Invalid(_) => NetErrorKind::Invalid,
+            NetError::S3(e) => e.kind(),
         }
     }
 

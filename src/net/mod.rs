@@ -13,6 +13,7 @@ pub mod client;
 pub mod error;
 pub mod options;
 pub mod retry;
+pub mod s3;
 pub mod status;
 pub mod url;
 

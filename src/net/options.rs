@@ -43,6 +43,8 @@ pub struct HttpOptions {
     pub auth: HttpAuth,
     /// Host-wide chunk cache the target is read through (`--cache`; see docs/cache.md).
     pub cache: Option<crate::source::cache::CacheConfig>,
+    /// Endpoint, region, addressing and profile of `s3://` targets and stores (docs/s3.md).
+    pub s3: super::s3::S3Options,
 }
 
 /// Default [`HttpOptions::min_rate`]: 64 KiB/s (a 4 MiB range gets 64 s).
@@ -62,6 +64,7 @@ impl Default for HttpOptions {
             http2: false,
             auth: HttpAuth::default(),
             cache: None,
+            s3: super::s3::S3Options::default(),
         }
     }
 }

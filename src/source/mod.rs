@@ -17,6 +17,7 @@ pub use crate::net::NetError;
 pub mod file;
 pub mod http;
 pub mod http_parse;
+pub mod s3;
 
 pub use file::FileSource;
 pub use http::{HttpAuth, HttpOptions, HttpSource};
@@ -87,6 +88,12 @@ pub enum SourceError {
     /// The host-wide chunk cache (`--cache DIR`) cannot be used. Permanent.
     #[error("--cache")]
     Cache(#[from] cache::CacheError),
+}
+
+impl From<crate::net::s3::S3Error> for SourceError {
+    fn from(e: crate::net::s3::S3Error) -> Self {
+        SourceError::Net(e.into())
+    }
 }
 
 impl SourceError {

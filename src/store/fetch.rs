@@ -35,6 +35,8 @@ pub enum StoreLocation {
     Dir(PathBuf),
     /// Base URL of a store served over HTTP(S) (no trailing slash).
     Http(String),
+    /// `s3://bucket/prefix` (docs/s3.md).
+    S3(String),
 }
 
 impl std::fmt::Debug for StoreLocation {
@@ -42,6 +44,7 @@ impl std::fmt::Debug for StoreLocation {
         match self {
             StoreLocation::Dir(d) => f.debug_tuple("Dir").field(d).finish(),
             StoreLocation::Http(base) => f.debug_tuple("Http").field(&redact_url(base)).finish(),
+            StoreLocation::S3(base) => f.debug_tuple("S3").field(base).finish(),
         }
     }
 }
@@ -52,6 +55,8 @@ impl StoreLocation {
         let lower = s.to_ascii_lowercase();
         if lower.starts_with("http://") || lower.starts_with("https://") {
             StoreLocation::Http(s.trim_end_matches('/').to_owned())
+        } else if crate::net::s3::is_s3_url(s) {
+            StoreLocation::S3(s.trim_end_matches('/').to_owned())
         } else {
             StoreLocation::Dir(PathBuf::from(s))
         }
@@ -63,6 +68,7 @@ impl StoreLocation {
         match self {
             StoreLocation::Dir(d) => d.join(rel).display().to_string(),
             StoreLocation::Http(base) => redact_url(&object_url(base, rel)),
+            StoreLocation::S3(base) => format!("{base}/{rel}"),
         }
     }
 }
@@ -107,6 +113,7 @@ pub struct Fetcher {
     location: StoreLocation,
     opts: FetchOptions,
     http: Option<Http>,
+    s3: Option<super::s3::S3Store>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -127,8 +134,12 @@ struct Http {
 impl Fetcher {
     /// A fetcher for `location`; builds the HTTP client for a URL.
     pub fn new(location: StoreLocation, opts: FetchOptions) -> Result<Self, NetError> {
+        let s3 = match &location {
+            StoreLocation::S3(base) => Some(super::s3::S3Store::open(base, &opts)?),
+            _ => None,
+        };
         let http = match &location {
-            StoreLocation::Dir(_) => None,
+            StoreLocation::Dir(_) | StoreLocation::S3(_) => None,
             StoreLocation::Http(_) => {
                 opts.http.validate()?;
                 Some(Http {
@@ -142,6 +153,7 @@ impl Fetcher {
             location,
             opts,
             http,
+            s3,
         })
     }
 
@@ -173,6 +185,11 @@ impl Fetcher {
                 block_on_anywhere(&http.handle, fut)
             }
             (StoreLocation::Http(_), None) => unreachable!("HTTP location without a client"),
+            (StoreLocation::S3(_), _) => self
+                .s3
+                .as_ref()
+                .expect("S3 location with a client")
+                .get_many(reqs),
         }
     }
 }

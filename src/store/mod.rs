@@ -22,6 +22,7 @@ pub mod identity;
 pub mod index;
 pub mod layout;
 pub mod publish;
+pub mod s3;
 pub mod seen;
 pub mod sign;
 pub mod stats;
@@ -64,6 +65,9 @@ pub enum StoreError {
     },
     #[error("index {path}: cannot read the current version to number the new one ({source}); give --version N")]
     Unnumbered { path: PathBuf, source: IndexError },
+    /// A store on S3 (`s3://`) could not be read, listed or written.
+    #[error(transparent)]
+    Remote(crate::net::NetError),
 }
 
 impl StoreError {

@@ -99,15 +99,50 @@ pub fn stats(store_dir: &Path) -> Result<StoreStats, StoreError> {
     let store = StoreDir::new(store_dir);
     let _lock = store.lock_shared()?;
 
+    let mut indexes = Vec::new();
+    for name in store.list_indexes()? {
+        let path = store.index_path(&name);
+        let bytes = fs::read(&path).map_err(|e| StoreError::io(&path, e))?;
+        indexes.push((name, path, bytes));
+    }
+
+    // Sizes of the object files present.
+    let mut on_disk: HashMap<(ChunkHash, bool), u64> = HashMap::new();
+    let chunks_dir = store.chunks_dir();
+    for sub in fs::read_dir(&chunks_dir).map_err(|e| StoreError::io(&chunks_dir, e))? {
+        let sub = sub.map_err(|e| StoreError::io(&chunks_dir, e))?;
+        if !sub.path().is_dir() {
+            continue;
+        }
+        let sub_path = sub.path();
+        for f in fs::read_dir(&sub_path).map_err(|e| StoreError::io(&sub_path, e))? {
+            let f = f.map_err(|e| StoreError::io(&sub_path, e))?;
+            if let Some(obj) = f.file_name().to_str().and_then(layout::parse_object_name) {
+                let len = f
+                    .metadata()
+                    .map_err(|e| StoreError::io(&f.path(), e))?
+                    .len();
+                on_disk.insert(obj, len);
+            }
+        }
+    }
+
+    compute(indexes, &on_disk)
+}
+
+/// [`StoreStats`] from every index (name, location for errors, bytes) and the size of
+/// every object present (by hash and form): the part shared by directory and S3 stores.
+pub(crate) fn compute(
+    indexes: Vec<(String, std::path::PathBuf, Vec<u8>)>,
+    on_disk: &HashMap<(ChunkHash, bool), u64>,
+) -> Result<StoreStats, StoreError> {
     // Per image: distinct chunks with their lengths and forms.
     struct Img {
         stats: ImageStats,
         distinct: HashMap<ChunkHash, (u64, bool)>,
     }
     let mut imgs = Vec::new();
-    for name in store.list_indexes()? {
-        let path = store.index_path(&name);
-        let bytes = fs::read(&path).map_err(|e| StoreError::io(&path, e))?;
+    for (name, path, bytes) in indexes {
         let parsed =
             Index::parse(&bytes, Trust::Unverified).map_err(|source| StoreError::Index {
                 path: path.clone(),
@@ -144,27 +179,6 @@ pub fn stats(store_dir: &Path) -> Result<StoreStats, StoreError> {
     for img in &imgs {
         for (h, (len, _)) in &img.distinct {
             refs.entry(*h).or_insert((0, *len)).0 += 1;
-        }
-    }
-
-    // Sizes of the object files present.
-    let mut on_disk: HashMap<(ChunkHash, bool), u64> = HashMap::new();
-    let chunks_dir = store.chunks_dir();
-    for sub in fs::read_dir(&chunks_dir).map_err(|e| StoreError::io(&chunks_dir, e))? {
-        let sub = sub.map_err(|e| StoreError::io(&chunks_dir, e))?;
-        if !sub.path().is_dir() {
-            continue;
-        }
-        let sub_path = sub.path();
-        for f in fs::read_dir(&sub_path).map_err(|e| StoreError::io(&sub_path, e))? {
-            let f = f.map_err(|e| StoreError::io(&sub_path, e))?;
-            if let Some(obj) = f.file_name().to_str().and_then(layout::parse_object_name) {
-                let len = f
-                    .metadata()
-                    .map_err(|e| StoreError::io(&f.path(), e))?
-                    .len();
-                on_disk.insert(obj, len);
-            }
         }
     }
 
@@ -212,7 +226,7 @@ pub fn stats(store_dir: &Path) -> Result<StoreStats, StoreError> {
             None => total.missing_objects += 1,
         }
     }
-    for (obj, n) in &on_disk {
+    for (obj, n) in on_disk {
         if !referenced_objects.contains(obj) {
             total.unreferenced_objects += 1;
             total.unreferenced_bytes += n;

@@ -6,6 +6,7 @@
 pub mod blkio_client;
 pub mod disk;
 pub mod fault_proxy;
+pub mod moto;
 pub mod nginx;
 pub mod pki;
 pub mod powerloss;

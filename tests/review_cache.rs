@@ -1,0 +1,182 @@
+//! Hostile review of the host-wide chunk cache (`--cache DIR`, docs/cache.md) on the real
+//! binary against a real nginx:
+//! - an entry replaced by a FIFO, a symlink or a directory: no hang, the disk is right;
+//! - a raw entry moved to another chunk index, or entries of another image put into the
+//!   directory of this one (checksums consistent with their bytes): never served;
+//! - a changed image at the origin (new ETag): the old entries are never served for it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::disk::sha256;
+use common::nginx::Nginx;
+
+/// Size of the raw targets: 24 cache chunks and a short one.
+const TARGET_LEN: usize = (6 << 20) + 40960;
+const SOURCE_LEN: usize = 8 << 20;
+/// Longest a step may take before it counts as a hang.
+const HANG: Duration = Duration::from_secs(60);
+
+/// Runs the CLI; panics when it fails or does not exit within [`HANG`].
+fn run_ok(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamboot"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run streamboot");
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > HANG {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "streamboot {args:?} hangs: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "streamboot {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn source_disk(dir: &Path, n: usize) -> PathBuf {
+    let d = dir.join(format!("disk{n}.img"));
+    std::fs::write(&d, common::random_bytes(2600 + n as u64, SOURCE_LEN)).unwrap();
+    d
+}
+
+/// prepare, hydrate, confirm and commit `disk` to `url` through `cache`; asserts that the
+/// disk then starts with `target`, bit for bit.
+fn migrate(disk: &Path, url: &str, cache: &Path, target: &[u8]) {
+    let (d, c) = (disk.to_str().unwrap(), cache.to_str().unwrap());
+    run_ok(&["prepare", d, "--target", url, "--cache", c]);
+    run_ok(&["hydrate", d, "--cache", c]);
+    run_ok(&["confirm", d]);
+    run_ok(&["commit", d, "--cache", c]);
+    let got = std::fs::read(disk).unwrap();
+    assert!(
+        sha256(&got[..target.len()]) == sha256(target),
+        "{}: committed disk != target",
+        disk.display()
+    );
+}
+
+/// The image directories below `cache/raw`.
+fn image_dirs(cache: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(cache.join("raw"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// One migration through `cache` that fills it; returns the image's directory.
+fn filled(dir: &Path, nginx: &Nginx, target: &[u8], cache: &Path) -> PathBuf {
+    nginx.put("target.img", target);
+    migrate(
+        &source_disk(dir, 0),
+        &nginx.url("target.img"),
+        cache,
+        target,
+    );
+    let dirs = image_dirs(cache);
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let n = std::fs::read_dir(&dirs[0]).unwrap().count();
+    assert_eq!(n, TARGET_LEN.div_ceil(256 << 10) + 1, "entries + identity");
+    dirs[0].clone()
+}
+
+#[test]
+fn entries_replaced_by_a_fifo_a_symlink_or_a_directory_are_no_hang_and_not_used() {
+    let target = common::random_bytes(2500, TARGET_LEN);
+    let nginx = Nginx::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let image = filled(dir.path(), &nginx, &target, &cache);
+
+    // A FIFO: opening it for reading would wait for a writer forever.
+    let fifo = image.join("5");
+    std::fs::remove_file(&fifo).unwrap();
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // A symlink to a chunk-sized file of other bytes with a consistent header.
+    let foreign = dir.path().join("foreign");
+    let other = common::random_bytes(2501, 256 << 10);
+    let mut entry = b"SBCRAW01".to_vec();
+    entry.extend_from_slice(blake3::hash(&other).as_bytes());
+    entry.extend_from_slice(&other);
+    std::fs::write(&foreign, &entry).unwrap();
+    std::fs::remove_file(image.join("6")).unwrap();
+    std::os::unix::fs::symlink(&foreign, image.join("6")).unwrap();
+    // A directory.
+    std::fs::remove_file(image.join("7")).unwrap();
+    std::fs::create_dir(image.join("7")).unwrap();
+
+    migrate(
+        &source_disk(dir.path(), 1),
+        &nginx.url("target.img"),
+        &cache,
+        &target,
+    );
+    // The FIFO and the symlink were replaced by good entries.
+    assert!(std::fs::symlink_metadata(image.join("5")).unwrap().is_file());
+    assert!(std::fs::symlink_metadata(image.join("6")).unwrap().is_file());
+}
+
+/// Every entry of the image holds a checksum consistent with its bytes, so only the key
+/// (which image, which chunk) can tell a misplaced one.
+#[test]
+fn a_raw_entry_moved_to_another_chunk_index_is_never_served() {
+    let target = common::random_bytes(2502, TARGET_LEN);
+    let nginx = Nginx::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let image = filled(dir.path(), &nginx, &target, &cache);
+    std::fs::copy(image.join("3"), image.join("9")).unwrap();
+
+    migrate(
+        &source_disk(dir.path(), 1),
+        &nginx.url("target.img"),
+        &cache,
+        &target,
+    );
+}
+
+#[test]
+fn a_changed_image_at_the_origin_never_gets_the_old_entries() {
+    let old = common::random_bytes(2503, TARGET_LEN);
+    let nginx = Nginx::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let old_dir = filled(dir.path(), &nginx, &old, &cache);
+
+    // Same name, same size, new bytes and a new ETag.
+    let new = common::random_bytes(2504, TARGET_LEN);
+    let later = SystemTime::now() + Duration::from_secs(10);
+    nginx.replace("target.img", &new, later);
+    let url = nginx.url("target.img");
+    let second = source_disk(dir.path(), 1);
+    migrate(&second, &url, &cache, &new);
+    assert_eq!(image_dirs(&cache).len(), 2, "a new directory for the new image");
+
+    // The old entries copied into the new image's directory (as someone renaming
+    // directories, or a rewritten identity file, would do): never served either.
+    let new_dir = image_dirs(&cache).into_iter().find(|d| *d != old_dir).unwrap();
+    for e in std::fs::read_dir(&old_dir).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), new_dir.join(e.file_name())).unwrap();
+    }
+    migrate(&source_disk(dir.path(), 2), &url, &cache, &new);
+}

@@ -130,9 +130,12 @@ fn entries_replaced_by_a_fifo_a_symlink_or_a_directory_are_no_hang_and_not_used(
         &cache,
         &target,
     );
-    // The FIFO and the symlink were replaced by good entries.
-    assert!(std::fs::symlink_metadata(image.join("5")).unwrap().is_file());
-    assert!(std::fs::symlink_metadata(image.join("6")).unwrap().is_file());
+    // The FIFO, the symlink and the directory were replaced by good entries; what the
+    // symlink pointed to is untouched.
+    for n in ["5", "6", "7"] {
+        assert!(std::fs::symlink_metadata(image.join(n)).unwrap().is_file());
+    }
+    assert_eq!(std::fs::read(&foreign).unwrap(), entry);
 }
 
 /// Every entry of the image holds a checksum consistent with its bytes, so only the key
@@ -169,11 +172,18 @@ fn a_changed_image_at_the_origin_never_gets_the_old_entries() {
     let url = nginx.url("target.img");
     let second = source_disk(dir.path(), 1);
     migrate(&second, &url, &cache, &new);
-    assert_eq!(image_dirs(&cache).len(), 2, "a new directory for the new image");
+    assert_eq!(
+        image_dirs(&cache).len(),
+        2,
+        "a new directory for the new image"
+    );
 
     // The old entries copied into the new image's directory (as someone renaming
     // directories, or a rewritten identity file, would do): never served either.
-    let new_dir = image_dirs(&cache).into_iter().find(|d| *d != old_dir).unwrap();
+    let new_dir = image_dirs(&cache)
+        .into_iter()
+        .find(|d| *d != old_dir)
+        .unwrap();
     for e in std::fs::read_dir(&old_dir).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), new_dir.join(e.file_name())).unwrap();

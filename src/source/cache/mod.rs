@@ -213,7 +213,7 @@ impl SharedCache {
                     "cache entry {} is corrupt ({why}): deleted, fetching the chunk again from the origin",
                     path.display()
                 );
-                if let Err(e) = fs::remove_file(&path) {
+                if let Err(e) = entry::remove(&path) {
                     tracing::warn!("cache: cannot delete {}: {e}", path.display());
                 }
             }

@@ -190,3 +190,43 @@ fn a_changed_image_at_the_origin_never_gets_the_old_entries() {
     }
     migrate(&source_disk(dir.path(), 2), &url, &cache, &new);
 }
+
+#[test]
+fn a_full_cache_disk_or_a_one_byte_cap_never_fails_a_read() {
+    let target = common::random_bytes(2505, TARGET_LEN);
+    let nginx = Nginx::start();
+    nginx.put("target.img", &target);
+    let url = nginx.url("target.img");
+    let dir = tempfile::tempdir().unwrap();
+
+    // A 2 MiB tmpfs: the 6 MiB image does not fit.
+    let cache = dir.path().join("small");
+    std::fs::create_dir(&cache).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs"])
+        .arg(&cache)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _umount = Unmount(cache.clone());
+    migrate(&source_disk(dir.path(), 0), &url, &cache, &target);
+    migrate(&source_disk(dir.path(), 1), &url, &cache, &target);
+
+    // --cache-size 1: every entry is evicted as soon as it is written.
+    let tiny = dir.path().join("tiny");
+    let disk = source_disk(dir.path(), 2);
+    let (d, c) = (disk.to_str().unwrap(), tiny.to_str().unwrap());
+    let size = ["--cache-size", "1"];
+    run_ok(&[&["prepare", d, "--target", &url, "--cache", c][..], &size].concat());
+    run_ok(&[&["hydrate", d, "--cache", c][..], &size].concat());
+    run_ok(&["confirm", d]);
+    run_ok(&[&["commit", d, "--cache", c][..], &size].concat());
+    let got = std::fs::read(&disk).unwrap();
+    assert!(sha256(&got[..target.len()]) == sha256(&target));
+}

@@ -230,3 +230,38 @@ fn a_full_cache_disk_or_a_one_byte_cap_never_fails_a_read() {
     let got = std::fs::read(&disk).unwrap();
     assert!(sha256(&got[..target.len()]) == sha256(&target));
 }
+
+/// A process that stops (SIGSTOP, a frozen cgroup, stuck I/O) while it holds entry locks
+/// must not stall every other process of the host wanting those chunks: here the test
+/// holds the lock shards of two missing chunks, as such a process would.
+#[test]
+fn a_stuck_lock_holder_does_not_stall_the_others() {
+    let target = common::random_bytes(2506, TARGET_LEN);
+    let nginx = Nginx::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let image = filled(dir.path(), &nginx, &target, &cache);
+    let name = image.file_name().unwrap().to_str().unwrap().to_owned();
+    let held: Vec<std::fs::File> = [10, 11]
+        .iter()
+        .map(|n| {
+            std::fs::remove_file(image.join(n.to_string())).unwrap();
+            // The shard of an entry: docs/cache.md "Layout on disk".
+            let digest = blake3::hash(format!("raw/{name}/{n}").as_bytes());
+            let head: [u8; 4] = digest.as_bytes()[..4].try_into().unwrap();
+            let shard = u32::from_le_bytes(head) % 1024;
+            let f = std::fs::File::create(cache.join("locks").join(shard.to_string())).unwrap();
+            // SAFETY: `f` is an open file descriptor for the whole call.
+            let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+            assert_eq!(r, 0);
+            f
+        })
+        .collect();
+    migrate(
+        &source_disk(dir.path(), 1),
+        &nginx.url("target.img"),
+        &cache,
+        &target,
+    );
+    drop(held);
+}

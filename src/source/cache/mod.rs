@@ -24,13 +24,14 @@ mod entry;
 mod evict;
 mod wrap;
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use rustix::fs::{flock, FlockOperation};
 
@@ -49,6 +50,13 @@ const IDENTITY_FILE: &str = "identity";
 const DIR_LOCK: &str = ".lock";
 /// How often a reader waiting for another process's fetch looks again.
 const WAIT_POLL: Duration = Duration::from_millis(5);
+/// Longest a reader waits for an entry lock: a holder that takes longer is taken as stuck
+/// (stopped, frozen, hung I/O) and the reader fetches without the lock (writes are atomic
+/// renames, so two writers of one entry are harmless).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// For this long after a wait for a shard timed out, readers of this process do not wait
+/// for that shard again (a stuck holder costs one [`LOCK_WAIT`] per shard, not per read).
+const STUCK_FOR: Duration = Duration::from_secs(60);
 
 /// Where the cache lives and how large it may grow.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +102,8 @@ pub struct SharedCache {
     max_bytes: u64,
     /// Bytes this process added since its last eviction scan.
     since_scan: AtomicU64,
+    /// Lock shards whose holder did not let go within [`LOCK_WAIT`], and when that was.
+    stuck: Mutex<HashMap<u32, Instant>>,
 }
 
 impl SharedCache {
@@ -134,6 +144,7 @@ impl SharedCache {
             root,
             max_bytes: cfg.max_bytes,
             since_scan: AtomicU64::new(0),
+            stuck: Mutex::new(HashMap::new()),
         };
         cache.evict();
         Ok(Arc::new(cache))
@@ -233,13 +244,13 @@ impl SharedCache {
 
     /// The lock file of `key`'s shard, opened. `None` (with a warning) when it cannot be:
     /// the caller then fetches without a lock.
-    fn lock_file(&self, key: &Key) -> Option<File> {
+    fn lock_file(&self, key: &Key) -> Option<(u32, File)> {
         let digest = blake3::hash(key.rel_path().as_os_str().as_encoded_bytes());
         let head: [u8; 4] = digest.as_bytes()[..4].try_into().expect("4 bytes");
         let shard = u32::from_le_bytes(head) % LOCK_SHARDS;
         let lock_path = self.root.join("locks").join(shard.to_string());
         match open_lock_file(&lock_path) {
-            Ok(f) => Some(f),
+            Ok(f) => Some((shard, f)),
             Err(e) => {
                 tracing::warn!("cache: cannot open {}: {e}", lock_path.display());
                 None
@@ -255,12 +266,16 @@ impl SharedCache {
         buf: &mut [u8],
         cancel: &CancellationToken,
     ) -> Result<Option<EntryLock>, SourceError> {
-        let Some(file) = self.lock_file(key) else {
+        let Some((shard, file)) = self.lock_file(key) else {
             return Ok(Some(EntryLock { _file: None }));
         };
+        let deadline = Instant::now() + self.lock_wait(shard);
         loop {
             match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(Some(EntryLock { _file: Some(file) })),
+                Ok(()) => {
+                    self.stuck_lock().remove(&shard);
+                    return Ok(Some(EntryLock { _file: Some(file) }));
+                }
                 Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
                     tracing::warn!("cache: cannot lock an entry: {e}");
@@ -273,15 +288,42 @@ impl SharedCache {
             if cancel.is_cancelled() {
                 return Err(SourceError::Cancelled);
             }
+            if Instant::now() >= deadline {
+                if self.stuck_lock().insert(shard, Instant::now()).is_none() {
+                    tracing::warn!(
+                        "cache {}: lock locks/{shard} held for over {}s (a stuck process?): fetching without it",
+                        self.root.display(),
+                        LOCK_WAIT.as_secs()
+                    );
+                }
+                return Ok(Some(EntryLock { _file: None }));
+            }
             std::thread::sleep(WAIT_POLL);
         }
+    }
+
+    /// How long to wait for the lock of `shard`: none while it is known to be stuck.
+    fn lock_wait(&self, shard: u32) -> Duration {
+        let mut stuck = self.stuck_lock();
+        match stuck.get(&shard) {
+            Some(since) if since.elapsed() < STUCK_FOR => Duration::ZERO,
+            Some(_) => {
+                stuck.remove(&shard);
+                LOCK_WAIT
+            }
+            None => LOCK_WAIT,
+        }
+    }
+
+    fn stuck_lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Instant>> {
+        self.stuck.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Takes the lock of `key` only if nobody holds it (never waits: a caller holding
     /// other entry locks must not wait for one, or two processes could wait for each
     /// other).
     fn try_lock_entry(&self, key: &Key) -> Option<EntryLock> {
-        let file = self.lock_file(key)?;
+        let (_, file) = self.lock_file(key)?;
         flock(&file, FlockOperation::NonBlockingLockExclusive).ok()?;
         Some(EntryLock { _file: Some(file) })
     }

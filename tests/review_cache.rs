@@ -280,7 +280,14 @@ fn processes_killed_mid_fill_leave_no_stale_lock_and_no_wrong_byte() {
     let c = cache.to_str().unwrap();
     let disks: Vec<PathBuf> = (0..4).map(|n| source_disk(dir.path(), n)).collect();
     for d in &disks {
-        run_ok(&["prepare", d.to_str().unwrap(), "--target", &url, "--cache", c]);
+        run_ok(&[
+            "prepare",
+            d.to_str().unwrap(),
+            "--target",
+            &url,
+            "--cache",
+            c,
+        ]);
     }
     let image = image_dirs(&cache)[0].clone();
     // A dead writer's temporary file and a torn entry (a prefix of a real one).
@@ -314,6 +321,54 @@ fn processes_killed_mid_fill_leave_no_stale_lock_and_no_wrong_byte() {
     }
     for d in &disks {
         let got = std::fs::read(d).unwrap();
-        assert!(sha256(&got[..target.len()]) == sha256(&target), "{}", d.display());
+        assert!(
+            sha256(&got[..target.len()]) == sha256(&target),
+            "{}",
+            d.display()
+        );
     }
+}
+
+/// The cache directory is ours, but a subdirectory belongs to another user (or is a
+/// symlink to somewhere else): that user could write entries. Refused like a foreign
+/// cache directory, nothing changed on the disk.
+#[test]
+fn a_cache_subdirectory_of_another_user_or_a_symlink_is_refused() {
+    let target = common::random_bytes(2508, TARGET_LEN);
+    let nginx = Nginx::start();
+    nginx.put("target.img", &target);
+    let url = nginx.url("target.img");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = source_disk(dir.path(), 0);
+    let before = sha256(&std::fs::read(&disk).unwrap());
+    let d = disk.to_str().unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    for (n, sub) in ["raw", "store", "locks"].iter().enumerate() {
+        let cache = dir.path().join(format!("cache{n}"));
+        std::fs::create_dir(&cache).unwrap();
+        std::fs::create_dir(cache.join(sub)).unwrap();
+        std::os::unix::fs::chown(cache.join(sub), Some(65534), None).unwrap();
+        let c = cache.to_str().unwrap();
+        let err = common::disk::cli_err(&["prepare", d, "--target", &url, "--cache", c]);
+        assert!(
+            err.contains("is owned by uid 65534") && err.contains(sub),
+            "{err}"
+        );
+
+        let linked = dir.path().join(format!("linked{n}"));
+        std::fs::create_dir(&linked).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, linked.join(sub)).unwrap();
+        let c = linked.to_str().unwrap();
+        let err = common::disk::cli_err(&["prepare", d, "--target", &url, "--cache", c]);
+        assert!(
+            err.contains("is not a directory") && err.contains(sub),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        sha256(&std::fs::read(&disk).unwrap()),
+        before,
+        "disk changed"
+    );
 }

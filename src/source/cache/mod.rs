@@ -123,22 +123,21 @@ impl SharedCache {
             Err(e) => return Err(CacheError::io(&root, e)),
         }
         let meta = fs::metadata(&root).map_err(|e| CacheError::io(&root, e))?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != me {
-            return Err(CacheError::NotOwned {
-                path: root,
-                owner: meta.uid(),
-                me,
-            });
-        }
+        check_owner(&root, &meta)?;
         if meta.mode() & 0o077 != 0 {
             fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
                 .map_err(|e| CacheError::io(&root, e))?;
         }
         for sub in ["store", "raw", "locks"] {
+            // Ours too, and no symlink (to a directory others may write): else another
+            // user could put entries in.
             let p = root.join(sub);
             entry::create_dir(&p).map_err(|e| CacheError::io(&p, e))?;
+            let meta = fs::symlink_metadata(&p).map_err(|e| CacheError::io(&p, e))?;
+            if !meta.is_dir() {
+                return Err(CacheError::NotADirectory { path: p });
+            }
+            check_owner(&p, &meta)?;
         }
         let cache = SharedCache {
             root,
@@ -378,6 +377,20 @@ impl SharedCache {
             tracing::debug!("cache: cannot write {}: {e}", path.display());
         }
     }
+}
+
+/// `path` (with metadata `meta`) must belong to the user running streamboot.
+fn check_owner(path: &Path, meta: &fs::Metadata) -> Result<(), CacheError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(CacheError::NotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    Ok(())
 }
 
 /// A held entry lock (released when dropped; `None`: fetching without a lock).

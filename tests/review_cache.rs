@@ -372,3 +372,31 @@ fn a_cache_subdirectory_of_another_user_or_a_symlink_is_refused() {
         "disk changed"
     );
 }
+
+/// A process stuck while it holds the directory-wide eviction lock `.lock` must not stall
+/// the others (eviction runs when a cache is opened and on the read path).
+#[test]
+fn a_stuck_eviction_does_not_stall_the_others() {
+    let target = common::random_bytes(2509, TARGET_LEN);
+    let nginx = Nginx::start();
+    nginx.put("target.img", &target);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let f = std::fs::File::create(cache.join(".lock")).unwrap();
+    // SAFETY: `f` is an open file descriptor for the whole call.
+    let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+    assert_eq!(r, 0);
+    let disk = source_disk(dir.path(), 0);
+    let (d, c) = (disk.to_str().unwrap(), cache.to_str().unwrap());
+    // A cap of 1 MiB: every few entries written start a scan.
+    let size = ["--cache-size", "1M"];
+    let url = nginx.url("target.img");
+    run_ok(&[&["prepare", d, "--target", &url, "--cache", c][..], &size].concat());
+    run_ok(&[&["hydrate", d, "--cache", c][..], &size].concat());
+    run_ok(&["confirm", d]);
+    run_ok(&[&["commit", d, "--cache", c][..], &size].concat());
+    let got = std::fs::read(&disk).unwrap();
+    assert!(sha256(&got[..target.len()]) == sha256(&target));
+    drop(f);
+}

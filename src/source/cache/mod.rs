@@ -340,18 +340,25 @@ impl SharedCache {
 
     /// Evicts the least recently used entries down to 90% of the cap if over it (one
     /// process at a time, under the directory lock). Best effort: failures are logged.
+    /// Never waits: while another process holds the directory lock, it is scanning (or
+    /// stuck, and must not stall readers), and the next scan of this process catches up.
     fn evict(&self) {
         let lock_path = self.root.join(DIR_LOCK);
-        let lock = open_lock_file(&lock_path).and_then(|f| loop {
-            match flock(&f, FlockOperation::LockExclusive) {
-                Ok(()) => return Ok(f),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(io::Error::from(e)),
-            }
+        let lock = open_lock_file(&lock_path).and_then(|f| {
+            flock(&f, FlockOperation::NonBlockingLockExclusive)
+                .map(|()| f)
+                .map_err(io::Error::from)
         });
-        if let Err(e) = lock {
-            tracing::warn!("cache: cannot lock {}: {e}", lock_path.display());
-            return;
+        match lock {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tracing::debug!("cache {}: another process is evicting", self.root.display());
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("cache: cannot lock {}: {e}", lock_path.display());
+                return;
+            }
         }
         let low_water = self.max_bytes / 10 * 9;
         match evict::evict(&self.root, self.max_bytes, low_water) {

@@ -123,6 +123,12 @@ fn entries_replaced_by_a_fifo_a_symlink_or_a_directory_are_no_hang_and_not_used(
     // A directory.
     std::fs::remove_file(image.join("7")).unwrap();
     std::fs::create_dir(image.join("7")).unwrap();
+    std::fs::write(image.join("7").join("junk"), b"x").unwrap();
+    // A huge (sparse) file.
+    std::fs::File::create(image.join("8"))
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
 
     migrate(
         &source_disk(dir.path(), 1),
@@ -132,7 +138,7 @@ fn entries_replaced_by_a_fifo_a_symlink_or_a_directory_are_no_hang_and_not_used(
     );
     // The FIFO, the symlink and the directory were replaced by good entries; what the
     // symlink pointed to is untouched.
-    for n in ["5", "6", "7"] {
+    for n in ["5", "6", "7", "8"] {
         assert!(std::fs::symlink_metadata(image.join(n)).unwrap().is_file());
     }
     assert_eq!(std::fs::read(&foreign).unwrap(), entry);

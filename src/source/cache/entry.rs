@@ -10,8 +10,11 @@ use std::time::{Duration, SystemTime};
 
 use crate::store::index::ChunkHash;
 
-/// First bytes of a raw-image entry; the BLAKE3 of the chunk bytes follows, then the bytes.
-pub(super) const RAW_MAGIC: &[u8; 8] = b"SBCRAW01";
+/// First bytes of a raw-image entry; its checksum follows ([`raw_checksum`]), then the
+/// bytes. (`SBCRAW01` entries, whose checksum covered the bytes only, read as corrupt.)
+pub(super) const RAW_MAGIC: &[u8; 8] = b"SBCRAW02";
+/// BLAKE3 key-derivation context of raw-entry checksums.
+const RAW_CONTEXT: &str = "streamboot 2026 host-wide cache raw entry v2";
 /// Length of a raw-image entry's header (magic + BLAKE3).
 pub(super) const RAW_HEADER: usize = RAW_MAGIC.len() + 32;
 /// Prefix of temporary files (never taken for an entry; old ones are swept).
@@ -54,12 +57,24 @@ pub(super) enum Lookup {
 
 /// Reads the entry at `path` into `buf` (whose length is the chunk's) and verifies it.
 pub(super) fn read(key: &Key, path: &Path, buf: &mut [u8]) -> io::Result<Lookup> {
-    let mut f = match File::open(path) {
+    // No symlink is followed, and a FIFO put in place of an entry does not block the open
+    // (nor anything else than a regular file gets read).
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let mut f = match opened {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Lookup::Miss),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Ok(Lookup::Corrupt("a symbolic link".into()))
+        }
         Err(e) => return Err(e),
     };
     let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Ok(Lookup::Corrupt("not a regular file".into()));
+    }
     let header = match key {
         Key::Store(_) => 0,
         Key::Raw { .. } => RAW_HEADER,
@@ -80,13 +95,13 @@ pub(super) fn read(key: &Key, path: &Path, buf: &mut [u8]) -> io::Result<Lookup>
                 Lookup::Corrupt("content does not match its hash".into())
             }
         }
-        Key::Raw { .. } => {
+        Key::Raw { image, index } => {
             let mut head = [0u8; RAW_HEADER];
             f.read_exact(&mut head)?;
             f.read_exact(buf)?;
             if &head[..RAW_MAGIC.len()] != RAW_MAGIC {
                 Lookup::Corrupt("not a raw-image cache entry".into())
-            } else if blake3::hash(buf).as_bytes()[..] != head[RAW_MAGIC.len()..] {
+            } else if raw_checksum(image, *index, buf)[..] != head[RAW_MAGIC.len()..] {
                 Lookup::Corrupt("content does not match its checksum".into())
             } else {
                 Lookup::Hit
@@ -97,6 +112,16 @@ pub(super) fn read(key: &Key, path: &Path, buf: &mut [u8]) -> io::Result<Lookup>
         touch(&f, &meta);
     }
     Ok(verdict)
+}
+
+/// Deletes a corrupt entry, whatever it is (a directory put in its place with all it holds;
+/// a symlink itself, never what it points to).
+pub(super) fn remove(path: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(path)?.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
 }
 
 /// Marks an entry as recently used (its mtime is its LRU age); best effort.
@@ -118,8 +143,23 @@ fn touch(f: &File, meta: &fs::Metadata) {
 pub(super) fn write(key: &Key, path: &Path, bytes: &[u8]) -> io::Result<()> {
     match key {
         Key::Store(_) => write_atomic(path, &[bytes]),
-        Key::Raw { .. } => write_atomic(path, &[RAW_MAGIC, blake3::hash(bytes).as_bytes(), bytes]),
+        Key::Raw { image, index } => write_atomic(
+            path,
+            &[RAW_MAGIC, &raw_checksum(image, *index, bytes), bytes],
+        ),
     }
+}
+
+/// Checksum of a raw entry: BLAKE3 (derived key) of its key and bytes. Binding the key
+/// means an entry of another chunk or another image (moved, copied or renamed into
+/// place) does not verify, even though its bytes match the checksum they came with.
+fn raw_checksum(image: &str, index: u64, bytes: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key(RAW_CONTEXT);
+    // `image` is fixed-length hex: no ambiguity between key and bytes.
+    h.update(image.as_bytes());
+    h.update(&index.to_le_bytes());
+    h.update(bytes);
+    *h.finalize().as_bytes()
 }
 
 /// Writes `parts` atomically at `path` (its directory is created if missing): a temporary

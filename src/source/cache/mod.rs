@@ -24,13 +24,14 @@ mod entry;
 mod evict;
 mod wrap;
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use rustix::fs::{flock, FlockOperation};
 
@@ -49,6 +50,13 @@ const IDENTITY_FILE: &str = "identity";
 const DIR_LOCK: &str = ".lock";
 /// How often a reader waiting for another process's fetch looks again.
 const WAIT_POLL: Duration = Duration::from_millis(5);
+/// Longest a reader waits for an entry lock: a holder that takes longer is taken as stuck
+/// (stopped, frozen, hung I/O) and the reader fetches without the lock (writes are atomic
+/// renames, so two writers of one entry are harmless).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// For this long after a wait for a shard timed out, readers of this process do not wait
+/// for that shard again (a stuck holder costs one [`LOCK_WAIT`] per shard, not per read).
+const STUCK_FOR: Duration = Duration::from_secs(60);
 
 /// Where the cache lives and how large it may grow.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +102,8 @@ pub struct SharedCache {
     max_bytes: u64,
     /// Bytes this process added since its last eviction scan.
     since_scan: AtomicU64,
+    /// Lock shards whose holder did not let go within [`LOCK_WAIT`], and when that was.
+    stuck: Mutex<HashMap<u32, Instant>>,
 }
 
 impl SharedCache {
@@ -113,27 +123,27 @@ impl SharedCache {
             Err(e) => return Err(CacheError::io(&root, e)),
         }
         let meta = fs::metadata(&root).map_err(|e| CacheError::io(&root, e))?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != me {
-            return Err(CacheError::NotOwned {
-                path: root,
-                owner: meta.uid(),
-                me,
-            });
-        }
+        check_owner(&root, &meta)?;
         if meta.mode() & 0o077 != 0 {
             fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
                 .map_err(|e| CacheError::io(&root, e))?;
         }
         for sub in ["store", "raw", "locks"] {
+            // Ours too, and no symlink (to a directory others may write): else another
+            // user could put entries in.
             let p = root.join(sub);
             entry::create_dir(&p).map_err(|e| CacheError::io(&p, e))?;
+            let meta = fs::symlink_metadata(&p).map_err(|e| CacheError::io(&p, e))?;
+            if !meta.is_dir() {
+                return Err(CacheError::NotADirectory { path: p });
+            }
+            check_owner(&p, &meta)?;
         }
         let cache = SharedCache {
             root,
             max_bytes: cfg.max_bytes,
             since_scan: AtomicU64::new(0),
+            stuck: Mutex::new(HashMap::new()),
         };
         cache.evict();
         Ok(Arc::new(cache))
@@ -213,7 +223,7 @@ impl SharedCache {
                     "cache entry {} is corrupt ({why}): deleted, fetching the chunk again from the origin",
                     path.display()
                 );
-                if let Err(e) = fs::remove_file(&path) {
+                if let Err(e) = entry::remove(&path) {
                     tracing::warn!("cache: cannot delete {}: {e}", path.display());
                 }
             }
@@ -233,13 +243,13 @@ impl SharedCache {
 
     /// The lock file of `key`'s shard, opened. `None` (with a warning) when it cannot be:
     /// the caller then fetches without a lock.
-    fn lock_file(&self, key: &Key) -> Option<File> {
+    fn lock_file(&self, key: &Key) -> Option<(u32, File)> {
         let digest = blake3::hash(key.rel_path().as_os_str().as_encoded_bytes());
         let head: [u8; 4] = digest.as_bytes()[..4].try_into().expect("4 bytes");
         let shard = u32::from_le_bytes(head) % LOCK_SHARDS;
         let lock_path = self.root.join("locks").join(shard.to_string());
         match open_lock_file(&lock_path) {
-            Ok(f) => Some(f),
+            Ok(f) => Some((shard, f)),
             Err(e) => {
                 tracing::warn!("cache: cannot open {}: {e}", lock_path.display());
                 None
@@ -255,12 +265,16 @@ impl SharedCache {
         buf: &mut [u8],
         cancel: &CancellationToken,
     ) -> Result<Option<EntryLock>, SourceError> {
-        let Some(file) = self.lock_file(key) else {
+        let Some((shard, file)) = self.lock_file(key) else {
             return Ok(Some(EntryLock { _file: None }));
         };
+        let deadline = Instant::now() + self.lock_wait(shard);
         loop {
             match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(Some(EntryLock { _file: Some(file) })),
+                Ok(()) => {
+                    self.stuck_lock().remove(&shard);
+                    return Ok(Some(EntryLock { _file: Some(file) }));
+                }
                 Err(rustix::io::Errno::WOULDBLOCK) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
                     tracing::warn!("cache: cannot lock an entry: {e}");
@@ -273,15 +287,42 @@ impl SharedCache {
             if cancel.is_cancelled() {
                 return Err(SourceError::Cancelled);
             }
+            if Instant::now() >= deadline {
+                if self.stuck_lock().insert(shard, Instant::now()).is_none() {
+                    tracing::warn!(
+                        "cache {}: lock locks/{shard} held for over {}s (a stuck process?): fetching without it",
+                        self.root.display(),
+                        LOCK_WAIT.as_secs()
+                    );
+                }
+                return Ok(Some(EntryLock { _file: None }));
+            }
             std::thread::sleep(WAIT_POLL);
         }
+    }
+
+    /// How long to wait for the lock of `shard`: none while it is known to be stuck.
+    fn lock_wait(&self, shard: u32) -> Duration {
+        let mut stuck = self.stuck_lock();
+        match stuck.get(&shard) {
+            Some(since) if since.elapsed() < STUCK_FOR => Duration::ZERO,
+            Some(_) => {
+                stuck.remove(&shard);
+                LOCK_WAIT
+            }
+            None => LOCK_WAIT,
+        }
+    }
+
+    fn stuck_lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Instant>> {
+        self.stuck.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Takes the lock of `key` only if nobody holds it (never waits: a caller holding
     /// other entry locks must not wait for one, or two processes could wait for each
     /// other).
     fn try_lock_entry(&self, key: &Key) -> Option<EntryLock> {
-        let file = self.lock_file(key)?;
+        let (_, file) = self.lock_file(key)?;
         flock(&file, FlockOperation::NonBlockingLockExclusive).ok()?;
         Some(EntryLock { _file: Some(file) })
     }
@@ -299,18 +340,25 @@ impl SharedCache {
 
     /// Evicts the least recently used entries down to 90% of the cap if over it (one
     /// process at a time, under the directory lock). Best effort: failures are logged.
+    /// Never waits: while another process holds the directory lock, it is scanning (or
+    /// stuck, and must not stall readers), and the next scan of this process catches up.
     fn evict(&self) {
         let lock_path = self.root.join(DIR_LOCK);
-        let lock = open_lock_file(&lock_path).and_then(|f| loop {
-            match flock(&f, FlockOperation::LockExclusive) {
-                Ok(()) => return Ok(f),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(io::Error::from(e)),
-            }
+        let lock = open_lock_file(&lock_path).and_then(|f| {
+            flock(&f, FlockOperation::NonBlockingLockExclusive)
+                .map(|()| f)
+                .map_err(io::Error::from)
         });
-        if let Err(e) = lock {
-            tracing::warn!("cache: cannot lock {}: {e}", lock_path.display());
-            return;
+        match lock {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tracing::debug!("cache {}: another process is evicting", self.root.display());
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("cache: cannot lock {}: {e}", lock_path.display());
+                return;
+            }
         }
         let low_water = self.max_bytes / 10 * 9;
         match evict::evict(&self.root, self.max_bytes, low_water) {
@@ -336,6 +384,20 @@ impl SharedCache {
             tracing::debug!("cache: cannot write {}: {e}", path.display());
         }
     }
+}
+
+/// `path` (with metadata `meta`) must belong to the user running streamboot.
+fn check_owner(path: &Path, meta: &fs::Metadata) -> Result<(), CacheError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(CacheError::NotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    Ok(())
 }
 
 /// A held entry lock (released when dropped; `None`: fetching without a lock).

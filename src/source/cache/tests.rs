@@ -291,3 +291,20 @@ fn a_cached_source_reads_any_range_and_fills_the_cache_in_runs() {
         Err(SourceError::OutOfRange { .. })
     ));
 }
+
+#[test]
+fn eviction_of_entries_of_one_minute_stops_at_the_low_water_mark() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("store/ab");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..10 {
+        std::fs::write(dir.join(format!("e{i}")), vec![0u8; 1000]).unwrap();
+    }
+    let scan = super::evict::evict(t.path(), 9000, 6000).unwrap();
+    assert_eq!(scan.evicted, 4);
+    assert_eq!(scan.kept_bytes, 6000);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 6);
+    // Under the cap: nothing goes.
+    let scan = super::evict::evict(t.path(), 9000, 6000).unwrap();
+    assert_eq!((scan.evicted, scan.kept_bytes), (0, 6000));
+}

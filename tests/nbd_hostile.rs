@@ -82,7 +82,7 @@ fn flooding_reads_without_reading_replies_stays_within_the_budget() {
     let img = big_store(dir.path());
     let d = dir.path().to_str().unwrap();
     let budget = 128 * MIB as u64;
-    let ex = export(d, &["--reply-budget", "128M", "--cache-size", "16M"]);
+    let ex = export(d, &["--reply-budget", "128M", "--memory-cache-size", "16M"]);
     let pid = ex.child.id();
     let base = rss(pid);
 

@@ -40,17 +40,11 @@ pub struct ExportArgs {
     /// listed). Default for a directory store: every image in it.
     #[arg(long = "image")]
     pub images: Vec<String>,
-    /// Memory for verified chunks shared by all exports.
+    /// Memory for verified chunks shared by all exports. (The host-wide cache on disk is
+    /// --cache DIR / --cache-size, as for every command: chunks missing in memory are
+    /// looked up there before the store is asked; docs/cache.md.)
     #[arg(long, default_value = "64M", value_parser = parse_size)]
-    pub cache_size: u64,
-    /// Host-wide chunk cache on disk shared with every streamboot on the host (as
-    /// `--cache` of prepare/serve; docs/cache.md): chunks missing in memory are looked up
-    /// there before the store is asked.
-    #[arg(long, value_name = "DIR")]
-    pub cache: Option<PathBuf>,
-    /// Size cap of --cache on disk (default 10G; --cache-size is the memory cache).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "cache")]
-    pub cache_disk_size: Option<u64>,
+    pub memory_cache_size: u64,
     /// Clients served at once (more are closed right away).
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
@@ -126,11 +120,11 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
         .next()
         .ok_or_else(|| anyhow!("--listen {}: no address", a.listen))?;
     let only = (!a.images.is_empty()).then(|| a.images.clone());
-    let cache = Arc::new(ChunkCache::new(a.cache_size));
-    let shared = match &a.cache {
+    let cache = Arc::new(ChunkCache::new(a.memory_cache_size));
+    let shared = match &a.net.cache {
         Some(dir) => Some(SharedCache::open(&CacheConfig {
             dir: dir.clone(),
-            max_bytes: a.cache_disk_size.unwrap_or(DEFAULT_CACHE_SIZE),
+            max_bytes: a.net.cache_size.unwrap_or(DEFAULT_CACHE_SIZE),
         })?),
         None => None,
     };
@@ -173,7 +167,7 @@ pub fn run(a: &ExportArgs, json: bool) -> Result<()> {
             names.len(),
             redact_url(&a.store),
             names.join(", "),
-            human(a.cache_size)
+            human(a.memory_cache_size)
         );
     }
     std::io::stdout().flush().ok();

@@ -42,7 +42,7 @@ pub struct HttpOptions {
     /// Extra headers, bearer token, trusted CAs and client certificate.
     pub auth: HttpAuth,
     /// Host-wide chunk cache the target is read through (`--cache`; see docs/cache.md).
-    pub cache: Option<crate::source::cache::CacheConfig>,
+    pub cache: Option<CacheConfig>,
     /// Endpoint, region, addressing and profile of `s3://` targets and stores (docs/s3.md).
     pub s3: super::s3::S3Options,
 }
@@ -145,4 +145,15 @@ mod tests {
             Duration::from_millis(u64::MAX / (64 << 10))
         );
     }
+}
+
+/// Where the host-wide chunk cache (`--cache`, `crate::source::cache`) lives and how large
+/// it may grow. Plain settings carried with the network options, so that every command
+/// reaching a target gets them; the cache itself sits in the source layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Cache directory (created with mode 0700 if missing).
+    pub dir: std::path::PathBuf,
+    /// Size cap in bytes of the entries: the least recently used go beyond it.
+    pub max_bytes: u64,
 }

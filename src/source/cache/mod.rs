@@ -58,14 +58,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// for that shard again (a stuck holder costs one [`LOCK_WAIT`] per shard, not per read).
 const STUCK_FOR: Duration = Duration::from_secs(60);
 
-/// Where the cache lives and how large it may grow.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CacheConfig {
-    /// Cache directory (created with mode 0700 if missing).
-    pub dir: PathBuf,
-    /// Size cap in bytes of the entries: the least recently used go beyond it.
-    pub max_bytes: u64,
-}
+pub use crate::net::options::CacheConfig;
 
 /// Errors opening a cache directory. Failures while the cache is in use are not errors of
 /// a read: the bytes then come from the origin and a warning is logged.

@@ -1,0 +1,458 @@
+//! Hostile review of the paged chunk map (issue 14 point 6): a map larger than its page
+//! cache, pages evicted and read back while processes are killed, damaged page copies,
+//! slot reuse under concurrency, and the bound on pages pinned by unflushed changes.
+//! Seeded: the seed is printed, STREAMBOOT_SEED replays a run.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boot_relocator::{
+    format::ENTRIES_PER_PAGE, FileStorage, Location, MapCounts, MetaStore, Storage,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use streamboot::engine::{Engine, EngineOptions};
+use streamboot::source::{FileSource, RemoteSource};
+
+use common::disk::{cli, sha256, sha256_file};
+
+const BLOCK: usize = 4096;
+const CACHE_ENV: &str = "STREAMBOOT_TEST_MAP_CACHE_PAGES";
+/// 8 MiB - 1234 at 4 KiB chunks: 2048 chunks on 9 map pages.
+const TARGET_LEN: usize = (8 << 20) - 1234;
+const SOURCE_LEN: usize = 6 << 20;
+const FLUSH_EVERY: u64 = 5;
+
+fn seed() -> u64 {
+    let s = std::env::var("STREAMBOOT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    println!("seed {s} (STREAMBOOT_SEED={s} to replay)");
+    s
+}
+
+fn storage(p: &Path) -> Arc<dyn Storage> {
+    Arc::new(FileStorage::open(p, true).unwrap())
+}
+
+/// The engine over `disk` with at most `pages` clean map pages in memory.
+fn engine(disk: &Path, src: &Arc<dyn RemoteSource>, pages: usize) -> Engine {
+    let mut m = MetaStore::open(storage(disk)).unwrap().expect("prepared");
+    m.set_page_cache_pages(pages);
+    Engine::new(m, src.clone(), EngineOptions::default()).unwrap()
+}
+
+/// The counts of a full pass over the map.
+fn recount(m: &MetaStore) -> MapCounts {
+    let l = *m.layout();
+    let mut n = MapCounts::default();
+    m.scan(|c, e| {
+        match e.loc {
+            Location::Missing => n.missing += 1,
+            Location::Zero => n.zero += 1,
+            Location::Home => n.home += 1,
+            Location::Slot(_) => n.slotted += 1,
+        }
+        n.dirty += e.dirty as u64;
+        if e.saved.is_some() {
+            n.saved += 1;
+            n.saved_bytes += l.source_len(c) as u64;
+        }
+    })
+    .unwrap();
+    n
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    source: Vec<u8>,
+    target: Vec<u8>,
+    target_path: PathBuf,
+    src: Arc<dyn RemoteSource>,
+}
+
+impl Fixture {
+    fn new(seed: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let source = common::random_bytes(seed, SOURCE_LEN);
+        let mut target = common::random_bytes(seed + 1, TARGET_LEN);
+        target[3 << 20..(3 << 20) + 300_000].fill(0);
+        let target_path = dir.path().join("target.img");
+        std::fs::write(&target_path, &target).unwrap();
+        let src: Arc<dyn RemoteSource> = Arc::new(FileSource::open(&target_path, None).unwrap());
+        Fixture {
+            dir,
+            source,
+            target,
+            target_path,
+            src,
+        }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    /// A fresh source disk prepared by the real binary (small map cache), at `name`.
+    fn prepared(&self, name: &str, area: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, &self.source).unwrap();
+        let out = cmd(&[
+            "prepare",
+            p.to_str().unwrap(),
+            "--target",
+            self.target_path.to_str().unwrap(),
+            "--chunk-size",
+            "4K",
+            "--boot-range",
+            "0..256K",
+            "--area-size",
+            area,
+        ])
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        p
+    }
+}
+
+/// The real binary with a one-page map cache.
+fn cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_streamboot"));
+    c.args(args).env(CACHE_ENV, "1");
+    c
+}
+
+fn run_ok(args: &[&str]) {
+    let out = cmd(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Op `i` of a worker: (kind 0 write / 1 write-zeroes / 2 read, first block, blocks).
+fn op(seed: u64, i: u64) -> (u8, usize, usize) {
+    let mut r = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(i));
+    let blocks = TARGET_LEN / BLOCK;
+    let n = r.random_range(1..=4);
+    let kind = match r.random_range(0..10) {
+        0..=4 => 0,
+        5 => 1,
+        _ => 2,
+    };
+    (kind, r.random_range(0..blocks - n), n)
+}
+
+fn block_bytes(seed: u64, i: u64, b: usize) -> Vec<u8> {
+    let tag = format!("seed {seed} op {i} block {b};");
+    (0..BLOCK).map(|k| tag.as_bytes()[k % tag.len()]).collect()
+}
+
+/// What block `b` holds after op `i` (None: op `i` leaves it alone).
+fn op_block(seed: u64, i: u64, b: usize) -> Option<Vec<u8>> {
+    let (kind, b0, n) = op(seed, i);
+    if !(b0..b0 + n).contains(&b) {
+        return None;
+    }
+    match kind {
+        0 => Some(block_bytes(seed, i, b)),
+        1 => Some(vec![0; BLOCK]),
+        _ => None,
+    }
+}
+
+fn apply(model: &mut [u8], seed: u64, ops: std::ops::Range<u64>) {
+    for i in ops {
+        let (_, b0, n) = op(seed, i);
+        for b in b0..b0 + n {
+            if let Some(v) = op_block(seed, i, b) {
+                let end = ((b + 1) * BLOCK).min(model.len());
+                model[b * BLOCK..end].copy_from_slice(&v[..end - b * BLOCK]);
+            }
+        }
+    }
+}
+
+/// Worker process: guest writes, write-zeroes, reads (fetches) and flushes over a map
+/// whose page cache holds one page. Reads are checked against its own model; a
+/// mismatch is logged as `BAD`.
+#[test]
+#[ignore = "worker process of killed_guest_io_with_map_larger_than_cache"]
+fn review_pages_worker() {
+    let Ok(args) = std::env::var("REVIEW_PAGES_WORKER") else {
+        return;
+    };
+    let v: Vec<&str> = args.split('|').collect();
+    let (disk, target, log, seed) = (v[0], v[1], v[2], v[3].parse::<u64>().unwrap());
+    let target_bytes = std::fs::read(target).unwrap();
+    let src: Arc<dyn RemoteSource> = Arc::new(FileSource::open(Path::new(target), None).unwrap());
+    let e = engine(Path::new(disk), &src, 1);
+    let mut log = std::fs::OpenOptions::new().append(true).open(log).unwrap();
+    let mut model = target_bytes;
+    for i in 0.. {
+        let (kind, b0, n) = op(seed, i);
+        let (o, len) = (b0 * BLOCK, n * BLOCK);
+        match kind {
+            0 => {
+                let data: Vec<u8> = (b0..b0 + n).flat_map(|b| block_bytes(seed, i, b)).collect();
+                e.write(o as u64, &data).unwrap();
+            }
+            1 => e.write_zeroes(o as u64, len as u64).unwrap(),
+            _ => {
+                let mut buf = vec![0u8; len];
+                e.read(o as u64, &mut buf).unwrap();
+                if buf != model[o..o + len] {
+                    writeln!(log, "BAD read at op {i}").unwrap();
+                    log.sync_all().unwrap();
+                    panic!("read at op {i} differs from the model");
+                }
+            }
+        }
+        apply(&mut model, seed, i..i + 1);
+        if (i + 1) % FLUSH_EVERY == 0 {
+            e.flush().unwrap();
+            writeln!(log, "{i}").unwrap();
+            log.sync_all().unwrap();
+        }
+    }
+}
+
+fn run_and_kill(mut c: Command, delay: Duration) -> bool {
+    let mut child = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    while start.elapsed() < delay {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    child.kill().ok();
+    child.wait().unwrap();
+    true
+}
+
+/// Every byte the engine presents (one-page map cache).
+fn presented(fx: &Fixture, d: &Path) -> Vec<u8> {
+    let e = engine(d, &fx.src, 1);
+    let mut all = vec![0u8; TARGET_LEN];
+    e.read(0, &mut all).unwrap();
+    e.with_meta(|m| assert_eq!(m.counts(), recount(m), "running counts != recount"));
+    all
+}
+
+#[test]
+fn killed_guest_io_with_map_larger_than_cache() {
+    let seed = seed();
+    let mut rng = common::test_rng(seed);
+    let fx = Fixture::new(seed);
+    let src_sha = sha256(&fx.source);
+    let tgt_sha = sha256(&fx.target);
+    // A 1 MiB area: 256 slots for 2048 chunks, so clean chunks are evicted too.
+    let prepared = fx.prepared("prepared.img", "1M");
+    let d = fx.path("disk.img");
+    let ds = d.to_str().unwrap().to_string();
+    let mut kills = 0;
+    for round in 0..30u64 {
+        // hydrate by the real binary, killed: the target is presented exactly.
+        std::fs::copy(&prepared, &d).unwrap();
+        let t = Duration::from_millis(rng.random_range(5..400));
+        kills += run_and_kill(cmd(&["hydrate", &ds, "--threads", "2"]), t) as usize;
+        assert!(
+            presented(&fx, &d) == fx.target,
+            "round {round}: after killed hydrate"
+        );
+
+        // guest I/O, killed: flushed ops present, nothing foreign, reads were right.
+        let log = fx.path("flushes.log");
+        std::fs::write(&log, "").unwrap();
+        let wseed = seed ^ (round << 20);
+        let mut w = Command::new(std::env::current_exe().unwrap());
+        w.args([
+            "--exact",
+            "review_pages_worker",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(
+            "REVIEW_PAGES_WORKER",
+            format!(
+                "{ds}|{}|{}|{wseed}",
+                fx.target_path.display(),
+                log.display()
+            ),
+        );
+        kills += run_and_kill(w, Duration::from_millis(rng.random_range(20..600))) as usize;
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!text.contains("BAD"), "round {round}: worker: {text}");
+        let f = text
+            .lines()
+            .filter_map(|l| l.parse::<u64>().ok())
+            .max()
+            .map_or(0, |i| i + 1);
+        let mut model = fx.target.clone();
+        apply(&mut model, wseed, 0..f);
+        let check = |bytes: &[u8], what: &str| {
+            for (b, blk) in bytes.chunks(BLOCK).enumerate() {
+                let ok = blk == &model[b * BLOCK..b * BLOCK + blk.len()]
+                    || (f..f + FLUSH_EVERY + 1).any(|i| {
+                        op_block(wseed, i, b).is_some_and(|v| v[..blk.len()] == *blk)
+                    });
+                assert!(ok, "round {round}: {what}: block {b} holds bytes never written there (flushed ops: {f})");
+            }
+        };
+        check(&presented(&fx, &d), "after killed guest I/O");
+        if round % 2 == 0 {
+            run_ok(&["rollback", &ds]);
+            assert_eq!(sha256_file(&d), src_sha, "round {round}: rollback");
+        } else {
+            run_ok(&["commit", &ds, "--force"]);
+            check(&std::fs::read(&d).unwrap(), "committed");
+        }
+    }
+    println!("seed {seed}: {kills} kills; target sha {tgt_sha}");
+    assert!(kills >= 30, "only {kills} kills landed");
+}
+
+/// Offset of copy `k` of map page `p` of `disk`.
+fn page_addr(disk: &Path, p: u64, k: u8) -> u64 {
+    let m = MetaStore::open(storage(disk)).unwrap().unwrap();
+    m.layout().page_addr(p, k)
+}
+
+fn flip(disk: &Path, at: u64) {
+    let f = std::fs::OpenOptions::new().write(true).read(true).open(disk).unwrap();
+    let mut b = [0u8; 16];
+    f.read_exact_at(&mut b, at + 200).unwrap();
+    for x in &mut b {
+        *x ^= 0x5a;
+    }
+    f.write_all_at(&b, at + 200).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn damaged_page_copies_read_on_demand() {
+    let seed = seed();
+    let fx = Fixture::new(seed);
+    let d = fx.prepared("disk.img", "4M");
+    let e = engine(&d, &fx.src, 1);
+    // Chunk c on page 5 fetched and committed; page 5 then evicted by reads elsewhere.
+    let c = 5 * ENTRIES_PER_PAGE + 7;
+    let mut buf = vec![0u8; BLOCK];
+    e.read((c * BLOCK) as u64, &mut buf).unwrap();
+    assert!(buf == fx.target[c * BLOCK..(c + 1) * BLOCK]);
+    e.flush().unwrap();
+    let evict = |e: &Engine| {
+        let mut b = vec![0u8; BLOCK];
+        e.read(0, &mut b).unwrap();
+        e.read((ENTRIES_PER_PAGE * BLOCK) as u64, &mut b).unwrap();
+        e.flush().unwrap();
+        e.read(0, &mut b).unwrap();
+        let (pinned, clean) = e.with_meta(|m| m.resident_pages());
+        assert!(pinned == 0 && clean <= 1, "({pinned}, {clean}) pages resident");
+    };
+    e.flush().unwrap();
+    evict(&e);
+    let a0 = page_addr(&d, 5, 0);
+    let a1 = page_addr(&d, 5, 1);
+    flip(&d, a0);
+    let mut got = vec![0u8; BLOCK];
+    e.read((c * BLOCK) as u64, &mut got).unwrap();
+    assert!(got == buf, "one damaged copy: the other one serves");
+    evict(&e);
+    flip(&d, a1);
+    let err = e.read((c * BLOCK) as u64, &mut got);
+    assert!(err.is_err(), "both copies damaged: the read must fail, got {:?}", &got[..8]);
+    let miss = c + 1;
+    assert!(
+        e.read((miss * BLOCK) as u64, &mut got).is_err(),
+        "a missing chunk on a damaged page must not be fetched and published"
+    );
+    assert!(
+        e.write((miss * BLOCK) as u64, &vec![1u8; BLOCK]).is_err(),
+        "a write onto a damaged page must fail"
+    );
+    // Chunks on other pages still work.
+    e.read(0, &mut got).unwrap();
+    assert!(got == fx.target[..BLOCK]);
+    drop(e);
+    // Reopening fails with a clear error (both copies bad), it does not serve zeros.
+    let r = MetaStore::open(storage(&d));
+    assert!(r.is_err(), "open of a map with a page lacking any valid copy");
+}
+
+/// Guest writes without flush dirty one page each: the pages pinned in memory stay
+/// bounded (a commit writes them), and concurrent writers never share a slot.
+#[test]
+fn unflushed_writes_over_many_pages_stay_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    // A sparse 1.1 GiB target at 4 KiB chunks: 1,092 map pages.
+    let target = dir.path().join("target.img");
+    let size: u64 = 275_000 * BLOCK as u64;
+    std::fs::File::create(&target).unwrap().set_len(size).unwrap();
+    let src: Arc<dyn RemoteSource> = Arc::new(FileSource::open(&target, None).unwrap());
+    let d = dir.path().join("disk.img");
+    std::fs::write(&d, common::random_bytes(3, 1 << 20)).unwrap();
+    let out = cli(&[
+        "prepare",
+        d.to_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+        "--chunk-size",
+        "4K",
+        "--area-size",
+        "24M",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = Arc::new(engine(&d, &src, 8));
+    let pages = (size / BLOCK as u64).div_ceil(ENTRIES_PER_PAGE as u64);
+    assert!(pages > 1_050);
+    let mut max_pinned = 0;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4u64)
+            .map(|t| {
+                let e = e.clone();
+                s.spawn(move || {
+                    let mut max = 0;
+                    for p in (t..pages).step_by(4) {
+                        let c = p * ENTRIES_PER_PAGE as u64 + (p % 5);
+                        let data = block_bytes(t, p, c as usize);
+                        e.write(c * BLOCK as u64, &data).unwrap();
+                        max = max.max(e.with_meta(|m| m.resident_pages().0));
+                    }
+                    max
+                })
+            })
+            .collect();
+        for h in hs {
+            max_pinned = max_pinned.max(h.join().unwrap());
+        }
+    });
+    println!("{pages} pages written without flush: at most {max_pinned} pinned");
+    assert!(
+        max_pinned <= 1_024 + 8,
+        "{max_pinned} map pages pinned by unflushed writes (bound 1,024)"
+    );
+    e.flush().unwrap();
+    e.with_meta(|m| assert_eq!(m.counts(), recount(m)));
+    drop(e);
+    // Reopened: no slot referenced twice (open checks), every write there.
+    let e = engine(&d, &src, 8);
+    for p in 0..pages {
+        let t = p % 4;
+        let c = p * ENTRIES_PER_PAGE as u64 + (p % 5);
+        let mut b = vec![0u8; BLOCK];
+        e.read(c * BLOCK as u64, &mut b).unwrap();
+        assert!(b == block_bytes(t, p, c as usize), "chunk {c} lost its write");
+    }
+    e.with_meta(|m| assert_eq!(m.counts(), recount(m)));
+}

@@ -116,7 +116,11 @@ impl Fixture {
         ])
         .output()
         .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         p
     }
 }
@@ -225,7 +229,11 @@ fn review_pages_worker() {
 }
 
 fn run_and_kill(mut c: Command, delay: Duration) -> bool {
-    let mut child = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let start = Instant::now();
     while start.elapsed() < delay {
         if child.try_wait().unwrap().is_some() {
@@ -303,9 +311,8 @@ fn killed_guest_io_with_map_larger_than_cache() {
         let check = |bytes: &[u8], what: &str| {
             for (b, blk) in bytes.chunks(BLOCK).enumerate() {
                 let ok = blk == &model[b * BLOCK..b * BLOCK + blk.len()]
-                    || (f..f + FLUSH_EVERY + 1).any(|i| {
-                        op_block(wseed, i, b).is_some_and(|v| v[..blk.len()] == *blk)
-                    });
+                    || (f..f + FLUSH_EVERY + 1)
+                        .any(|i| op_block(wseed, i, b).is_some_and(|v| v[..blk.len()] == *blk));
                 assert!(ok, "round {round}: {what}: block {b} holds bytes never written there (flushed ops: {f})");
             }
         };
@@ -329,7 +336,11 @@ fn page_addr(disk: &Path, p: u64, k: u8) -> u64 {
 }
 
 fn flip(disk: &Path, at: u64) {
-    let f = std::fs::OpenOptions::new().write(true).read(true).open(disk).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(disk)
+        .unwrap();
     let mut b = [0u8; 16];
     f.read_exact_at(&mut b, at + 200).unwrap();
     for x in &mut b {
@@ -358,7 +369,10 @@ fn damaged_page_copies_read_on_demand() {
         e.flush().unwrap();
         e.read(0, &mut b).unwrap();
         let (pinned, clean) = e.with_meta(|m| m.resident_pages());
-        assert!(pinned == 0 && clean <= 1, "({pinned}, {clean}) pages resident");
+        assert!(
+            pinned == 0 && clean <= 1,
+            "({pinned}, {clean}) pages resident"
+        );
     };
     e.flush().unwrap();
     evict(&e);
@@ -371,7 +385,11 @@ fn damaged_page_copies_read_on_demand() {
     evict(&e);
     flip(&d, a1);
     let err = e.read((c * BLOCK) as u64, &mut got);
-    assert!(err.is_err(), "both copies damaged: the read must fail, got {:?}", &got[..8]);
+    assert!(
+        err.is_err(),
+        "both copies damaged: the read must fail, got {:?}",
+        &got[..8]
+    );
     let miss = c + 1;
     assert!(
         e.read((miss * BLOCK) as u64, &mut got).is_err(),
@@ -387,7 +405,10 @@ fn damaged_page_copies_read_on_demand() {
     drop(e);
     // Reopening fails with a clear error (both copies bad), it does not serve zeros.
     let r = MetaStore::open(storage(&d));
-    assert!(r.is_err(), "open of a map with a page lacking any valid copy");
+    assert!(
+        r.is_err(),
+        "open of a map with a page lacking any valid copy"
+    );
 }
 
 /// Guest writes without flush dirty one page each: the pages pinned in memory stay
@@ -398,7 +419,10 @@ fn unflushed_writes_over_many_pages_stay_bounded() {
     // A sparse 1.1 GiB target at 4 KiB chunks: 1,092 map pages.
     let target = dir.path().join("target.img");
     let size: u64 = 275_000 * BLOCK as u64;
-    std::fs::File::create(&target).unwrap().set_len(size).unwrap();
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
     let src: Arc<dyn RemoteSource> = Arc::new(FileSource::open(&target, None).unwrap());
     let d = dir.path().join("disk.img");
     std::fs::write(&d, common::random_bytes(3, 1 << 20)).unwrap();
@@ -412,7 +436,11 @@ fn unflushed_writes_over_many_pages_stay_bounded() {
         "--area-size",
         "24M",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let e = Arc::new(engine(&d, &src, 8));
     let pages = (size / BLOCK as u64).div_ceil(ENTRIES_PER_PAGE as u64);
     assert!(pages > 1_050);
@@ -452,7 +480,10 @@ fn unflushed_writes_over_many_pages_stay_bounded() {
         let c = p * ENTRIES_PER_PAGE as u64 + (p % 5);
         let mut b = vec![0u8; BLOCK];
         e.read(c * BLOCK as u64, &mut b).unwrap();
-        assert!(b == block_bytes(t, p, c as usize), "chunk {c} lost its write");
+        assert!(
+            b == block_bytes(t, p, c as usize),
+            "chunk {c} lost its write"
+        );
     }
     e.with_meta(|m| assert_eq!(m.counts(), recount(m)));
 }

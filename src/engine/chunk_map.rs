@@ -18,6 +18,10 @@ use crate::blockdev::BlockError;
 /// Number of stripe locks (power of two).
 const STRIPES: usize = 1024;
 
+/// Map pages changed since the last commit (pinned in memory, about 5 KiB each, see
+/// `boot_relocator::pages`) before the engine commits them without waiting for a flush.
+pub(crate) const MAX_DIRTY_PAGES: usize = 1024;
+
 /// The index of a chunk of the target (chunk `i` covers bytes `i * chunk_size ..`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ChunkIdx(pub u64);
@@ -123,5 +127,18 @@ impl ChunkMap {
             lru.get(&c);
         }
         Ok(e)
+    }
+}
+
+impl super::Engine {
+    /// Commits the map when changes pin [`MAX_DIRTY_PAGES`] pages or more, so that
+    /// guest writes, write-zeroes and discards without a flush (or fetches between
+    /// commits) keep memory bounded. Call without holding stripe or metadata locks.
+    pub(crate) fn bound_dirty_pages(&self) -> Result<(), BlockError> {
+        if self.map.lock().store.dirty_page_count() < MAX_DIRTY_PAGES {
+            return Ok(());
+        }
+        self.commit_map()
+            .map_err(|e| BlockError::Io(std::io::Error::other(e)))
     }
 }

@@ -110,7 +110,7 @@ impl Engine {
         for (c, within, r) in self.pieces(offset, data.len()) {
             self.write_chunk(c, within, &data.range(r))?;
         }
-        Ok(())
+        self.bound_dirty_pages()
     }
 
     pub(super) fn write_chunk(

@@ -28,6 +28,10 @@ const CACHE_ENV: &str = "STREAMBOOT_TEST_MAP_CACHE_PAGES";
 const TARGET_LEN: usize = (8 << 20) - 1234;
 const SOURCE_LEN: usize = 6 << 20;
 const FLUSH_EVERY: u64 = 5;
+/// Blocks guest writes go to (the 6 MiB area has 1,536 slots).
+const WRITABLE_BLOCKS: usize = 1_400;
+/// Rounds of the crash test (a killed hydrate and killed guest I/O each).
+const ROUNDS: u64 = 24;
 
 fn seed() -> u64 {
     let s = std::env::var("STREAMBOOT_SEED")
@@ -151,7 +155,10 @@ fn op(seed: u64, i: u64) -> (u8, usize, usize) {
         5 => 1,
         _ => 2,
     };
-    (kind, r.random_range(0..blocks - n), n)
+    // Writes stay within fewer chunks than the area has slots (dirty chunks are never
+    // evicted); reads fetch all over, so clean chunks are evicted and pages re-read.
+    let top = if kind == 2 { blocks } else { WRITABLE_BLOCKS };
+    (kind, r.random_range(0..top - n), n)
 }
 
 fn block_bytes(seed: u64, i: u64, b: usize) -> Vec<u8> {
@@ -222,28 +229,29 @@ fn review_pages_worker() {
         apply(&mut model, seed, i..i + 1);
         if (i + 1) % FLUSH_EVERY == 0 {
             e.flush().unwrap();
-            writeln!(log, "{i}").unwrap();
+            let ev = e
+                .counters()
+                .evictions
+                .load(std::sync::atomic::Ordering::Relaxed);
+            writeln!(log, "evictions {ev}\n{i}").unwrap();
             log.sync_all().unwrap();
         }
     }
 }
 
-fn run_and_kill(mut c: Command, delay: Duration) -> bool {
-    let mut child = c
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+/// Runs `c` and SIGKILLs it after `delay`: `None` when killed, else how it exited.
+fn run_and_kill(mut c: Command, delay: Duration) -> Option<std::process::ExitStatus> {
+    let mut child = c.spawn().unwrap();
     let start = Instant::now();
     while start.elapsed() < delay {
-        if child.try_wait().unwrap().is_some() {
-            return false;
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
         }
         std::thread::sleep(Duration::from_micros(200));
     }
     child.kill().ok();
     child.wait().unwrap();
-    true
+    None
 }
 
 /// Every byte the engine presents (one-page map cache).
@@ -261,17 +269,22 @@ fn killed_guest_io_with_map_larger_than_cache() {
     let mut rng = common::test_rng(seed);
     let fx = Fixture::new(seed);
     let src_sha = sha256(&fx.source);
-    let tgt_sha = sha256(&fx.target);
-    // A 1 MiB area: 256 slots for 2048 chunks, so clean chunks are evicted too.
-    let prepared = fx.prepared("prepared.img", "1M");
+    // A 6 MiB area: 1,536 slots for 2,048 chunks, so clean chunks are evicted too.
+    let prepared = fx.prepared("prepared.img", "6M");
     let d = fx.path("disk.img");
     let ds = d.to_str().unwrap().to_string();
-    let mut kills = 0;
-    for round in 0..30u64 {
+    std::fs::copy(&prepared, &d).unwrap();
+    let t0 = Instant::now();
+    run_ok(&["hydrate", &ds, "--threads", "2"]);
+    let hydrate_us = t0.elapsed().as_micros() as u64;
+    let (mut kills, mut evictions) = (0, 0);
+    for round in 0..ROUNDS {
         // hydrate by the real binary, killed: the target is presented exactly.
         std::fs::copy(&prepared, &d).unwrap();
-        let t = Duration::from_millis(rng.random_range(5..400));
-        kills += run_and_kill(cmd(&["hydrate", &ds, "--threads", "2"]), t) as usize;
+        let t = Duration::from_micros(rng.random_range(0..=hydrate_us * 11 / 10));
+        let mut h = cmd(&["hydrate", &ds, "--threads", "2"]);
+        h.stderr(Stdio::null()).stdout(Stdio::null());
+        kills += run_and_kill(h, t).is_none() as usize;
         assert!(
             presented(&fx, &d) == fx.target,
             "round {round}: after killed hydrate"
@@ -298,9 +311,23 @@ fn killed_guest_io_with_map_larger_than_cache() {
                 log.display()
             ),
         );
-        kills += run_and_kill(w, Duration::from_millis(rng.random_range(20..600))) as usize;
+        let err = fx.path("worker.err");
+        let f = std::fs::File::create(&err).unwrap();
+        w.stderr(f.try_clone().unwrap()).stdout(f);
+        if let Some(st) = run_and_kill(w, Duration::from_millis(rng.random_range(20..600))) {
+            panic!(
+                "round {round}: the worker exited on its own ({st}): {}",
+                std::fs::read_to_string(&err).unwrap()
+            );
+        }
+        kills += 1;
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(!text.contains("BAD"), "round {round}: worker: {text}");
+        evictions += text
+            .lines()
+            .filter_map(|l| l.strip_prefix("evictions ")?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
         let f = text
             .lines()
             .filter_map(|l| l.parse::<u64>().ok())
@@ -325,8 +352,12 @@ fn killed_guest_io_with_map_larger_than_cache() {
             check(&std::fs::read(&d).unwrap(), "committed");
         }
     }
-    println!("seed {seed}: {kills} kills; target sha {tgt_sha}");
-    assert!(kills >= 30, "only {kills} kills landed");
+    println!("seed {seed}: {kills} kills, {evictions} chunks evicted by killed workers");
+    assert!(evictions > 0, "no clean chunk was ever evicted");
+    assert!(
+        kills >= ROUNDS as usize * 3 / 2,
+        "only {kills} kills landed"
+    );
 }
 
 /// Offset of copy `k` of map page `p` of `disk`.

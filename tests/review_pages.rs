@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -13,14 +14,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boot_relocator::{
-    format::ENTRIES_PER_PAGE, FileStorage, Location, MapCounts, MetaStore, Storage,
+    format::ENTRIES_PER_PAGE, relocate, FileStorage, Location, MapCounts, MetaStore, Storage,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use streamboot::engine::{Engine, EngineOptions};
+use streamboot::engine::{Engine, EngineOptions, HydrateOptions};
 use streamboot::source::{FileSource, RemoteSource};
 
 use common::disk::{cli, sha256, sha256_file};
+use common::powerloss::PowerLossDisk;
 
 const BLOCK: usize = 4096;
 const CACHE_ENV: &str = "STREAMBOOT_TEST_MAP_CACHE_PAGES";
@@ -517,4 +519,162 @@ fn unflushed_writes_over_many_pages_stay_bounded() {
         );
     }
     e.with_meta(|m| assert_eq!(m.counts(), recount(m)));
+}
+
+/// What a disk may present after a power cut during guest I/O (sector granularity):
+/// the bytes acknowledged before the last completed flush, or any later write.
+struct Expect {
+    flushed: Vec<u8>,
+    maybe: HashMap<usize, Vec<Vec<u8>>>,
+}
+
+impl Expect {
+    fn unflushed(&mut self, at: usize, data: &[u8]) {
+        for (s, sec) in data.chunks(SECTOR).enumerate() {
+            let v = self.maybe.entry(at / SECTOR + s).or_default();
+            v.push(sec.to_vec());
+        }
+    }
+    fn check(&self, bytes: &[u8], what: &str) {
+        for (s, sec) in bytes.chunks(SECTOR).enumerate() {
+            let at = s * SECTOR;
+            let ok = sec == &self.flushed[at..at + sec.len()]
+                || self
+                    .maybe
+                    .get(&s)
+                    .is_some_and(|v| v.iter().any(|m| m[..sec.len()] == *sec));
+            assert!(ok, "{what}: sector {s} holds bytes never written there");
+        }
+    }
+}
+
+const SECTOR: usize = common::powerloss::SECTOR as usize;
+
+/// An engine on an in-memory power-loss disk: one map page cached, small fetches and
+/// frequent map commits (many commit points to cut).
+fn pl_engine(fx: &Fixture, d: &Arc<PowerLossDisk>) -> Engine {
+    let st: Arc<dyn Storage> = d.clone();
+    let mut m = MetaStore::open(st).unwrap().expect("prepared");
+    m.set_page_cache_pages(1);
+    let opts = EngineOptions {
+        demand_fetch_bytes: 2 * BLOCK as u64,
+        commit_every_bytes: 8 * BLOCK as u64,
+    };
+    Engine::new(m, fx.src.clone(), opts).unwrap()
+}
+
+fn pl_image(d: &PowerLossDisk) -> Vec<u8> {
+    let mut v = vec![0u8; d.len().unwrap() as usize];
+    d.read_at(0, &mut v).unwrap();
+    v
+}
+
+/// Random writes, write-zeroes, flushes and reads until the power fails.
+fn pl_guest_io(fx: &Fixture, d: &Arc<PowerLossDisk>, r: &mut ChaCha8Rng) -> (Expect, u64) {
+    let e = pl_engine(fx, d);
+    let mut model = fx.target.clone();
+    let mut exp = Expect {
+        flushed: model.clone(),
+        maybe: HashMap::new(),
+    };
+    let mut done = 0;
+    for i in 0..400u64 {
+        done = i;
+        let res = match r.random_range(0..100) {
+            0..=44 => {
+                let at = r.random_range(0..WRITABLE_BLOCKS * BLOCK / SECTOR - 16) * SECTOR;
+                let len = r.random_range(1..=16) * SECTOR;
+                let data: Vec<u8> = (0..len).map(|k| (i as u8) ^ (k as u8) ^ 0x77).collect();
+                exp.unflushed(at, &data);
+                let res = e.write(at as u64, &data);
+                if res.is_ok() {
+                    model[at..at + len].copy_from_slice(&data);
+                }
+                res
+            }
+            45..=54 => {
+                let at = r.random_range(0..WRITABLE_BLOCKS) * BLOCK;
+                exp.unflushed(at, &[0u8; BLOCK]);
+                let res = e.write_zeroes(at as u64, BLOCK as u64);
+                if res.is_ok() {
+                    model[at..at + BLOCK].fill(0);
+                }
+                res
+            }
+            55..=69 => {
+                let res = e
+                    .flush()
+                    .map_err(|e| streamboot::blockdev::BlockError::Io(std::io::Error::other(e)));
+                if res.is_ok() {
+                    exp.flushed.copy_from_slice(&model);
+                    exp.maybe.clear();
+                }
+                res
+            }
+            _ => {
+                let at = r.random_range(0..TARGET_LEN);
+                let len = r.random_range(1..=3 * BLOCK).min(TARGET_LEN - at);
+                let mut buf = vec![0u8; len];
+                let res = e.read(at as u64, &mut buf);
+                if res.is_ok() {
+                    assert!(buf == model[at..at + len], "read {at}+{len} before the cut");
+                }
+                res
+            }
+        };
+        if let Err(err) = res {
+            assert!(d.is_dead(), "guest op {i} failed with power on: {err}");
+            break;
+        }
+    }
+    (exp, done)
+}
+
+#[test]
+fn power_cuts_with_map_larger_than_cache() {
+    let seed = seed();
+    let fx = Fixture::new(seed);
+    let prepared = std::fs::read(fx.prepared("prepared.img", "6M")).unwrap();
+    let (mut cuts, mut ops) = (0, 0);
+    for round in 0..30u64 {
+        let mut r = common::test_rng(seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let d = Arc::new(PowerLossDisk::new(prepared.clone(), false));
+        d.cut_after(r.random_range(0..1500));
+        let (exp, done) = pl_guest_io(&fx, &d, &mut r);
+        cuts += d.is_dead() as usize;
+        ops += done;
+        let d2 = Arc::new(PowerLossDisk::new(d.crash_image(&mut r), false));
+        let what = format!("seed {seed} round {round}");
+        let before = {
+            let e = pl_engine(&fx, &d2);
+            let mut all = vec![0u8; TARGET_LEN];
+            e.read(0, &mut all).unwrap();
+            e.with_meta(|m| assert_eq!(m.counts(), recount(m), "{what}: counts"));
+            all
+        };
+        exp.check(&before, &format!("{what}: after the cut"));
+        if round % 2 == 0 {
+            let st: Arc<dyn Storage> = d2.clone();
+            let mut m = MetaStore::open(st).unwrap().unwrap();
+            m.set_page_cache_pages(1);
+            relocate::rollback(&mut m, &mut |_, _, _| {}).unwrap();
+            assert!(
+                pl_image(&d2) == fx.source,
+                "{what}: rollback is not the source"
+            );
+        } else {
+            let h = HydrateOptions {
+                threads: 2,
+                request_bytes: 4 * BLOCK as u64,
+                profile: Vec::new(),
+            };
+            pl_engine(&fx, &d2).commit(true, h, &|_, _, _| {}).unwrap();
+            assert!(
+                pl_image(&d2)[..TARGET_LEN] == before,
+                "{what}: commit changed the presented bytes"
+            );
+        }
+    }
+    println!("seed {seed}: {cuts} power cuts landed in guest I/O after {ops} guest ops");
+    assert!(cuts >= 15, "only {cuts} cuts landed");
 }

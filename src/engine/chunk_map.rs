@@ -142,3 +142,40 @@ impl super::Engine {
             .map_err(|e| BlockError::Io(std::io::Error::other(e)))
     }
 }
+
+impl super::Engine {
+    /// Marks clean slotted chunk `c` dirty and commits the map before any write lands
+    /// in its slot. A write in place under an entry that is clean on the disk could
+    /// survive a crash while the entry does not: the chunk would then read as written,
+    /// yet count as a pristine copy of the target, be evicted and fetched again, and
+    /// the bytes the guest saw would change under it. The stripe is held exclusively
+    /// until the commit is durable, so no other write lands in the slot before. When
+    /// the commit fails the entry is clean again (the next write retries).
+    pub(crate) fn make_dirty_durable(&self, c: u64) -> Result<(), BlockError> {
+        let _g = self.map.stripe(c).write();
+        let e = {
+            let mut m = self.map.lock();
+            let e = m.store.entry(c).map_err(meta_io)?;
+            if !matches!(e.loc, Location::Slot(_)) || e.dirty {
+                return Ok(());
+            }
+            self.map
+                .set_entry(&mut m.store, c, Entry { dirty: true, ..e })?;
+            if let Some(l) = m.lru.as_mut() {
+                l.pop(&c);
+            }
+            e
+        };
+        let Err(err) = self.commit_map() else {
+            return Ok(());
+        };
+        let mut m = self.map.lock();
+        if m.store.entry(c).map_err(meta_io)? == (Entry { dirty: true, ..e }) {
+            self.map.set_entry(&mut m.store, c, e)?;
+            if let Some(l) = m.lru.as_mut() {
+                l.put(c, ());
+            }
+        }
+        Err(BlockError::Io(std::io::Error::other(err)))
+    }
+}

@@ -445,13 +445,14 @@ fn damaged_page_copies_read_on_demand() {
 }
 
 /// Guest writes without flush dirty one page each: the pages pinned in memory stay
-/// bounded (a commit writes them), and concurrent writers never share a slot.
+/// bounded (a commit writes them, not only a flush), and concurrent writers never
+/// share a slot (reopening checks that no slot is referenced twice).
 #[test]
 fn unflushed_writes_over_many_pages_stay_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    // A sparse 1.1 GiB target at 4 KiB chunks: 1,092 map pages.
+    // A sparse 2.5 GiB target at 4 KiB chunks: 2,600 map pages.
     let target = dir.path().join("target.img");
-    let size: u64 = 275_000 * BLOCK as u64;
+    let size: u64 = 2_600 * ENTRIES_PER_PAGE as u64 * BLOCK as u64;
     std::fs::File::create(&target)
         .unwrap()
         .set_len(size)
@@ -467,7 +468,7 @@ fn unflushed_writes_over_many_pages_stay_bounded() {
         "--chunk-size",
         "4K",
         "--area-size",
-        "24M",
+        "40M",
     ]);
     assert!(
         out.status.success(),
@@ -476,7 +477,7 @@ fn unflushed_writes_over_many_pages_stay_bounded() {
     );
     let e = Arc::new(engine(&d, &src, 8));
     let pages = (size / BLOCK as u64).div_ceil(ENTRIES_PER_PAGE as u64);
-    assert!(pages > 1_050);
+    assert!(pages > 2 * 1_024 + 100);
     let mut max_pinned = 0;
     std::thread::scope(|s| {
         let hs: Vec<_> = (0..4u64)
@@ -499,9 +500,11 @@ fn unflushed_writes_over_many_pages_stay_bounded() {
         }
     });
     println!("{pages} pages written without flush: at most {max_pinned} pinned");
+    // 1,024 dirty pages trigger a commit; pages of the batch being written stay
+    // pinned until it is durable while other writers pin new ones: at most twice that.
     assert!(
-        max_pinned <= 1_024 + 8,
-        "{max_pinned} map pages pinned by unflushed writes (bound 1,024)"
+        max_pinned <= 2 * 1_024 + 8,
+        "{max_pinned} map pages pinned by unflushed writes (bound 2 x 1,024)"
     );
     e.flush().unwrap();
     e.with_meta(|m| assert_eq!(m.counts(), recount(m)));

@@ -756,3 +756,92 @@ fn concurrent_io_and_hydration_with_one_cached_page() {
     }
     e.with_meta(|m| assert_eq!(m.counts(), recount(m), "counts after reopen"));
 }
+
+/// The real `streamboot serve` (hydrating in the background) with a one-page map
+/// cache, driven by libblkio: random writes, discards, reads checked against the model,
+/// flushes; killed with SIGKILL after a random number of requests. Every flushed write
+/// is there afterwards, nothing else foreign, and rollback restores the source exactly.
+#[test]
+fn serve_killed_with_one_cached_page() {
+    let seed = seed();
+    let fx = Fixture::new(seed);
+    let src_sha = sha256(&fx.source);
+    let prepared = fx.prepared("prepared.img", "6M");
+    let d = fx.path("disk.img");
+    let ds = d.to_str().unwrap().to_string();
+    let sock = fx.path("sb.sock");
+    for round in 0..6u64 {
+        std::fs::copy(&prepared, &d).unwrap();
+        let _ = std::fs::remove_file(&sock);
+        let child = cmd(&["serve", &ds, "--socket", sock.to_str().unwrap()])
+            .arg("--allow-unsealed-memory")
+            .env("STREAMBOOT_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let served = common::serve::Served {
+            child: Some(child),
+            socket: sock.clone(),
+            log: None,
+        };
+        let t = Instant::now();
+        while !sock.exists() {
+            assert!(t.elapsed() < Duration::from_secs(30), "no socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut c = common::blkio_client::Client::connect(&sock, 1, 4 * BLOCK).unwrap();
+        let mut r = common::test_rng(seed ^ round);
+        let mut model = fx.target.clone();
+        let mut exp = Expect {
+            flushed: model.clone(),
+            maybe: HashMap::new(),
+        };
+        let n = r.random_range(50..400);
+        for i in 0..n {
+            let b = r.random_range(0..WRITABLE_BLOCKS - 4);
+            let k = r.random_range(1..=4);
+            let (at, len) = (b * BLOCK, k * BLOCK);
+            match r.random_range(0..10) {
+                0..=3 => {
+                    let data: Vec<u8> = (b..b + k)
+                        .flat_map(|x| block_bytes(seed ^ round, i, x))
+                        .collect();
+                    c.buf(0..len).copy_from_slice(&data);
+                    exp.unflushed(at, &data);
+                    assert_eq!(c.write(at as u64, 0, len), 0, "write {i}");
+                    model[at..at + len].copy_from_slice(&data);
+                }
+                4 => {
+                    // Discard: the contents become unspecified (old or zeros).
+                    exp.unflushed(at, &vec![0u8; len]);
+                    assert_eq!(c.discard(at as u64, len as u64), 0, "discard {i}");
+                    let old = model[at..at + len].to_vec();
+                    let mut got = vec![0u8; len];
+                    assert_eq!(c.read(at as u64, 0, len), 0);
+                    got.copy_from_slice(c.buf(0..len));
+                    for (s, sec) in got.chunks(BLOCK).enumerate() {
+                        let o = &old[s * BLOCK..(s + 1) * BLOCK];
+                        assert!(sec == o || sec.iter().all(|&x| x == 0), "discard {i}");
+                    }
+                    model[at..at + len].copy_from_slice(&got);
+                    exp.unflushed(at, &got);
+                }
+                5 => {
+                    assert_eq!(c.flush(), 0, "flush {i}");
+                    exp.flushed.copy_from_slice(&model);
+                    exp.maybe.clear();
+                }
+                _ => {
+                    let o = r.random_range(0..TARGET_LEN / BLOCK - 4) * BLOCK;
+                    assert_eq!(c.read(o as u64, 0, len), 0, "read {i}");
+                    assert!(c.buf(0..len) == &model[o..o + len], "read {i} at {o}");
+                }
+            }
+        }
+        served.kill9();
+        drop(c);
+        exp.check(&presented(&fx, &d), &format!("seed {seed} round {round}"));
+        run_ok(&["rollback", &ds]);
+        assert_eq!(sha256_file(&d), src_sha, "round {round}: rollback");
+    }
+}

@@ -845,3 +845,36 @@ fn serve_killed_with_one_cached_page() {
         assert_eq!(sha256_file(&d), src_sha, "round {round}: rollback");
     }
 }
+
+/// A disk file truncated under a running engine (its map and area gone): a request
+/// whose map page must be read back fails; it neither panics nor serves zeros.
+#[test]
+fn truncated_disk_fails_page_reads() {
+    let seed = seed();
+    let fx = Fixture::new(seed);
+    let d = fx.prepared("disk.img", "4M");
+    let e = engine(&d, &fx.src, 1);
+    let c = 6 * ENTRIES_PER_PAGE + 3;
+    let mut buf = vec![0u8; BLOCK];
+    e.read((c * BLOCK) as u64, &mut buf).unwrap();
+    e.flush().unwrap();
+    e.read(0, &mut buf).unwrap();
+    e.read((ENTRIES_PER_PAGE * BLOCK) as u64, &mut buf).unwrap();
+    e.flush().unwrap();
+    e.read(0, &mut buf).unwrap();
+    assert_eq!(e.with_meta(|m| m.resident_pages()), (0, 1));
+    let map_offset = e.with_meta(|m| m.layout().page_addr(0, 0));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&d)
+        .unwrap()
+        .set_len(map_offset)
+        .unwrap();
+    let r = e.read((c * BLOCK) as u64, &mut buf);
+    assert!(
+        r.is_err(),
+        "read through a vanished map page: {:?}",
+        &buf[..8]
+    );
+    assert!(e.write((c * BLOCK) as u64, &[7u8; BLOCK]).is_err());
+}

@@ -144,28 +144,73 @@ impl super::Engine {
 }
 
 impl super::Engine {
-    /// Marks clean slotted chunk `c` dirty and commits the map before any write lands
-    /// in its slot. A write in place under an entry that is clean on the disk could
+    /// Makes clean slotted chunk `c` (a fetched copy of the target) ready for a write in
+    /// place. A write into its slot under an entry that is clean on the disk could
     /// survive a crash while the entry does not: the chunk would then read as written,
-    /// yet count as a pristine copy of the target, be evicted and fetched again, and
-    /// the bytes the guest saw would change under it. The stripe is held exclusively
-    /// until the commit is durable, so no other write lands in the slot before. When
-    /// the commit fails the entry is clean again (the next write retries).
+    /// yet count as a pristine copy of the target, be evicted and fetched again, and the
+    /// bytes the guest saw would change under it. So the chunk is copied into a new slot
+    /// mapped dirty (the old slot stays quarantined, untouched, until a commit drops it:
+    /// a crash before that finds the clean entry and its intact slot). When no slot can
+    /// be had (or commit is moving chunks home), the entry is marked dirty in place and
+    /// the map committed before returning. The stripe is held exclusively throughout.
     pub(crate) fn make_dirty_durable(&self, c: u64) -> Result<(), BlockError> {
         let _g = self.map.stripe(c).write();
         let e = {
-            let mut m = self.map.lock();
+            let m = self.map.lock();
             let e = m.store.entry(c).map_err(meta_io)?;
             if !matches!(e.loc, Location::Slot(_)) || e.dirty {
                 return Ok(());
             }
+            e
+        };
+        if !self.to_home.load(std::sync::atomic::Ordering::Acquire) && self.copy_to_new_slot(c, e) {
+            return Ok(());
+        }
+        self.mark_dirty_and_commit(c, e)
+    }
+
+    /// Copies clean chunk `c` (entry `e`, stripe held exclusively) into a new slot and
+    /// maps it there, dirty. False (nothing changed) when no slot or an I/O error.
+    fn copy_to_new_slot(&self, c: u64, e: Entry) -> bool {
+        let Location::Slot(old) = e.loc else {
+            return false;
+        };
+        let Ok(SlotIdx(new)) = self.get_slot(true) else {
+            return false;
+        };
+        let l = &self.layout;
+        let mut buf = vec![0u8; l.target_len(c)];
+        let copied = self
+            .storage
+            .read_at(l.slot_addr(old), &mut buf)
+            .and_then(|()| self.storage.write_at(l.slot_addr(new), &buf));
+        let mut m = self.map.lock();
+        let dirty = Entry {
+            loc: Location::Slot(new),
+            dirty: true,
+            ..e
+        };
+        if copied.is_err() || self.map.set_entry(&mut m.store, c, dirty).is_err() {
+            m.store.free_unpublished(new);
+            return false;
+        }
+        if let Some(lru) = m.lru.as_mut() {
+            lru.pop(&c);
+        }
+        true
+    }
+
+    /// Marks clean chunk `c` (entry `e`) dirty and commits the map; when the commit
+    /// fails the entry is clean again (the next write retries).
+    fn mark_dirty_and_commit(&self, c: u64, e: Entry) -> Result<(), BlockError> {
+        {
+            let mut m = self.map.lock();
             self.map
                 .set_entry(&mut m.store, c, Entry { dirty: true, ..e })?;
             if let Some(l) = m.lru.as_mut() {
                 l.pop(&c);
             }
-            e
-        };
+        }
         let Err(err) = self.commit_map() else {
             return Ok(());
         };

@@ -150,9 +150,10 @@ impl super::Engine {
     /// yet count as a pristine copy of the target, be evicted and fetched again, and the
     /// bytes the guest saw would change under it. So the chunk is copied into a new slot
     /// mapped dirty (the old slot stays quarantined, untouched, until a commit drops it:
-    /// a crash before that finds the clean entry and its intact slot). When no slot can
-    /// be had (or commit is moving chunks home), the entry is marked dirty in place and
-    /// the map committed before returning. The stripe is held exclusively throughout.
+    /// a crash before that finds the clean entry and its intact slot). When no slot is
+    /// free right now (or commit is moving chunks home), the entry is marked dirty in
+    /// place and the map committed before returning (which also frees the slots earlier
+    /// copies left in quarantine). The stripe is held exclusively throughout.
     pub(crate) fn make_dirty_durable(&self, c: u64) -> Result<(), BlockError> {
         let _g = self.map.stripe(c).write();
         let e = {
@@ -170,12 +171,15 @@ impl super::Engine {
     }
 
     /// Copies clean chunk `c` (entry `e`, stripe held exclusively) into a new slot and
-    /// maps it there, dirty. False (nothing changed) when no slot or an I/O error.
+    /// maps it there, dirty. False (nothing changed) when no slot is free or on an I/O
+    /// error.
     fn copy_to_new_slot(&self, c: u64, e: Entry) -> bool {
         let Location::Slot(old) = e.loc else {
             return false;
         };
-        let Ok(SlotIdx(new)) = self.get_slot(true) else {
+        // Only a slot free right now: evicting fetched chunks (fetched again later) or
+        // committing to free one would cost more than the commit this copy avoids.
+        let Some(new) = self.map.lock().store.alloc_slot() else {
             return false;
         };
         let l = &self.layout;

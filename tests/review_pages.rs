@@ -777,6 +777,7 @@ fn serve_killed_with_one_cached_page() {
             .arg("--allow-unsealed-memory")
             .env("STREAMBOOT_LOG", "warn")
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(fx.path("serve.log")).unwrap())
             .spawn()
             .unwrap();
         let served = common::serve::Served {
@@ -808,7 +809,11 @@ fn serve_killed_with_one_cached_page() {
                         .collect();
                     c.buf(0..len).copy_from_slice(&data);
                     exp.unflushed(at, &data);
-                    assert_eq!(c.write(at as u64, 0, len), 0, "write {i}");
+                    let ret = c.write(at as u64, 0, len);
+                    if ret != 0 {
+                        let log = std::fs::read_to_string(fx.path("serve.log")).unwrap();
+                        panic!("round {round} write {i}: {ret}; serve's log:\n{log}");
+                    }
                     model[at..at + len].copy_from_slice(&data);
                 }
                 4 => {

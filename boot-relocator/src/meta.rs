@@ -294,11 +294,15 @@ impl MetaStore {
         sb: Superblock,
         scan: MapScan,
     ) -> Self {
+        let mut map = MapPages::new(scan.virtual_map);
+        if let Some(n) = test_page_cache_pages() {
+            map.set_capacity(n);
+        }
         Self {
             storage,
             key,
             sb,
-            map: Mutex::new(MapPages::new(scan.virtual_map)),
+            map: Mutex::new(map),
             counts: scan.counts,
             dirty_pages: BTreeSet::new(),
             next_page_gen: scan.max_gen + 1,
@@ -625,6 +629,19 @@ impl MetaStore {
     pub fn set_state(&mut self, state: State) -> Result<()> {
         self.update_sb(|sb| sb.state = state)
     }
+}
+
+/// Debug builds only: `STREAMBOOT_TEST_MAP_CACHE_PAGES=N` bounds the clean map pages in
+/// memory to N, so that crash tests of the real binary run with a map larger than the
+/// page cache (pages evicted and read back while it is killed). Release builds ignore it.
+fn test_page_cache_pages() -> Option<usize> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    std::env::var("STREAMBOOT_TEST_MAP_CACHE_PAGES")
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Reads the whole map of `sb` once, page by page: slots in use (a slot referenced twice

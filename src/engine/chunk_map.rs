@@ -18,6 +18,10 @@ use crate::blockdev::BlockError;
 /// Number of stripe locks (power of two).
 const STRIPES: usize = 1024;
 
+/// Map pages changed since the last commit (pinned in memory, about 5 KiB each, see
+/// `boot_relocator::pages`) before the engine commits them without waiting for a flush.
+pub(crate) const MAX_DIRTY_PAGES: usize = 1024;
+
 /// The index of a chunk of the target (chunk `i` covers bytes `i * chunk_size ..`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ChunkIdx(pub u64);
@@ -123,5 +127,104 @@ impl ChunkMap {
             lru.get(&c);
         }
         Ok(e)
+    }
+}
+
+impl super::Engine {
+    /// Commits the map when changes pin [`MAX_DIRTY_PAGES`] pages or more, so that
+    /// guest writes, write-zeroes and discards without a flush (or fetches between
+    /// commits) keep memory bounded. Call without holding stripe or metadata locks.
+    pub(crate) fn bound_dirty_pages(&self) -> Result<(), BlockError> {
+        if self.map.lock().store.dirty_page_count() < MAX_DIRTY_PAGES {
+            return Ok(());
+        }
+        self.commit_map()
+            .map_err(|e| BlockError::Io(std::io::Error::other(e)))
+    }
+}
+
+impl super::Engine {
+    /// Makes clean slotted chunk `c` (a fetched copy of the target) ready for a write in
+    /// place. A write into its slot under an entry that is clean on the disk could
+    /// survive a crash while the entry does not: the chunk would then read as written,
+    /// yet count as a pristine copy of the target, be evicted and fetched again, and the
+    /// bytes the guest saw would change under it. So the chunk is copied into a new slot
+    /// mapped dirty (the old slot stays quarantined, untouched, until a commit drops it:
+    /// a crash before that finds the clean entry and its intact slot). When no slot is
+    /// free right now (or commit is moving chunks home), the entry is marked dirty in
+    /// place and the map committed before returning (which also frees the slots earlier
+    /// copies left in quarantine). The stripe is held exclusively throughout.
+    pub(crate) fn make_dirty_durable(&self, c: u64) -> Result<(), BlockError> {
+        let _g = self.map.stripe(c).write();
+        let e = {
+            let m = self.map.lock();
+            let e = m.store.entry(c).map_err(meta_io)?;
+            if !matches!(e.loc, Location::Slot(_)) || e.dirty {
+                return Ok(());
+            }
+            e
+        };
+        if !self.to_home.load(std::sync::atomic::Ordering::Acquire) && self.copy_to_new_slot(c, e) {
+            return Ok(());
+        }
+        self.mark_dirty_and_commit(c, e)
+    }
+
+    /// Copies clean chunk `c` (entry `e`, stripe held exclusively) into a new slot and
+    /// maps it there, dirty. False (nothing changed) when no slot is free or on an I/O
+    /// error.
+    fn copy_to_new_slot(&self, c: u64, e: Entry) -> bool {
+        let Location::Slot(old) = e.loc else {
+            return false;
+        };
+        // Only a slot free right now: evicting fetched chunks (fetched again later) or
+        // committing to free one would cost more than the commit this copy avoids.
+        let Some(new) = self.map.lock().store.alloc_slot() else {
+            return false;
+        };
+        let l = &self.layout;
+        let mut buf = vec![0u8; l.target_len(c)];
+        let copied = self
+            .storage
+            .read_at(l.slot_addr(old), &mut buf)
+            .and_then(|()| self.storage.write_at(l.slot_addr(new), &buf));
+        let mut m = self.map.lock();
+        let dirty = Entry {
+            loc: Location::Slot(new),
+            dirty: true,
+            ..e
+        };
+        if copied.is_err() || self.map.set_entry(&mut m.store, c, dirty).is_err() {
+            m.store.free_unpublished(new);
+            return false;
+        }
+        if let Some(lru) = m.lru.as_mut() {
+            lru.pop(&c);
+        }
+        true
+    }
+
+    /// Marks clean chunk `c` (entry `e`) dirty and commits the map; when the commit
+    /// fails the entry is clean again (the next write retries).
+    fn mark_dirty_and_commit(&self, c: u64, e: Entry) -> Result<(), BlockError> {
+        {
+            let mut m = self.map.lock();
+            self.map
+                .set_entry(&mut m.store, c, Entry { dirty: true, ..e })?;
+            if let Some(l) = m.lru.as_mut() {
+                l.pop(&c);
+            }
+        }
+        let Err(err) = self.commit_map() else {
+            return Ok(());
+        };
+        let mut m = self.map.lock();
+        if m.store.entry(c).map_err(meta_io)? == (Entry { dirty: true, ..e }) {
+            self.map.set_entry(&mut m.store, c, e)?;
+            if let Some(l) = m.lru.as_mut() {
+                l.put(c, ());
+            }
+        }
+        Err(BlockError::Io(std::io::Error::other(err)))
     }
 }

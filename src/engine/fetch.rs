@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use boot_relocator::{Entry, Location};
 
+use super::chunk_map::MAX_DIRTY_PAGES;
 use super::flight::{Claim, FetchKind};
 use super::ChunkIdx;
 use super::{meta_io, Counters, Engine, FlightResult, SlotIdx};
@@ -19,10 +20,6 @@ thread_local! {
 
 /// Largest fetch buffer a thread keeps between fetches.
 const MAX_KEPT_FETCH_BUF: usize = 16 << 20;
-
-/// Map pages changed by fetches before the engine commits them (about 5 KiB each in
-/// memory until written; see `boot_relocator::pages`).
-const MAX_DIRTY_PAGES: usize = 1024;
 
 impl Engine {
     /// The token that cancels fetches of this kind started from now on.

@@ -110,7 +110,7 @@ impl Engine {
         for (c, within, r) in self.pieces(offset, data.len()) {
             self.write_chunk(c, within, &data.range(r))?;
         }
-        Ok(())
+        self.bound_dirty_pages()
     }
 
     pub(super) fn write_chunk(
@@ -123,16 +123,14 @@ impl Engine {
         loop {
             {
                 let _g = self.map.stripe(c).read();
-                let mut m = self.map.lock();
+                let m = self.map.lock();
                 let e = m.store.entry(c).map_err(meta_io)?;
                 match e.loc {
                     Location::Home | Location::Slot(_) => {
                         if matches!(e.loc, Location::Slot(_)) && !e.dirty {
-                            self.map
-                                .set_entry(&mut m.store, c, Entry { dirty: true, ..e })?;
-                            if let Some(l) = m.lru.as_mut() {
-                                l.pop(&c);
-                            }
+                            drop((m, _g));
+                            self.make_dirty_durable(c)?;
+                            continue;
                         }
                         drop(m);
                         write_storage(self.storage.as_ref(), self.addr(c, e.loc) + within, data)?;

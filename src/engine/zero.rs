@@ -30,6 +30,7 @@ impl Engine {
                 let zeros = vec![0u8; n as usize];
                 self.write_chunk(c, within, &GuestBuf::from_slice(&zeros))?;
             }
+            self.bound_dirty_pages()?;
             pos += n;
         }
         Ok(())
@@ -49,6 +50,7 @@ impl Engine {
                 break;
             }
             self.make_zero(c, |e| e.loc == Location::Missing)?;
+            self.bound_dirty_pages()?;
         }
         Ok(())
     }

@@ -37,7 +37,13 @@ pub fn execute<G: GuestMemory<Bitmap = ()> + ?Sized>(
     let (status, data_len) = match run(req, mem, backend, opts) {
         Ok(n) => (Status::Ok, n),
         Err(e) => {
-            tracing::debug!(head = req.head_index(), error = %e, "virtio-blk request failed");
+            // Failures of the backend (space, disk, network) are the operator's business;
+            // what a guest asks wrongly (range, read-only, unsupported) is the guest's.
+            if e.is_backend_failure() {
+                tracing::warn!(head = req.head_index(), error = %e, "virtio-blk request failed");
+            } else {
+                tracing::debug!(head = req.head_index(), error = %e, "virtio-blk request failed");
+            }
             (e.status(), 0)
         }
     };
@@ -61,6 +67,18 @@ enum ExecError {
 }
 
 impl ExecError {
+    fn is_backend_failure(&self) -> bool {
+        matches!(
+            self,
+            ExecError::Backend(
+                BlockError::NoSpace
+                    | BlockError::Remote(_)
+                    | BlockError::Io(_)
+                    | BlockError::Unavailable(_)
+            )
+        )
+    }
+
     fn status(&self) -> Status {
         match self {
             ExecError::Backend(BlockError::Unsupported(_)) => Status::Unsupp,

@@ -156,11 +156,11 @@ impl S3Error {
     }
 }
 
-/// A configured S3 client of one bucket with its own small runtime. Blocking calls go
-/// through [`S3Client::block_on`].
+/// A configured S3 client of one bucket. Blocking calls go through
+/// [`S3Client::block_on`], on the network layer's one runtime.
 pub struct S3Client {
     store: AmazonS3,
-    rt: Option<tokio::runtime::Runtime>,
+    rt: tokio::runtime::Handle,
     /// Keys came from the profile, the environment or the credentials file (not from
     /// object_store's providers).
     static_keys: bool,
@@ -170,15 +170,6 @@ impl fmt::Debug for S3Client {
     /// No keys: only that a client exists.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("S3Client").finish_non_exhaustive()
-    }
-}
-
-impl Drop for S3Client {
-    fn drop(&mut self) {
-        // Dropping a runtime inside another one's context panics; this never blocks.
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
     }
 }
 
@@ -243,15 +234,11 @@ impl S3Client {
             .with_retry(retry)
             .build()
             .map_err(|e| S3Error::Config(format!("cannot set up the S3 client: {e}")))?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("s3")
-            .enable_all()
-            .build()
-            .map_err(|e| S3Error::Config(format!("cannot start the S3 runtime: {e}")))?;
+        let rt = super::client::runtime()
+            .map_err(|e| S3Error::Config(format!("cannot start the network runtime: {e}")))?;
         Ok(S3Client {
             store,
-            rt: Some(rt),
+            rt,
             static_keys,
         })
     }
@@ -277,22 +264,13 @@ impl S3Client {
         &self.store
     }
 
-    /// Runs `fut` to completion on the client's runtime, from any thread (also from
-    /// inside another runtime, through a scoped thread).
+    /// Runs `fut` to completion on the network runtime, from any thread (also from inside
+    /// another runtime: [`super::client::block_on_anywhere`]).
     pub fn block_on<F: Future + Send>(&self, fut: F) -> F::Output
     where
         F::Output: Send,
     {
-        let rt = self.rt.as_ref().expect("runtime lives until drop");
-        if tokio::runtime::Handle::try_current().is_ok() {
-            std::thread::scope(|s| {
-                s.spawn(|| rt.block_on(fut))
-                    .join()
-                    .expect("S3 thread panicked")
-            })
-        } else {
-            rt.block_on(fut)
-        }
+        super::client::block_on_anywhere(&self.rt, fut)
     }
 }
 
